@@ -1,0 +1,379 @@
+"""Activities on Astra's PostgreSQL: the tasks a worker holds, task outcomes, LLM cost, repairs.
+
+Each call opens its own short connection: runbook activities are few and far between, and a
+connection that outlives a failover would only point at the old primary.
+"""
+
+from datetime import datetime
+from typing import Any, LiteralString, Self
+
+import psycopg
+from pydantic import BaseModel, Field, model_validator
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.mutation import Mutation, MutationResult
+
+FAILED_STATUSES = ("failed", "dead_letter")
+OUTCOME_STATUSES = ("succeeded", "failed", "dead_letter")
+
+
+class LeasedTasksRequest(BaseModel):
+    worker_id: str = Field(min_length=1)
+
+
+class LeasedTasks(BaseModel):
+    worker_id: str
+    task_ids: list[str]
+
+
+class RequeueTasks(Mutation):
+    worker_id: str = Field(min_length=1)
+    task_ids: list[str]
+
+
+class RequeueResult(MutationResult):
+    requeued: int
+    """Tasks put back to pending (in dry-run: that would be)."""
+    not_leased: int
+    """Given tasks left alone: finished, requeued already, or leased by another worker meanwhile."""
+
+
+class FailureRateRequest(BaseModel):
+    window_seconds: float = Field(default=300.0, gt=0)
+
+
+class FailureRate(BaseModel):
+    window_seconds: float
+    total: int
+    """Tasks whose latest outcome (succeeded, failed, dead_letter) falls in the window."""
+    failed: int
+    """Of those, failed or dead-lettered."""
+    rate: float
+    """failed / total; 0.0 when nothing finished in the window."""
+
+
+class FailureBreakdownRequest(BaseModel):
+    window_seconds: float = Field(default=300.0, gt=0)
+    top: int = Field(default=10, gt=0, le=1000)
+
+
+class Count(BaseModel):
+    key: str
+    count: int
+
+
+class FailureBreakdown(BaseModel):
+    window_seconds: float
+    failed: int
+    by_error_class: list[Count]
+    by_worker: list[Count]
+    by_shard: list[Count]
+
+
+class LlmCostRequest(BaseModel):
+    window_seconds: float = Field(default=300.0, gt=0)
+    baseline_seconds: float = Field(default=86_400.0, gt=0)
+    top: int = Field(default=5, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _baseline_spans_windows(self) -> Self:
+        if self.baseline_seconds < self.window_seconds:
+            raise ValueError(
+                f"baseline_seconds ({self.baseline_seconds}) is shorter than window_seconds "
+                f"({self.window_seconds}); an average over less than one window says nothing"
+            )
+        return self
+
+
+class CostShare(BaseModel):
+    key: str
+    cost_usd: float
+
+
+class CostComparison(BaseModel):
+    window_seconds: float
+    baseline_seconds: float
+    window_cost: float
+    daily_average_per_window: float
+    """The baseline period's cost scaled to one window: what a normal window costs."""
+    ratio: float | None
+    """window_cost / daily_average_per_window; None when there is no baseline to compare with."""
+    top_tenants: list[CostShare]
+    top_agents: list[CostShare]
+    top_models: list[CostShare]
+
+
+class RequeueDeadLetters(Mutation):
+    task_ids: list[str]
+
+
+class DeadLetterRequeueResult(MutationResult):
+    requeued: list[str]
+    skipped: list[str]
+    """Not dead-lettered (any more), unknown, or already requeued by this repair run."""
+
+
+class TaskStatesRequest(BaseModel):
+    task_ids: list[str]
+
+
+class TaskState(BaseModel):
+    id: str
+    status: str
+    worker_id: str | None
+    retries: int
+    max_retries: int
+    last_error: str | None
+    updated_at: datetime
+
+
+class TaskStates(BaseModel):
+    tasks: dict[str, TaskState]
+    """Keyed by task id; ids with no row are absent."""
+
+
+async def query_failure_rate(
+    conn: psycopg.AsyncConnection[Any], window_seconds: float
+) -> FailureRate:
+    """The failure rate over a window, from the tasks table (shared with the SQL metrics source)."""
+    row = await (
+        await conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE status = ANY(%s))"
+            " FROM tasks WHERE updated_at > now() - make_interval(secs => %s)"
+            " AND status = ANY(%s)",
+            (list(FAILED_STATUSES), window_seconds, list(OUTCOME_STATUSES)),
+        )
+    ).fetchone()
+    total, failed = (int(row[0]), int(row[1])) if row else (0, 0)
+    return FailureRate(
+        window_seconds=window_seconds,
+        total=total,
+        failed=failed,
+        rate=failed / total if total else 0.0,
+    )
+
+
+async def query_llm_cost(conn: psycopg.AsyncConnection[Any], req: LlmCostRequest) -> CostComparison:
+    """Last window's LLM cost against the baseline period before it, with the top spenders."""
+    # The baseline ends where the window starts, so a spike does not inflate its own yardstick.
+    row = await (
+        await conn.execute(
+            "SELECT"
+            " coalesce(sum(cost_usd) FILTER (WHERE ts > now() - make_interval(secs => %(w)s)), 0),"
+            " coalesce(sum(cost_usd) FILTER (WHERE ts <= now() - make_interval(secs => %(w)s)), 0)"
+            " FROM llm_usage WHERE ts > now() - make_interval(secs => %(w)s + %(b)s)",
+            {"w": req.window_seconds, "b": req.baseline_seconds},
+        )
+    ).fetchone()
+    window_cost, baseline_cost = (float(row[0]), float(row[1])) if row else (0.0, 0.0)
+    average = baseline_cost * req.window_seconds / req.baseline_seconds
+    return CostComparison(
+        window_seconds=req.window_seconds,
+        baseline_seconds=req.baseline_seconds,
+        window_cost=window_cost,
+        daily_average_per_window=average,
+        ratio=window_cost / average if average > 0 else None,
+        top_tenants=await _top_cost(conn, "tenant", req),
+        top_agents=await _top_cost(conn, "agent_id", req),
+        top_models=await _top_cost(conn, "model", req),
+    )
+
+
+async def _top_cost(
+    conn: psycopg.AsyncConnection[Any], column: LiteralString, req: LlmCostRequest
+) -> list[CostShare]:
+    rows = await (
+        await conn.execute(
+            f"SELECT {column}, sum(cost_usd) AS cost FROM llm_usage"
+            " WHERE ts > now() - make_interval(secs => %s)"
+            f" GROUP BY {column} ORDER BY cost DESC, {column} LIMIT %s",
+            (req.window_seconds, req.top),
+        )
+    ).fetchall()
+    return [CostShare(key=str(key), cost_usd=float(cost)) for key, cost in rows]
+
+
+class PostgresActivities:
+    """Reads and repairs Astra's task and usage tables in one PostgreSQL database."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+
+    @activity.defn
+    async def leased_tasks(self, req: LeasedTasksRequest) -> LeasedTasks:
+        """The tasks a worker holds (status running, leased by it): what a lost worker strands."""
+        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+            await self._require_worker(conn, req.worker_id)
+            rows = await (
+                await conn.execute(
+                    "SELECT id FROM tasks WHERE worker_id = %s AND status = 'running' ORDER BY id",
+                    (req.worker_id,),
+                )
+            ).fetchall()
+        return LeasedTasks(worker_id=req.worker_id, task_ids=[r[0] for r in rows])
+
+    @activity.defn
+    async def requeue_worker_tasks(self, req: RequeueTasks) -> RequeueResult:
+        """Put a lost worker's tasks back to pending so that live workers pick them up.
+
+        Only rows still running *and* still leased by that worker change, in a single UPDATE:
+        a task another worker finished or took over meanwhile is left alone, and a second run
+        finds nothing left to requeue.
+        """
+        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+            await self._require_worker(conn, req.worker_id)
+            params = (req.task_ids, req.worker_id)
+            if req.dry_run:
+                row = await (
+                    await conn.execute(
+                        "SELECT count(*) FROM tasks"
+                        " WHERE id = ANY(%s) AND worker_id = %s AND status = 'running'",
+                        params,
+                    )
+                ).fetchone()
+                would = int(row[0]) if row else 0
+                return RequeueResult(
+                    changed=False,
+                    detail=f"would requeue {would} of {len(req.task_ids)} tasks of {req.worker_id}",
+                    requeued=would,
+                    not_leased=len(req.task_ids) - would,
+                )
+            # rowcount rather than RETURNING: at 100k ids the ids coming back would cost memory
+            # and time for nothing, since the caller already holds them.
+            cur = await conn.execute(
+                "UPDATE tasks SET status = 'pending', worker_id = NULL, updated_at = now()"
+                " WHERE id = ANY(%s) AND worker_id = %s AND status = 'running'",
+                params,
+            )
+            requeued = cur.rowcount
+        return RequeueResult(
+            changed=requeued > 0,
+            detail=f"requeued {requeued} of {len(req.task_ids)} tasks of {req.worker_id}",
+            requeued=requeued,
+            not_leased=len(req.task_ids) - requeued,
+        )
+
+    @activity.defn
+    async def task_failure_rate(self, req: FailureRateRequest) -> FailureRate:
+        """The share of tasks that failed among those that finished in the window."""
+        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+            return await query_failure_rate(conn, req.window_seconds)
+
+    @activity.defn
+    async def failure_breakdown(self, req: FailureBreakdownRequest) -> FailureBreakdown:
+        """Failed tasks in the window by error class, worker and shard: where to look first."""
+        where = (
+            "FROM tasks WHERE updated_at > now() - make_interval(secs => %s) AND status = ANY(%s)"
+        )
+        params = (req.window_seconds, list(FAILED_STATUSES), req.top)
+        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+
+            async def counts(key: LiteralString) -> list[Count]:
+                rows = await (
+                    await conn.execute(
+                        f"SELECT {key} AS k, count(*) AS n {where}"
+                        " GROUP BY k ORDER BY n DESC, k LIMIT %s",
+                        params,
+                    )
+                ).fetchall()
+                return [Count(key=str(k), count=int(n)) for k, n in rows]
+
+            by_class = await counts(
+                "coalesce(nullif(trim(split_part(last_error, ':', 1)), ''), 'unknown')"
+            )
+            by_worker = await counts("coalesce(worker_id, 'unassigned')")
+            by_shard = await counts("shard::text")
+        return FailureBreakdown(
+            window_seconds=req.window_seconds,
+            failed=sum(c.count for c in by_worker),
+            by_error_class=by_class,
+            by_worker=by_worker,
+            by_shard=by_shard,
+        )
+
+    @activity.defn
+    async def llm_cost(self, req: LlmCostRequest) -> CostComparison:
+        """The last window's LLM cost against the trailing average, and who drives it."""
+        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+            return await query_llm_cost(conn, req)
+
+    @activity.defn
+    async def requeue_dead_letters(self, req: RequeueDeadLetters) -> DeadLetterRequeueResult:
+        """Give dead-lettered tasks a fresh set of retries, each at most once per repair run.
+
+        The run's token and the task id go into ``astra_ops_requeues`` in the same statement that
+        requeues the task, so a retried activity (or a task that dead-letters again during the
+        run) is never requeued a second time by the same run.
+        """
+        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+            if req.dry_run:
+                rows = await (
+                    await conn.execute(
+                        "SELECT t.id FROM tasks t WHERE t.id = ANY(%s) AND t.status = 'dead_letter'"
+                        " AND NOT EXISTS (SELECT 1 FROM astra_ops_requeues r"
+                        "  WHERE r.token = %s AND r.task_id = t.id) ORDER BY t.id",
+                        (req.task_ids, req.token),
+                    )
+                ).fetchall()
+                would = [r[0] for r in rows]
+                return DeadLetterRequeueResult(
+                    changed=False,
+                    detail=f"would requeue {len(would)} of {len(req.task_ids)} dead-lettered tasks",
+                    requeued=would,
+                    skipped=sorted(set(req.task_ids) - set(would)),
+                )
+            if not req.token:
+                raise ApplicationError(
+                    "requeue_dead_letters needs a token (the repair run id) to requeue each task "
+                    "at most once per run; the step runner fills it in from the workflow id",
+                    non_retryable=True,
+                )
+            rows = await (
+                await conn.execute(
+                    "WITH claimed AS ("
+                    "  INSERT INTO astra_ops_requeues (token, task_id)"
+                    "  SELECT %s, id FROM tasks WHERE id = ANY(%s) AND status = 'dead_letter'"
+                    "  FOR UPDATE"
+                    "  ON CONFLICT DO NOTHING RETURNING task_id)"
+                    " UPDATE tasks SET status = 'pending', retries = 0, worker_id = NULL,"
+                    "  updated_at = now()"
+                    " FROM claimed WHERE tasks.id = claimed.task_id RETURNING tasks.id",
+                    (req.token, req.task_ids),
+                )
+            ).fetchall()
+        requeued = sorted(r[0] for r in rows)
+        return DeadLetterRequeueResult(
+            changed=bool(requeued),
+            detail=f"requeued {len(requeued)} of {len(req.task_ids)} dead-lettered tasks",
+            requeued=requeued,
+            skipped=sorted(set(req.task_ids) - set(requeued)),
+        )
+
+    @activity.defn
+    async def task_states(self, req: TaskStatesRequest) -> TaskStates:
+        """The current state of given tasks, for a runbook's verify step."""
+        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+            rows = await (
+                await conn.execute(
+                    "SELECT id, status, worker_id, retries, max_retries, last_error, updated_at"
+                    " FROM tasks WHERE id = ANY(%s)",
+                    (req.task_ids,),
+                )
+            ).fetchall()
+        fields = ("id", "status", "worker_id", "retries", "max_retries", "last_error", "updated_at")
+        states = [TaskState.model_validate(dict(zip(fields, row, strict=True))) for row in rows]
+        return TaskStates(tasks={s.id: s for s in states})
+
+    @staticmethod
+    async def _require_worker(conn: psycopg.AsyncConnection[Any], worker_id: str) -> None:
+        row = await (
+            await conn.execute("SELECT 1 FROM workers WHERE id = %s", (worker_id,))
+        ).fetchone()
+        if row is None:
+            raise ApplicationError(
+                f"unknown worker {worker_id}: no such row in workers; check the id against "
+                "`kubectl -n astra get pods` (pod name = worker id) or "
+                "`SELECT id FROM workers ORDER BY started_at DESC`",
+                non_retryable=True,
+            )

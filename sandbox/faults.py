@@ -1,0 +1,367 @@
+"""Fault injection for the sandbox: each function produces its condition for real.
+
+The condition is written straight into PostgreSQL and Redis, so a runbook can detect it whether or
+not the load generator runs; the load generator's knobs are set as well, so a running one keeps
+the fault going (a lost worker stays silent, failures and cost stay high) until ``reset``.
+"""
+
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import redis.asyncio as aioredis
+from pydantic import BaseModel, computed_field
+
+from activities.postgres import LlmCostRequest, query_llm_cost
+from sandbox.loadgen import LoadConfig, LoadGenerator, SandboxKeys, read_knobs, write_knobs
+
+RETRYABLE_ERRORS = (
+    "TimeoutError: upstream timed out",
+    "ConnectionError: agent-service unavailable",
+    "RateLimitError: model quota exceeded",
+)
+NON_RETRYABLE_ERRORS = (
+    "ValidationError: bad goal",
+    "PermissionError: tenant may not use this tool",
+)
+
+
+class SandboxTarget(BaseModel):
+    """Which sandbox to break: its database, its Redis, and the prefix of Astra's keys there."""
+
+    dsn: str
+    redis_url: str
+    key_prefix: str = "astra:"
+
+
+class WorkerLostFault(BaseModel):
+    worker_id: str
+    leased_task_ids: list[str]
+    heartbeat_age_ms: int | None
+    """How old the heartbeat now is; None when the heartbeat key was deleted."""
+    created_task_ids: list[str]
+    """Tasks leased to the worker by the fault because it held none."""
+
+
+class ErrorSpikeFault(BaseModel):
+    error: str
+    share: float
+    window_seconds: float
+    failed_task_ids: list[str]
+    succeeded_task_ids: list[str]
+
+
+class CostSpikeFault(BaseModel):
+    tenant: str
+    agent_id: str
+    model: str
+    multiplier: float
+    normal_window_cost: float
+    inserted_cost_usd: float
+    rows: int
+    seeded_history_rows: int
+    """LLM usage history written first because there was no baseline to spike against."""
+
+
+class DeadLetterEntry(BaseModel):
+    entry_id: str
+    task_id: str
+    error: str
+    retryable: bool
+
+
+class DeadLettersFault(BaseModel):
+    entries: list[DeadLetterEntry]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def task_ids(self) -> list[str]:
+        return [e.task_id for e in self.entries]
+
+
+@asynccontextmanager
+async def _redis(target: SandboxTarget) -> AsyncIterator["aioredis.Redis"]:
+    client = aioredis.Redis.from_url(target.redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _workers(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    rows = await (await conn.execute("SELECT id FROM workers ORDER BY id")).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+async def worker_lost(
+    target: SandboxTarget,
+    worker_id: str | None = None,
+    heartbeat_age_seconds: float = 120.0,
+    delete_heartbeat: bool = False,
+    tasks_if_none: int = 3,
+) -> WorkerLostFault:
+    """Make a worker go silent while it still holds leased tasks.
+
+    Without ``worker_id`` the worker holding the most running tasks is chosen (the most damage,
+    as in real life), registering ``astra-worker-0`` when the sandbox has no workers yet.
+    """
+    if heartbeat_age_seconds <= 0:
+        raise ValueError(f"heartbeat_age_seconds must be positive, got {heartbeat_age_seconds}")
+    keys = SandboxKeys(target.key_prefix)
+    created: list[str] = []
+    async with await psycopg.AsyncConnection.connect(target.dsn) as conn, conn.transaction():
+        if worker_id is None:
+            row = await (
+                await conn.execute(
+                    "SELECT w.id FROM workers w LEFT JOIN tasks t"
+                    " ON t.worker_id = w.id AND t.status = 'running'"
+                    " GROUP BY w.id ORDER BY count(t.id) DESC, w.id LIMIT 1"
+                )
+            ).fetchone()
+            worker_id = str(row[0]) if row else "astra-worker-0"
+            await conn.execute(
+                "INSERT INTO workers (id) VALUES (%s) ON CONFLICT (id) DO NOTHING", (worker_id,)
+            )
+        elif worker_id not in await _workers(conn):
+            raise ValueError(
+                f"unknown worker {worker_id}: no such row in workers; "
+                "leave the worker out to let the fault pick one"
+            )
+        leased = await _leased(conn, worker_id)
+        if not leased:
+            created = [str(uuid.uuid4()) for _ in range(tasks_if_none)]
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO tasks (id, goal_id, status, worker_id)"
+                    " VALUES (%s, %s, 'running', %s)",
+                    [(task_id, f"goal-{task_id}", worker_id) for task_id in created],
+                )
+            leased = await _leased(conn, worker_id)
+    age_ms = None if delete_heartbeat else round(heartbeat_age_seconds * 1000)
+    async with _redis(target) as client:
+        await client.sadd(keys.lost_workers, worker_id)
+        if age_ms is None:
+            await client.delete(keys.heartbeat(worker_id))
+        else:
+            await client.set(keys.heartbeat(worker_id), round(time.time() * 1000) - age_ms)
+    return WorkerLostFault(
+        worker_id=worker_id,
+        leased_task_ids=leased,
+        heartbeat_age_ms=age_ms,
+        created_task_ids=sorted(created),
+    )
+
+
+async def _leased(conn: psycopg.AsyncConnection[Any], worker_id: str) -> list[str]:
+    rows = await (
+        await conn.execute(
+            "SELECT id FROM tasks WHERE worker_id = %s AND status = 'running' ORDER BY id",
+            (worker_id,),
+        )
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+async def error_spike(
+    target: SandboxTarget,
+    share: float = 0.5,
+    error: str = RETRYABLE_ERRORS[0],
+    window_seconds: float = 300.0,
+    tasks: int = 100,
+    worker_id: str | None = None,
+    shard: int | None = None,
+) -> ErrorSpikeFault:
+    """Make ``share`` of ``tasks`` recent outcomes failures with ``error``, within the window.
+
+    The rows land in the most recent half of the window, so they are still inside it when a
+    runbook measures a little later. ``worker_id`` and ``shard`` pin the failures to one
+    worker or shard, for triage to find.
+    """
+    if not 0 < share <= 1 or window_seconds <= 0 or tasks <= 0:
+        raise ValueError(
+            f"error spike needs 0 < share <= 1, window_seconds > 0 and tasks > 0; "
+            f"got share={share}, window_seconds={window_seconds}, tasks={tasks}"
+        )
+    keys = SandboxKeys(target.key_prefix)
+    failing = math.ceil(share * tasks)
+    failed_ids: list[str] = []
+    succeeded_ids: list[str] = []
+    async with await psycopg.AsyncConnection.connect(target.dsn) as conn, conn.transaction():
+        workers: list[str | None] = [worker_id] if worker_id else [*await _workers(conn)] or [None]
+        rows = []
+        for i in range(tasks):
+            task_id = str(uuid.uuid4())
+            failed = i < failing
+            (failed_ids if failed else succeeded_ids).append(task_id)
+            rows.append(
+                (
+                    task_id,
+                    f"goal-{task_id}",
+                    shard if shard is not None else i % LoadConfig().shards,
+                    "failed" if failed else "succeeded",
+                    workers[i % len(workers)],
+                    1 if failed else 0,
+                    error if failed else None,
+                    window_seconds * 0.5 * (i + 0.5) / tasks,
+                )
+            )
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO tasks (id, goal_id, shard, status, worker_id, retries, last_error,"
+                " updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s,"
+                " now() - make_interval(secs => %s))",
+                rows,
+            )
+    async with _redis(target) as client:
+        knobs = await read_knobs(client, keys)
+        await write_knobs(
+            client, keys, knobs.model_copy(update={"failure_share": share, "error": error})
+        )
+    return ErrorSpikeFault(
+        error=error,
+        share=share,
+        window_seconds=window_seconds,
+        failed_task_ids=failed_ids,
+        succeeded_task_ids=succeeded_ids,
+    )
+
+
+async def cost_spike(
+    target: SandboxTarget,
+    multiplier: float = 5.0,
+    tenant: str = "globex",
+    agent_id: str = "coder-1",
+    model: str = "gpt-4o",
+    window_seconds: float = 300.0,
+    baseline_seconds: float = 86_400.0,
+    calls: int = 10,
+) -> CostSpikeFault:
+    """Make the last window cost ``multiplier`` x a normal window, driven by one tenant/agent/model.
+
+    A normal window is the baseline's average; with no usage history yet, the fault first writes
+    one at the load generator's steady rate, since a spike needs something to stand out from.
+    """
+    if multiplier <= 1 or window_seconds <= 0 or calls <= 0:
+        raise ValueError(
+            f"cost spike needs multiplier > 1, window_seconds > 0 and calls > 0; "
+            f"got multiplier={multiplier}, window_seconds={window_seconds}, calls={calls}"
+        )
+    keys = SandboxKeys(target.key_prefix)
+    request = LlmCostRequest(window_seconds=window_seconds, baseline_seconds=baseline_seconds)
+    seeded = 0
+    async with await psycopg.AsyncConnection.connect(target.dsn) as conn:
+        cost = await query_llm_cost(conn, request)
+    if cost.daily_average_per_window == 0:
+        generator = LoadGenerator(target.dsn, target.redis_url, [], key_prefix=target.key_prefix)
+        try:
+            seeded = await generator.seed_history(days=baseline_seconds / 86_400)
+        finally:
+            await generator.aclose()
+        async with await psycopg.AsyncConnection.connect(target.dsn) as conn:
+            cost = await query_llm_cost(conn, request)
+    extra = max(0.0, multiplier * cost.daily_average_per_window - cost.window_cost)
+    async with await psycopg.AsyncConnection.connect(target.dsn) as conn, conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO llm_usage (ts, agent_id, tenant, model, tokens, cost_usd)"
+            " VALUES (now() - make_interval(secs => %s), %s, %s, %s, %s, %s)",
+            [
+                (
+                    window_seconds * 0.5 * (i + 0.5) / calls,
+                    agent_id,
+                    tenant,
+                    model,
+                    4000,
+                    extra / calls,
+                )
+                for i in range(calls)
+            ],
+        )
+    async with _redis(target) as client:
+        knobs = await read_knobs(client, keys)
+        await write_knobs(
+            client,
+            keys,
+            knobs.model_copy(
+                update={
+                    "cost_multiplier": multiplier,
+                    "spike_tenant": tenant,
+                    "spike_agent_id": agent_id,
+                    "spike_model": model,
+                }
+            ),
+        )
+    return CostSpikeFault(
+        tenant=tenant,
+        agent_id=agent_id,
+        model=model,
+        multiplier=multiplier,
+        normal_window_cost=cost.daily_average_per_window,
+        inserted_cost_usd=extra,
+        rows=calls,
+        seeded_history_rows=seeded,
+    )
+
+
+async def dead_letters(
+    target: SandboxTarget, count: int = 10, retryable_share: float = 0.5, max_retries: int = 3
+) -> DeadLettersFault:
+    """Exhaust the retries of ``count`` tasks and publish them to the dead-letter stream.
+
+    The first ``retryable_share`` of them fail with transient errors a repair should requeue,
+    the rest with errors no retry fixes, so a repair run has both kinds to tell apart.
+    """
+    if count <= 0 or not 0 <= retryable_share <= 1 or max_retries < 0:
+        raise ValueError(
+            f"dead letters need count > 0, 0 <= retryable_share <= 1 and max_retries >= 0; "
+            f"got count={count}, retryable_share={retryable_share}, max_retries={max_retries}"
+        )
+    keys = SandboxKeys(target.key_prefix)
+    retryable = round(count * retryable_share)
+    planned: list[dict[str, str]] = []
+    async with await psycopg.AsyncConnection.connect(target.dsn) as conn, conn.transaction():
+        workers = await _workers(conn) or [""]
+        for i in range(count):
+            errors = RETRYABLE_ERRORS if i < retryable else NON_RETRYABLE_ERRORS
+            planned.append(
+                {
+                    "task_id": str(uuid.uuid4()),
+                    "error": errors[i % len(errors)],
+                    "retries": str(max_retries),
+                    "shard": str(i % LoadConfig().shards),
+                    "worker_id": workers[i % len(workers)],
+                }
+            )
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO tasks (id, goal_id, shard, status, worker_id, retries, max_retries,"
+                " last_error) VALUES (%s, %s, %s, 'dead_letter', nullif(%s, ''), %s, %s, %s)",
+                [
+                    (
+                        p["task_id"],
+                        f"goal-{p['task_id']}",
+                        int(p["shard"]),
+                        p["worker_id"],
+                        max_retries,
+                        max_retries,
+                        p["error"],
+                    )
+                    for p in planned
+                ],
+            )
+    entries: list[DeadLetterEntry] = []
+    async with _redis(target) as client:
+        for i, fields in enumerate(planned):
+            entry_id = await client.xadd(keys.dead_letter, fields)  # type: ignore[arg-type]
+            entries.append(
+                DeadLetterEntry(
+                    entry_id=str(entry_id),
+                    task_id=fields["task_id"],
+                    error=fields["error"],
+                    retryable=i < retryable,
+                )
+            )
+    return DeadLettersFault(entries=entries)

@@ -1,0 +1,64 @@
+"""Fixtures for tests against the sandbox's real PostgreSQL and Redis.
+
+Every test gets its own freshly migrated database and its own Redis key prefix, so tests run
+side by side (and beside a running ``astra-ops dev``) without seeing each other's data; nothing
+ever flushes the shared Redis.
+"""
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from psycopg.conninfo import make_conninfo
+
+from sandbox.db import drop_database, migrate
+from sandbox.faults import SandboxTarget
+
+PG_ADMIN_DSN = os.environ.get(
+    "ASTRA_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("ASTRA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+async def pg_dsn() -> AsyncIterator[str]:
+    """A DSN to a new database with the sandbox schema, dropped after the test."""
+    name = f"astra_test_{uuid.uuid4().hex}"
+    dsn = make_conninfo(PG_ADMIN_DSN, dbname=name)
+    await migrate(dsn)
+    try:
+        yield dsn
+    finally:
+        await drop_database(PG_ADMIN_DSN, name)
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A key prefix no other test uses, in place of ``astra:``; its keys are deleted afterwards."""
+    prefix = f"astra_test_{uuid.uuid4().hex}:"
+    yield prefix
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.unlink(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator["aioredis.Redis"]:
+    """A Redis client for a test's own assertions (strings in, strings out)."""
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def data_plane(pg_dsn: str, redis_prefix: str) -> SandboxTarget:
+    """The sandbox's data plane for one test: its database, the Redis, its key prefix."""
+    return SandboxTarget(dsn=pg_dsn, redis_url=REDIS_URL, key_prefix=redis_prefix)
