@@ -1,0 +1,89 @@
+"""The Astra platform as DESIGN.md's contract describes it, seeded into a sandbox cluster."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from sandbox.kube.cluster import FakeCluster
+
+ASTRA_NAMESPACE = "astra"
+CONFIG_MAP = "astra-config"
+VAULT_SECRET = "astra-vault"
+# name -> replicas; the pod name of an astra-worker pod is its worker id.
+DEPLOYMENTS: dict[str, int] = {
+    "astra-scheduler": 1,
+    "astra-worker": 3,
+    "agent-service": 2,
+    "goal-service": 2,
+    "gateway": 2,
+}
+TLS_SERVICES = ("agent-service", "goal-service", "gateway")
+ASTRA_CONFIG: dict[str, str] = {
+    "TASK_SHARD_COUNT": "8",
+    "DATABASE_URL": "postgresql://127.0.0.1:5432/astra_sandbox",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+}
+VAULT_SETTINGS: dict[str, str] = {
+    "ASTRA_VAULT_ADDR": "http://127.0.0.1:8200",
+    "ASTRA_VAULT_TOKEN": "sandbox-not-a-real-token",
+    "ASTRA_VAULT_PATH": "secret/astra",
+}
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def deployment_manifest(
+    name: str, replicas: int, namespace: str = ASTRA_NAMESPACE
+) -> dict[str, Any]:
+    """A Deployment as Astra ships it: ``app: <name>`` labels, config from ``astra-config``."""
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": {**labels,
+                                                                      "part-of": "astra"}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{
+                    "name": name,
+                    "image": f"registry.sandbox.local/astra/{name}:1.0.0",
+                    "envFrom": [{"configMapRef": {"name": CONFIG_MAP}},
+                                {"secretRef": {"name": VAULT_SECRET}}],
+                }]},
+            },
+        },
+    }
+
+
+def seed_astra(cluster: FakeCluster, namespace: str = ASTRA_NAMESPACE) -> None:
+    """Create Astra's namespace, config, secrets and deployments, with every pod already Running."""
+    cluster.create("namespaces", None, {"metadata": {"name": namespace}})
+    cluster.create("configmaps", namespace, {
+        "metadata": {"name": CONFIG_MAP, "labels": {"part-of": "astra"}},
+        "data": dict(ASTRA_CONFIG),
+    })
+    cluster.create("secrets", namespace, {
+        "metadata": {"name": VAULT_SECRET, "labels": {"part-of": "astra"}},
+        "type": "Opaque",
+        "data": {key: _b64(value) for key, value in VAULT_SETTINGS.items()},
+    })
+    for service in TLS_SERVICES:
+        cluster.create("secrets", namespace, {
+            "metadata": {"name": f"{service}-tls", "labels": {"app": service, "part-of": "astra"}},
+            "type": "kubernetes.io/tls",
+            "data": {
+                "tls.crt": _b64(f"-----BEGIN CERTIFICATE-----\nsandbox placeholder for {service}"
+                                "\n-----END CERTIFICATE-----\n"),
+                "tls.key": _b64("-----BEGIN PRIVATE KEY-----\nsandbox placeholder"
+                                "\n-----END PRIVATE KEY-----\n"),
+            },
+        })
+    for name, replicas in DEPLOYMENTS.items():
+        cluster.create("deployments", namespace, deployment_manifest(name, replicas, namespace))
+    cluster.settle()
