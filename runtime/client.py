@@ -1,0 +1,60 @@
+"""The one Temporal client factory: every process connects and converts payloads the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
+from temporalio.service import TLSConfig
+
+from runtime.codec import load_codec
+from runtime.settings import Settings
+
+
+class TemporalUnavailable(Exception):
+    """Temporal could not be reached; the message says where we looked and what to check."""
+
+
+def data_converter(settings: Settings) -> DataConverter:
+    """pydantic v2 models on the wire, sealed by the AES-GCM codec."""
+    codec = load_codec(
+        settings.codec_keys.get_secret_value() if settings.codec_keys else None,
+        settings.codec_key_file,
+    )
+    return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
+
+
+def _tls(settings: Settings) -> TLSConfig | bool:
+    if not settings.temporal_tls:
+        return False
+
+    def read(path: object) -> bytes | None:
+        return path.read_bytes() if path is not None else None  # type: ignore[attr-defined]
+
+    return TLSConfig(
+        server_root_ca_cert=read(settings.temporal_tls_ca),
+        client_cert=read(settings.temporal_tls_cert),
+        client_private_key=read(settings.temporal_tls_key),
+    )
+
+
+async def connect(settings: Settings, *, converter: DataConverter | None = None) -> Client:
+    api_key = settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None
+    try:
+        return await Client.connect(
+            settings.temporal_address,
+            namespace=settings.temporal_namespace,
+            data_converter=converter or data_converter(settings),
+            tls=_tls(settings) if api_key is None else (_tls(settings) or True),
+            api_key=api_key,
+        )
+    except RuntimeError as err:
+        # The core's message nests the transport error; its last clause is the useful part.
+        why = str(err).rsplit("message: ", 1)[-1].split('"')[1 if '"' in str(err) else 0]
+        raise TemporalUnavailable(
+            f"Temporal is not reachable at {settings.temporal_address} "
+            f"(namespace {settings.temporal_namespace}): {why}. "
+            "Is `astra-ops dev` running, or ASTRA_OPS_TEMPORAL_ADDRESS set?"
+        ) from None

@@ -1,0 +1,118 @@
+"""One settings model for every astra-ops process (CLI, API, worker, dev stack).
+
+Values come from ``ASTRA_OPS_*`` environment variables and, optionally, a dotenv file named by
+``ASTRA_OPS_SETTINGS_FILE``. A wrong value fails at start with the setting's name in the message,
+so a misconfigured worker never starts half-working.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "ASTRA_OPS_"
+
+
+class SettingsError(Exception):
+    """Raised when the environment does not describe a usable configuration."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # Temporal
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    temporal_tls: bool = False
+    temporal_tls_ca: Path | None = None
+    temporal_tls_cert: Path | None = None
+    temporal_tls_key: Path | None = None
+    temporal_api_key: SecretStr | None = None
+    task_queue: str = "astra-ops"
+
+    # Payload encryption: "keyid:base64key[,keyid:base64key...]"; the first encrypts, all decrypt.
+    codec_keys: SecretStr | None = None
+    codec_key_file: Path | None = None
+
+    # Who may approve what, and who the caller is.
+    access_policy: Path = REPO_ROOT / "deploy" / "access-policy.yaml"
+    user: str | None = None
+    api_tokens: SecretStr | None = Field(
+        default=None, description="Bearer tokens for the HTTP API: 'token:user[,token:user...]'."
+    )
+
+    # HTTP API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    api_url: str = "http://127.0.0.1:8080"
+    ui_origin: str = "http://127.0.0.1:8233"
+    dev_mode: bool = False
+
+    # Dev stack
+    state_dir: Path = REPO_ROOT / ".astra"
+    temporal_port: int = Field(default=7233, ge=1, le=65535)
+    ui_port: int = Field(default=8233, ge=1, le=65535)
+    kube_port: int = Field(default=8001, ge=0, le=65535)
+    kube_rollout_seconds: float = Field(default=2.0, ge=0)
+
+    # Targets
+    kube_url: str | None = Field(
+        default=None, description="Kubernetes API URL without auth (the sandbox); else kubeconfig."
+    )
+    kube_namespace: str = "astra"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/astra_sandbox"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prometheus_url: str | None = None
+    chat_webhook_url: str | None = None
+
+    @field_validator("temporal_address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    @field_validator("temporal_tls_ca", "temporal_tls_cert", "temporal_tls_key", "codec_key_file")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {value} does not exist")
+        return value
+
+    @cached_property
+    def token_identities(self) -> dict[str, str]:
+        """Bearer token -> user name, parsed once."""
+        if self.api_tokens is None:
+            return {}
+        pairs: dict[str, str] = {}
+        for item in self.api_tokens.get_secret_value().split(","):
+            token, sep, user = item.strip().rpartition(":")
+            if not sep or not token or not user:
+                raise SettingsError(
+                    f"{ENV_PREFIX}API_TOKENS: entries must look like 'token:user', got one "
+                    "without a ':'"
+                )
+            pairs[token] = user
+        return pairs
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning pydantic's report into one line per bad setting."""
+    env_file = os.environ.get(f"{ENV_PREFIX}SETTINGS_FILE")
+    if env_file and not Path(env_file).is_file():
+        raise SettingsError(f"{ENV_PREFIX}SETTINGS_FILE names {env_file}, which does not exist")
+    try:
+        return Settings(_env_file=env_file, **overrides)
+    except ValidationError as err:
+        lines = [
+            f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in err.errors()
+        ]
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

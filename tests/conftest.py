@@ -1,0 +1,133 @@
+"""Shared fixtures: one Temporal dev server per session; a fresh task queue, namespace of the
+sandbox cluster and workflow id per test."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from runtime import search_attributes as sa
+from runtime.client import data_converter
+from runtime.codec import new_key_line
+from runtime.settings import REPO_ROOT, Settings
+from sandbox.kube import seed_astra
+from tests.conftest_kube import KubeSandbox, eventually, kube
+from workers.worker import build_worker
+
+pytest_plugins = ["tests.conftest_data"]
+__all__ = ["eventually", "kube"]
+
+TEMPORAL = Path(sys.executable).parent / "temporal"
+
+
+@pytest.fixture(scope="session")
+def codec_keys() -> str:
+    """A random key per session: tests prove the codec round-trips, not a fixed ciphertext."""
+    return new_key_line("test1")
+
+
+@pytest.fixture(scope="session")
+async def temporal(codec_keys: str) -> AsyncIterator[WorkflowEnvironment]:
+    converter = data_converter(Settings(codec_keys=codec_keys))
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL),
+        data_converter=converter,
+        search_attributes=sa.ALL,
+        dev_server_log_level="error",
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture
+def client(temporal: WorkflowEnvironment) -> Client:
+    return temporal.client
+
+
+@pytest.fixture
+def task_queue() -> str:
+    return f"tq-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def namespace(kube: KubeSandbox) -> str:
+    """A fresh Kubernetes namespace seeded with Astra, so the run's workflow id is unique."""
+    name = f"astra-{uuid.uuid4().hex[:8]}"
+    seed_astra(kube.cluster, namespace=name)
+    return name
+
+
+@dataclass
+class ChatReceiver:
+    """A Slack-compatible incoming webhook that records what was posted."""
+
+    url: str = ""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+@pytest.fixture
+def chat() -> Iterator[ChatReceiver]:
+    receiver = ChatReceiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            receiver.messages.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield receiver
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def settings(
+    codec_keys: str,
+    temporal: WorkflowEnvironment,
+    kube: KubeSandbox,
+    chat: ChatReceiver,
+    task_queue: str,
+) -> Settings:
+    return Settings(
+        temporal_address=temporal.client.service_client.config.target_host,
+        codec_keys=codec_keys,
+        kube_url=kube.url,
+        task_queue=task_queue,
+        chat_webhook_url=chat.url,
+        access_policy=REPO_ROOT / "deploy" / "access-policy.yaml",
+    )
+
+
+@pytest.fixture
+async def worker(client: Client, settings: Settings) -> AsyncIterator[Worker]:
+    """The production worker composition, on this test's task queue."""
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        built = build_worker(client, settings, executor)
+        async with built:
+            yield built

@@ -1,0 +1,76 @@
+"""The worker's composition root: which workflows and activities run on which task queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.approvals import ApprovalActivities
+from activities.kubernetes import KubernetesActivities
+from runtime.client import connect
+from runtime.settings import Settings
+from sandbox.kube import api_client
+from workflows.catalogue import RUNBOOKS
+
+log = logging.getLogger(__name__)
+
+
+def kube_api(settings: Settings) -> k8s.ApiClient:
+    """The sandbox's unauthenticated URL when set; else in-cluster credentials, then kubeconfig."""
+    if settings.kube_url:
+        return api_client(settings.kube_url)
+    try:
+        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+    return k8s.ApiClient()
+
+
+def build_worker(
+    client: Client, settings: Settings, executor: ThreadPoolExecutor, task_queue: str | None = None
+) -> Worker:
+    kubernetes = KubernetesActivities(kube_api(settings))
+    approvals = ApprovalActivities(settings.access_policy, settings.chat_webhook_url)
+    return Worker(
+        client,
+        task_queue=task_queue or settings.task_queue,
+        workflows=list(RUNBOOKS.values()),
+        activities=[
+            approvals.request_approval,
+            kubernetes.read_config,
+            kubernetes.patch_config,
+            kubernetes.rollout_health,
+            kubernetes.rollout_restart,
+            kubernetes.wait_rollout,
+            kubernetes.list_pods,
+            kubernetes.delete_pod,
+            kubernetes.verify_config,
+        ],
+        activity_executor=executor,
+        graceful_shutdown_timeout=timedelta(seconds=30),
+    )
+
+
+async def run_worker(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then let running activities finish (graceful shutdown)."""
+    client = await connect(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with ThreadPoolExecutor(max_workers=16) as executor:
+        worker = build_worker(client, settings, executor)
+        log.info(
+            "worker polling task queue %s at %s", settings.task_queue, settings.temporal_address
+        )
+        async with worker:
+            await stop.wait()
+            log.info("stopping worker: waiting for running activities")
