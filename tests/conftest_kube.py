@@ -45,7 +45,7 @@ def kube() -> Iterator[KubeSandbox]:
     try:
         yield KubeSandbox(cluster=cluster, server=server, api=api)
     finally:
-        api.close()
+        api.close()  # type: ignore[no-untyped-call]
         server.stop_blocking()
 
 

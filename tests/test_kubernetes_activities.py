@@ -1,0 +1,214 @@
+"""The Kubernetes activities against the sandbox cluster, run as Temporal runs them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes.client import AppsV1Api
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.kubernetes import (
+    CONFIG_HASH,
+    ConfigPatch,
+    ConfigRef,
+    ConfigRollout,
+    DeploymentRef,
+    KubernetesActivities,
+    PodDelete,
+    PodSelector,
+    RolloutRestart,
+    RolloutWait,
+    config_hash,
+)
+from tests import conftest_kube
+from tests.conftest_kube import KubeSandbox, eventually
+
+kube = conftest_kube.kube  # tests/conftest.py registers it too; this keeps the module standalone
+
+NS = "astra"
+
+
+@pytest.fixture
+def k8s(kube: KubeSandbox) -> KubernetesActivities:
+    return KubernetesActivities(kube.api)
+
+
+@pytest.fixture
+def env() -> ActivityEnvironment:
+    return ActivityEnvironment()
+
+
+def generation(kube: KubeSandbox, name: str) -> int:
+    dep = kube.cluster.get("deployments", NS, name)
+    assert dep is not None
+    return int(dep["metadata"]["generation"])
+
+
+def pod_names(kube: KubeSandbox, app: str) -> set[str]:
+    return {p["metadata"]["name"] for p in kube.cluster.pods(NS, {"app": app})}
+
+
+def astra_config(kube: KubeSandbox) -> dict[str, Any]:
+    config = kube.cluster.get("configmaps", NS, "astra-config")
+    assert config is not None
+    return config
+
+
+def test_read_config_reports_value_and_fingerprint(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    value = env.run(k8s.read_config, ConfigRef(key="TASK_SHARD_COUNT"))
+    config = kube.cluster.get("configmaps", NS, "astra-config")
+    assert config is not None
+    assert value.value == "8"
+    assert value.resource_version == config["metadata"]["resourceVersion"]
+    assert value.config_hash == config_hash(config["data"])
+    assert env.run(k8s.read_config, ConfigRef(key="NOT_THERE")).value is None
+
+
+def test_read_config_of_missing_map_fails_without_retry(
+    k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    with pytest.raises(ApplicationError, match="does not exist") as failure:
+        env.run(k8s.read_config, ConfigRef(name="no-such-config", key="X"))
+    assert failure.value.non_retryable
+    assert failure.value.type == "KubernetesNotFound"
+
+
+def test_patch_config_dry_run_writes_nothing(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    before = kube.cluster.get("configmaps", NS, "astra-config")
+    result = env.run(k8s.patch_config, ConfigPatch(key="TASK_SHARD_COUNT", value="12",
+                                                   dry_run=True, token="shard-scaling/x/set"))
+    assert not result.changed
+    assert "would set TASK_SHARD_COUNT=12 (currently 8)" in result.detail
+    assert kube.cluster.get("configmaps", NS, "astra-config") == before
+
+
+def test_patch_config_is_idempotent(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    request = ConfigPatch(key="TASK_SHARD_COUNT", value="12", token="shard-scaling/x/set")
+    first = env.run(k8s.patch_config, request)
+    assert first.changed
+    written = astra_config(kube)
+    assert written["data"]["TASK_SHARD_COUNT"] == "12"
+    second = env.run(k8s.patch_config, request)
+    assert not second.changed
+    assert "already 12" in second.detail
+    assert astra_config(kube) == written
+
+
+async def test_restart_with_the_same_token_rolls_once(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    start_generation = generation(kube, "astra-worker")
+    seeded_pods = pod_names(kube, "astra-worker")
+    restart = RolloutRestart(name="astra-worker", token="shard-scaling/x/restart-workers")
+    assert env.run(k8s.rollout_restart, restart).changed
+    status = env.run(k8s.wait_rollout, RolloutWait(name="astra-worker", poll_seconds=0.02))
+    assert status.complete and status.restart_token == restart.token
+    restarted_pods = pod_names(kube, "astra-worker")
+    assert not restarted_pods & seeded_pods
+
+    retried = env.run(k8s.rollout_restart, restart)
+    assert not retried.changed
+    assert generation(kube, "astra-worker") == start_generation + 1
+    assert env.run(k8s.rollout_health, DeploymentRef(name="astra-worker")).complete
+    assert pod_names(kube, "astra-worker") == restarted_pods
+
+    again = env.run(k8s.rollout_restart, restart.model_copy(update={"token": "other/run/step"}))
+    assert again.changed
+    assert generation(kube, "astra-worker") == start_generation + 2
+    await eventually(lambda: not pod_names(kube, "astra-worker") & restarted_pods,
+                     message="a new token restarts the workers again")
+
+
+def test_restart_dry_run_and_missing_token(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    before = kube.cluster.get("deployments", NS, "gateway")
+    dry = env.run(k8s.rollout_restart, RolloutRestart(name="gateway", token="t", dry_run=True,
+                                                      config_map="astra-config"))
+    assert not dry.changed
+    assert dry.detail.startswith("would restart astra/gateway")
+    assert kube.cluster.get("deployments", NS, "gateway") == before
+    with pytest.raises(ApplicationError, match="without an idempotency token") as failure:
+        env.run(k8s.rollout_restart, RolloutRestart(name="gateway"))
+    assert failure.value.non_retryable
+
+
+def test_wait_rollout_fails_clearly_past_the_progress_deadline(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    AppsV1Api(kube.api).patch_namespaced_deployment(
+        "astra-scheduler", NS, {"spec": {"progressDeadlineSeconds": 1}})
+    kube.cluster.stall("astra-scheduler")
+    heartbeats: list[Any] = []
+    env.on_heartbeat = lambda *details: heartbeats.append(details)
+    env.run(k8s.rollout_restart, RolloutRestart(name="astra-scheduler", token="t"))
+    with pytest.raises(ApplicationError, match="exceeded its progress deadline") as failure:
+        env.run(k8s.wait_rollout, RolloutWait(name="astra-scheduler", timeout_seconds=10,
+                                              poll_seconds=0.05))
+    assert failure.value.non_retryable
+    assert failure.value.type == "RolloutDeadlineExceeded"
+    assert "rollout of astra/astra-scheduler" in failure.value.message
+    assert "kubectl -n astra describe deployment astra-scheduler" in failure.value.message
+    assert heartbeats
+
+
+def test_wait_rollout_times_out(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    kube.cluster.stall("gateway")
+    env.run(k8s.rollout_restart, RolloutRestart(name="gateway", token="t"))
+    with pytest.raises(ApplicationError, match=r"did not complete within 0\.3s") as failure:
+        env.run(k8s.wait_rollout, RolloutWait(name="gateway", timeout_seconds=0.3,
+                                              poll_seconds=0.05))
+    assert failure.value.non_retryable
+    assert failure.value.type == "RolloutTimeout"
+    health = env.run(k8s.rollout_health, DeploymentRef(name="gateway"))
+    assert not health.complete and health.failed_reason is None
+
+
+async def test_delete_pod_is_idempotent(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    pods = env.run(k8s.list_pods, PodSelector(labels={"app": "astra-worker"})).pods
+    assert len(pods) == 3 and all(p.ready and p.phase == "Running" for p in pods)
+    victim = pods[0].name
+    dry = env.run(k8s.delete_pod, PodDelete(name=victim, dry_run=True, token="t"))
+    assert not dry.changed and victim in pod_names(kube, "astra-worker")
+    assert env.run(k8s.delete_pod, PodDelete(name=victim, token="t")).changed
+    again = env.run(k8s.delete_pod, PodDelete(name=victim, token="t"))
+    assert not again.changed and "already gone" in again.detail
+    await eventually(lambda: len(pod_names(kube, "astra-worker")) == 3,
+                     message="the deleted worker is replaced")
+    assert victim not in pod_names(kube, "astra-worker")
+
+
+def test_verify_config_follows_the_stamped_hash(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    check = ConfigRollout(deployment="astra-scheduler", config_map="astra-config")
+    before = env.run(k8s.verify_config, check)
+    assert not before.ok
+    assert before.stale == sorted(pod_names(kube, "astra-scheduler"))
+    assert before.pods_total == 1 and before.pods_current == 0
+
+    restart = RolloutRestart(name="astra-scheduler", token="t", config_map="astra-config")
+    assert env.run(k8s.rollout_restart, restart).changed
+    env.run(k8s.wait_rollout, RolloutWait(name="astra-scheduler", poll_seconds=0.02))
+    after = env.run(k8s.verify_config, check)
+    assert after.ok and after.stale == [] and after.pods_current == 1
+    pod = kube.cluster.pods(NS, {"app": "astra-scheduler"})[0]
+    assert pod["metadata"]["annotations"][CONFIG_HASH] == after.expected_hash
+
+    env.run(k8s.patch_config, ConfigPatch(key="TASK_SHARD_COUNT", value="16", token="t2"))
+    changed = env.run(k8s.verify_config, check)
+    assert not changed.ok and changed.expected_hash != after.expected_hash
+    # Same token, new config: the restart is due again, so it is not skipped.
+    assert env.run(k8s.rollout_restart, restart).changed
