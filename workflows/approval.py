@@ -111,11 +111,17 @@ class ApprovalGate:
         return step in self.rejected or len(pending.approvers) >= pending.required
 
     async def wait(
-        self, step: str, policy: ApprovalPolicy, reason: str, window: timedelta
+        self,
+        step: str,
+        policy: ApprovalPolicy,
+        reason: str,
+        window: timedelta,
+        on_open: Callable[[], None],
     ) -> list[str]:
         """Block until the step is approved; raise RunbookStopped if rejected or abandoned.
 
-        Returns the approvers, for the step's record.
+        ``on_open`` runs once the approvers are known and decisions can be taken, so nobody is
+        shown "awaiting approval" while a decision would still be refused. Returns the approvers.
         """
         groups = list(policy.groups)
         escalations = list(policy.escalate_to)
@@ -130,7 +136,7 @@ class ApprovalGate:
             deadline=now + window,
             reason=reason,
         )
-        self._on_change()
+        on_open()
         try:
             if len(members) < policy.required:
                 raise RunbookStopped(

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 from runtime import search_attributes as sa
 from workflows.approval import ApprovalGate, RunbookStopped
@@ -77,6 +77,8 @@ class StepRunner:
         except RunbookStopped as stop:
             return self.finish(stop.outcome, stop.summary)
         except (ActivityError, StepFailed) as err:
+            if is_cancelled_exception(err):
+                raise  # the SDK records the run as cancelled, after the compensations ran
             raise ApplicationError(
                 f"{self.runbook} failed at step '{self.failed_step}': {failure_message(err)}"
                 + self.rollback_note,
@@ -127,14 +129,20 @@ class StepRunner:
         if self.request.dry_run:
             self._mark(name, StepState.SKIPPED, "dry-run: approval not needed")
             return
-        self._start(name, StepState.AWAITING_APPROVAL)
-        workflow.upsert_search_attributes([sa.AWAITING_APPROVAL.value_set(True)])
+
+        def opened() -> None:
+            self.steps[name].state = StepState.AWAITING_APPROVAL
+            workflow.upsert_search_attributes([sa.AWAITING_APPROVAL.value_set(True)])
+            self._show()
+
+        self._start(name, StepState.RUNNING)
         try:
             approvers = await self.gate.wait(
                 name,
                 policy,
                 reason or self.request.reason,
                 timedelta(seconds=self.request.approval_timeout_seconds),
+                on_open=opened,
             )
         except RunbookStopped as stop:
             self._mark(name, StepState.FAILED, stop.summary)

@@ -1,0 +1,59 @@
+"""Small things the workflow, CLI and API tests share: reading the sandbox, waiting for a step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+
+from activities.kubernetes import CONFIG_HASH, config_hash
+from tests.conftest_kube import KubeSandbox, eventually
+from workflows.models import RunbookResult, RunStatus, StepState
+
+
+def shard_count(kube: KubeSandbox, namespace: str) -> str:
+    config = kube.cluster.get("configmaps", namespace, "astra-config")
+    assert config is not None
+    return str(config["data"]["TASK_SHARD_COUNT"])
+
+
+def pod_hashes(kube: KubeSandbox, namespace: str, app: str) -> set[str | None]:
+    """The config fingerprint each pod of a Deployment was started with."""
+    return {
+        (p["metadata"].get("annotations") or {}).get(CONFIG_HASH)
+        for p in kube.cluster.pods(namespace, {"app": app})
+    }
+
+
+def current_config_hash(kube: KubeSandbox, namespace: str) -> str:
+    config = kube.cluster.get("configmaps", namespace, "astra-config")
+    assert config is not None
+    return config_hash(config["data"])
+
+
+def generation(kube: KubeSandbox, namespace: str, name: str) -> int:
+    deployment = kube.cluster.get("deployments", namespace, name)
+    assert deployment is not None
+    return int(deployment["metadata"]["generation"])
+
+
+async def status(handle: WorkflowHandle[Any, Any]) -> RunStatus:
+    return await handle.query("status", result_type=RunStatus)
+
+
+async def wait_for_step(
+    handle: WorkflowHandle[Any, Any], step: str, state: StepState, within: float = 15
+) -> None:
+    async def reached() -> bool:
+        steps = {s.name: s.state for s in (await status(handle)).steps}
+        return steps.get(step) == state
+
+    await eventually(reached, timeout=within, interval=0.05, message=f"step '{step}' {state}")
+
+
+async def awaiting_approval(handle: WorkflowHandle[Any, Any], step: str) -> None:
+    await wait_for_step(handle, step, StepState.AWAITING_APPROVAL)
+
+
+def handle_of(client: Client, run_id: str) -> WorkflowHandle[Any, RunbookResult]:
+    return client.get_workflow_handle(run_id, result_type=RunbookResult)
