@@ -4,8 +4,6 @@ It also serves the codec endpoints the Temporal UI calls to show readable payloa
 stays encrypted while the people allowed to read it can.
 """
 
-from __future__ import annotations
-
 import asyncio
 from typing import Annotated, Any, Literal
 

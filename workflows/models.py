@@ -9,11 +9,16 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class RunbookRequest(BaseModel):
-    """What every runbook run is started with; each runbook adds its own parameters."""
+    """What every runbook run is started with; each runbook adds its own parameters.
+
+    Unknown parameters are refused: a typo (``shard=12``) must not start a run with a default.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     requester: str = Field(min_length=1)
     reason: str = ""

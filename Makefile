@@ -1,0 +1,34 @@
+# The two commands of the README: `make run` (the whole stack) and `make test` (the whole suite).
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: install run test check pytest bench services clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/astra-ops dev
+
+test: install check pytest
+
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+pytest: install
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python bench/step_overhead.py
+
+clean:
+	rm -rf $(VENV) .astra .mypy_cache .ruff_cache .pytest_cache
