@@ -133,6 +133,43 @@ class TaskStates(BaseModel):
     """Keyed by task id; ids with no row are absent."""
 
 
+class LeaseSummary(BaseModel):
+    worker_id: str
+    count: int
+    """Tasks the worker holds (running, leased by it) as of ``as_of``."""
+    sample: list[str]
+    """A few of their ids, for the run's record; the full list can be far beyond a payload."""
+    as_of: datetime
+    """The database's clock at the count; a requeue takes back only tasks leased before it."""
+
+
+class RequeueLostWorker(Mutation):
+    """Take back every task a lost worker leased before ``leased_before``, in bounded batches."""
+
+    worker_id: str = Field(min_length=1)
+    leased_before: datetime
+    batch_size: int = Field(default=5_000, gt=0, le=100_000)
+
+
+class LostWorkerRequeue(MutationResult):
+    requeued: int
+    """Tasks put back to pending by this call (in dry-run: that would be)."""
+    batches: int
+    token: str
+    """The requeue's token, under which each requeued task is recorded for the verify step."""
+
+
+class RequeueProgressRequest(BaseModel):
+    token: str = Field(min_length=1)
+
+
+class RequeueProgress(BaseModel):
+    requeued: int
+    """Tasks recorded as requeued under the token."""
+    waiting: int
+    """Of those, still pending: not yet picked up by a live worker."""
+
+
 async def query_failure_rate(
     conn: psycopg.AsyncConnection[Any], window_seconds: float
 ) -> FailureRate:
@@ -253,6 +290,106 @@ class PostgresActivities:
             requeued=requeued,
             not_leased=len(req.task_ids) - requeued,
         )
+
+    @activity.defn
+    async def lease_summary(self, req: LeasedTasksRequest) -> LeaseSummary:
+        """How many tasks a worker holds, and when that was counted: the worker-lost check.
+
+        A count and a sample rather than every id, because a worker of a big pool can hold more
+        ids than fit in a Temporal payload.
+        """
+        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+            await self._require_worker(conn, req.worker_id)
+            row = await (
+                await conn.execute(
+                    "SELECT count(*), (array_agg(id ORDER BY id))[1:5], clock_timestamp()"
+                    " FROM tasks WHERE worker_id = %s AND status = 'running'",
+                    (req.worker_id,),
+                )
+            ).fetchone()
+        assert row is not None  # an aggregate always returns one row
+        return LeaseSummary(
+            worker_id=req.worker_id, count=int(row[0]), sample=list(row[1] or []), as_of=row[2]
+        )
+
+    @activity.defn
+    async def requeue_lost_worker(self, req: RequeueLostWorker) -> LostWorkerRequeue:
+        """Put a lost worker's tasks back to pending, batch by batch, each batch committed.
+
+        Selected by worker id in the database, so no id list crosses Temporal; only rows still
+        running *and* leased by that worker before the check change, so a task another worker
+        finished or took over meanwhile is left alone and a second run finds nothing. Each
+        requeued task is recorded under the step's token (for the verify step), and bounded
+        batches keep locks and WAL per transaction small while the activity heartbeats.
+        """
+        where = (
+            "FROM tasks WHERE worker_id = %(worker)s AND status = 'running'"
+            " AND updated_at <= %(before)s"
+        )
+        params: dict[str, Any] = {
+            "worker": req.worker_id,
+            "before": req.leased_before,
+            "token": req.token,
+            "batch": req.batch_size,
+        }
+        async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+            await self._require_worker(conn, req.worker_id)
+            if req.dry_run:
+                row = await (await conn.execute(f"SELECT count(*) {where}", params)).fetchone()
+                would = int(row[0]) if row else 0
+                return LostWorkerRequeue(
+                    changed=False,
+                    detail=f"would requeue {would} tasks of {req.worker_id}",
+                    requeued=would,
+                    batches=0,
+                    token=req.token,
+                )
+            if not req.token:
+                raise ApplicationError(
+                    "requeue_lost_worker needs a token to record what it requeued; the step "
+                    "runner fills it in from the workflow id",
+                    non_retryable=True,
+                )
+            requeued = batches = 0
+            while True:
+                async with conn.transaction():
+                    cur = await conn.execute(
+                        "WITH batch AS ("
+                        f"  SELECT id {where} ORDER BY id LIMIT %(batch)s FOR UPDATE SKIP LOCKED),"
+                        " recorded AS ("
+                        "  INSERT INTO astra_ops_requeues (token, task_id)"
+                        "  SELECT %(token)s, id FROM batch ON CONFLICT DO NOTHING)"
+                        " UPDATE tasks SET status = 'pending', worker_id = NULL, updated_at = now()"
+                        " FROM batch WHERE tasks.id = batch.id",
+                        params,
+                    )
+                if cur.rowcount == 0:
+                    break
+                requeued += cur.rowcount
+                batches += 1
+                activity.heartbeat(requeued)
+        return LostWorkerRequeue(
+            changed=requeued > 0,
+            detail=f"requeued {requeued} tasks of {req.worker_id} in {batches} batch(es)",
+            requeued=requeued,
+            batches=batches,
+            token=req.token,
+        )
+
+    @activity.defn
+    async def requeue_progress(self, req: RequeueProgressRequest) -> RequeueProgress:
+        """How many of the tasks requeued under a token live workers have picked up since."""
+        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT count(*), count(*) FILTER (WHERE t.status = 'pending')"
+                    " FROM astra_ops_requeues r JOIN tasks t ON t.id = r.task_id"
+                    " WHERE r.token = %s",
+                    (req.token,),
+                )
+            ).fetchone()
+        requeued, waiting = (int(row[0]), int(row[1])) if row else (0, 0)
+        return RequeueProgress(requeued=requeued, waiting=waiting)
 
     @activity.defn
     async def task_failure_rate(self, req: FailureRateRequest) -> FailureRate:

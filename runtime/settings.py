@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     ui_port: int = Field(default=8233, ge=1, le=65535)
     kube_port: int = Field(default=8001, ge=0, le=65535)
     kube_rollout_seconds: float = Field(default=2.0, ge=0)
+    sandbox_metrics_port: int = Field(default=9464, ge=0, le=65535)
+    sandbox_tick_seconds: float = Field(default=1.0, gt=0)
 
     # Targets
     kube_url: str | None = Field(
@@ -68,6 +70,9 @@ class Settings(BaseSettings):
     kube_namespace: str = "astra"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/astra_sandbox"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_key_prefix: str = Field(
+        default="astra:", min_length=1, description="Prefix of Astra's Redis keys."
+    )
     prometheus_url: str | None = None
     chat_webhook_url: str | None = None
 

@@ -174,12 +174,14 @@ async def error_spike(
     tasks: int = 100,
     worker_id: str | None = None,
     shard: int | None = None,
+    stuck_pool: bool = False,
 ) -> ErrorSpikeFault:
     """Make ``share`` of ``tasks`` recent outcomes failures with ``error``, within the window.
 
     The rows land in the most recent half of the window, so they are still inside it when a
     runbook measures a little later. ``worker_id`` and ``shard`` pin the failures to one
-    worker or shard, for triage to find.
+    worker or shard, for triage to find. ``stuck_pool`` keeps the failures going only on the
+    workers registered now, so restarting the pool (new pods, new worker ids) cures it.
     """
     if not 0 < share <= 1 or window_seconds <= 0 or tasks <= 0:
         raise ValueError(
@@ -191,7 +193,8 @@ async def error_spike(
     failed_ids: list[str] = []
     succeeded_ids: list[str] = []
     async with await psycopg.AsyncConnection.connect(target.dsn) as conn, conn.transaction():
-        workers: list[str | None] = [worker_id] if worker_id else [*await _workers(conn)] or [None]
+        registered = await _workers(conn)
+        workers: list[str | None] = [worker_id] if worker_id else [*registered] or [None]
         rows = []
         for i in range(tasks):
             task_id = str(uuid.uuid4())
@@ -219,7 +222,15 @@ async def error_spike(
     async with _redis(target) as client:
         knobs = await read_knobs(client, keys)
         await write_knobs(
-            client, keys, knobs.model_copy(update={"failure_share": share, "error": error})
+            client,
+            keys,
+            knobs.model_copy(
+                update={
+                    "failure_share": share,
+                    "error": error,
+                    "stuck_workers": registered if stuck_pool else [],
+                }
+            ),
         )
     return ErrorSpikeFault(
         error=error,

@@ -3,7 +3,9 @@
 Workers heartbeat into Redis and lease, run, fail, retry and dead-letter tasks in PostgreSQL;
 agents record LLM usage. Fault injection (``sandbox.faults``) steers it through knobs kept in
 Redis rather than in this object, because the CLI that injects a fault runs in another process
-than the loop that ``astra-ops dev`` keeps running.
+than the loop that ``astra-ops dev`` keeps running. Given a ``ClusterView`` it also plays the
+cluster's side of Astra: the worker pods that run are the workers that heartbeat, and the
+containment knobs of ``astra-config`` (intake pause, budget guard) hold back what they name.
 """
 
 import asyncio
@@ -21,7 +23,8 @@ import psycopg
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
-from activities.redis_store import AstraKeys
+from activities.redis_store import AstraKeys, error_class
+from sandbox.platform import ClusterView, PlatformConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ class Knobs(BaseModel):
     spike_tenant: str | None = None
     spike_agent_id: str | None = None
     spike_model: str | None = None
+    stuck_workers: list[str] = []
+    """When set, only these workers fail tasks: a stuck pool that a restart (new pods) cures."""
 
 
 async def read_knobs(client: "aioredis.Redis", keys: SandboxKeys) -> Knobs:
@@ -115,8 +120,10 @@ class LoadGenerator:
         workers: list[str],
         config: LoadConfig | None = None,
         key_prefix: str = "astra:",
+        cluster: ClusterView | None = None,
     ) -> None:
         self.config = config or LoadConfig()
+        self.cluster = cluster
         self.keys = SandboxKeys(key_prefix)
         self.workers = sorted(workers)
         self._dsn = dsn
@@ -137,6 +144,11 @@ class LoadGenerator:
         stream always refers to a task that is dead-lettered in PostgreSQL.
         """
         knobs = await read_knobs(self._redis, self.keys)
+        platform = PlatformConfig()
+        if self.cluster is not None:
+            view = await self.cluster.observe()
+            self.set_workers(view.workers)
+            platform = view.config
         lost = await self._redis.smembers(self.keys.lost_workers)
         live = [w for w in self.workers if w not in lost]
         report = StepReport(
@@ -157,9 +169,9 @@ class LoadGenerator:
             )
             report.submitted = await self._submit(conn)
             for worker in live:
-                dead_letters += await self._finish(conn, worker, knobs, report)
+                dead_letters += await self._finish(conn, worker, knobs, platform, report)
                 report.leased[worker] = await self._lease(conn, worker)
-            report.llm_calls = await self._record_llm_calls(conn, knobs)
+            report.llm_calls = await self._record_llm_calls(conn, knobs, platform)
         now_ms = int(time.time() * 1000)
         async with self._redis.pipeline(transaction=False) as pipe:
             for worker in live:
@@ -247,9 +259,13 @@ class LoadGenerator:
         conn: psycopg.AsyncConnection[Any],
         worker: str,
         knobs: Knobs,
+        platform: PlatformConfig,
         report: StepReport,
     ) -> list[dict[str, str]]:
-        """Complete or fail what ``worker`` leased last tick; return the dead letters to publish."""
+        """Complete or fail what ``worker`` leased last tick; return the dead letters to publish.
+
+        A paused error class is work Astra holds back rather than runs, so it stops failing.
+        """
         rows = await (
             await conn.execute(
                 "SELECT id, retries, max_retries, shard FROM tasks"
@@ -258,8 +274,10 @@ class LoadGenerator:
             )
         ).fetchall()
         dead_letters: list[dict[str, str]] = []
+        stuck = not knobs.stuck_workers or worker in knobs.stuck_workers
+        failing = stuck and error_class(knobs.error) not in platform.paused_error_classes
         for task_id, retries, max_retries, shard in rows:
-            if self._rng.random() >= knobs.failure_share:
+            if self._rng.random() >= knobs.failure_share or not failing:
                 await conn.execute(
                     "UPDATE tasks SET status = 'succeeded', updated_at = now() WHERE id = %s",
                     (task_id,),
@@ -305,7 +323,9 @@ class LoadGenerator:
         ).fetchall()
         return sorted(str(r[0]) for r in rows)
 
-    async def _record_llm_calls(self, conn: psycopg.AsyncConnection[Any], knobs: Knobs) -> int:
+    async def _record_llm_calls(
+        self, conn: psycopg.AsyncConnection[Any], knobs: Knobs, platform: PlatformConfig
+    ) -> int:
         cfg = self.config
         rows: list[tuple[str, str, str, int, float]] = []
         for _ in range(cfg.llm_calls_per_step):
@@ -319,13 +339,15 @@ class LoadGenerator:
                     cfg.cost_per_call_usd,
                 )
             )
-        if knobs.spike_agent_id and knobs.cost_multiplier > 1:
+        spiking = knobs.spike_agent_id
+        if spiking and knobs.cost_multiplier > 1 and not platform.budget_guard.covers(spiking):
             # One extra call carries the spike, so the window costs ``cost_multiplier`` x normal
-            # and the offending tenant, agent and model top the ranking.
+            # and the offending tenant, agent and model top the ranking; a budget guard on the
+            # agent (a cap, or a route to a cheaper model) takes it back to its normal spend.
             extra = cfg.cost_per_call_usd * cfg.llm_calls_per_step * (knobs.cost_multiplier - 1)
             rows.append(
                 (
-                    knobs.spike_agent_id,
+                    spiking,
                     knobs.spike_tenant or "unknown",
                     knobs.spike_model or "unknown",
                     cfg.tokens_per_call,

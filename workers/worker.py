@@ -15,6 +15,10 @@ from temporalio.worker import Worker
 
 from activities.approvals import ApprovalActivities
 from activities.kubernetes import KubernetesActivities
+from activities.metrics import MetricsActivities, metrics_source
+from activities.notify import NotifyActivities
+from activities.postgres import PostgresActivities
+from activities.redis_store import RedisActivities
 from runtime.client import connect
 from runtime.settings import Settings
 from sandbox.kube import api_client
@@ -39,6 +43,10 @@ def build_worker(
 ) -> Worker:
     kubernetes = KubernetesActivities(kube_api(settings))
     approvals = ApprovalActivities(settings.access_policy, settings.chat_webhook_url)
+    notify = NotifyActivities(settings.access_policy, settings.chat_webhook_url)
+    postgres = PostgresActivities(settings.database_url)
+    redis = RedisActivities(settings.redis_url, key_prefix=settings.redis_key_prefix)
+    metrics = MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url))
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
@@ -53,6 +61,19 @@ def build_worker(
             kubernetes.list_pods,
             kubernetes.delete_pod,
             kubernetes.verify_config,
+            notify.notify_rotation,
+            postgres.lease_summary,
+            postgres.requeue_lost_worker,
+            postgres.requeue_progress,
+            postgres.failure_breakdown,
+            postgres.requeue_dead_letters,
+            postgres.task_states,
+            redis.heartbeat_age,
+            redis.live_workers,
+            redis.read_dead_letters,
+            redis.ack_dead_letters,
+            metrics.failure_rate,
+            metrics.cost_comparison,
         ],
         activity_executor=executor,
         graceful_shutdown_timeout=timedelta(seconds=30),

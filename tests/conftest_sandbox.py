@@ -1,0 +1,138 @@
+"""Fixtures for end-to-end runbook tests: a running simulated Astra and a worker that acts on it.
+
+``astra`` plays Astra on the test's own database, Redis prefix and sandbox cluster: the cluster's
+ready ``astra-worker`` pods heartbeat and work, and the ``astra-config`` knobs are obeyed, so a
+runbook's actions have the effects they would have on the real platform.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from temporalio.client import Client, WorkflowHandle
+from temporalio.worker import Worker
+
+from runtime.settings import Settings
+from sandbox.faults import SandboxTarget
+from sandbox.kube import api_client
+from sandbox.loadgen import LoadConfig, LoadGenerator
+from sandbox.platform import ClusterView
+from tests.conftest_kube import KubeSandbox, eventually
+from workers.worker import build_worker
+from workflows.models import Decision, RunbookRequest, RunbookResult, RunStatus
+from workflows.runbook import Runbook
+
+TICK_SECONDS = 0.1
+
+
+@dataclass
+class RunningAstra:
+    """The simulated platform of one test, and how to wait for it to move."""
+
+    target: SandboxTarget
+    generator: LoadGenerator
+    tick_lock: asyncio.Lock
+    ticks: int = 0
+
+    async def advance(self, ticks: int = 1) -> None:
+        """Wait until the load generator has run ``ticks`` more ticks."""
+        goal = self.ticks + ticks
+        await eventually(lambda: self.ticks >= goal, timeout=10, message=f"{ticks} ticks")
+
+    @contextlib.asynccontextmanager
+    async def between_ticks(self) -> AsyncIterator[None]:
+        """Hold the platform still, so a fault lands between ticks rather than inside one."""
+        async with self.tick_lock:
+            yield
+
+    async def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        async with await psycopg.AsyncConnection.connect(self.target.dsn) as conn:
+            return await (await conn.execute(sql.encode(), params or None)).fetchall()
+
+
+@pytest.fixture
+async def astra(data_plane: SandboxTarget, kube: KubeSandbox) -> AsyncIterator[RunningAstra]:
+    api = api_client(kube.url)
+    generator = LoadGenerator(
+        data_plane.dsn,
+        data_plane.redis_url,
+        [],
+        LoadConfig(seed=7, retry_delay_seconds=0.5),
+        key_prefix=data_plane.key_prefix,
+        cluster=ClusterView(api),
+    )
+    running = RunningAstra(target=data_plane, generator=generator, tick_lock=asyncio.Lock())
+
+    async def play() -> None:
+        while True:
+            async with running.tick_lock:
+                await generator.step()
+            running.ticks += 1
+            await asyncio.sleep(TICK_SECONDS)
+
+    task = asyncio.create_task(play())
+    try:
+        await running.advance(2)
+        yield running
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await generator.aclose()
+        api.close()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+def astra_settings(settings: Settings, data_plane: SandboxTarget) -> Settings:
+    """The test's settings, pointed at its own database and Redis key prefix."""
+    return settings.model_copy(
+        update={
+            "database_url": data_plane.dsn,
+            "redis_url": data_plane.redis_url,
+            "redis_key_prefix": data_plane.key_prefix,
+        }
+    )
+
+
+@pytest.fixture
+async def astra_worker(client: Client, astra_settings: Settings) -> AsyncIterator[Worker]:
+    """The production worker composition, acting on this test's data plane."""
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        async with build_worker(client, astra_settings, executor) as worker:
+            yield worker
+
+
+async def start(
+    client: Client, runbook: type[Runbook], request: RunbookRequest, task_queue: str
+) -> WorkflowHandle[Any, RunbookResult]:
+    """Start a run under a fresh id: the subject alone repeats across tests."""
+    return await client.start_workflow(
+        runbook.spec.name,
+        request,
+        id=f"{runbook.spec.workflow_id(request)}/{uuid.uuid4().hex[:8]}",
+        task_queue=task_queue,
+        result_type=RunbookResult,
+    )
+
+
+async def decide(
+    handle: WorkflowHandle[Any, RunbookResult], step: str, approver: str, verdict: str = "approve"
+) -> None:
+    """Wait for ``step`` to await approval, then decide it as ``approver`` through the update."""
+
+    async def pending() -> bool:
+        status = await handle.query("status", result_type=RunStatus)
+        return any(p.step == step for p in status.pending_approvals)
+
+    await eventually(pending, timeout=20, interval=0.05, message=f"approval of '{step}'")
+    await handle.execute_update(
+        "decide", Decision(approver=approver, step=step, decision=verdict), result_type=str
+    )

@@ -1,0 +1,105 @@
+"""What the task-health runbooks share: who approves, common inputs, config knobs, waiting.
+
+Worker Lost, High Error Rate, LLM Cost Spike and Dead-letter Repair each act on Astra's task
+processing; their approval groups, the ConfigMap knobs they set and put back, and the way they
+wait for the platform to recover are decided here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TypeVar
+
+from pydantic import Field
+from temporalio import workflow
+
+from workflows.models import ApprovalPolicy, RunbookRequest
+from workflows.steps import StepRunner
+
+with workflow.unsafe.imports_passed_through():
+    from activities.kubernetes import ConfigPatch, ConfigRef, KubernetesActivities
+    from activities.mutation import MutationResult
+
+T = TypeVar("T")
+
+# Rotations from the operations wiki: Kernel SRE owns scheduler, actors, tasks, messaging, state
+# manager; Agent Platform owns workers, tools, memory, LLM routing.
+KERNEL_SRE = ApprovalPolicy(groups=["kernel-sre"], on_timeout="abort")
+AGENT_PLATFORM = ApprovalPolicy(groups=["agent-platform"], on_timeout="abort")
+
+
+class TaskHealthRequest(RunbookRequest):
+    """Where Astra runs, and how a runbook waits for it to recover (seconds, so tests are fast)."""
+
+    namespace: str = Field(default="astra", min_length=1)
+    config_map: str = Field(default="astra-config", min_length=1)
+    worker_pool: str = Field(default="astra-worker", min_length=1)
+    poll_seconds: float = Field(default=15, gt=0, description="how often recovery is measured")
+    verify_timeout_seconds: float = Field(
+        default=1800, gt=0, description="how long recovery may take before the run fails"
+    )
+
+
+class Knob:
+    """One key of Astra's ConfigMap that a runbook sets to contain a problem and later restores."""
+
+    def __init__(self, steps: StepRunner, req: TaskHealthRequest, key: str) -> None:
+        self.steps = steps
+        self.ref = ConfigRef(namespace=req.namespace, name=req.config_map, key=key)
+
+    async def read(self, step: str) -> str | None:
+        value = await self.steps.check(step, KubernetesActivities.read_config, self.ref)
+        return value.value  # type: ignore[no-any-return]
+
+    async def set(self, step: str, value: str | None) -> MutationResult:
+        """Set the key; None (the key was absent) is written as empty, which Astra reads as off."""
+        patch = ConfigPatch(
+            namespace=self.ref.namespace, name=self.ref.name, key=self.ref.key, value=value or ""
+        )
+        return await self.steps.act(step, KubernetesActivities.patch_config, patch)  # type: ignore[no-any-return]
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], *, every: float, within: float
+) -> T:
+    """Probe on a durable timer until ``ok`` or ``within`` seconds pass; the last answer.
+
+    A dry-run changed nothing, so runbooks finish before waiting for recovery.
+    """
+    deadline = workflow.now() + timedelta(seconds=within)
+    while True:
+        result = await probe()
+        if ok(result) or workflow.now() >= deadline:
+            return result
+        await workflow.sleep(timedelta(seconds=every))
+
+
+async def holds_for(
+    probe: Callable[[], Awaitable[T]],
+    ok: Callable[[T], bool],
+    *,
+    settle: float,
+    every: float,
+    within: float,
+) -> tuple[bool, T]:
+    """Whether ``ok`` held on every probe for ``settle`` seconds in a row before ``within``,
+    and the last answer.
+
+    A recovery that dips back over the line restarts the settle window: one good sample after
+    a remediation proves nothing.
+    """
+    deadline = workflow.now() + timedelta(seconds=within)
+    since = None
+    while True:
+        result = await probe()
+        now = workflow.now()
+        if ok(result):
+            since = since or now
+            if now - since >= timedelta(seconds=settle):
+                return True, result
+        else:
+            since = None
+        if now >= deadline:
+            return False, result
+        await workflow.sleep(timedelta(seconds=every))
