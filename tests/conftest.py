@@ -20,14 +20,16 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from runtime import search_attributes as sa
+from runtime.access import load_policy
 from runtime.client import data_converter
 from runtime.codec import new_key_line
 from runtime.settings import REPO_ROOT, Settings
 from sandbox.kube import seed_astra
+from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox, eventually, kube
 from workers.worker import build_worker
 
-pytest_plugins = ["tests.conftest_data", "tests.conftest_sandbox"]
+pytest_plugins = ["tests.conftest_data"]
 __all__ = ["eventually", "kube"]
 
 TEMPORAL = Path(sys.executable).parent / "temporal"
@@ -122,6 +124,12 @@ def settings(
         chat_webhook_url=chat.url,
         access_policy=REPO_ROOT / "deploy" / "access-policy.yaml",
     )
+
+
+@pytest.fixture
+def runs(client: Client, settings: Settings) -> Runs:
+    """Starting and steering runs as the CLI and the API do."""
+    return Runs(client, settings.task_queue, load_policy(settings.access_policy))
 
 
 @pytest.fixture

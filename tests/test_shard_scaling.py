@@ -9,8 +9,6 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import CancelledError
 from temporalio.worker import Worker
 
-from runtime.access import load_policy
-from runtime.settings import Settings
 from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox
 from tests.helpers import (
@@ -24,11 +22,6 @@ from tests.helpers import (
     wait_for_step,
 )
 from workflows.models import Decision, Outcome, StepState
-
-
-@pytest.fixture
-def runs(client: Client, settings: Settings) -> Runs:
-    return Runs(client, settings.task_queue, load_policy(settings.access_policy))
 
 
 async def start(runs: Runs, namespace: str, shards: int = 12, **params: object) -> str:
