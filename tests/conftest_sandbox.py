@@ -110,6 +110,19 @@ async def astra_worker(client: Client, astra_settings: Settings) -> AsyncIterato
             yield worker
 
 
+def worker_pods(kube: KubeSandbox) -> set[str]:
+    """The names (worker ids) of the ``astra-worker`` pods in the sandbox's ``astra`` namespace."""
+    return {p["metadata"]["name"] for p in kube.cluster.pods("astra", {"app": "astra-worker"})}
+
+
+def config_value(kube: KubeSandbox, key: str) -> str | None:
+    """One key of the sandbox's ``astra-config``; None when the key is absent."""
+    config = kube.cluster.get("configmaps", "astra", "astra-config")
+    assert config is not None
+    value: str | None = config["data"].get(key)
+    return value
+
+
 async def start(
     client: Client, runbook: type[Runbook], request: RunbookRequest, task_queue: str
 ) -> WorkflowHandle[Any, RunbookResult]:

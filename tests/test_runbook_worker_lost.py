@@ -12,15 +12,11 @@ from runtime.settings import Settings
 from sandbox.faults import WorkerLostFault, worker_lost
 from starters.runs import InvalidInput, Runs
 from tests.conftest_kube import KubeSandbox
-from tests.conftest_sandbox import RunningAstra, decide, start
+from tests.conftest_sandbox import RunningAstra, decide, start, worker_pods
 from workflows.models import Outcome
 from workflows.worker_lost import WorkerLost, WorkerLostRequest
 
 pytestmark = pytest.mark.usefixtures("astra_worker")
-
-
-def pool(kube: KubeSandbox) -> set[str]:
-    return {p["metadata"]["name"] for p in kube.cluster.pods("astra", {"app": "astra-worker"})}
 
 
 def request(fault: WorkerLostFault, **overrides: object) -> WorkerLostRequest:
@@ -52,7 +48,7 @@ async def test_stuck_pool_approved_requeues_once_and_replaces_the_pod(
     result = await handle.result()
 
     assert result.outcome == Outcome.DONE, result.summary
-    after = pool(kube)
+    after = worker_pods(kube)
     assert fault.worker_id not in after and len(after) == 3
     requeued = sorted(r[0] for r in await astra.query("SELECT task_id FROM astra_ops_requeues"))
     assert requeued == fault.leased_task_ids
@@ -70,7 +66,7 @@ async def test_dry_run_changes_nothing(
     client: Client, task_queue: str, kube: KubeSandbox, astra: RunningAstra
 ) -> None:
     fault = await lose_a_worker(astra)
-    before = pool(kube)
+    before = worker_pods(kube)
     handle = await start(client, WorkerLost, request(fault, dry_run=True), task_queue)
     result = await handle.result()
 
@@ -81,20 +77,20 @@ async def test_dry_run_changes_nothing(
         fault.worker_id,
     )
     assert [r[0] for r in held] == fault.leased_task_ids
-    assert pool(kube) == before
+    assert worker_pods(kube) == before
 
 
 async def test_unknown_worker_fails_clearly_and_changes_nothing(
     client: Client, astra_settings: Settings, kube: KubeSandbox, astra: RunningAstra
 ) -> None:
     runs = Runs(client, astra_settings.task_queue, load_policy(astra_settings.access_policy))
-    before = pool(kube)
+    before = worker_pods(kube)
     ghost = f"ghost-{uuid.uuid4().hex[:6]}"
     started = await runs.start("worker-lost", {"worker_id": ghost}, requester="dave")
     with pytest.raises(WorkflowFailureError) as failed:
         await client.get_workflow_handle(started.run_id).result()
     assert f"unknown worker {ghost}" in str(failed.value.cause)
-    assert pool(kube) == before
+    assert worker_pods(kube) == before
     assert await astra.query("SELECT count(*) FROM astra_ops_requeues") == [(0,)]
 
     with pytest.raises(InvalidInput, match="heartbeat_threshold_seconds"):

@@ -1,0 +1,97 @@
+"""High Error Rate end to end: a stuck worker pool fails tasks; contain, restart, recover."""
+
+from __future__ import annotations
+
+import pytest
+from temporalio.client import Client
+
+from activities.metrics import SqlMetrics
+from runtime.access import load_policy
+from runtime.astra_config import INTAKE_PAUSED_KEY
+from runtime.settings import Settings
+from sandbox.faults import error_spike
+from starters.runs import InvalidInput, Runs
+from tests.conftest_kube import KubeSandbox
+from tests.conftest_sandbox import RunningAstra, config_value, decide, start, worker_pods
+from workflows.high_error_rate import HighErrorRate, HighErrorRateRequest
+from workflows.models import Outcome
+
+pytestmark = pytest.mark.usefixtures("astra_worker")
+
+WINDOW = 3.0
+
+
+async def stick_the_pool(astra: RunningAstra) -> None:
+    async with astra.between_ticks():
+        await error_spike(astra.target, share=0.5, window_seconds=WINDOW, tasks=40, stuck_pool=True)
+
+
+def request(**overrides: object) -> HighErrorRateRequest:
+    return HighErrorRateRequest.model_validate(
+        {
+            "requester": "dave",
+            "window_seconds": WINDOW,
+            "settle_seconds": 1,
+            "poll_seconds": 0.2,
+            "verify_timeout_seconds": 20,
+            **overrides,
+        }
+    )
+
+
+async def test_contained_pool_restarted_and_rate_recovers(
+    client: Client, task_queue: str, kube: KubeSandbox, astra: RunningAstra
+) -> None:
+    await stick_the_pool(astra)
+    stuck = worker_pods(kube)
+    handle = await start(client, HighErrorRate, request(), task_queue)
+
+    await decide(handle, "approve pausing intake", "alice")
+    await decide(handle, "approve restarting the stuck pool", "carol")
+    # Intake of the failing class stays paused until the pool is restarted.
+    assert config_value(kube, INTAKE_PAUSED_KEY) == "TimeoutError"
+    result = await handle.result()
+
+    assert result.outcome == Outcome.DONE, result.summary
+    assert not worker_pods(kube) & stuck and len(worker_pods(kube)) == 3
+    assert config_value(kube, INTAKE_PAUSED_KEY) == ""
+    rate = await SqlMetrics(astra.target.dsn).failure_rate(WINDOW)
+    assert rate.total > 0 and rate.rate <= 0.05
+
+
+async def test_rejected_restart_resumes_intake_and_keeps_the_pool(
+    client: Client, task_queue: str, kube: KubeSandbox, astra: RunningAstra
+) -> None:
+    await stick_the_pool(astra)
+    stuck = worker_pods(kube)
+    handle = await start(client, HighErrorRate, request(), task_queue)
+
+    await decide(handle, "approve pausing intake", "bob")
+    await decide(handle, "approve restarting the stuck pool", "carol", "reject")
+    result = await handle.result()
+
+    assert result.outcome == Outcome.ROLLED_BACK, result.summary
+    assert config_value(kube, INTAKE_PAUSED_KEY) == "" and worker_pods(kube) == stuck
+
+
+async def test_dry_run_changes_nothing(
+    client: Client, task_queue: str, kube: KubeSandbox, astra: RunningAstra
+) -> None:
+    await stick_the_pool(astra)
+    stuck = worker_pods(kube)
+    result = await (await start(client, HighErrorRate, request(dry_run=True), task_queue)).result()
+
+    assert result.outcome == Outcome.DONE and result.summary.startswith("dry-run:")
+    assert config_value(kube, INTAKE_PAUSED_KEY) is None and worker_pods(kube) == stuck
+
+
+@pytest.mark.parametrize(
+    ("param", "value"), [("threshold", "-0.05"), ("window_seconds", "0"), ("settle_seconds", "")]
+)
+async def test_bad_thresholds_and_windows_are_refused_before_anything_runs(
+    client: Client, astra_settings: Settings, kube: KubeSandbox, param: str, value: str
+) -> None:
+    runs = Runs(client, astra_settings.task_queue, load_policy(astra_settings.access_policy))
+    with pytest.raises(InvalidInput, match=param):
+        await runs.start("high-error-rate", {param: value}, requester="dave")
+    assert config_value(kube, INTAKE_PAUSED_KEY) is None
