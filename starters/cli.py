@@ -21,6 +21,7 @@ from runtime.client import TemporalUnavailable, connect
 from runtime.codec import CodecKeyError, new_key_line
 from runtime.settings import Settings, SettingsError, load_settings
 from starters.runs import RunError, Runs, RunView
+from starters.sandbox_cli import sandbox_app
 from workflows.catalogue import RUNBOOKS
 from workflows.models import Decision, RunbookResult
 
@@ -32,6 +33,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(sandbox_app, name="sandbox")
 out = Console(soft_wrap=True)
 err = Console(stderr=True)
 

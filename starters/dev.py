@@ -132,6 +132,8 @@ async def run_dev(settings: Settings) -> int:
         child_env = stack.env({**common, "KUBE_URL": kube.url})
         await stack.spawn("worker", *me, "worker", env=child_env)
         await stack.spawn("api", *me, "api", env=child_env)
+        # Migrates the sandbox database first, then plays Astra's workers and serves /metrics.
+        await stack.spawn("sandbox", *me, "sandbox", "serve", env=child_env)
         print(
             "astra-ops dev is up:\n"
             f"  Temporal        {address}\n"
@@ -139,6 +141,9 @@ async def run_dev(settings: Settings) -> int:
             f"{settings.state_dir / 'temporal.db'})\n"
             f"  HTTP API        {settings.api_url}  (OpenAPI at {settings.api_url}/docs)\n"
             f"  sandbox cluster {kube.url}  (namespace {settings.kube_namespace})\n"
+            f"  sandbox Astra   {settings.database_url}, {settings.redis_url} "
+            f"(keys {settings.redis_key_prefix}*)\n"
+            f"  /metrics        http://127.0.0.1:{settings.sandbox_metrics_port}/metrics\n"
             f"  worker          task queue {settings.task_queue}\n"
             "Ctrl-C stops everything.",
             flush=True,

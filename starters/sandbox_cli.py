@@ -1,0 +1,250 @@
+"""`astra-ops sandbox`: break the simulated Astra on purpose, reset it, or run it.
+
+Faults are produced for real in the sandbox's PostgreSQL and Redis (the settings name them), so
+the runbooks, the alert rules and people on a game day all see the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import psycopg
+import redis.asyncio as aioredis
+import typer
+import uvicorn
+from pydantic import BaseModel
+from rich.console import Console
+
+from runtime.settings import Settings, SettingsError, load_settings
+from sandbox import faults
+from sandbox.db import migrate, reset
+from sandbox.kube import api_client
+from sandbox.loadgen import LoadGenerator
+from sandbox.metrics import MetricsApp
+from sandbox.platform import ClusterView
+
+T = TypeVar("T")
+
+sandbox_app = typer.Typer(
+    help="The simulated Astra: inject faults, reset it, run it.", no_args_is_help=True
+)
+fault_app = typer.Typer(
+    help="Produce a fault in the sandbox, for real, for a runbook to find.", no_args_is_help=True
+)
+sandbox_app.add_typer(fault_app, name="fault")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+Json = Annotated[bool, typer.Option("--json", help="Print what the fault did as JSON.")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as e:
+        _fail(str(e))
+
+
+def _run(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, turning an unreachable data plane or a bad argument into one line."""
+    try:
+        return asyncio.run(work)
+    except ValueError as e:
+        _fail(str(e), 2)
+    except psycopg.OperationalError as e:
+        _fail(
+            f"PostgreSQL is not reachable at {settings.database_url} ({e}); set "
+            "ASTRA_OPS_DATABASE_URL, and run `astra-ops sandbox reset` once to create the schema"
+        )
+    except (aioredis.RedisError, OSError) as e:
+        _fail(f"Redis is not reachable at {settings.redis_url} ({e}); set ASTRA_OPS_REDIS_URL")
+
+
+def _inject(
+    fault: Callable[[faults.SandboxTarget], Awaitable[BaseModel]],
+    describe: Callable[[Any], str],
+    as_json: bool,
+) -> None:
+    settings = _settings()
+    target = faults.SandboxTarget(
+        dsn=settings.database_url,
+        redis_url=settings.redis_url,
+        key_prefix=settings.redis_key_prefix,
+    )
+
+    async def work() -> BaseModel:
+        return await fault(target)
+
+    result = _run(settings, work())
+    if as_json:
+        out.print_json(result.model_dump_json())
+    else:
+        out.print(describe(result), highlight=False)
+
+
+@fault_app.command("worker-lost")
+def worker_lost(
+    worker: Annotated[str | None, typer.Option(help="Worker id (default: the busiest).")] = None,
+    heartbeat_age: Annotated[float, typer.Option(help="Seconds the heartbeat is aged.")] = 120,
+    delete_heartbeat: Annotated[bool, typer.Option(help="Delete the heartbeat key.")] = False,
+    as_json: Json = False,
+) -> None:
+    """A worker stops heartbeating while it still holds leased tasks."""
+    _inject(
+        lambda t: faults.worker_lost(t, worker, heartbeat_age, delete_heartbeat),
+        lambda r: (
+            f"{r.worker_id} lost, holding {len(r.leased_task_ids)} tasks; "
+            f"`astra-ops start worker-lost --param worker_id={r.worker_id}`"
+        ),
+        as_json,
+    )
+
+
+@fault_app.command("error-spike")
+def error_spike(
+    share: Annotated[float, typer.Option(help="Share of outcomes that fail (0-1].")] = 0.5,
+    error: Annotated[str, typer.Option(help="The error the tasks fail with.")] = (
+        faults.RETRYABLE_ERRORS[0]
+    ),
+    window: Annotated[float, typer.Option(help="Seconds the failures are spread over.")] = 300,
+    tasks: Annotated[int, typer.Option(help="Outcomes written.")] = 100,
+    worker: Annotated[str | None, typer.Option(help="Pin the failures to one worker.")] = None,
+    shard: Annotated[int | None, typer.Option(help="Pin the failures to one shard.")] = None,
+    stuck_pool: Annotated[
+        bool, typer.Option(help="Keep failing only on today's workers (a restart cures it).")
+    ] = False,
+    as_json: Json = False,
+) -> None:
+    """A share of tasks starts failing with one error."""
+    _inject(
+        lambda t: faults.error_spike(t, share, error, window, tasks, worker, shard, stuck_pool),
+        lambda r: (
+            f"{len(r.failed_task_ids)} recent tasks failed with {r.error!r}; "
+            f"the load generator keeps failing {r.share:.0%}"
+        ),
+        as_json,
+    )
+
+
+@fault_app.command("cost-spike")
+def cost_spike(
+    multiplier: Annotated[float, typer.Option(help="Window cost over the daily average.")] = 5,
+    tenant: Annotated[str, typer.Option()] = "globex",
+    agent: Annotated[str, typer.Option(help="The agent that overspends.")] = "coder-1",
+    model: Annotated[str, typer.Option()] = "gpt-4o",
+    window: Annotated[float, typer.Option(help="Seconds of the spike window.")] = 300,
+    baseline: Annotated[float, typer.Option(help="Seconds of the trailing average.")] = 86_400,
+    as_json: Json = False,
+) -> None:
+    """One agent's LLM spend jumps to a multiple of the daily average."""
+    _inject(
+        lambda t: faults.cost_spike(t, multiplier, tenant, agent, model, window, baseline),
+        lambda r: (
+            f"{r.agent_id} ({r.tenant}, {r.model}) now spends {r.multiplier:g}x a normal "
+            f"window (${r.normal_window_cost:.2f}); added ${r.inserted_cost_usd:.2f}"
+        ),
+        as_json,
+    )
+
+
+@fault_app.command("dead-letters")
+def dead_letters(
+    count: Annotated[int, typer.Option(help="Tasks that exhaust their retries.")] = 10,
+    retryable_share: Annotated[float, typer.Option(help="Share with transient errors.")] = 0.5,
+    max_retries: Annotated[int, typer.Option()] = 3,
+    as_json: Json = False,
+) -> None:
+    """Tasks exhaust their retries and are published to the dead-letter stream."""
+    _inject(
+        lambda t: faults.dead_letters(t, count, retryable_share, max_retries),
+        lambda r: (
+            f"{len(r.entries)} tasks dead-lettered "
+            f"({sum(e.retryable for e in r.entries)} with transient errors)"
+        ),
+        as_json,
+    )
+
+
+@sandbox_app.command("reset")
+def reset_sandbox() -> None:
+    """Bring the schema up to date and empty the sandbox: tables, Redis keys, fault knobs."""
+    settings = _settings()
+
+    async def work() -> list[str]:
+        applied = await migrate(settings.database_url)
+        await reset(settings.database_url, settings.redis_url, settings.redis_key_prefix)
+        return applied
+
+    applied = _run(settings, work())
+    out.print(
+        f"sandbox reset: {settings.database_url}"
+        + (f" (applied {', '.join(applied)})" if applied else "")
+        + f", Redis keys {settings.redis_key_prefix}*",
+        highlight=False,
+    )
+
+
+@sandbox_app.command()
+def serve() -> None:
+    """Run the simulated Astra against the sandbox cluster, with /metrics, until Ctrl-C."""
+    settings = _settings()
+    if not settings.kube_url:
+        _fail("serve plays the pods of the sandbox cluster: set ASTRA_OPS_KUBE_URL to its URL")
+    _run(settings, _serve(settings, settings.kube_url))
+
+
+class _MetricsServer(uvicorn.Server):
+    """uvicorn, minus its signal capture: it re-raises SIGTERM once it has stopped, which would
+    kill the process before the load generator stops; ``serve`` handles the signals instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def request_exit(self) -> None:
+        self.should_exit = True
+
+
+async def _serve(settings: Settings, kube_url: str) -> None:
+    applied = await migrate(settings.database_url)
+    api = api_client(kube_url)
+    generator = LoadGenerator(
+        settings.database_url,
+        settings.redis_url,
+        [],
+        key_prefix=settings.redis_key_prefix,
+        cluster=ClusterView(api, namespace=settings.kube_namespace),
+    )
+    app = MetricsApp(settings.database_url, settings.redis_url, settings.redis_key_prefix)
+    server = _MetricsServer(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=settings.sandbox_metrics_port, log_level="warning"
+        )
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_exit)
+    playing = asyncio.create_task(generator.run(settings.sandbox_tick_seconds, stop))
+    print(
+        f"sandbox: migrations {', '.join(applied) or 'up to date'}; Astra plays namespace "
+        f"{settings.kube_namespace} every {settings.sandbox_tick_seconds:g}s; "
+        f"/metrics at http://127.0.0.1:{settings.sandbox_metrics_port}/metrics",
+        flush=True,
+    )
+    try:
+        await server.serve()
+    finally:
+        stop.set()
+        await playing
+        await generator.aclose()
+        api.close()  # type: ignore[no-untyped-call]

@@ -1,0 +1,101 @@
+"""`astra-ops sandbox`: faults land in the real data plane, reset cleans it, serve plays Astra."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+
+import httpx
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from sandbox.faults import SandboxTarget
+from starters.cli import app
+from tests.conftest_kube import KubeSandbox, eventually
+
+
+@pytest.fixture
+def env(data_plane: SandboxTarget) -> dict[str, str]:
+    """The sandbox CLI's settings for this test's data plane, as the environment gives them."""
+    return {
+        "ASTRA_OPS_DATABASE_URL": data_plane.dsn,
+        "ASTRA_OPS_REDIS_URL": data_plane.redis_url,
+        "ASTRA_OPS_REDIS_KEY_PREFIX": data_plane.key_prefix,
+    }
+
+
+def sandbox(env: dict[str, str], *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["sandbox", *args], env=env)
+    return result.exit_code, result.output
+
+
+async def test_faults_print_what_they_did_and_reset_cleans_up(
+    env: dict[str, str], data_plane: SandboxTarget
+) -> None:
+    code, output = await asyncio.to_thread(sandbox, env, "fault", "worker-lost", "--json")
+    assert code == 0, output
+    lost = json.loads(output)
+    assert lost["worker_id"] and len(lost["leased_task_ids"]) == 3
+
+    code, output = await asyncio.to_thread(
+        sandbox, env, "fault", "dead-letters", "--count", "4", "--json"
+    )
+    assert code == 0, output
+    assert len(json.loads(output)["task_ids"]) == 4
+
+    code, output = await asyncio.to_thread(sandbox, env, "reset")
+    assert code == 0 and "sandbox reset" in output
+    async with await psycopg.AsyncConnection.connect(data_plane.dsn) as conn:
+        assert await (await conn.execute("SELECT count(*) FROM tasks")).fetchall() == [(0,)]
+
+
+async def test_bad_fault_arguments_exit_2_with_the_reason(env: dict[str, str]) -> None:
+    code, output = await asyncio.to_thread(sandbox, env, "fault", "error-spike", "--share", "0")
+    assert code == 2 and "0 < share <= 1" in output
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_serve_plays_the_cluster_pods_and_exports_metrics(
+    env: dict[str, str], kube: KubeSandbox
+) -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "starters.cli",
+        "sandbox",
+        "serve",
+        env={
+            **os.environ,
+            **env,
+            "ASTRA_OPS_KUBE_URL": kube.url,
+            "ASTRA_OPS_SANDBOX_METRICS_PORT": str(port),
+            "ASTRA_OPS_SANDBOX_TICK_SECONDS": "0.2",
+        },
+    )
+    pods = {p["metadata"]["name"] for p in kube.cluster.pods("astra", {"app": "astra-worker"})}
+
+    async def every_pod_heartbeats() -> bool:
+        try:
+            async with httpx.AsyncClient() as http:
+                text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+        except httpx.HTTPError:
+            return False
+        return all(f'astra_worker_heartbeat_age_seconds{{worker_id="{p}"}}' in text for p in pods)
+
+    try:
+        await eventually(every_pod_heartbeats, timeout=20, interval=0.2, message="pods on /metrics")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
