@@ -38,7 +38,8 @@ def generation(kube: KubeSandbox, namespace: str, name: str) -> int:
 
 
 async def status(handle: WorkflowHandle[Any, Any]) -> RunStatus:
-    return await handle.query("status", result_type=RunStatus)
+    current: RunStatus = await handle.query("status", result_type=RunStatus)
+    return current
 
 
 async def wait_for_step(

@@ -11,10 +11,9 @@ import json
 from dataclasses import dataclass
 
 import pytest
-from click.testing import Result
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.worker import Worker
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from runtime.settings import Settings
 from starters.cli import app
@@ -29,7 +28,7 @@ class Cli:
     async def __call__(self, *args: str, user: str | None = None) -> Result:
         env = {**self.env, "ASTRA_OPS_USER": user or ""}
         runner = CliRunner()
-        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+        return await asyncio.to_thread(lambda: runner.invoke(app, list(args), env=env))
 
 
 @pytest.fixture

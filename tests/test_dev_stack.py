@@ -108,8 +108,7 @@ async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
         assert decided.status_code == 200, decided.text
 
         async def completed() -> bool:
-            return (await http.get(f"/v1/runs/{run_id}", headers=BOB)).json()[
-                "state"
-            ] == "completed"
+            view = (await http.get(f"/v1/runs/{run_id}", headers=BOB)).json()
+            return bool(view["state"] == "completed")
 
         await eventually(completed, timeout=60, message="run completed after restart")
