@@ -5,6 +5,12 @@ person, in the UI and the CLI. The same keys are registered by the dev server an
 ``astra-ops setup`` on a real cluster.
 """
 
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
+from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
 
 RUNBOOK = SearchAttributeKey.for_keyword("AstraRunbook")
@@ -24,3 +30,19 @@ def dev_server_flags() -> list[str]:
     for key in ALL:
         flags += ["--search-attribute", f"{key.name}={kinds[key.indexed_value_type.name]}"]
     return flags
+
+
+async def register_search_attributes(client: Client, namespace: str) -> None:
+    """Add the keys a real cluster does not have yet (adding an existing key is an error)."""
+    existing = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace=namespace)
+    )
+    missing = {
+        key.name: IndexedValueType.ValueType(key.indexed_value_type.value)
+        for key in ALL
+        if key.name not in existing.custom_attributes
+    }
+    if missing:
+        await client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(namespace=namespace, search_attributes=missing)
+        )

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from runtime.access import AccessPolicyError, load_policy
 from runtime.client import TemporalUnavailable, connect
+from runtime.search_attributes import register_search_attributes
 from runtime.codec import CodecKeyError, new_key_line
 from runtime.settings import Settings, SettingsError, load_settings
 from starters.runs import RunError, Runs, RunView
@@ -310,6 +311,20 @@ def dev() -> None:
 
     with clear_errors():
         sys.exit(asyncio.run(run_dev(settings())))
+
+
+@app.command()
+def setup() -> None:
+    """Register astra-ops' search attributes on the configured Temporal namespace (once)."""
+
+    async def register() -> None:
+        config = settings()
+        client = await connect(config)
+        await register_search_attributes(client, config.temporal_namespace)
+        out.print(f"search attributes registered on namespace {config.temporal_namespace}")
+
+    with clear_errors():
+        asyncio.run(register())
 
 
 @app.command()

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from dataclasses import dataclass
 
 import pytest
+from google.protobuf.duration_pb2 import Duration
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.worker import Worker
 from typer.testing import CliRunner, Result
 
+from runtime import search_attributes as sa
 from runtime.settings import Settings
 from starters.cli import app
 from tests.conftest_kube import KubeSandbox, eventually
@@ -169,3 +174,20 @@ async def test_runbooks_catalogue(cli: Cli) -> None:
         "approve scaling",
     ]
     assert "shards" in scaling["parameters"]
+
+
+async def test_setup_registers_search_attributes_once(cli: Cli, client: Client) -> None:
+    namespace = f"setup-{uuid.uuid4().hex[:8]}"
+    await client.workflow_service.register_namespace(
+        RegisterNamespaceRequest(
+            namespace=namespace, workflow_execution_retention_period=Duration(seconds=86400)
+        )
+    )
+    in_namespace = Cli({**cli.env, "ASTRA_OPS_TEMPORAL_NAMESPACE": namespace})
+    for _ in range(2):  # the second run finds them all and changes nothing
+        result = await in_namespace("setup")
+        assert result.exit_code == 0, result.output
+    listed = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace=namespace)
+    )
+    assert {key.name for key in sa.ALL} <= set(listed.custom_attributes)
