@@ -29,7 +29,7 @@ from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox, eventually, kube
 from workers.worker import build_worker
 
-pytest_plugins = ["tests.conftest_data"]
+pytest_plugins = ["tests.conftest_data", "tests.conftest_sandbox"]
 __all__ = ["eventually", "kube"]
 
 TEMPORAL = Path(sys.executable).parent / "temporal"
