@@ -22,6 +22,7 @@ test: install check pytest
 
 check: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 
 pytest: install

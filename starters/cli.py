@@ -18,8 +18,8 @@ from rich.table import Table
 
 from runtime.access import AccessPolicyError, load_policy
 from runtime.client import TemporalUnavailable, connect
-from runtime.search_attributes import register_search_attributes
 from runtime.codec import CodecKeyError, new_key_line
+from runtime.search_attributes import register_search_attributes
 from runtime.settings import Settings, SettingsError, load_settings
 from starters.runs import RunError, Runs, RunView
 from starters.sandbox_cli import sandbox_app
