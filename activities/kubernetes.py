@@ -87,8 +87,10 @@ class RolloutStatus(BaseModel):
 
     def summary(self) -> str:
         """One line for heartbeats and error messages."""
-        return (f"generation {self.observed_generation}/{self.generation}, updated "
-                f"{self.updated}/{self.replicas}, ready {self.ready}, available {self.available}")
+        return (
+            f"generation {self.observed_generation}/{self.generation}, updated "
+            f"{self.updated}/{self.replicas}, ready {self.ready}, available {self.available}"
+        )
 
 
 class RolloutRestart(Mutation):
@@ -183,27 +185,33 @@ def _kube(action: str, target: str) -> Iterator[None]:
         if err.status == 404:
             raise ApplicationError(
                 f"cannot {action} {target}: it does not exist ({why}); check the name and "
-                "namespace in the runbook input", type="KubernetesNotFound", non_retryable=True,
+                "namespace in the runbook input",
+                type="KubernetesNotFound",
+                non_retryable=True,
             ) from None
         if err.status in (401, 403):
             raise ApplicationError(
                 f"cannot {action} {target}: the API server refused our credentials ({why}); "
                 "grant astra-ops' ServiceAccount this verb in its RBAC Role",
-                type="KubernetesForbidden", non_retryable=True,
+                type="KubernetesForbidden",
+                non_retryable=True,
             ) from None
         if err.status in (400, 422):
             raise ApplicationError(
                 f"cannot {action} {target}: the API server rejected the request ({why}); "
                 "this is a bug in the runbook input or in astra-ops",
-                type="KubernetesInvalid", non_retryable=True,
+                type="KubernetesInvalid",
+                non_retryable=True,
             ) from None
         # 409 (a concurrent write), 429 and 5xx: a retry reads fresh state and can succeed.
-        raise ApplicationError(f"cannot {action} {target}: {err.status} {why}",
-                               type="KubernetesUnavailable") from None
+        raise ApplicationError(
+            f"cannot {action} {target}: {err.status} {why}", type="KubernetesUnavailable"
+        ) from None
     except HTTPError as err:
         raise ApplicationError(
             f"cannot {action} {target}: the Kubernetes API server is not reachable ({err}); is "
-            "the cluster up (or `astra-ops dev`'s sandbox running)?", type="KubernetesUnavailable",
+            "the cluster up (or `astra-ops dev`'s sandbox running)?",
+            type="KubernetesUnavailable",
         ) from None
 
 
@@ -217,12 +225,14 @@ def _selector_text(selector: Any) -> str:
     terms = [f"{k}={v}" for k, v in sorted((selector.match_labels or {}).items())]
     for expr in selector.match_expressions or []:
         values = ",".join(expr.values or [])
-        terms.append({
-            "In": f"{expr.key} in ({values})",
-            "NotIn": f"{expr.key} notin ({values})",
-            "Exists": expr.key,
-            "DoesNotExist": f"!{expr.key}",
-        }[expr.operator])
+        terms.append(
+            {
+                "In": f"{expr.key} in ({values})",
+                "NotIn": f"{expr.key} notin ({values})",
+                "Exists": expr.key,
+                "DoesNotExist": f"!{expr.key}",
+            }[expr.operator]
+        )
     return ",".join(terms)
 
 
@@ -247,8 +257,11 @@ def _rollout_status(deployment: Any) -> RolloutStatus:
 
     generation = int(deployment.metadata.generation or 0)
     observed = count("observed_generation")
-    updated, ready, available = (count("updated_replicas"), count("ready_replicas"),
-                                 count("available_replicas"))
+    updated, ready, available = (
+        count("updated_replicas"),
+        count("ready_replicas"),
+        count("available_replicas"),
+    )
     failed_reason = failed_message = None
     for condition in (status.conditions if status is not None else None) or []:
         if condition.type == "Progressing" and condition.status == "False":
@@ -263,9 +276,13 @@ def _rollout_status(deployment: Any) -> RolloutStatus:
         ready=ready,
         available=available,
         # Old pods still running (status.replicas > spec.replicas) mean the rollout is not over.
-        complete=(observed >= generation and updated == spec_replicas
-                  and count("replicas") == spec_replicas and ready >= spec_replicas
-                  and available >= spec_replicas),
+        complete=(
+            observed >= generation
+            and updated == spec_replicas
+            and count("replicas") == spec_replicas
+            and ready >= spec_replicas
+            and available >= spec_replicas
+        ),
         # A stale condition from an earlier generation says nothing about this rollout.
         failed_reason=failed_reason if observed >= generation else None,
         failed_message=failed_message if observed >= generation else None,
@@ -289,21 +306,29 @@ class KubernetesActivities:
             return fn()
 
     def _config_map(self, namespace: str, name: str) -> Any:
-        return self._call("read ConfigMap", f"{namespace}/{name}",
-                          lambda: self.core.read_namespaced_config_map(name, namespace))
+        return self._call(
+            "read ConfigMap",
+            f"{namespace}/{name}",
+            lambda: self.core.read_namespaced_config_map(name, namespace),
+        )
 
     def _deployment(self, namespace: str, name: str) -> Any:
-        return self._call("read Deployment", f"{namespace}/{name}",
-                          lambda: self.apps.read_namespaced_deployment(name, namespace))
+        return self._call(
+            "read Deployment",
+            f"{namespace}/{name}",
+            lambda: self.apps.read_namespaced_deployment(name, namespace),
+        )
 
     @activity.defn
     def read_config(self, req: ConfigRef) -> ConfigValue:
         """Read one ConfigMap key, with the fingerprint of the whole map."""
         config_map = self._config_map(req.namespace, req.name)
         data = dict(config_map.data or {})
-        return ConfigValue(value=data.get(req.key),
-                           resource_version=config_map.metadata.resource_version,
-                           config_hash=config_hash(data))
+        return ConfigValue(
+            value=data.get(req.key),
+            resource_version=config_map.metadata.resource_version,
+            config_hash=config_hash(data),
+        )
 
     @activity.defn
     def patch_config(self, req: ConfigPatch) -> MutationResult:
@@ -311,18 +336,25 @@ class KubernetesActivities:
         target = f"{req.namespace}/{req.name}"
         current = (self._config_map(req.namespace, req.name).data or {}).get(req.key)
         if current == req.value:
-            return MutationResult(changed=False, detail=f"{req.key} is already {req.value} "
-                                  f"in {target}")
+            return MutationResult(
+                changed=False, detail=f"{req.key} is already {req.value} in {target}"
+            )
         if req.dry_run:
-            return MutationResult(changed=False, detail=f"would set {req.key}={req.value} "
-                                  f"(currently {current}) in {target}")
+            return MutationResult(
+                changed=False,
+                detail=f"would set {req.key}={req.value} (currently {current}) in {target}",
+            )
         patch: dict[str, Any] = {"data": {req.key: req.value}}
         if req.token:
             patch["metadata"] = {"annotations": {CONFIG_PATCHED_BY: req.token}}
-        self._call("patch ConfigMap", target,
-                   lambda: self.core.patch_namespaced_config_map(req.name, req.namespace, patch))
-        return MutationResult(changed=True, detail=f"set {req.key}={req.value} (was {current}) "
-                              f"in {target}")
+        self._call(
+            "patch ConfigMap",
+            target,
+            lambda: self.core.patch_namespaced_config_map(req.name, req.namespace, patch),
+        )
+        return MutationResult(
+            changed=True, detail=f"set {req.key}={req.value} (was {current}) in {target}"
+        )
 
     @activity.defn
     def rollout_health(self, req: DeploymentRef) -> RolloutStatus:
@@ -336,25 +368,34 @@ class KubernetesActivities:
         if not req.token:
             raise ApplicationError(
                 f"rollout_restart of {target} was called without an idempotency token; the step "
-                "runner must derive one from the workflow id and step", type="ProgrammingError",
-                non_retryable=True)
+                "runner must derive one from the workflow id and step",
+                type="ProgrammingError",
+                non_retryable=True,
+            )
         stamp = {RESTARTED_BY: req.token}
         if req.config_map:
             stamp[CONFIG_HASH] = config_hash(self._config_map(req.namespace, req.config_map).data)
         deployment = self._deployment(req.namespace, req.name)
         annotations = _annotations_of_template(deployment)
         if all(annotations.get(k) == v for k, v in stamp.items()):
-            return MutationResult(changed=False, detail=f"{target} was already restarted by "
-                                  f"{req.token}; not restarting again")
+            return MutationResult(
+                changed=False,
+                detail=f"{target} was already restarted by {req.token}; not restarting again",
+            )
         what = ", ".join(f"{k}={v}" for k, v in stamp.items())
         if req.dry_run:
             return MutationResult(changed=False, detail=f"would restart {target} ({what})")
         patch = {"spec": {"template": {"metadata": {"annotations": stamp}}}}
         patched: Any = self._call(
-            "restart Deployment", target,
-            lambda: self.apps.patch_namespaced_deployment(req.name, req.namespace, patch))
-        return MutationResult(changed=True, detail=f"restarted {target} ({what}); generation "
-                              f"{deployment.metadata.generation} -> {patched.metadata.generation}")
+            "restart Deployment",
+            target,
+            lambda: self.apps.patch_namespaced_deployment(req.name, req.namespace, patch),
+        )
+        return MutationResult(
+            changed=True,
+            detail=f"restarted {target} ({what}); generation "
+            f"{deployment.metadata.generation} -> {patched.metadata.generation}",
+        )
 
     @activity.defn
     def wait_rollout(self, req: RolloutWait) -> RolloutStatus:
@@ -369,14 +410,20 @@ class KubernetesActivities:
                 raise ApplicationError(
                     f"rollout of {target} exceeded its progress deadline: {status.failed_message}"
                     f" ({status.summary()}); check `kubectl -n {req.namespace} describe "
-                    f"deployment {req.name}` and the new pods' events", status.model_dump(),
-                    type="RolloutDeadlineExceeded", non_retryable=True)
+                    f"deployment {req.name}` and the new pods' events",
+                    status.model_dump(),
+                    type="RolloutDeadlineExceeded",
+                    non_retryable=True,
+                )
             if time.monotonic() >= deadline:
                 raise ApplicationError(
                     f"rollout of {target} did not complete within {req.timeout_seconds:g}s "
                     f"({status.summary()}); check `kubectl -n {req.namespace} rollout status "
-                    f"deployment {req.name}`", status.model_dump(),
-                    type="RolloutTimeout", non_retryable=True)
+                    f"deployment {req.name}`",
+                    status.model_dump(),
+                    type="RolloutTimeout",
+                    non_retryable=True,
+                )
             activity.heartbeat(status.summary())
             # Sleeping on the cancellation event lets a cancelled runbook stop waiting at once.
             activity.wait_for_cancelled_sync(timeout=req.poll_seconds)
@@ -387,9 +434,11 @@ class KubernetesActivities:
     def list_pods(self, req: PodSelector) -> PodList:
         """Pods carrying all the labels, oldest first."""
         selector = ",".join(f"{k}={v}" for k, v in sorted(req.labels.items()))
-        pods = self._call("list pods", f"{req.namespace} ({selector})",
-                          lambda: self.core.list_namespaced_pod(req.namespace,
-                                                                label_selector=selector))
+        pods = self._call(
+            "list pods",
+            f"{req.namespace} ({selector})",
+            lambda: self.core.list_namespaced_pod(req.namespace, label_selector=selector),
+        )
         infos = [_pod_info(p) for p in pods.items]
         return PodList(pods=sorted(infos, key=lambda p: (p.created is None, p.created, p.name)))
 
@@ -419,15 +468,25 @@ class KubernetesActivities:
         expected = config_hash(self._config_map(req.namespace, req.config_map).data)
         deployment = self._deployment(req.namespace, req.deployment)
         selector = _selector_text(deployment.spec.selector)
-        pods: Any = self._call("list pods", f"{req.namespace}/{req.deployment}",
-                               lambda: self.core.list_namespaced_pod(req.namespace,
-                                                                     label_selector=selector))
+        pods: Any = self._call(
+            "list pods",
+            f"{req.namespace}/{req.deployment}",
+            lambda: self.core.list_namespaced_pod(req.namespace, label_selector=selector),
+        )
         # Terminating pods are on their way out; they neither count nor block.
         live = [p for p in pods.items if p.metadata.deletion_timestamp is None]
         infos = [_pod_info(p) for p in live]
-        stale = sorted(p.name for p in infos if not (
-            p.phase == "Running" and p.ready and p.annotations.get(CONFIG_HASH) == expected))
+        stale = sorted(
+            p.name
+            for p in infos
+            if not (p.phase == "Running" and p.ready and p.annotations.get(CONFIG_HASH) == expected)
+        )
         current = len(infos) - len(stale)
         desired = deployment.spec.replicas if deployment.spec.replicas is not None else 1
-        return ConfigVerification(ok=not stale and current >= desired, expected_hash=expected,
-                                  pods_total=len(infos), pods_current=current, stale=stale)
+        return ConfigVerification(
+            ok=not stale and current >= desired,
+            expected_hash=expected,
+            pods_total=len(infos),
+            pods_current=current,
+            stale=stale,
+        )

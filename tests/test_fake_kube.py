@@ -33,8 +33,9 @@ def status_of(err: pytest.ExceptionInfo[ApiException]) -> dict[str, Any]:
 
 def raw(kube: KubeSandbox, method: str, path: str, body: Any = None) -> Any:
     """A request the typed client refuses to build (its own validation would stop it)."""
-    params = kube.api.param_serialize(method, path, body=body,
-                                      header_params={"Content-Type": "application/json"})
+    params = kube.api.param_serialize(
+        method, path, body=body, header_params={"Content-Type": "application/json"}
+    )
     response = kube.api.call_api(*params)
     response.read()  # type: ignore[no-untyped-call]
     return kube.api.response_deserialize(response, {"2XX": "object"}).data
@@ -53,18 +54,27 @@ def rolled_out(kube: KubeSandbox, name: str, generation: int | None = None) -> b
     status, replicas = dep.status, dep.spec.replicas
     return bool(
         status.observed_generation == (generation or dep.metadata.generation)
-        and status.replicas == replicas == status.updated_replicas == status.ready_replicas
+        and status.replicas
+        == replicas
+        == status.updated_replicas
+        == status.ready_replicas
         == status.available_replicas
-        and any(c.type == "Progressing" and c.reason == "NewReplicaSetAvailable"
-                for c in status.conditions)
+        and any(
+            c.type == "Progressing" and c.reason == "NewReplicaSetAvailable"
+            for c in status.conditions
+        )
     )
 
 
 def test_seeded_astra_is_running(kube: KubeSandbox) -> None:
     deployments = {d.metadata.name: d for d in apps(kube).list_namespaced_deployment(NS).items}
     assert {n: d.spec.replicas for n, d in deployments.items()} == {
-        "astra-scheduler": 1, "astra-worker": 3, "agent-service": 2, "goal-service": 2,
-        "gateway": 2}
+        "astra-scheduler": 1,
+        "astra-worker": 3,
+        "agent-service": 2,
+        "goal-service": 2,
+        "gateway": 2,
+    }
     for name, dep in deployments.items():
         assert dep.spec.selector.match_labels == {"app": name}
         assert dep.status.ready_replicas == dep.spec.replicas
@@ -98,27 +108,40 @@ def test_config_map_crud_and_resource_versions(kube: KubeSandbox) -> None:
     assert exists.value.status == 409
     assert status_of(exists)["reason"] == "AlreadyExists"
 
-    replaced = api.replace_namespaced_config_map("demo", NS, {
-        **config_map("demo", {"a": "10"}),
-        "metadata": {"name": "demo", "resourceVersion": str(first_version)},
-    })
+    replaced = api.replace_namespaced_config_map(
+        "demo",
+        NS,
+        {
+            **config_map("demo", {"a": "10"}),
+            "metadata": {"name": "demo", "resourceVersion": str(first_version)},
+        },
+    )
     assert replaced.data == {"a": "10"}
     assert int(replaced.metadata.resource_version) > first_version
     assert replaced.metadata.uid == created.metadata.uid
 
     with pytest.raises(ApiException) as stale:
-        api.replace_namespaced_config_map("demo", NS, {
-            **config_map("demo", {"a": "11"}),
-            "metadata": {"name": "demo", "resourceVersion": str(first_version)},
-        })
+        api.replace_namespaced_config_map(
+            "demo",
+            NS,
+            {
+                **config_map("demo", {"a": "11"}),
+                "metadata": {"name": "demo", "resourceVersion": str(first_version)},
+            },
+        )
     assert stale.value.status == 409
     assert status_of(stale)["reason"] == "Conflict"
 
     merged = api.patch_namespaced_config_map("demo", NS, {"data": {"a": None, "c": "3"}})
     assert merged.data == {"c": "3"}
     patched = api.patch_namespaced_config_map(
-        "demo", NS, [{"op": "add", "path": "/data/d", "value": "4"},
-                     {"op": "replace", "path": "/data/c", "value": "30"}])
+        "demo",
+        NS,
+        [
+            {"op": "add", "path": "/data/d", "value": "4"},
+            {"op": "replace", "path": "/data/c", "value": "30"},
+        ],
+    )
     assert patched.data == {"c": "30", "d": "4"}
     assert int(patched.metadata.resource_version) > int(merged.metadata.resource_version)
 
@@ -132,20 +155,28 @@ def test_config_map_crud_and_resource_versions(kube: KubeSandbox) -> None:
     with pytest.raises(ApiException) as gone:
         api.read_namespaced_config_map("demo", NS)
     assert gone.value.status == 404
-    assert status_of(gone) == {"kind": "Status", "apiVersion": "v1", "metadata": {},
-                               "status": "Failure", "message": 'configmaps "demo" not found',
-                               "reason": "NotFound", "code": 404}
+    assert status_of(gone) == {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": 'configmaps "demo" not found',
+        "reason": "NotFound",
+        "code": 404,
+    }
 
 
 def test_merge_patch_content_type_and_json_patch_test_failure(kube: KubeSandbox) -> None:
     api = core(kube)
     api.create_namespaced_config_map(NS, config_map("demo", {"a": "1"}))
     merged = api.patch_namespaced_config_map(
-        "demo", NS, {"data": {"b": "2"}}, _content_type="application/merge-patch+json")
+        "demo", NS, {"data": {"b": "2"}}, _content_type="application/merge-patch+json"
+    )
     assert merged.data == {"a": "1", "b": "2"}
     with pytest.raises(ApiException) as failed:
-        api.patch_namespaced_config_map("demo", NS, [{"op": "test", "path": "/data/a",
-                                                      "value": "9"}])
+        api.patch_namespaced_config_map(
+            "demo", NS, [{"op": "test", "path": "/data/a", "value": "9"}]
+        )
     assert failed.value.status == 422
     assert core(kube).read_namespaced_config_map("demo", NS).data == {"a": "1", "b": "2"}
 
@@ -167,8 +198,9 @@ def test_invalid_objects_are_rejected_with_422(kube: KubeSandbox) -> None:
 
 
 def test_secret_string_data_is_stored_base64(kube: KubeSandbox) -> None:
-    secret = core(kube).create_namespaced_secret(NS, {
-        "metadata": {"name": "demo"}, "stringData": {"password": "hunter2"}})
+    secret = core(kube).create_namespaced_secret(
+        NS, {"metadata": {"name": "demo"}, "stringData": {"password": "hunter2"}}
+    )
     assert secret.type == "Opaque"
     assert secret.data == {"password": base64.b64encode(b"hunter2").decode()}
     assert secret.string_data is None
@@ -177,8 +209,9 @@ def test_secret_string_data_is_stored_base64(kube: KubeSandbox) -> None:
 def test_generation_moves_only_with_spec(kube: KubeSandbox) -> None:
     api = apps(kube)
     before = api.read_namespaced_deployment("goal-service", NS)
-    labelled = api.patch_namespaced_deployment("goal-service", NS,
-                                               {"metadata": {"labels": {"team": "goals"}}})
+    labelled = api.patch_namespaced_deployment(
+        "goal-service", NS, {"metadata": {"labels": {"team": "goals"}}}
+    )
     assert labelled.metadata.generation == before.metadata.generation
     assert int(labelled.metadata.resource_version) > int(before.metadata.resource_version)
     scaled = api.patch_namespaced_deployment("goal-service", NS, {"spec": {"replicas": 3}})
@@ -196,7 +229,8 @@ async def test_deployment_replace_with_stale_version_conflicts(kube: KubeSandbox
         api.replace_namespaced_deployment("gateway", NS, body)
     assert conflict.value.status == 409
     body["metadata"]["resourceVersion"] = api.read_namespaced_deployment(
-        "gateway", NS).metadata.resource_version
+        "gateway", NS
+    ).metadata.resource_version
     replaced = api.replace_namespaced_deployment("gateway", NS, body)
     assert replaced.spec.replicas == 4
     assert stale_version != replaced.metadata.resource_version
@@ -205,12 +239,17 @@ async def test_deployment_replace_with_stale_version_conflicts(kube: KubeSandbox
 
 async def test_pods_crud_and_label_selectors(kube: KubeSandbox) -> None:
     api = core(kube)
-    api.create_namespaced_pod(NS, {
-        "metadata": {"name": "debug", "labels": {"app": "debug", "tier": "tools"}},
-        "spec": {"containers": [{"name": "sh", "image": "busybox"}]},
-    })
-    await eventually(lambda: api.read_namespaced_pod("debug", NS).status.phase == "Running",
-                     message="debug pod running")
+    api.create_namespaced_pod(
+        NS,
+        {
+            "metadata": {"name": "debug", "labels": {"app": "debug", "tier": "tools"}},
+            "spec": {"containers": [{"name": "sh", "image": "busybox"}]},
+        },
+    )
+    await eventually(
+        lambda: api.read_namespaced_pod("debug", NS).status.phase == "Running",
+        message="debug pod running",
+    )
 
     def names(selector: str) -> set[str]:
         return {p.metadata.name for p in api.list_namespaced_pod(NS, label_selector=selector).items}
@@ -219,8 +258,9 @@ async def test_pods_crud_and_label_selectors(kube: KubeSandbox) -> None:
     assert names("app in (debug, nothing)") == {"debug"}
     assert names("tier") == {"debug"}
     assert "debug" not in names("app!=debug")
-    assert names("app notin (debug),!tier") == {p.metadata.name for p in
-                                                api.list_namespaced_pod(NS).items} - {"debug"}
+    assert names("app notin (debug),!tier") == {
+        p.metadata.name for p in api.list_namespaced_pod(NS).items
+    } - {"debug"}
     with pytest.raises(ApiException) as bad_selector:
         names("app in debug")
     assert bad_selector.value.status == 400
@@ -233,15 +273,22 @@ async def test_pods_crud_and_label_selectors(kube: KubeSandbox) -> None:
         api.delete_namespaced_pod("debug", NS)
     assert gone.value.status == 404
     with pytest.raises(ApiException) as invalid:
-        raw(kube, "POST", f"/api/v1/namespaces/{NS}/pods",
-            {"metadata": {"name": "empty"}, "spec": {"containers": []}})
+        raw(
+            kube,
+            "POST",
+            f"/api/v1/namespaces/{NS}/pods",
+            {"metadata": {"name": "empty"}, "spec": {"containers": []}},
+        )
     assert invalid.value.status == 422
 
 
 async def test_template_change_rolls_every_pod(kube: KubeSandbox) -> None:
     old_pods = pod_names(kube, "astra-worker")
-    patched = apps(kube).patch_namespaced_deployment("astra-worker", NS, {
-        "spec": {"template": {"metadata": {"annotations": {"astra-ops/restarted-by": "t1"}}}}})
+    patched = apps(kube).patch_namespaced_deployment(
+        "astra-worker",
+        NS,
+        {"spec": {"template": {"metadata": {"annotations": {"astra-ops/restarted-by": "t1"}}}}},
+    )
     assert patched.metadata.generation == 2
     await eventually(lambda: rolled_out(kube, "astra-worker", 2), message="worker rollout")
     pods = kube.cluster.pods(NS, {"app": "astra-worker"})
@@ -254,32 +301,49 @@ async def test_template_change_rolls_every_pod(kube: KubeSandbox) -> None:
         assert pod["metadata"]["name"].startswith(f"astra-worker-{pod_hash}-")
     status = apps(kube).read_namespaced_deployment_status("astra-worker", NS).status
     assert status.unavailable_replicas is None
-    assert {c.type: c.status for c in status.conditions} == {"Available": "True",
-                                                            "Progressing": "True"}
+    assert {c.type: c.status for c in status.conditions} == {
+        "Available": "True",
+        "Progressing": "True",
+    }
 
 
 async def test_deleted_pod_is_replaced(kube: KubeSandbox) -> None:
     victim = sorted(pod_names(kube, "agent-service"))[0]
     core(kube).delete_namespaced_pod(victim, NS)
-    await eventually(lambda: len(pod_names(kube, "agent-service")) == 2
-                     and victim not in pod_names(kube, "agent-service")
-                     and rolled_out(kube, "agent-service"), message="agent-service pod replaced")
+    await eventually(
+        lambda: (
+            len(pod_names(kube, "agent-service")) == 2
+            and victim not in pod_names(kube, "agent-service")
+            and rolled_out(kube, "agent-service")
+        ),
+        message="agent-service pod replaced",
+    )
 
 
 async def test_stalled_rollout_exceeds_its_progress_deadline(kube: KubeSandbox) -> None:
     api = apps(kube)
     kube.cluster.stall("astra-scheduler")
     old_pods = pod_names(kube, "astra-scheduler")
-    api.patch_namespaced_deployment("astra-scheduler", NS, {"spec": {
-        "progressDeadlineSeconds": 1,
-        "template": {"metadata": {"annotations": {"astra-ops/restarted-by": "stuck"}}}}})
+    api.patch_namespaced_deployment(
+        "astra-scheduler",
+        NS,
+        {
+            "spec": {
+                "progressDeadlineSeconds": 1,
+                "template": {"metadata": {"annotations": {"astra-ops/restarted-by": "stuck"}}},
+            }
+        },
+    )
 
     def progressing_reason() -> str | None:
         status = api.read_namespaced_deployment_status("astra-scheduler", NS).status
         return next((c.reason for c in status.conditions or [] if c.type == "Progressing"), None)
 
-    await eventually(lambda: progressing_reason() == "ProgressDeadlineExceeded", timeout=5,
-                     message="progress deadline exceeded")
+    await eventually(
+        lambda: progressing_reason() == "ProgressDeadlineExceeded",
+        timeout=5,
+        message="progress deadline exceeded",
+    )
     assert old_pods <= pod_names(kube, "astra-scheduler")  # the old pod keeps serving
     kube.cluster.unstall("astra-scheduler")
     await eventually(lambda: rolled_out(kube, "astra-scheduler"), message="rollout resumed")
@@ -297,5 +361,9 @@ def test_unknown_paths_and_subresources_are_404(kube: KubeSandbox) -> None:
     with pytest.raises(ApiException) as no_subresource:
         raw(kube, "GET", f"/api/v1/namespaces/{NS}/configmaps/astra-config/status")
     assert no_subresource.value.status == 404
-    assert raw(kube, "GET", f"/apis/apps/v1/namespaces/{NS}/deployments/gateway/status")[
-        "status"]["readyReplicas"] == 2
+    assert (
+        raw(kube, "GET", f"/apis/apps/v1/namespaces/{NS}/deployments/gateway/status")["status"][
+            "readyReplicas"
+        ]
+        == 2
+    )

@@ -81,8 +81,10 @@ def test_patch_config_dry_run_writes_nothing(
     kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
 ) -> None:
     before = kube.cluster.get("configmaps", NS, "astra-config")
-    result = env.run(k8s.patch_config, ConfigPatch(key="TASK_SHARD_COUNT", value="12",
-                                                   dry_run=True, token="shard-scaling/x/set"))
+    result = env.run(
+        k8s.patch_config,
+        ConfigPatch(key="TASK_SHARD_COUNT", value="12", dry_run=True, token="shard-scaling/x/set"),
+    )
     assert not result.changed
     assert "would set TASK_SHARD_COUNT=12 (currently 8)" in result.detail
     assert kube.cluster.get("configmaps", NS, "astra-config") == before
@@ -123,16 +125,20 @@ async def test_restart_with_the_same_token_rolls_once(
     again = env.run(k8s.rollout_restart, restart.model_copy(update={"token": "other/run/step"}))
     assert again.changed
     assert generation(kube, "astra-worker") == start_generation + 2
-    await eventually(lambda: not pod_names(kube, "astra-worker") & restarted_pods,
-                     message="a new token restarts the workers again")
+    await eventually(
+        lambda: not pod_names(kube, "astra-worker") & restarted_pods,
+        message="a new token restarts the workers again",
+    )
 
 
 def test_restart_dry_run_and_missing_token(
     kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
 ) -> None:
     before = kube.cluster.get("deployments", NS, "gateway")
-    dry = env.run(k8s.rollout_restart, RolloutRestart(name="gateway", token="t", dry_run=True,
-                                                      config_map="astra-config"))
+    dry = env.run(
+        k8s.rollout_restart,
+        RolloutRestart(name="gateway", token="t", dry_run=True, config_map="astra-config"),
+    )
     assert not dry.changed
     assert dry.detail.startswith("would restart astra/gateway")
     assert kube.cluster.get("deployments", NS, "gateway") == before
@@ -145,14 +151,17 @@ def test_wait_rollout_fails_clearly_past_the_progress_deadline(
     kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
 ) -> None:
     AppsV1Api(kube.api).patch_namespaced_deployment(
-        "astra-scheduler", NS, {"spec": {"progressDeadlineSeconds": 1}})
+        "astra-scheduler", NS, {"spec": {"progressDeadlineSeconds": 1}}
+    )
     kube.cluster.stall("astra-scheduler")
     heartbeats: list[Any] = []
     env.on_heartbeat = lambda *details: heartbeats.append(details)
     env.run(k8s.rollout_restart, RolloutRestart(name="astra-scheduler", token="t"))
     with pytest.raises(ApplicationError, match="exceeded its progress deadline") as failure:
-        env.run(k8s.wait_rollout, RolloutWait(name="astra-scheduler", timeout_seconds=10,
-                                              poll_seconds=0.05))
+        env.run(
+            k8s.wait_rollout,
+            RolloutWait(name="astra-scheduler", timeout_seconds=10, poll_seconds=0.05),
+        )
     assert failure.value.non_retryable
     assert failure.value.type == "RolloutDeadlineExceeded"
     assert "rollout of astra/astra-scheduler" in failure.value.message
@@ -166,8 +175,9 @@ def test_wait_rollout_times_out(
     kube.cluster.stall("gateway")
     env.run(k8s.rollout_restart, RolloutRestart(name="gateway", token="t"))
     with pytest.raises(ApplicationError, match=r"did not complete within 0\.3s") as failure:
-        env.run(k8s.wait_rollout, RolloutWait(name="gateway", timeout_seconds=0.3,
-                                              poll_seconds=0.05))
+        env.run(
+            k8s.wait_rollout, RolloutWait(name="gateway", timeout_seconds=0.3, poll_seconds=0.05)
+        )
     assert failure.value.non_retryable
     assert failure.value.type == "RolloutTimeout"
     health = env.run(k8s.rollout_health, DeploymentRef(name="gateway"))
@@ -185,8 +195,9 @@ async def test_delete_pod_is_idempotent(
     assert env.run(k8s.delete_pod, PodDelete(name=victim, token="t")).changed
     again = env.run(k8s.delete_pod, PodDelete(name=victim, token="t"))
     assert not again.changed and "already gone" in again.detail
-    await eventually(lambda: len(pod_names(kube, "astra-worker")) == 3,
-                     message="the deleted worker is replaced")
+    await eventually(
+        lambda: len(pod_names(kube, "astra-worker")) == 3, message="the deleted worker is replaced"
+    )
     assert victim not in pod_names(kube, "astra-worker")
 
 

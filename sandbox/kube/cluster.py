@@ -240,12 +240,18 @@ class FakeCluster:
                 meta["name"] = f"{meta['generateName']}{self._suffix()}"
             name = meta.get("name") or ""
             if not name:
-                raise _invalid(resource, "", "metadata.name",
-                               "Required value: name or generateName is required")
+                raise _invalid(
+                    resource,
+                    "",
+                    "metadata.name",
+                    "Required value: name or generateName is required",
+                )
             if resource.namespaced:
                 if meta.get("namespace") not in (None, namespace):
-                    raise _bad_request("the namespace of the provided object does not match "
-                                       "the namespace sent on the request")
+                    raise _bad_request(
+                        "the namespace of the provided object does not match "
+                        "the namespace sent on the request"
+                    )
                 if self._objects.get(("namespaces", "", namespace or "")) is None:
                     raise KubeError(404, "NotFound", f'namespaces "{namespace}" not found')
                 meta["namespace"] = namespace
@@ -291,8 +297,9 @@ class FakeCluster:
         self._check_type(resource, body)
         body_name = body.get("metadata", {}).get("name")
         if body_name != name:
-            raise _bad_request(f"the name of the object ({body_name}) does not match the name "
-                               f"on the URL ({name})")
+            raise _bad_request(
+                f"the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )
         with self._lock:
             current = self._existing(resource, namespace, name)
             sent = body["metadata"].get("resourceVersion")
@@ -324,9 +331,12 @@ class FakeCluster:
                         raise PatchError("a merge patch must be a JSON object")
                     patched = merge_patch(current, patch, strategic=media_type != MERGE_PATCH)
                 else:
-                    raise KubeError(415, "UnsupportedMediaType",
-                                    f"the sandbox does not support patch type {media_type!r}; "
-                                    f"use {JSON_PATCH}, {MERGE_PATCH} or {STRATEGIC_MERGE_PATCH}")
+                    raise KubeError(
+                        415,
+                        "UnsupportedMediaType",
+                        f"the sandbox does not support patch type {media_type!r}; "
+                        f"use {JSON_PATCH}, {MERGE_PATCH} or {STRATEGIC_MERGE_PATCH}",
+                    )
             except PatchError as err:
                 raise _invalid(resource, name, "patch", str(err)) from err
             if not isinstance(patched, dict) or not isinstance(patched.get("metadata"), dict):
@@ -398,10 +408,13 @@ class FakeCluster:
             self._seen_generation.pop((namespace or "", name), None)
 
     def _conflict(self, resource: Resource, name: str) -> KubeError:
-        return KubeError(409, "Conflict",
-                         f'Operation cannot be fulfilled on {resource.plural} "{name}": the object '
-                         "has been modified; please apply your changes to the latest version "
-                         "and try again")
+        return KubeError(
+            409,
+            "Conflict",
+            f'Operation cannot be fulfilled on {resource.plural} "{name}": the object '
+            "has been modified; please apply your changes to the latest version "
+            "and try again",
+        )
 
     def _suffix(self) -> str:
         return "".join(self._random.choices(_SUFFIX_ALPHABET, k=5))
@@ -415,8 +428,10 @@ class FakeCluster:
     def _check_type(resource: Resource, obj: Obj) -> None:
         kind, api_version = obj.get("kind"), obj.get("apiVersion")
         if kind not in (None, resource.kind) or api_version not in (None, resource.api_version):
-            raise _bad_request(f"the API version in the data ({api_version}) and kind ({kind}) "
-                               f"do not match {resource.api_version} {resource.kind}")
+            raise _bad_request(
+                f"the API version in the data ({api_version}) and kind ({kind}) "
+                f"do not match {resource.api_version} {resource.kind}"
+            )
 
     def _normalise(self, resource: Resource, obj: Obj) -> None:
         """Fill the defaults the API server adds, so reads look like a real cluster's."""
@@ -427,8 +442,12 @@ class FakeCluster:
                 data = obj.setdefault("data", {})
                 for key, value in string_data.items():
                     if not isinstance(value, str):
-                        raise _invalid(resource, obj["metadata"].get("name", ""),
-                                       f"stringData[{key}]", "must be a string")
+                        raise _invalid(
+                            resource,
+                            obj["metadata"].get("name", ""),
+                            f"stringData[{key}]",
+                            "must be a string",
+                        )
                     data[key] = base64.b64encode(value.encode()).decode()
             obj.setdefault("type", "Opaque")
         if resource.plural == "deployments":
@@ -437,8 +456,13 @@ class FakeCluster:
                 spec.setdefault("replicas", 1)
                 spec.setdefault("progressDeadlineSeconds", 600)
                 spec.setdefault("revisionHistoryLimit", 10)
-                spec.setdefault("strategy", {"type": "RollingUpdate", "rollingUpdate":
-                                             {"maxSurge": "25%", "maxUnavailable": "25%"}})
+                spec.setdefault(
+                    "strategy",
+                    {
+                        "type": "RollingUpdate",
+                        "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"},
+                    },
+                )
 
     def _validate(self, resource: Resource, obj: Obj) -> None:
         """The 422 checks that catch the mistakes runbooks could make."""
@@ -449,13 +473,17 @@ class FakeCluster:
             return _invalid(resource, name, field, problem)
 
         if not isinstance(name, str) or len(name) > 253 or not _NAME.match(name):
-            raise invalid("metadata.name", f"Invalid value: {name!r}: a lowercase RFC 1123 "
-                          "subdomain must consist of lower case alphanumeric characters, '-' "
-                          "or '.'")
+            raise invalid(
+                "metadata.name",
+                f"Invalid value: {name!r}: a lowercase RFC 1123 "
+                "subdomain must consist of lower case alphanumeric characters, '-' "
+                "or '.'",
+            )
         for field in ("labels", "annotations"):
             values = meta.get(field)
-            if values is not None and (not isinstance(values, dict) or not all(
-                    isinstance(v, str) for v in values.values())):
+            if values is not None and (
+                not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values())
+            ):
                 raise invalid(f"metadata.{field}", "Invalid value: values must be strings")
         if resource.plural == "configmaps":
             for field in ("data", "binaryData"):
@@ -466,8 +494,9 @@ class FakeCluster:
                     raise invalid(field, "Invalid value: must be an object of strings")
                 for key, value in data.items():
                     if not isinstance(value, str):
-                        raise invalid(f"{field}[{key}]",
-                                      f"Invalid value: {value!r}: must be a string")
+                        raise invalid(
+                            f"{field}[{key}]", f"Invalid value: {value!r}: must be a string"
+                        )
         if resource.plural == "secrets":
             data = obj.get("data") or {}
             if not isinstance(data, dict):
@@ -500,15 +529,19 @@ class FakeCluster:
             raise invalid("spec", "Required value")
         replicas = spec.get("replicas")
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
-            raise invalid("spec.replicas", f"Invalid value: {replicas!r}: must be greater than "
-                          "or equal to 0")
+            raise invalid(
+                "spec.replicas", f"Invalid value: {replicas!r}: must be greater than or equal to 0"
+            )
         deadline = spec.get("progressDeadlineSeconds")
         if not isinstance(deadline, int) or deadline <= 0:
-            raise invalid("spec.progressDeadlineSeconds",
-                          f"Invalid value: {deadline!r}: must be greater than 0")
+            raise invalid(
+                "spec.progressDeadlineSeconds",
+                f"Invalid value: {deadline!r}: must be greater than 0",
+            )
         selector = spec.get("selector")
-        if not isinstance(selector, dict) or not (selector.get("matchLabels")
-                                                  or selector.get("matchExpressions")):
+        if not isinstance(selector, dict) or not (
+            selector.get("matchLabels") or selector.get("matchExpressions")
+        ):
             raise invalid("spec.selector", "Required value")
         template = spec.get("template")
         if not isinstance(template, dict):
@@ -519,8 +552,10 @@ class FakeCluster:
         except SelectorError as err:
             raise invalid("spec.selector", str(err)) from err
         if not matches_labels(requirements, labels):
-            raise invalid("spec.template.metadata.labels",
-                          f"Invalid value: {labels!r}: `selector` does not match template `labels`")
+            raise invalid(
+                "spec.template.metadata.labels",
+                f"Invalid value: {labels!r}: `selector` does not match template `labels`",
+            )
         self._validate_pod_spec(template.get("spec"), "spec.template.spec", invalid)
 
     # ----- fault injection ------------------------------------------------------------------
@@ -630,11 +665,16 @@ class FakeCluster:
             "name": f"{name}-{pod_hash}-{self._suffix()}",
             "namespace": ns,
             "labels": {**(template_meta.get("labels") or {}), TEMPLATE_HASH_LABEL: pod_hash},
-            "ownerReferences": [{
-                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"{name}-{pod_hash}",
-                "uid": str(uuid.uuid5(uuid.UUID(meta["uid"]), pod_hash)),
-                "controller": True, "blockOwnerDeletion": True,
-            }],
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": f"{name}-{pod_hash}",
+                    "uid": str(uuid.uuid5(uuid.UUID(meta["uid"]), pod_hash)),
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
             "uid": self._uid(),
             "creationTimestamp": _now_text(),
         }
@@ -642,12 +682,18 @@ class FakeCluster:
             pod_meta["annotations"] = copy.deepcopy(template_meta["annotations"])
         pod_spec = copy.deepcopy(template["spec"])
         pod_spec.setdefault("nodeName", "sandbox-node")
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": pod_meta, "spec": pod_spec,
-               "status": self._pod_status(ready=instant, spec=pod_spec)}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": pod_meta,
+            "spec": pod_spec,
+            "status": self._pod_status(ready=instant, spec=pod_spec),
+        }
         if not instant:
             # The kubelet part of reconcile() marks it ready one rollout step from now.
             self._ready_at[(ns, pod_meta["name"])] = now + self.rollout_seconds / max(
-                1, int(deployment["spec"]["replicas"]))
+                1, int(deployment["spec"]["replicas"])
+            )
         return self._commit(RESOURCES["pods"], ("pods", ns, pod_meta["name"]), pod)
 
     def _pod_status(self, *, ready: bool, spec: Obj | None = None) -> Obj:
@@ -661,13 +707,28 @@ class FakeCluster:
         ]
         containers = []
         for container in (spec or {}).get("containers") or []:
-            state: Obj = ({"running": {"startedAt": now}} if ready
-                          else {"waiting": {"reason": "ContainerCreating"}})
-            containers.append({"name": container["name"], "image": container["image"],
-                               "imageID": f"sandbox://{container['image']}", "ready": ready,
-                               "started": ready, "restartCount": 0, "state": state})
-        status: Obj = {"phase": "Running" if ready else "Pending", "conditions": conditions,
-                       "hostIP": "10.0.0.1", "startTime": now}
+            state: Obj = (
+                {"running": {"startedAt": now}}
+                if ready
+                else {"waiting": {"reason": "ContainerCreating"}}
+            )
+            containers.append(
+                {
+                    "name": container["name"],
+                    "image": container["image"],
+                    "imageID": f"sandbox://{container['image']}",
+                    "ready": ready,
+                    "started": ready,
+                    "restartCount": 0,
+                    "state": state,
+                }
+            )
+        status: Obj = {
+            "phase": "Running" if ready else "Pending",
+            "conditions": conditions,
+            "hostIP": "10.0.0.1",
+            "startTime": now,
+        }
         if containers:
             status["containerStatuses"] = containers
         if ready:
@@ -687,36 +748,61 @@ class FakeCluster:
         replica_set = f'ReplicaSet "{name}-{pod_hash}"'
         since_progress = now - self._last_progress.get((ns, name), now)
         if complete:
-            progressing = ("True", "NewReplicaSetAvailable", f"{replica_set} has successfully "
-                           "progressed.")
+            progressing = (
+                "True",
+                "NewReplicaSetAvailable",
+                f"{replica_set} has successfully progressed.",
+            )
         elif since_progress > float(spec["progressDeadlineSeconds"]):
-            progressing = ("False", "ProgressDeadlineExceeded",
-                           f"{replica_set} has timed out progressing.")
+            progressing = (
+                "False",
+                "ProgressDeadlineExceeded",
+                f"{replica_set} has timed out progressing.",
+            )
         else:
             progressing = ("True", "ReplicaSetUpdated", f"{replica_set} is progressing.")
         available = ("True", "MinimumReplicasAvailable", "Deployment has minimum availability.")
         if ready < desired:
-            available = ("False", "MinimumReplicasUnavailable",
-                         "Deployment does not have minimum availability.")
+            available = (
+                "False",
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.",
+            )
         previous = {c["type"]: c for c in (deployment.get("status") or {}).get("conditions", [])}
         conditions = []
-        for kind, (flag, reason, message) in (("Available", available),
-                                              ("Progressing", progressing)):
+        for kind, (flag, reason, message) in (
+            ("Available", available),
+            ("Progressing", progressing),
+        ):
             before = previous.get(kind, {})
             stamp = _now_text()
-            conditions.append({
-                "type": kind, "status": flag, "reason": reason, "message": message,
-                "lastUpdateTime": before.get("lastUpdateTime", stamp)
-                if (before.get("reason"), before.get("message")) == (reason, message) else stamp,
-                "lastTransitionTime": before.get("lastTransitionTime", stamp)
-                if before.get("status") == flag else stamp,
-            })
-        counters = {"replicas": total, "updatedReplicas": updated, "readyReplicas": ready,
-                    "availableReplicas": ready, "unavailableReplicas": max(0, desired - ready)}
-        status: Obj = {"observedGeneration": int(meta.get("generation", 1)),
-                       # Zero counters are omitted, as the API server's omitempty does.
-                       **{k: v for k, v in counters.items() if v},
-                       "conditions": conditions}
+            conditions.append(
+                {
+                    "type": kind,
+                    "status": flag,
+                    "reason": reason,
+                    "message": message,
+                    "lastUpdateTime": before.get("lastUpdateTime", stamp)
+                    if (before.get("reason"), before.get("message")) == (reason, message)
+                    else stamp,
+                    "lastTransitionTime": before.get("lastTransitionTime", stamp)
+                    if before.get("status") == flag
+                    else stamp,
+                }
+            )
+        counters = {
+            "replicas": total,
+            "updatedReplicas": updated,
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            "unavailableReplicas": max(0, desired - ready),
+        }
+        status: Obj = {
+            "observedGeneration": int(meta.get("generation", 1)),
+            # Zero counters are omitted, as the API server's omitempty does.
+            **{k: v for k, v in counters.items() if v},
+            "conditions": conditions,
+        }
         if status == deployment.get("status"):
             return False
         updated_deployment = copy.deepcopy(deployment)

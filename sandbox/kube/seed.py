@@ -43,19 +43,28 @@ def deployment_manifest(
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": namespace, "labels": {**labels,
-                                                                      "part-of": "astra"}},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {**labels, "part-of": "astra"},
+        },
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {"containers": [{
-                    "name": name,
-                    "image": f"registry.sandbox.local/astra/{name}:1.0.0",
-                    "envFrom": [{"configMapRef": {"name": CONFIG_MAP}},
-                                {"secretRef": {"name": VAULT_SECRET}}],
-                }]},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": name,
+                            "image": f"registry.sandbox.local/astra/{name}:1.0.0",
+                            "envFrom": [
+                                {"configMapRef": {"name": CONFIG_MAP}},
+                                {"secretRef": {"name": VAULT_SECRET}},
+                            ],
+                        }
+                    ]
+                },
             },
         },
     }
@@ -64,26 +73,45 @@ def deployment_manifest(
 def seed_astra(cluster: FakeCluster, namespace: str = ASTRA_NAMESPACE) -> None:
     """Create Astra's namespace, config, secrets and deployments, with every pod already Running."""
     cluster.create("namespaces", None, {"metadata": {"name": namespace}})
-    cluster.create("configmaps", namespace, {
-        "metadata": {"name": CONFIG_MAP, "labels": {"part-of": "astra"}},
-        "data": dict(ASTRA_CONFIG),
-    })
-    cluster.create("secrets", namespace, {
-        "metadata": {"name": VAULT_SECRET, "labels": {"part-of": "astra"}},
-        "type": "Opaque",
-        "data": {key: _b64(value) for key, value in VAULT_SETTINGS.items()},
-    })
+    cluster.create(
+        "configmaps",
+        namespace,
+        {
+            "metadata": {"name": CONFIG_MAP, "labels": {"part-of": "astra"}},
+            "data": dict(ASTRA_CONFIG),
+        },
+    )
+    cluster.create(
+        "secrets",
+        namespace,
+        {
+            "metadata": {"name": VAULT_SECRET, "labels": {"part-of": "astra"}},
+            "type": "Opaque",
+            "data": {key: _b64(value) for key, value in VAULT_SETTINGS.items()},
+        },
+    )
     for service in TLS_SERVICES:
-        cluster.create("secrets", namespace, {
-            "metadata": {"name": f"{service}-tls", "labels": {"app": service, "part-of": "astra"}},
-            "type": "kubernetes.io/tls",
-            "data": {
-                "tls.crt": _b64(f"-----BEGIN CERTIFICATE-----\nsandbox placeholder for {service}"
-                                "\n-----END CERTIFICATE-----\n"),
-                "tls.key": _b64("-----BEGIN PRIVATE KEY-----\nsandbox placeholder"
-                                "\n-----END PRIVATE KEY-----\n"),
+        cluster.create(
+            "secrets",
+            namespace,
+            {
+                "metadata": {
+                    "name": f"{service}-tls",
+                    "labels": {"app": service, "part-of": "astra"},
+                },
+                "type": "kubernetes.io/tls",
+                "data": {
+                    "tls.crt": _b64(
+                        f"-----BEGIN CERTIFICATE-----\nsandbox placeholder for {service}"
+                        "\n-----END CERTIFICATE-----\n"
+                    ),
+                    "tls.key": _b64(
+                        "-----BEGIN PRIVATE KEY-----\nsandbox placeholder"
+                        "\n-----END PRIVATE KEY-----\n"
+                    ),
+                },
             },
-        })
+        )
     for name, replicas in DEPLOYMENTS.items():
         cluster.create("deployments", namespace, deployment_manifest(name, replicas, namespace))
     cluster.settle()

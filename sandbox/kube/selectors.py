@@ -97,8 +97,9 @@ def parse_field_selector(text: str | None) -> list[tuple[str, str, str]]:
         if not m:
             raise SelectorError(f"invalid field selector: {term!r}")
         if m.group(1) not in FIELD_SELECTABLE:
-            raise SelectorError(f'"{m.group(1)}" is not a known field selector: only '
-                                f"{', '.join(FIELD_SELECTABLE)}")
+            raise SelectorError(
+                f'"{m.group(1)}" is not a known field selector: only {", ".join(FIELD_SELECTABLE)}'
+            )
         result.append((m.group(1), "!=" if m.group(2) == "!=" else "=", m.group(3)))
     return result
 

@@ -22,8 +22,10 @@ from sandbox.kube.cluster import RESOURCES, FakeCluster, KubeError, Resource
 
 _CORE_PREFIX = "/api/v1"
 _APPS_PREFIX = "/apis/apps/v1"
-_GROUP_OF = {prefix: {p for p, r in RESOURCES.items() if r.api_version == version}
-             for prefix, version in ((_CORE_PREFIX, "v1"), (_APPS_PREFIX, "apps/v1"))}
+_GROUP_OF = {
+    prefix: {p for p, r in RESOURCES.items() if r.api_version == version}
+    for prefix, version in ((_CORE_PREFIX, "v1"), (_APPS_PREFIX, "apps/v1"))
+}
 _STARTUP_TIMEOUT_SECONDS = 10.0
 
 
@@ -39,8 +41,9 @@ def _resource(prefix: str, plural: str) -> Resource:
 
 def build_app(cluster: FakeCluster) -> FastAPI:
     """The ASGI app: one generic handler per path shape, dispatching to the cluster."""
-    app = FastAPI(title="astra sandbox kube-apiserver", docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(
+        title="astra sandbox kube-apiserver", docs_url=None, redoc_url=None, openapi_url=None
+    )
 
     async def body_of(request: Request) -> Any:
         raw = await request.body()
@@ -49,23 +52,33 @@ def build_app(cluster: FakeCluster) -> FastAPI:
         except json.JSONDecodeError as err:
             raise KubeError(400, "BadRequest", f"the request body is not JSON: {err}") from err
 
-    async def handle(request: Request, prefix: str, namespace: str | None, plural: str,
-                     name: str | None = None, subresource: str | None = None) -> Response:
+    async def handle(
+        request: Request,
+        prefix: str,
+        namespace: str | None,
+        plural: str,
+        name: str | None = None,
+        subresource: str | None = None,
+    ) -> Response:
         try:
             resource = _resource(prefix, plural)
             if resource.namespaced != (namespace is not None) and (name or request.method != "GET"):
                 raise KubeError(404, "NotFound", "the server could not find the requested resource")
             if request.query_params.get("watch") in ("true", "1"):
-                raise KubeError(400, "BadRequest", "the sandbox API server does not serve watches;"
-                                " poll with list/get instead")
+                raise KubeError(
+                    400,
+                    "BadRequest",
+                    "the sandbox API server does not serve watches; poll with list/get instead",
+                )
             dry_run = request.query_params.get("dryRun") == "All"
             method = request.method
             if name is None:
                 if method == "GET":
                     return _list(cluster, resource, namespace, request)
                 if method == "POST":
-                    created = cluster.create(plural, namespace, await body_of(request),
-                                             dry_run=dry_run)
+                    created = cluster.create(
+                        plural, namespace, await body_of(request), dry_run=dry_run
+                    )
                     return JSONResponse(created, status_code=201)
             elif subresource not in (None, "status") or (subresource and not resource.has_status):
                 raise KubeError(404, "NotFound", "the server could not find the requested resource")
@@ -75,32 +88,60 @@ def build_app(cluster: FakeCluster) -> FastAPI:
                     raise KubeError(404, "NotFound", f'{plural} "{name}" not found')
                 return JSONResponse(obj)
             elif method == "PUT":
-                return JSONResponse(cluster.replace(plural, namespace, name,
-                                                    await body_of(request),
-                                                    subresource=subresource, dry_run=dry_run))
+                return JSONResponse(
+                    cluster.replace(
+                        plural,
+                        namespace,
+                        name,
+                        await body_of(request),
+                        subresource=subresource,
+                        dry_run=dry_run,
+                    )
+                )
             elif method == "PATCH":
                 content_type = request.headers.get("content-type", "")
-                return JSONResponse(cluster.patch(plural, namespace, name, await body_of(request),
-                                                  content_type, subresource=subresource,
-                                                  dry_run=dry_run))
+                return JSONResponse(
+                    cluster.patch(
+                        plural,
+                        namespace,
+                        name,
+                        await body_of(request),
+                        content_type,
+                        subresource=subresource,
+                        dry_run=dry_run,
+                    )
+                )
             elif method == "DELETE" and subresource is None:
                 deleted = cluster.delete(plural, namespace, name, dry_run=dry_run)
                 if plural == "pods":
                     return JSONResponse(deleted)
-                return JSONResponse({
-                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                    "details": {"name": name, "kind": plural,
-                                "uid": deleted["metadata"].get("uid")},
-                })
-            raise KubeError(405, "MethodNotAllowed",
-                            f"the sandbox does not allow {method} on this path")
+                return JSONResponse(
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "metadata": {},
+                        "status": "Success",
+                        "details": {
+                            "name": name,
+                            "kind": plural,
+                            "uid": deleted["metadata"].get("uid"),
+                        },
+                    }
+                )
+            raise KubeError(
+                405, "MethodNotAllowed", f"the sandbox does not allow {method} on this path"
+            )
         except KubeError as err:
             return _error(err)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
-        return {"major": "1", "minor": "33", "gitVersion": "v1.33.0-astra-sandbox",
-                "platform": "linux/amd64"}
+        return {
+            "major": "1",
+            "minor": "33",
+            "gitVersion": "v1.33.0-astra-sandbox",
+            "platform": "linux/amd64",
+        }
 
     @app.get("/healthz")
     @app.get("/readyz")
@@ -110,6 +151,7 @@ def build_app(cluster: FakeCluster) -> FastAPI:
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
     for prefix in (_CORE_PREFIX, _APPS_PREFIX):
+
         def routes(prefix: str) -> None:
             # A factory per prefix, so each route's closure keeps its own group.
             async def cluster_scoped(request: Request, plural: str) -> Response:
@@ -124,35 +166,46 @@ def build_app(cluster: FakeCluster) -> FastAPI:
             async def item(request: Request, namespace: str, plural: str, name: str) -> Response:
                 return await handle(request, prefix, namespace, plural, name)
 
-            async def sub(request: Request, namespace: str, plural: str, name: str,
-                          subresource: str) -> Response:
+            async def sub(
+                request: Request, namespace: str, plural: str, name: str, subresource: str
+            ) -> Response:
                 return await handle(request, prefix, namespace, plural, name, subresource)
 
             app.add_api_route(f"{prefix}/{{plural}}", cluster_scoped, methods=methods)
             app.add_api_route(f"{prefix}/{{plural}}/{{name}}", cluster_object, methods=methods)
-            app.add_api_route(f"{prefix}/namespaces/{{namespace}}/{{plural}}", collection,
-                              methods=methods)
-            app.add_api_route(f"{prefix}/namespaces/{{namespace}}/{{plural}}/{{name}}", item,
-                              methods=methods)
             app.add_api_route(
-                f"{prefix}/namespaces/{{namespace}}/{{plural}}/{{name}}/{{subresource}}", sub,
-                methods=methods)
+                f"{prefix}/namespaces/{{namespace}}/{{plural}}", collection, methods=methods
+            )
+            app.add_api_route(
+                f"{prefix}/namespaces/{{namespace}}/{{plural}}/{{name}}", item, methods=methods
+            )
+            app.add_api_route(
+                f"{prefix}/namespaces/{{namespace}}/{{plural}}/{{name}}/{{subresource}}",
+                sub,
+                methods=methods,
+            )
 
         routes(prefix)
     return app
 
 
-def _list(cluster: FakeCluster, resource: Resource, namespace: str | None,
-          request: Request) -> JSONResponse:
-    items = cluster.list_objects(resource.plural, namespace,
-                         label_selector=request.query_params.get("labelSelector"),
-                         field_selector=request.query_params.get("fieldSelector"))
-    return JSONResponse({
-        "kind": f"{resource.kind}List",
-        "apiVersion": resource.api_version,
-        "metadata": {"resourceVersion": cluster.resource_version},
-        "items": items,
-    })
+def _list(
+    cluster: FakeCluster, resource: Resource, namespace: str | None, request: Request
+) -> JSONResponse:
+    items = cluster.list_objects(
+        resource.plural,
+        namespace,
+        label_selector=request.query_params.get("labelSelector"),
+        field_selector=request.query_params.get("fieldSelector"),
+    )
+    return JSONResponse(
+        {
+            "kind": f"{resource.kind}List",
+            "apiVersion": resource.api_version,
+            "metadata": {"resourceVersion": cluster.resource_version},
+            "items": items,
+        }
+    )
 
 
 class FakeKubeServer:
@@ -205,16 +258,23 @@ class FakeKubeServer:
             sock.bind((self.host, self._requested_port))
         except OSError as err:
             sock.close()
-            raise RuntimeError(f"the sandbox API server cannot listen on {self.host}:"
-                               f"{self._requested_port}: {err}; is another sandbox running?"
-                               ) from err
+            raise RuntimeError(
+                f"the sandbox API server cannot listen on {self.host}:"
+                f"{self._requested_port}: {err}; is another sandbox running?"
+            ) from err
         self._port = sock.getsockname()[1]
-        config = uvicorn.Config(build_app(self.cluster), log_level="warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            build_app(self.cluster),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+        )
         self._server = uvicorn.Server(config)
         self._failure = None
-        self._thread = threading.Thread(target=self._run, args=(sock,),
-                                        name=f"sandbox-kube:{self._port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(sock,), name=f"sandbox-kube:{self._port}", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
         while not self._server.started:
@@ -223,8 +283,9 @@ class FakeKubeServer:
                 raise RuntimeError(f"the sandbox API server failed to start: {self._failure!r}")
             if time.monotonic() > deadline:
                 self.stop_blocking()
-                raise RuntimeError("the sandbox API server did not start within "
-                                   f"{_STARTUP_TIMEOUT_SECONDS:.0f}s")
+                raise RuntimeError(
+                    f"the sandbox API server did not start within {_STARTUP_TIMEOUT_SECONDS:.0f}s"
+                )
             time.sleep(0.005)
 
     def stop_blocking(self) -> None:
