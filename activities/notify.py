@@ -1,4 +1,5 @@
-"""Telling an on-call rotation what a runbook did, in the incident chat.
+"""Telling people what a run needs from them or did: approvers of a pending step, and on-call
+rotations, in the incident chat (a Slack-compatible incoming webhook).
 
 Chat webhooks have no idempotency key, so a retried notification may post twice; a duplicate
 message is the lesser harm next to a rotation that never hears about a change to its system.
@@ -6,15 +7,34 @@ message is the lesser harm next to a rotation that never hears about a change to
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import httpx
-from pydantic import Field
+from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.mutation import Mutation, MutationResult
 from runtime.access import AccessPolicyError, load_policy
+
+log = logging.getLogger(__name__)
+
+
+class ApprovalRequest(BaseModel):
+    run_id: str
+    runbook: str
+    step: str
+    groups: list[str]
+    requester: str
+    reason: str = ""
+    escalation: bool = False
+
+
+class Approvers(BaseModel):
+    members: list[str]
+    notified: bool
+    detail: str = ""
 
 
 class RotationNotice(Mutation):
@@ -27,20 +47,58 @@ class NotifyActivities:
         self.policy_path = policy_path
         self.chat_webhook_url = chat_webhook_url
 
-    @activity.defn
-    async def notify_rotation(self, req: RotationNotice) -> MutationResult:
-        """Post ``text`` to chat addressed to the rotation's members (dry-run: only say so)."""
+    def _members(self, groups: list[str]) -> list[str]:
+        """The people of these groups, as the access policy says now."""
         try:
             policy = load_policy(self.policy_path)
         except AccessPolicyError as err:
             raise ApplicationError(str(err), non_retryable=True) from None
-        if req.rotation not in policy.groups:
+        unknown = [g for g in groups if g not in policy.groups]
+        if unknown:
             raise ApplicationError(
-                f"rotation {req.rotation!r} is not a group of the access policy "
-                f"{self.policy_path}; add it or fix the runbook",
+                f"groups {unknown} are not in the access policy {self.policy_path}; "
+                "add them or fix the runbook",
                 non_retryable=True,
             )
-        members = policy.members([req.rotation])
+        return policy.members(groups)
+
+    async def _post(self, text: str) -> None:
+        assert self.chat_webhook_url is not None
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.post(self.chat_webhook_url, json={"text": text})
+        response.raise_for_status()
+
+    @activity.defn
+    async def request_approval(self, req: ApprovalRequest) -> Approvers:
+        """Resolve the groups to people now (the policy may have changed) and notify them.
+
+        The member list is returned into history, so the gate's validator can check decisions
+        deterministically without reading the policy again.
+        """
+        members = [m for m in self._members(req.groups) if m != req.requester]
+        verb = "Escalated: approval" if req.escalation else "Approval"
+        text = (
+            f"{verb} needed for step '{req.step}' of {req.runbook} run {req.run_id}, "
+            f"requested by {req.requester}: {req.reason or 'no reason given'}. "
+            f"Eligible: {', '.join(members) or 'nobody'} ({', '.join(req.groups)}). "
+            f"`astra-ops approve {req.run_id} --step '{req.step}'`"
+        )
+        if self.chat_webhook_url is None:
+            log.info("%s", text)
+            return Approvers(members=members, notified=False, detail="no chat webhook configured")
+        # A chat outage must not block an approval: people can still find the run through
+        # `astra-ops ps --awaiting-approval`, so a failed notification is reported, not raised.
+        try:
+            await self._post(text)
+        except httpx.HTTPError as err:
+            log.warning("approval notification failed: %s", err)
+            return Approvers(members=members, notified=False, detail=f"chat webhook failed: {err}")
+        return Approvers(members=members, notified=True, detail="posted to chat")
+
+    @activity.defn
+    async def notify_rotation(self, req: RotationNotice) -> MutationResult:
+        """Post ``text`` to chat addressed to the rotation's members (dry-run: only say so)."""
+        members = self._members([req.rotation])
         text = f"[{req.rotation}: {', '.join(members) or 'nobody'}] {req.text}"
         if req.dry_run:
             return MutationResult(changed=False, detail=f"would tell {req.rotation}: {req.text}")
@@ -48,9 +106,7 @@ class NotifyActivities:
             activity.logger.info("%s", text)
             return MutationResult(changed=False, detail="no chat webhook configured; logged it")
         try:
-            async with httpx.AsyncClient(timeout=10) as http:
-                response = await http.post(self.chat_webhook_url, json={"text": text})
-            response.raise_for_status()
+            await self._post(text)
         except httpx.HTTPError as err:
             # Retryable: chat outages pass, and the step runner's retry policy bounds the wait.
             raise ApplicationError(f"could not post to the chat webhook: {err}") from err

@@ -12,7 +12,7 @@ import pytest
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.worker import Worker
 
-from activities.approvals import ApprovalActivities
+from activities.notify import NotifyActivities
 from runtime import search_attributes as sa
 from runtime.settings import Settings
 from tests.conftest import TEMPORAL, ChatReceiver
@@ -36,7 +36,7 @@ KERNEL_SRE = ApprovalPolicy(groups=["kernel-sre"])
 async def probe_worker(
     client: Client, settings: Settings, task_queue: str
 ) -> AsyncIterator[Worker]:
-    approvals = ApprovalActivities(settings.access_policy, settings.chat_webhook_url)
+    approvals = NotifyActivities(settings.access_policy, settings.chat_webhook_url)
     async with Worker(
         client,
         task_queue=task_queue,

@@ -13,7 +13,6 @@ from kubernetes import config as k8s_config
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.approvals import ApprovalActivities
 from activities.kubernetes import KubernetesActivities
 from activities.metrics import MetricsActivities, metrics_source
 from activities.notify import NotifyActivities
@@ -42,7 +41,6 @@ def build_worker(
     client: Client, settings: Settings, executor: ThreadPoolExecutor, task_queue: str | None = None
 ) -> Worker:
     kubernetes = KubernetesActivities(kube_api(settings))
-    approvals = ApprovalActivities(settings.access_policy, settings.chat_webhook_url)
     notify = NotifyActivities(settings.access_policy, settings.chat_webhook_url)
     postgres = PostgresActivities(settings.database_url)
     redis = RedisActivities(settings.redis_url, key_prefix=settings.redis_key_prefix)
@@ -52,7 +50,7 @@ def build_worker(
         task_queue=task_queue or settings.task_queue,
         workflows=list(RUNBOOKS.values()),
         activities=[
-            approvals.request_approval,
+            notify.request_approval,
             kubernetes.read_config,
             kubernetes.patch_config,
             kubernetes.rollout_health,

@@ -22,7 +22,7 @@ from workflows.models import (
 )
 
 with workflow.unsafe.imports_passed_through():
-    from activities.approvals import ApprovalActivities, ApprovalRequest
+    from activities.notify import ApprovalRequest, NotifyActivities
 
 
 class RunbookStopped(Exception):
@@ -183,7 +183,7 @@ class ApprovalGate:
     ) -> list[str]:
         info = workflow.info()
         approvers = await workflow.execute_activity_method(
-            ApprovalActivities.request_approval,
+            NotifyActivities.request_approval,
             ApprovalRequest(
                 run_id=info.workflow_id,
                 runbook=self.runbook,

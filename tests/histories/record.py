@@ -22,8 +22,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.approvals import ApprovalActivities
 from activities.kubernetes import KubernetesActivities
+from activities.notify import NotifyActivities
 from runtime import search_attributes as sa
 from runtime.settings import REPO_ROOT
 from sandbox.kube import FakeCluster, FakeKubeServer, api_client, seed_astra
@@ -82,7 +82,7 @@ async def main() -> None:
     server = FakeKubeServer(cluster)
     await server.start()
     kubernetes = KubernetesActivities(api_client(server.url))
-    approvals = ApprovalActivities(REPO_ROOT / "deploy" / "access-policy.yaml")
+    approvals = NotifyActivities(REPO_ROOT / "deploy" / "access-policy.yaml")
     try:
         with ThreadPoolExecutor(8) as executor:
             async with Worker(
