@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -21,17 +22,23 @@ def data_converter(settings: Settings) -> DataConverter:
     """pydantic v2 models on the wire, sealed by the AES-GCM codec."""
     codec = load_codec(
         settings.codec_keys.get_secret_value() if settings.codec_keys else None,
-        settings.codec_key_file,
+        settings.codec_key_file or dev_key_file(settings),
     )
     return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
+
+
+def dev_key_file(settings: Settings) -> Path | None:
+    """The key `astra-ops dev` generated, so CLI commands beside it need no key setting."""
+    path = settings.state_dir / "codec.keys"
+    return path if path.is_file() else None
 
 
 def _tls(settings: Settings) -> TLSConfig | bool:
     if not settings.temporal_tls:
         return False
 
-    def read(path: object) -> bytes | None:
-        return path.read_bytes() if path is not None else None  # type: ignore[attr-defined]
+    def read(path: Path | None) -> bytes | None:
+        return path.read_bytes() if path is not None else None
 
     return TLSConfig(
         server_root_ca_cert=read(settings.temporal_tls_ca),

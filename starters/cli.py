@@ -35,7 +35,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(sandbox_app, name="sandbox")
-out = Console(soft_wrap=True)
+# Piped output (scripts, logs) is not cut to 80 columns; a terminal gets its own width.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 As = Annotated[str | None, typer.Option("--as", help="Who you are (default: ASTRA_OPS_USER).")]
@@ -164,14 +165,16 @@ def ps(
         if as_json:
             emit_json([r.model_dump(mode="json") for r in listed])
             return
-        table = Table("run", "state", "step", "approval?", "started")
+        table = Table()
+        for heading in ("run", "state", "step", "approval?", "started"):
+            table.add_column(heading, no_wrap=heading != "step")
         for r in listed:
             table.add_row(
                 r.run_id,
                 r.state,
                 r.step or "",
                 "waiting" if r.awaiting_approval else "",
-                f"{r.started_at:%Y-%m-%d %H:%M:%S}" if r.started_at else "",
+                f"{r.started_at:%m-%d %H:%M:%S}" if r.started_at else "",
             )
         out.print(table)
 
