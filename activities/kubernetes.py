@@ -4,7 +4,9 @@ The official ``kubernetes`` client is synchronous, so these are sync activities 
 them on a thread-pool executor. Each mutating activity reads the current state first, acts only if
 it differs from the goal, and reports what it did (or in dry-run what it would do). Restarts are
 stamped with the step's idempotency token in the pod template, so a retried restart recognises its
-own earlier work instead of rolling the pods twice.
+own earlier work instead of rolling the pods twice. Rollout history is read, and undone, the way
+``kubectl rollout history`` and ``kubectl rollout undo`` do it: from the Deployment's ReplicaSets
+and their revision annotations.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -29,6 +32,22 @@ from activities.mutation import Mutation, MutationResult
 RESTARTED_BY = "astra-ops/restarted-by"
 CONFIG_HASH = "astra-ops/config-hash"
 CONFIG_PATCHED_BY = "astra-ops/patched-by"
+ROLLED_BACK_BY = "astra-ops/rolled-back-by"
+REVISION = "deployment.kubernetes.io/revision"
+REVISION_HISTORY = "deployment.kubernetes.io/revision-history"
+CHANGE_CAUSE = "kubernetes.io/change-cause"
+TEMPLATE_HASH_LABEL = "pod-template-hash"
+# The Deployment controller's bookkeeping: kubectl rollout undo keeps the Deployment's own values
+# of these and takes every other annotation from the ReplicaSet it rolls back to.
+CONTROLLER_ANNOTATIONS = frozenset(
+    {
+        REVISION,
+        REVISION_HISTORY,
+        "deployment.kubernetes.io/desired-replicas",
+        "deployment.kubernetes.io/max-replicas",
+        "kubectl.kubernetes.io/last-applied-configuration",
+    }
+)
 DEFAULT_NAMESPACE = "astra"
 DEFAULT_CONFIG_MAP = "astra-config"
 _T = TypeVar("_T")
@@ -108,6 +127,42 @@ class RolloutWait(BaseModel):
     name: str
     timeout_seconds: float = 600
     poll_seconds: float = 1.0
+
+
+class Revision(BaseModel):
+    """One revision of a Deployment: the ReplicaSet that holds its pod template."""
+
+    revision: int
+    replica_set: str
+    created: datetime | None = None
+    template_hash: str
+    change_cause: str | None = None
+    images: list[str] = []
+
+
+class RolloutHistory(BaseModel):
+    """A Deployment's revisions, oldest first, as ``kubectl rollout history`` lists them."""
+
+    name: str
+    current_revision: int | None = None
+    revisions: list[Revision]
+
+    @property
+    def newest(self) -> Revision | None:
+        return self.revisions[-1] if self.revisions else None
+
+    @property
+    def previous(self) -> Revision | None:
+        """The revision ``kubectl rollout undo`` would go back to."""
+        return self.revisions[-2] if len(self.revisions) > 1 else None
+
+
+class RolloutUndo(Mutation):
+    """Put a Deployment back on an earlier revision's pod template (default: the previous)."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+    to_revision: int | None = Field(default=None, gt=0)
 
 
 class PodSelector(BaseModel):
@@ -234,6 +289,29 @@ def _selector_text(selector: Any) -> str:
             }[expr.operator]
         )
     return ",".join(terms)
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    """A revision with what undoing to it needs: its template and annotations, its old numbers."""
+
+    revision: Revision
+    template: dict[str, Any]
+    annotations: dict[str, str]
+    former: frozenset[int]
+
+
+def _revision_number(text: str | None) -> int | None:
+    return int(text) if text and text.isdigit() else None
+
+
+def _pod_template(api: ApiClient, template: Any) -> dict[str, Any]:
+    """A pod template as JSON, without the ``pod-template-hash`` label its ReplicaSet adds."""
+    body: dict[str, Any] = api.sanitize_for_serialization(template)  # type: ignore[no-untyped-call]
+    labels = (body.get("metadata") or {}).get("labels")
+    if labels:
+        labels.pop(TEMPLATE_HASH_LABEL, None)
+    return body
 
 
 def _pod_info(pod: Any) -> PodInfo:
@@ -429,6 +507,150 @@ class KubernetesActivities:
             activity.wait_for_cancelled_sync(timeout=req.poll_seconds)
             if activity.is_cancelled():
                 raise CancelledError(f"waiting for the rollout of {target} was cancelled")
+
+    def _recorded(self, deployment: Any) -> list[_Recorded]:
+        """The Deployment's revisions, oldest first: its ReplicaSets that carry a revision."""
+        namespace, name = deployment.metadata.namespace, deployment.metadata.name
+        selector = _selector_text(deployment.spec.selector)
+        listed: Any = self._call(
+            "list ReplicaSets",
+            f"{namespace}/{name}",
+            lambda: self.apps.list_namespaced_replica_set(namespace, label_selector=selector),
+        )
+        recorded = []
+        for replica_set in listed.items:
+            meta = replica_set.metadata
+            owned = any(
+                ref.controller and ref.uid == deployment.metadata.uid
+                for ref in meta.owner_references or []
+            )
+            annotations = dict(meta.annotations or {})
+            number = _revision_number(annotations.get(REVISION))
+            if not owned or number is None:
+                continue
+            template = replica_set.spec.template
+            containers = (template.spec.containers if template.spec is not None else None) or []
+            recorded.append(
+                _Recorded(
+                    revision=Revision(
+                        revision=number,
+                        replica_set=meta.name,
+                        created=meta.creation_timestamp,
+                        template_hash=(meta.labels or {}).get(TEMPLATE_HASH_LABEL, ""),
+                        change_cause=annotations.get(CHANGE_CAUSE),
+                        images=[c.image for c in containers],
+                    ),
+                    template=_pod_template(self.apps.api_client, template),
+                    annotations=annotations,
+                    former=frozenset(
+                        n
+                        for n in map(
+                            _revision_number, annotations.get(REVISION_HISTORY, "").split(",")
+                        )
+                        if n is not None
+                    ),
+                )
+            )
+        return sorted(recorded, key=lambda r: r.revision.revision)
+
+    @activity.defn
+    def rollout_history(self, req: DeploymentRef) -> RolloutHistory:
+        """The Deployment's revisions, oldest first, like ``kubectl rollout history``."""
+        deployment = self._deployment(req.namespace, req.name)
+        return RolloutHistory(
+            name=req.name,
+            current_revision=_revision_number(
+                (deployment.metadata.annotations or {}).get(REVISION)
+            ),
+            revisions=[r.revision for r in self._recorded(deployment)],
+        )
+
+    @activity.defn
+    def rollout_undo(self, req: RolloutUndo) -> MutationResult:
+        """Restore an earlier revision's pod template, like ``kubectl rollout undo``.
+
+        Idempotent by construction: the step's token is stamped on the Deployment, so a retry
+        after success recognises its own rollback instead of undoing it again, and a Deployment
+        that already runs the target template is left alone.
+        """
+        target = f"{req.namespace}/{req.name}"
+        if not req.token:
+            raise ApplicationError(
+                f"rollout_undo of {target} was called without an idempotency token; the step "
+                "runner must derive one from the workflow id and step",
+                type="ProgrammingError",
+                non_retryable=True,
+            )
+        deployment = self._deployment(req.namespace, req.name)
+        annotations = dict(deployment.metadata.annotations or {})
+        if annotations.get(ROLLED_BACK_BY) == req.token:
+            return MutationResult(
+                changed=False,
+                detail=f"{target} was already rolled back by {req.token}; not rolling back again",
+            )
+        current = _revision_number(annotations.get(REVISION))
+        recorded = self._recorded(deployment)
+        goal = self._undo_target(req, recorded, current)
+        number = goal.revision.revision
+        if _pod_template(self.apps.api_client, deployment.spec.template) == goal.template:
+            return MutationResult(
+                changed=False, detail=f"{target} already runs the template of revision {number}"
+            )
+        if req.dry_run:
+            return MutationResult(
+                changed=False,
+                detail=f"would roll back {target} from revision {current} to {number}",
+            )
+        restored = {k: v for k, v in annotations.items() if k in CONTROLLER_ANNOTATIONS}
+        restored |= {k: v for k, v in goal.annotations.items() if k not in CONTROLLER_ANNOTATIONS}
+        restored[ROLLED_BACK_BY] = req.token
+        patch = [
+            # The version read above is a precondition: a concurrent change answers 409 and the
+            # retry decides again on fresh state.
+            {
+                "op": "replace",
+                "path": "/metadata/resourceVersion",
+                "value": deployment.metadata.resource_version,
+            },
+            {"op": "replace", "path": "/spec/template", "value": goal.template},
+            {"op": "add", "path": "/metadata/annotations", "value": restored},
+        ]
+        self._call(
+            "roll back Deployment",
+            target,
+            lambda: self.apps.patch_namespaced_deployment(req.name, req.namespace, patch),
+        )
+        images = ", ".join(goal.revision.images)
+        return MutationResult(
+            changed=True,
+            detail=f"rolled back {target} from revision {current} to {number} ({images})",
+        )
+
+    @staticmethod
+    def _undo_target(req: RolloutUndo, recorded: list[_Recorded], current: int | None) -> _Recorded:
+        target, wanted = f"{req.namespace}/{req.name}", req.to_revision
+        listed = ", ".join(str(r.revision.revision) for r in recorded) or "none"
+        if wanted is None:
+            older = [r for r in recorded if current is None or r.revision.revision < current]
+            if not older:
+                raise ApplicationError(
+                    f"{target} has no revision before {current} to roll back to (revisions: "
+                    f"{listed}); there is nothing to undo",
+                    type="NoPreviousRevision",
+                    non_retryable=True,
+                )
+            return older[-1]
+        for entry in recorded:
+            # A rolled-back-to ReplicaSet keeps its old numbers, so retrying an undo to revision
+            # N still finds it after it became N's successor.
+            if wanted == entry.revision.revision or wanted in entry.former:
+                return entry
+        raise ApplicationError(
+            f"revision {wanted} is not in the rollout history of {target} (revisions: {listed}); "
+            f"`kubectl -n {req.namespace} rollout history deployment {req.name}` lists them",
+            type="RevisionNotFound",
+            non_retryable=True,
+        )
 
     @activity.defn
     def list_pods(self, req: PodSelector) -> PodList:

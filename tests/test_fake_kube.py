@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiException, AppsV1Api, CoreV1Api
 
+from sandbox.kube import template_hash
+from sandbox.kube.cluster import REVISION, REVISION_HISTORY
 from tests import conftest_kube
 from tests.conftest_kube import KubeSandbox, eventually
 
@@ -367,3 +369,95 @@ def test_unknown_paths_and_subresources_are_404(kube: KubeSandbox) -> None:
         ]
         == 2
     )
+
+
+def revisions(kube: KubeSandbox, app: str) -> dict[str, str]:
+    """ReplicaSet name -> revision, listed through the real client as kubectl reads history."""
+    listed = apps(kube).list_namespaced_replica_set(NS, label_selector=f"app={app}").items
+    return {rs.metadata.name: rs.metadata.annotations[REVISION] for rs in listed}
+
+
+def current_hash(kube: KubeSandbox, name: str) -> str:
+    deployment = kube.cluster.get("deployments", NS, name)
+    assert deployment is not None
+    return template_hash(deployment["spec"]["template"])
+
+
+def roll_image(kube: KubeSandbox, name: str, image: str, cause: str) -> None:
+    apps(kube).patch_namespaced_deployment(
+        name,
+        NS,
+        {
+            "metadata": {"annotations": {"kubernetes.io/change-cause": cause}},
+            "spec": {"template": {"spec": {"containers": [{"name": name, "image": image}]}}},
+        },
+    )
+
+
+async def test_each_template_gets_an_owned_replica_set_and_revision(kube: KubeSandbox) -> None:
+    deployment = apps(kube).read_namespaced_deployment("gateway", NS)
+    seeded_hash = current_hash(kube, "gateway")
+    first = apps(kube).read_namespaced_replica_set(f"gateway-{seeded_hash}", NS)
+    assert first.metadata.annotations[REVISION] == "1"
+    assert first.metadata.annotations["kubernetes.io/change-cause"] == "release 1.0.0"
+    assert deployment.metadata.annotations[REVISION] == "1"
+    owner = first.metadata.owner_references[0]
+    assert (owner.kind, owner.name, owner.uid, owner.controller) == (
+        "Deployment",
+        "gateway",
+        deployment.metadata.uid,
+        True,
+    )
+    assert first.metadata.creation_timestamp is not None
+    assert first.spec.selector.match_labels == {"app": "gateway", "pod-template-hash": seeded_hash}
+    assert first.spec.template.metadata.labels["pod-template-hash"] == seeded_hash
+    assert first.status.replicas == first.spec.replicas == 2
+
+    roll_image(kube, "gateway", "registry.sandbox.local/astra/gateway:1.1.0", "release 1.1.0")
+    await eventually(lambda: rolled_out(kube, "gateway"), message="gateway on 1.1.0")
+    second_hash = current_hash(kube, "gateway")
+    assert revisions(kube, "gateway") == {
+        f"gateway-{seeded_hash}": "1",
+        f"gateway-{second_hash}": "2",
+    }
+    assert (
+        apps(kube).read_namespaced_deployment("gateway", NS).metadata.annotations[REVISION] == "2"
+    )
+    retired = apps(kube).read_namespaced_replica_set(f"gateway-{seeded_hash}", NS)
+    assert retired.spec.replicas == retired.status.replicas == 0
+    assert set(revisions(kube, "astra-worker").values()) == {"1"}  # untouched: one revision
+
+
+async def test_an_older_template_reuses_its_replica_set_under_the_next_revision(
+    kube: KubeSandbox,
+) -> None:
+    seeded = apps(kube).read_namespaced_deployment("gateway", NS)
+    seeded_hash = current_hash(kube, "gateway")
+    roll_image(kube, "gateway", "registry.sandbox.local/astra/gateway:bad", "bad build")
+    await eventually(lambda: rolled_out(kube, "gateway"), message="gateway on the bad build")
+    # What kubectl rollout undo sends: the old template back onto the Deployment.
+    template = kube.api.sanitize_for_serialization(seeded.spec.template)  # type: ignore[no-untyped-call]
+    apps(kube).patch_namespaced_deployment(
+        "gateway", NS, [{"op": "replace", "path": "/spec/template", "value": template}]
+    )
+    await eventually(lambda: rolled_out(kube, "gateway"), message="gateway rolled back")
+    reused = apps(kube).read_namespaced_replica_set(f"gateway-{seeded_hash}", NS)
+    assert reused.metadata.annotations[REVISION] == "3"
+    assert reused.metadata.annotations[REVISION_HISTORY] == "1"
+    assert sorted(revisions(kube, "gateway").values()) == ["2", "3"]
+    assert (
+        apps(kube).read_namespaced_deployment("gateway", NS).metadata.annotations[REVISION] == "3"
+    )
+    assert {
+        p["metadata"]["labels"]["pod-template-hash"]
+        for p in kube.cluster.pods(NS, {"app": "gateway"})
+    } == {seeded_hash}
+
+
+async def test_replica_sets_go_with_their_deployment(kube: KubeSandbox) -> None:
+    assert revisions(kube, "goal-service")
+    apps(kube).delete_namespaced_deployment("goal-service", NS)
+    await eventually(lambda: not revisions(kube, "goal-service"), message="replica sets collected")
+    with pytest.raises(ApiException) as gone:
+        apps(kube).list_namespaced_replica_set(NS, label_selector="app in (")
+    assert gone.value.status == 400

@@ -19,6 +19,7 @@ from activities.kubernetes import (
     PodDelete,
     PodSelector,
     RolloutRestart,
+    RolloutUndo,
     RolloutWait,
     config_hash,
 )
@@ -223,3 +224,96 @@ def test_verify_config_follows_the_stamped_hash(
     assert not changed.ok and changed.expected_hash != after.expected_hash
     # Same token, new config: the restart is due again, so it is not skipped.
     assert env.run(k8s.rollout_restart, restart).changed
+
+
+def release(kube: KubeSandbox, name: str, tag: str) -> None:
+    """Roll a Deployment to another image tag, recording why, as a CI deploy would."""
+    AppsV1Api(kube.api).patch_namespaced_deployment(
+        name,
+        NS,
+        {
+            "metadata": {"annotations": {"kubernetes.io/change-cause": f"release {tag}"}},
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {"name": name, "image": f"registry.sandbox.local/astra/{name}:{tag}"}
+                        ]
+                    }
+                }
+            },
+        },
+    )
+
+
+def test_rollout_history_lists_revisions_oldest_first(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    seeded = env.run(k8s.rollout_history, DeploymentRef(name="astra-worker"))
+    assert seeded.current_revision == 1 and seeded.previous is None
+    [first] = seeded.revisions
+    assert first.revision == 1 and first.change_cause == "release 1.0.0"
+    assert first.replica_set == f"astra-worker-{first.template_hash}"
+    assert first.images == ["registry.sandbox.local/astra/astra-worker:1.0.0"]
+    assert first.created is not None
+
+    release(kube, "astra-worker", "2.0.0")
+    env.run(k8s.wait_rollout, RolloutWait(name="astra-worker", poll_seconds=0.02))
+    history = env.run(k8s.rollout_history, DeploymentRef(name="astra-worker"))
+    assert [r.revision for r in history.revisions] == [1, 2] and history.current_revision == 2
+    assert history.newest is not None and history.newest.change_cause == "release 2.0.0"
+    assert history.previous == first
+
+
+def test_rollout_undo_restores_the_previous_template_once(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    seeded = env.run(k8s.rollout_history, DeploymentRef(name="astra-worker")).revisions[0]
+    release(kube, "astra-worker", "bad")
+    env.run(k8s.wait_rollout, RolloutWait(name="astra-worker", poll_seconds=0.02))
+    undo = RolloutUndo(name="astra-worker", token="high-error-rate/x/roll back")
+
+    first = env.run(k8s.rollout_undo, undo)
+    assert first.changed
+    assert first.detail.startswith("rolled back astra/astra-worker from revision 2 to 1")
+    env.run(k8s.wait_rollout, RolloutWait(name="astra-worker", poll_seconds=0.02))
+    after = kube.cluster.get("deployments", NS, "astra-worker")
+    assert after is not None
+    assert after["metadata"]["annotations"]["kubernetes.io/change-cause"] == "release 1.0.0"
+    history = env.run(k8s.rollout_history, DeploymentRef(name="astra-worker"))
+    assert history.current_revision == 3 and [r.revision for r in history.revisions] == [2, 3]
+    assert history.newest is not None and history.newest.template_hash == seeded.template_hash
+    assert {
+        p["spec"]["containers"][0]["image"] for p in kube.cluster.pods(NS, {"app": "astra-worker"})
+    } == set(seeded.images)
+
+    # A retry of the same step, and an undo to the revision it now runs, change nothing.
+    assert not env.run(k8s.rollout_undo, undo).changed
+    by_number = env.run(
+        k8s.rollout_undo, RolloutUndo(name="astra-worker", to_revision=1, token="t")
+    )
+    assert not by_number.changed and "already runs the template of revision" in by_number.detail
+    assert kube.cluster.get("deployments", NS, "astra-worker") == after
+
+
+def test_rollout_undo_dry_run_and_bad_requests_change_nothing(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    with pytest.raises(ApplicationError, match="no revision before 1") as nothing_to_undo:
+        env.run(k8s.rollout_undo, RolloutUndo(name="gateway", token="t"))
+    assert nothing_to_undo.value.non_retryable
+    release(kube, "gateway", "bad")
+    env.run(k8s.wait_rollout, RolloutWait(name="gateway", poll_seconds=0.02))
+    before = kube.cluster.get("deployments", NS, "gateway")
+
+    dry = env.run(k8s.rollout_undo, RolloutUndo(name="gateway", token="t", dry_run=True))
+    assert not dry.changed
+    assert dry.detail == "would roll back astra/gateway from revision 2 to 1"
+    with pytest.raises(
+        ApplicationError, match="revision 7 is not in the rollout history"
+    ) as unknown:
+        env.run(k8s.rollout_undo, RolloutUndo(name="gateway", to_revision=7, token="t"))
+    assert unknown.value.type == "RevisionNotFound" and unknown.value.non_retryable
+    with pytest.raises(ApplicationError, match="without an idempotency token"):
+        env.run(k8s.rollout_undo, RolloutUndo(name="gateway"))
+    assert kube.cluster.get("deployments", NS, "gateway") == before

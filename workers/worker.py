@@ -56,6 +56,8 @@ def build_worker(
             kubernetes.rollout_health,
             kubernetes.rollout_restart,
             kubernetes.wait_rollout,
+            kubernetes.rollout_history,
+            kubernetes.rollout_undo,
             kubernetes.list_pods,
             kubernetes.delete_pod,
             kubernetes.verify_config,

@@ -11,6 +11,13 @@ time (max surge 1, max unavailable 0) over ``rollout_seconds``, replaces deleted
 status the way ``kubectl rollout status`` reads it. ``stall()`` freezes a deployment's next
 rollout so game days and tests can watch a progress deadline expire.
 
+Rollout history is kept the way the real Deployment controller keeps it, so ``kubectl rollout
+history`` and ``kubectl rollout undo`` have something true to read: every pod template gets a
+ReplicaSet ``<deployment>-<pod-template-hash>`` owned by the Deployment and annotated with an
+incrementing ``deployment.kubernetes.io/revision``; a template equal to an older ReplicaSet's
+reuses that ReplicaSet under the next revision number (its old numbers go to
+``deployment.kubernetes.io/revision-history``); the Deployment carries its current revision.
+
 Every public method is thread-safe: the controller runs in the server's event loop thread while
 tests inspect the store from theirs.
 """
@@ -47,6 +54,18 @@ from sandbox.kube.selectors import (
 Obj = dict[str, Any]
 
 TEMPLATE_HASH_LABEL = "pod-template-hash"
+REVISION = "deployment.kubernetes.io/revision"
+REVISION_HISTORY = "deployment.kubernetes.io/revision-history"
+# The Deployment controller's own annotations: never copied from a Deployment to its ReplicaSets.
+CONTROLLER_ANNOTATIONS = frozenset(
+    {
+        REVISION,
+        REVISION_HISTORY,
+        "deployment.kubernetes.io/desired-replicas",
+        "deployment.kubernetes.io/max-replicas",
+        "kubectl.kubernetes.io/last-applied-configuration",
+    }
+)
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -66,7 +85,7 @@ class Resource:
     @property
     def has_status(self) -> bool:
         """Resources whose ``status`` is a subresource, ignored by writes to the main resource."""
-        return self.plural in ("pods", "deployments")
+        return self.plural in ("pods", "deployments", "replicasets")
 
 
 RESOURCES: dict[str, Resource] = {
@@ -77,6 +96,7 @@ RESOURCES: dict[str, Resource] = {
         Resource("Secret", "secrets", "v1"),
         Resource("Pod", "pods", "v1"),
         Resource("Deployment", "deployments", "apps/v1"),
+        Resource("ReplicaSet", "replicasets", "apps/v1"),
     )
 }
 
@@ -141,6 +161,19 @@ def _owner_deployment(pod: Obj) -> str | None:
         name = ref.get("name", "")
         if ref.get("kind") == "ReplicaSet" and pod_hash and name.endswith(f"-{pod_hash}"):
             return str(name[: -len(pod_hash) - 1])
+    return None
+
+
+def _revision(obj: Obj) -> int:
+    """The revision a ReplicaSet (or Deployment) is annotated with; 0 when it has none."""
+    text = (obj["metadata"].get("annotations") or {}).get(REVISION, "")
+    return int(text) if text.isdigit() else 0
+
+
+def _controller_uid(obj: Obj) -> str | None:
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid"))
     return None
 
 
@@ -596,6 +629,13 @@ class FakeCluster:
                 if owner and ("deployments", ns, owner) not in self._objects:
                     self._remove(RESOURCES["pods"], ns, pod["metadata"]["name"])  # garbage
                     changed = True
+            live_uids = {d["metadata"]["uid"] for d in self._iter(RESOURCES["deployments"], None)}
+            for replica_set in list(self._iter(RESOURCES["replicasets"], None)):
+                owner_uid = _controller_uid(replica_set)
+                if owner_uid is not None and owner_uid not in live_uids:
+                    meta = replica_set["metadata"]
+                    self._remove(RESOURCES["replicasets"], meta["namespace"], meta["name"])
+                    changed = True
             for deployment in list(self._iter(RESOURCES["deployments"], None)):
                 changed = self._reconcile_deployment(deployment, now, instant) or changed
             return changed
@@ -629,10 +669,13 @@ class FakeCluster:
             self._last_progress[key] = now
         desired = int(spec["replicas"])
         pod_hash = template_hash(spec["template"])
+        changed = False
+        if not spec.get("paused"):
+            deployment, changed = self._sync_revision(deployment, pod_hash)
+            meta = deployment["metadata"]
         owned = [p for p in self._iter(RESOURCES["pods"], ns) if _owner_deployment(p) == name]
         new = [p for p in owned if p["metadata"]["labels"].get(TEMPLATE_HASH_LABEL) == pod_hash]
         old = [p for p in owned if p not in new]
-        changed = False
         if not spec.get("paused"):
             # Scale down surplus new pods, unready (then newest) first.
             surplus = sorted(new, key=lambda p: (_pod_ready(p), p["metadata"]["name"]))
@@ -654,7 +697,149 @@ class FakeCluster:
                     break
             if changed:
                 self._last_progress[key] = now
+        changed = self._write_replica_set_status(deployment, pod_hash) or changed
         changed = self._write_deployment_status(deployment, new, old, pod_hash, now) or changed
+        return changed
+
+    def _replica_sets_of(self, deployment: Obj) -> list[Obj]:
+        meta = deployment["metadata"]
+        return [
+            rs
+            for rs in self._iter(RESOURCES["replicasets"], meta["namespace"])
+            if _controller_uid(rs) == meta["uid"]
+        ]
+
+    def _sync_revision(self, deployment: Obj, pod_hash: str) -> tuple[Obj, bool]:
+        """Make sure the template has its ReplicaSet at the newest revision, and the Deployment
+        says which revision it runs; returns the (possibly rewritten) Deployment."""
+        meta = deployment["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        owned = self._replica_sets_of(deployment)
+        newest = max((_revision(rs) for rs in owned), default=0)
+        copied = {
+            k: v
+            for k, v in (meta.get("annotations") or {}).items()
+            if k not in CONTROLLER_ANNOTATIONS
+        }
+        changed = False
+        current = next((rs for rs in owned if rs["metadata"]["name"] == f"{name}-{pod_hash}"), None)
+        if current is None:
+            current = self._new_replica_set(deployment, pod_hash, newest + 1, copied)
+            changed = True
+        else:
+            annotations = dict(current["metadata"].get("annotations") or {})
+            wanted = {**annotations, **copied}
+            revision = _revision(current)
+            if revision < newest:
+                # An older template is back (kubectl rollout undo): the same ReplicaSet serves
+                # it under the next revision number, and remembers the numbers it had.
+                former = [n for n in annotations.get(REVISION_HISTORY, "").split(",") if n]
+                if revision:
+                    former.append(str(revision))
+                wanted[REVISION] = str(newest + 1)
+                if former:
+                    wanted[REVISION_HISTORY] = ",".join(former)
+            if wanted != annotations:
+                updated = copy.deepcopy(current)
+                updated["metadata"]["annotations"] = wanted
+                current = self._commit(
+                    RESOURCES["replicasets"],
+                    ("replicasets", ns, current["metadata"]["name"]),
+                    updated,
+                )
+                changed = True
+        revision_text = str(_revision(current))
+        if (meta.get("annotations") or {}).get(REVISION) != revision_text:
+            updated = copy.deepcopy(deployment)
+            updated["metadata"].setdefault("annotations", {})[REVISION] = revision_text
+            self._commit(RESOURCES["deployments"], ("deployments", ns, name), updated)
+            changed = True
+        return self._objects[("deployments", ns, name)], changed
+
+    def _new_replica_set(
+        self, deployment: Obj, pod_hash: str, revision: int, annotations: dict[str, str]
+    ) -> Obj:
+        meta, spec = deployment["metadata"], deployment["spec"]
+        ns, name = meta["namespace"], meta["name"]
+        template = copy.deepcopy(spec["template"])
+        template_meta = template.setdefault("metadata", {})
+        template_meta["labels"] = {
+            **(template_meta.get("labels") or {}),
+            TEMPLATE_HASH_LABEL: pod_hash,
+        }
+        selector = copy.deepcopy(spec["selector"])
+        selector["matchLabels"] = {
+            **(selector.get("matchLabels") or {}),
+            TEMPLATE_HASH_LABEL: pod_hash,
+        }
+        replica_set: Obj = {
+            "apiVersion": "apps/v1",
+            "kind": "ReplicaSet",
+            "metadata": {
+                "name": f"{name}-{pod_hash}",
+                "namespace": ns,
+                "labels": dict(template_meta["labels"]),
+                "annotations": {**annotations, REVISION: str(revision)},
+                "ownerReferences": [
+                    {
+                        "apiVersion": "apps/v1",
+                        "kind": "Deployment",
+                        "name": name,
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+                # The uid its pods' owner references already name.
+                "uid": str(uuid.uuid5(uuid.UUID(meta["uid"]), pod_hash)),
+                "creationTimestamp": _now_text(),
+                "generation": 1,
+            },
+            "spec": {"replicas": 0, "selector": selector, "template": template},
+            "status": {"replicas": 0},
+        }
+        return self._commit(
+            RESOURCES["replicasets"], ("replicasets", ns, f"{name}-{pod_hash}"), replica_set
+        )
+
+    def _write_replica_set_status(self, deployment: Obj, pod_hash: str) -> bool:
+        """Scale and count each ReplicaSet as its pods stand; prune history past the limit."""
+        meta, spec = deployment["metadata"], deployment["spec"]
+        ns, name = meta["namespace"], meta["name"]
+        pods = [p for p in self._iter(RESOURCES["pods"], ns) if _owner_deployment(p) == name]
+        changed = False
+        retired: list[Obj] = []
+        for replica_set in self._replica_sets_of(deployment):
+            rs_hash = replica_set["metadata"]["name"][len(name) + 1 :]
+            mine = [p for p in pods if p["metadata"]["labels"].get(TEMPLATE_HASH_LABEL) == rs_hash]
+            ready = sum(_pod_ready(p) for p in mine)
+            replicas = int(spec["replicas"]) if rs_hash == pod_hash else len(mine)
+            if rs_hash != pod_hash and not mine:
+                retired.append(replica_set)
+            updated = copy.deepcopy(replica_set)
+            if updated["spec"].get("replicas") != replicas:
+                updated["spec"]["replicas"] = replicas
+                updated["metadata"]["generation"] = int(updated["metadata"]["generation"]) + 1
+            counters = {
+                "fullyLabeledReplicas": len(mine),
+                "readyReplicas": ready,
+                "availableReplicas": ready,
+            }
+            updated["status"] = {
+                # replicas is always reported; the other counters are omitted at zero.
+                "replicas": len(mine),
+                **{k: v for k, v in counters.items() if v},
+                "observedGeneration": updated["metadata"]["generation"],
+            }
+            if updated != replica_set:
+                key = ("replicasets", ns, replica_set["metadata"]["name"])
+                self._commit(RESOURCES["replicasets"], key, updated)
+                changed = True
+        limit = int(spec.get("revisionHistoryLimit", 10))
+        retired.sort(key=_revision)
+        for replica_set in retired[: max(0, len(retired) - limit)]:
+            self._remove(RESOURCES["replicasets"], ns, replica_set["metadata"]["name"])
+            changed = True
         return changed
 
     def _start_pod(self, deployment: Obj, pod_hash: str, now: float, instant: bool) -> Obj:

@@ -19,6 +19,8 @@ DEPLOYMENTS: dict[str, int] = {
     "gateway": 2,
 }
 TLS_SERVICES = ("agent-service", "goal-service", "gateway")
+RELEASE = "1.0.0"
+CHANGE_CAUSE = "kubernetes.io/change-cause"
 ASTRA_CONFIG: dict[str, str] = {
     "TASK_SHARD_COUNT": "8",
     "DATABASE_URL": "postgresql://127.0.0.1:5432/astra_sandbox",
@@ -38,7 +40,8 @@ def _b64(text: str) -> str:
 def deployment_manifest(
     name: str, replicas: int, namespace: str = ASTRA_NAMESPACE
 ) -> dict[str, Any]:
-    """A Deployment as Astra ships it: ``app: <name>`` labels, config from ``astra-config``."""
+    """A Deployment as Astra ships it: ``app: <name>`` labels, config from ``astra-config``, and
+    a change cause, so its first revision reads well in ``kubectl rollout history``."""
     labels = {"app": name}
     return {
         "apiVersion": "apps/v1",
@@ -47,6 +50,7 @@ def deployment_manifest(
             "name": name,
             "namespace": namespace,
             "labels": {**labels, "part-of": "astra"},
+            "annotations": {CHANGE_CAUSE: f"release {RELEASE}"},
         },
         "spec": {
             "replicas": replicas,
@@ -57,7 +61,7 @@ def deployment_manifest(
                     "containers": [
                         {
                             "name": name,
-                            "image": f"registry.sandbox.local/astra/{name}:1.0.0",
+                            "image": f"registry.sandbox.local/astra/{name}:{RELEASE}",
                             "envFrom": [
                                 {"configMapRef": {"name": CONFIG_MAP}},
                                 {"secretRef": {"name": VAULT_SECRET}},
