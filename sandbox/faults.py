@@ -3,8 +3,11 @@
 The condition is written straight into PostgreSQL and Redis, so a runbook can detect it whether or
 not the load generator runs; the load generator's knobs are set as well, so a running one keeps
 the fault going (a lost worker stays silent, failures and cost stay high) until ``reset``.
+A bad rollout is the exception: it is a change to the sandbox cluster, and its failures are the
+load generator's tasks run by the new pods, so it needs both running (as ``astra-ops dev`` does).
 """
 
+import asyncio
 import math
 import time
 import uuid
@@ -14,10 +17,20 @@ from typing import Any
 
 import psycopg
 import redis.asyncio as aioredis
+from kubernetes.client import ApiClient, AppsV1Api
+from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, computed_field
 
+from activities.kubernetes import CHANGE_CAUSE, DeploymentRef, KubernetesActivities
 from activities.postgres import LlmCostRequest, query_llm_cost
-from sandbox.loadgen import LoadConfig, LoadGenerator, SandboxKeys, read_knobs, write_knobs
+from sandbox.loadgen import (
+    BadBuild,
+    LoadConfig,
+    LoadGenerator,
+    SandboxKeys,
+    read_knobs,
+    write_knobs,
+)
 
 RETRYABLE_ERRORS = (
     "TimeoutError: upstream timed out",
@@ -28,6 +41,7 @@ NON_RETRYABLE_ERRORS = (
     "ValidationError: bad goal",
     "PermissionError: tenant may not use this tool",
 )
+BAD_BUILD_ERROR = "ImportError: cannot import name 'run_step' from 'astra.worker'"
 
 
 class SandboxTarget(BaseModel):
@@ -65,6 +79,20 @@ class CostSpikeFault(BaseModel):
     rows: int
     seeded_history_rows: int
     """LLM usage history written first because there was no baseline to spike against."""
+
+
+class BadRolloutFault(BaseModel):
+    namespace: str
+    deployment: str
+    previous_image: str
+    image: str
+    change_cause: str
+    from_revision: int | None
+    to_revision: int | None
+    """The revision the bad template runs as; None if the controller had not recorded it yet."""
+    replica_set: str | None
+    share: float
+    error: str
 
 
 class DeadLetterEntry(BaseModel):
@@ -376,3 +404,95 @@ async def dead_letters(
                 )
             )
     return DeadLettersFault(entries=entries)
+
+
+def _tagged(image: str, tag: str) -> str:
+    """``image`` with its tag replaced by ``tag`` (a registry port is not a tag)."""
+    name, _, last = image.rpartition("/")
+    repository = last.split(":", 1)[0]
+    return f"{name}/{repository}:{tag}" if name else f"{repository}:{tag}"
+
+
+def _roll_out_bad_build(
+    api: ApiClient,
+    namespace: str,
+    deployment: str,
+    tag: str,
+    share: float,
+    error: str,
+    timeout_seconds: float,
+) -> BadRolloutFault:
+    apps: Any = AppsV1Api(api)
+    try:
+        current = apps.read_namespaced_deployment(deployment, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            raise ValueError(
+                f"no Deployment {namespace}/{deployment} in the sandbox cluster; "
+                "name one of Astra's Deployments with --deployment"
+            ) from None
+        raise
+    container = current.spec.template.spec.containers[0]
+    previous, bad = str(container.image), _tagged(str(container.image), tag)
+    cause = f"{deployment}:{tag} (sandbox fault bad-rollout)"
+    ref = DeploymentRef(namespace=namespace, name=deployment)
+    history = KubernetesActivities(api).rollout_history
+    before = history(ref).current_revision
+    if previous != bad:
+        apps.patch_namespaced_deployment(
+            deployment,
+            namespace,
+            {
+                "metadata": {"annotations": {CHANGE_CAUSE: cause}},
+                "spec": {
+                    "template": {"spec": {"containers": [{"name": container.name, "image": bad}]}}
+                },
+            },
+        )
+    # The controller records the new revision on its next pass; report it once it has.
+    deadline = time.monotonic() + timeout_seconds
+    newest = history(ref).newest
+    while (newest is None or bad not in newest.images) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        newest = history(ref).newest
+    recorded = newest if newest is not None and bad in newest.images else None
+    return BadRolloutFault(
+        namespace=namespace,
+        deployment=deployment,
+        previous_image=previous,
+        image=bad,
+        change_cause=cause,
+        from_revision=before,
+        to_revision=recorded.revision if recorded else None,
+        replica_set=recorded.replica_set if recorded else None,
+        share=share,
+        error=error,
+    )
+
+
+async def bad_rollout(
+    target: SandboxTarget,
+    api: ApiClient,
+    namespace: str = "astra",
+    deployment: str = "astra-worker",
+    tag: str = "bad",
+    share: float = 0.5,
+    error: str = BAD_BUILD_ERROR,
+    timeout_seconds: float = 10.0,
+) -> BadRolloutFault:
+    """Roll ``deployment`` to a bad build (image tag ``tag``), whose pods fail ``share`` of the
+    tasks they run with ``error``; rolling back to the previous revision cures it.
+
+    Running it again while the bad build is out rolls nothing new.
+    """
+    if not 0 < share <= 1 or not tag:
+        raise ValueError(f"bad rollout needs 0 < share <= 1 and a tag; got share={share}")
+    fault = await asyncio.to_thread(
+        _roll_out_bad_build, api, namespace, deployment, tag, share, error, timeout_seconds
+    )
+    keys = SandboxKeys(target.key_prefix)
+    async with _redis(target) as client:
+        knobs = await read_knobs(client, keys)
+        bad_build = BadBuild(image=fault.image, share=share, error=error)
+        await write_knobs(client, keys, knobs.model_copy(update={"bad_build": bad_build}))
+    return fault

@@ -44,6 +44,14 @@ class SandboxKeys(AstraKeys):
         return f"{self.prefix}sandbox:lost_workers"
 
 
+class BadBuild(BaseModel):
+    """A bad image rolled out to the worker pool: the tasks its pods run fail."""
+
+    image: str
+    share: float = Field(gt=0, le=1)
+    error: str
+
+
 class Knobs(BaseModel):
     """The behaviour faults change while the load generator runs."""
 
@@ -55,6 +63,9 @@ class Knobs(BaseModel):
     spike_model: str | None = None
     stuck_workers: list[str] = []
     """When set, only these workers fail tasks: a stuck pool that a restart (new pods) cures."""
+    bad_build: BadBuild | None = None
+    """Workers whose pods run this image fail a share of their tasks: a bad rollout, which a
+    rollback (pods of the previous image) cures."""
 
 
 async def read_knobs(client: "aioredis.Redis", keys: SandboxKeys) -> Knobs:
@@ -110,6 +121,23 @@ class StepReport(BaseModel):
     llm_calls: int
 
 
+def _failure(
+    draw: float, worker: str, image: str | None, knobs: Knobs, platform: PlatformConfig
+) -> str | None:
+    """The error a task run by ``worker`` fails with, given one uniform ``draw``; None if it
+    succeeds. A paused error class is work Astra holds back rather than runs, so it stops failing.
+    """
+    causes: list[tuple[float, str]] = []
+    if not knobs.stuck_workers or worker in knobs.stuck_workers:
+        causes.append((knobs.failure_share, knobs.error))
+    if knobs.bad_build is not None and image == knobs.bad_build.image:
+        causes.append((knobs.bad_build.share, knobs.bad_build.error))
+    for share, error in causes:
+        if draw < share and error_class(error) not in platform.paused_error_classes:
+            return error
+    return None
+
+
 class LoadGenerator:
     """Plays Astra's workers and agents, one deterministic tick at a time."""
 
@@ -145,10 +173,11 @@ class LoadGenerator:
         """
         knobs = await read_knobs(self._redis, self.keys)
         platform = PlatformConfig()
+        images: dict[str, str] = {}
         if self.cluster is not None:
             view = await self.cluster.observe()
             self.set_workers(view.workers)
-            platform = view.config
+            platform, images = view.config, view.images
         lost = await self._redis.smembers(self.keys.lost_workers)
         live = [w for w in self.workers if w not in lost]
         report = StepReport(
@@ -169,7 +198,9 @@ class LoadGenerator:
             )
             report.submitted = await self._submit(conn)
             for worker in live:
-                dead_letters += await self._finish(conn, worker, knobs, platform, report)
+                dead_letters += await self._finish(
+                    conn, worker, images.get(worker), knobs, platform, report
+                )
                 report.leased[worker] = await self._lease(conn, worker)
             report.llm_calls = await self._record_llm_calls(conn, knobs, platform)
         now_ms = int(time.time() * 1000)
@@ -258,13 +289,13 @@ class LoadGenerator:
         self,
         conn: psycopg.AsyncConnection[Any],
         worker: str,
+        image: str | None,
         knobs: Knobs,
         platform: PlatformConfig,
         report: StepReport,
     ) -> list[dict[str, str]]:
-        """Complete or fail what ``worker`` leased last tick; return the dead letters to publish.
-
-        A paused error class is work Astra holds back rather than runs, so it stops failing.
+        """Complete or fail what ``worker`` (running ``image``) leased last tick; return the dead
+        letters to publish.
         """
         rows = await (
             await conn.execute(
@@ -274,10 +305,9 @@ class LoadGenerator:
             )
         ).fetchall()
         dead_letters: list[dict[str, str]] = []
-        stuck = not knobs.stuck_workers or worker in knobs.stuck_workers
-        failing = stuck and error_class(knobs.error) not in platform.paused_error_classes
         for task_id, retries, max_retries, shard in rows:
-            if self._rng.random() >= knobs.failure_share or not failing:
+            error = _failure(self._rng.random(), worker, image, knobs, platform)
+            if error is None:
                 await conn.execute(
                     "UPDATE tasks SET status = 'succeeded', updated_at = now() WHERE id = %s",
                     (task_id,),
@@ -288,13 +318,13 @@ class LoadGenerator:
                 await conn.execute(
                     "UPDATE tasks SET status = 'dead_letter', last_error = %s, updated_at = now()"
                     " WHERE id = %s",
-                    (knobs.error, task_id),
+                    (error, task_id),
                 )
                 report.dead_lettered.append(str(task_id))
                 dead_letters.append(
                     {
                         "task_id": str(task_id),
-                        "error": knobs.error,
+                        "error": error,
                         "retries": str(retries),
                         "shard": str(shard),
                         "worker_id": worker,
@@ -305,7 +335,7 @@ class LoadGenerator:
                 await conn.execute(
                     "UPDATE tasks SET status = 'failed', retries = retries + 1, last_error = %s,"
                     " updated_at = now() WHERE id = %s",
-                    (knobs.error, task_id),
+                    (error, task_id),
                 )
                 report.failed.append(str(task_id))
         return dead_letters

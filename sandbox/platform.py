@@ -3,7 +3,7 @@
 Real Astra workers are pods and obey ``astra-config``; the load generator plays them, so it asks
 the sandbox cluster the same two questions through the real Kubernetes API each tick. That is
 what gives a runbook's containment (an intake pause, a budget guard) and its remediation (a
-deleted or restarted pod) a real effect on the sandbox's data.
+deleted, restarted or rolled-back pod) a real effect on the sandbox's data.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ class PlatformConfig(BaseModel):
 class PlatformView(BaseModel):
     workers: list[str]
     """Ready, non-terminating pods of the worker Deployment: the workers that run."""
+    images: dict[str, str] = {}
+    """The image each of those workers runs (its pod's first container): a bad build is a
+    property of the pods that run it, so a rollback cures it."""
     config: PlatformConfig
 
 
@@ -58,12 +61,14 @@ class ClusterView:
     def _observe(self) -> PlatformView:
         selector = f"app={self.pool}"
         pods: Any = self._core.list_namespaced_pod(self.namespace, label_selector=selector)
-        workers = sorted(
-            pod.metadata.name
+        running = [
+            pod
             for pod in pods.items
             if pod.metadata.deletion_timestamp is None
             and any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
-        )
+        ]
+        workers = sorted(pod.metadata.name for pod in running)
+        images = {pod.metadata.name: pod.spec.containers[0].image for pod in running}
         try:
             data = self._core.read_namespaced_config_map(self.config_map, self.namespace).data
         except ApiException as err:
@@ -73,6 +78,7 @@ class ClusterView:
         data = data or {}
         return PlatformView(
             workers=workers,
+            images=images,
             config=PlatformConfig(
                 paused_error_classes=paused_classes(data.get(INTAKE_PAUSED_KEY)),
                 budget_guard=BudgetGuard.parse(data.get(BUDGET_GUARD_KEY)),

@@ -16,8 +16,10 @@ import psycopg
 import redis.asyncio as aioredis
 import typer
 import uvicorn
+from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel
 from rich.console import Console
+from urllib3.exceptions import HTTPError
 
 from runtime.settings import Settings, SettingsError, load_settings
 from sandbox import faults
@@ -172,6 +174,42 @@ def dead_letters(
         ),
         as_json,
     )
+
+
+@fault_app.command("bad-rollout")
+def bad_rollout(
+    deployment: Annotated[str, typer.Option(help="The Deployment to roll.")] = "astra-worker",
+    tag: Annotated[str, typer.Option(help="Image tag of the bad build.")] = "bad",
+    share: Annotated[float, typer.Option(help="Share of its pods' tasks that fail (0-1].")] = 0.5,
+    error: Annotated[str, typer.Option(help="The error those tasks fail with.")] = (
+        faults.BAD_BUILD_ERROR
+    ),
+    as_json: Json = False,
+) -> None:
+    """A bad build rolls out: its pods fail tasks until the Deployment is rolled back."""
+    settings = _settings()
+    if not settings.kube_url:
+        _fail(
+            "bad-rollout rolls a Deployment of the sandbox cluster: set ASTRA_OPS_KUBE_URL to its "
+            "URL (`astra-ops dev` prints it)"
+        )
+    api = api_client(settings.kube_url)
+    try:
+        _inject(
+            lambda t: faults.bad_rollout(
+                t, api, settings.kube_namespace, deployment, tag, share, error
+            ),
+            lambda r: (
+                f"{r.namespace}/{r.deployment} rolled from revision {r.from_revision} to "
+                f"{r.to_revision} ({r.image}); its pods fail {r.share:.0%} of their tasks with "
+                f"{r.error!r} until it is rolled back"
+            ),
+            as_json,
+        )
+    except (ApiException, HTTPError) as e:
+        _fail(f"the sandbox cluster at {settings.kube_url} did not answer ({e}); is it running?")
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
 
 
 @sandbox_app.command("reset")

@@ -1,6 +1,9 @@
-"""High Error Rate end to end: a stuck worker pool fails tasks; contain, restart, recover."""
+"""High Error Rate end to end: a stuck worker pool or a bad rollout fails tasks; contain, remedy
+the cause triage found (restart, or roll back), recover."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from temporalio.client import Client
@@ -9,9 +12,9 @@ from activities.metrics import SqlMetrics
 from runtime.access import load_policy
 from runtime.astra_config import INTAKE_PAUSED_KEY
 from runtime.settings import Settings
-from sandbox.faults import error_spike
+from sandbox.faults import BadRolloutFault, bad_rollout, error_spike
 from starters.runs import InvalidInput, Runs
-from tests.conftest_kube import KubeSandbox
+from tests.conftest_kube import KubeSandbox, eventually
 from tests.conftest_sandbox import RunningAstra, config_value, decide, start, worker_pods
 from workflows.high_error_rate import HighErrorRate, HighErrorRateRequest
 from workflows.models import Outcome
@@ -24,6 +27,31 @@ WINDOW = 3.0
 async def stick_the_pool(astra: RunningAstra) -> None:
     async with astra.between_ticks():
         await error_spike(astra.target, share=0.5, window_seconds=WINDOW, tasks=40, stuck_pool=True)
+
+
+async def roll_out_a_bad_build(kube: KubeSandbox, astra: RunningAstra) -> BadRolloutFault:
+    """Roll the workers to a bad build, and wait until its pods are failing tasks."""
+    fault = await bad_rollout(astra.target, kube.api)
+
+    async def failing() -> bool:
+        rate = await SqlMetrics(astra.target.dsn).failure_rate(WINDOW)
+        return rate.rate > 0.2 and worker_images(kube) == {fault.image}
+
+    await eventually(failing, timeout=15, interval=0.1, message="the bad build failing tasks")
+    return fault
+
+
+def worker_images(kube: KubeSandbox) -> set[str]:
+    return {
+        p["spec"]["containers"][0]["image"]
+        for p in kube.cluster.pods("astra", {"app": "astra-worker"})
+    }
+
+
+def worker_deployment(kube: KubeSandbox) -> dict[str, Any]:
+    deployment = kube.cluster.get("deployments", "astra", "astra-worker")
+    assert deployment is not None
+    return deployment
 
 
 def request(**overrides: object) -> HighErrorRateRequest:
@@ -83,6 +111,41 @@ async def test_dry_run_changes_nothing(
 
     assert result.outcome == Outcome.DONE and result.summary.startswith("dry-run:")
     assert config_value(kube, INTAKE_PAUSED_KEY) is None and worker_pods(kube) == stuck
+
+
+async def test_bad_rollout_is_rolled_back_and_rate_recovers(
+    client: Client, task_queue: str, kube: KubeSandbox, astra: RunningAstra
+) -> None:
+    fault = await roll_out_a_bad_build(kube, astra)
+    handle = await start(client, HighErrorRate, request(recent_rollout_seconds=120), task_queue)
+
+    await decide(handle, "approve pausing intake", "alice")
+    await decide(handle, "approve rolling back the last rollout", "carol")
+    result = await handle.result()
+
+    assert result.outcome == Outcome.DONE, result.summary
+    assert "from revision 2 to 1" in result.summary
+    assert worker_images(kube) == {fault.previous_image}
+    annotations = worker_deployment(kube)["metadata"]["annotations"]
+    assert annotations["deployment.kubernetes.io/revision"] == "3"  # revision 1, reused
+    assert annotations["kubernetes.io/change-cause"] == "release 1.0.0"
+    assert config_value(kube, INTAKE_PAUSED_KEY) == ""
+    rate = await SqlMetrics(astra.target.dsn).failure_rate(WINDOW)
+    assert rate.total > 0 and rate.rate <= 0.05
+
+
+async def test_dry_run_of_a_bad_rollout_changes_nothing(
+    client: Client, task_queue: str, kube: KubeSandbox, astra: RunningAstra
+) -> None:
+    fault = await roll_out_a_bad_build(kube, astra)
+    before = worker_deployment(kube)["spec"]
+    dry = request(recent_rollout_seconds=120, dry_run=True)
+    result = await (await start(client, HighErrorRate, dry, task_queue)).result()
+
+    assert result.outcome == Outcome.DONE and result.summary.startswith("dry-run:")
+    assert "would roll back astra/astra-worker from revision 2 to 1" in result.summary
+    assert worker_deployment(kube)["spec"] == before and worker_images(kube) == {fault.image}
+    assert config_value(kube, INTAKE_PAUSED_KEY) is None
 
 
 @pytest.mark.parametrize(

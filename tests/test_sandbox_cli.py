@@ -99,3 +99,20 @@ async def test_serve_plays_the_cluster_pods_and_exports_metrics(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_bad_rollout_rolls_the_workers_to_a_bad_build(
+    env: dict[str, str], kube: KubeSandbox
+) -> None:
+    with_cluster = {**env, "ASTRA_OPS_KUBE_URL": kube.url}
+    code, output = await asyncio.to_thread(sandbox, with_cluster, "fault", "bad-rollout", "--json")
+    assert code == 0, output
+    fault = json.loads(output)
+    assert (fault["from_revision"], fault["to_revision"]) == (1, 2)
+    assert fault["image"] == "registry.sandbox.local/astra/astra-worker:bad"
+    deployment = kube.cluster.get("deployments", "astra", "astra-worker")
+    assert deployment is not None
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == fault["image"]
+
+    code, output = await asyncio.to_thread(sandbox, env, "fault", "bad-rollout")
+    assert code == 1 and "ASTRA_OPS_KUBE_URL" in output
