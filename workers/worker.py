@@ -12,6 +12,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from temporalio.client import Client
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.kubernetes import KubernetesActivities
 from activities.metrics import MetricsActivities, metrics_source
@@ -76,6 +77,13 @@ def build_worker(
             metrics.cost_comparison,
         ],
         activity_executor=executor,
+        # The shared models are plain data: importing them once, outside the per-run sandbox,
+        # saves rebuilding every pydantic schema for every workflow run.
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(
+                "workflows.models", "pydantic", "pydantic_core"
+            )
+        ),
         graceful_shutdown_timeout=timedelta(seconds=30),
     )
 
