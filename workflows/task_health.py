@@ -34,7 +34,12 @@ class TaskHealthRequest(RunbookRequest):
 
     namespace: str = Field(default="astra", min_length=1)
     config_map: str = Field(default="astra-config", min_length=1)
-    worker_pool: str = Field(default="astra-worker", min_length=1)
+    worker_pool: str = Field(
+        default="astra-worker",
+        min_length=1,
+        description="the workers' Deployment: its pods are the workers (pod name = worker id), "
+        "and its rollouts are what a runbook restarts or rolls back",
+    )
     poll_seconds: float = Field(default=15, gt=0, description="how often recovery is measured")
     verify_timeout_seconds: float = Field(
         default=1800, gt=0, description="how long recovery may take before the run fails"
