@@ -51,7 +51,10 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
     api_url: str = "http://127.0.0.1:8080"
-    ui_origin: str = "http://127.0.0.1:8233"
+    ui_origins: str = Field(
+        default="http://127.0.0.1:8233,http://localhost:8233",
+        description="Origins of the Temporal UI allowed to call the codec endpoints (CORS).",
+    )
     dev_mode: bool = False
 
     # Dev stack

@@ -97,7 +97,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.add_middleware(
         CORSMiddleware,
-        allow_origins=[settings.ui_origin],
+        allow_origins=[origin.strip() for origin in settings.ui_origins.split(",")],
         allow_methods=["POST", "OPTIONS"],
         allow_headers=["content-type", "x-namespace", "authorization"],
         allow_credentials=True,

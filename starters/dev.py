@@ -91,6 +91,7 @@ async def run_dev(settings: Settings) -> int:
         "TEMPORAL_ADDRESS": address,
         "CODEC_KEY_FILE": str(keys),
         "DEV_MODE": "true",
+        "UI_ORIGINS": f"http://127.0.0.1:{settings.ui_port},http://localhost:{settings.ui_port}",
         "API_TOKENS": settings.api_tokens.get_secret_value() if settings.api_tokens else DEV_TOKENS,
     }
     settings = settings.model_copy(

@@ -76,7 +76,17 @@ async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
         "ASTRA_OPS_REDIS_KEY_PREFIX": redis_prefix,
     }
     async with dev_stack(env, api) as proc, httpx.AsyncClient(base_url=api) as http:
-        assert listening(ports["ui"]), "the Temporal Web UI is served"
+        ui = (await http.get(f"http://127.0.0.1:{ports['ui']}/api/v1/settings")).json()
+        assert ui["Codec"]["Endpoint"] == api, "the UI decodes payloads through the API"
+        preflight = await http.options(
+            "/codec/decode",
+            headers={
+                "Origin": f"http://localhost:{ports['ui']}",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type,x-namespace",
+            },
+        )
+        assert preflight.status_code == 200, preflight.text
         started = await http.post(
             "/v1/runbooks/shard-scaling/runs",
             json={"params": {"shards": 12}, "reason": "dev stack test"},
