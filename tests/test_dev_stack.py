@@ -39,7 +39,7 @@ async def dev_stack(env: dict[str, str], api: str) -> AsyncIterator[asyncio.subp
         start_new_session=True,
     )  # fmt: skip
     try:
-        async with httpx.AsyncClient(base_url=api) as http:
+        async with httpx.AsyncClient(base_url=api, timeout=30) as http:
 
             async def ready() -> bool:
                 if proc.returncode is not None:
@@ -75,7 +75,7 @@ async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
         "ASTRA_OPS_DATABASE_URL": pg_dsn,
         "ASTRA_OPS_REDIS_KEY_PREFIX": redis_prefix,
     }
-    async with dev_stack(env, api) as proc, httpx.AsyncClient(base_url=api) as http:
+    async with dev_stack(env, api) as proc, httpx.AsyncClient(base_url=api, timeout=30) as http:
         ui = (await http.get(f"http://127.0.0.1:{ports['ui']}/api/v1/settings")).json()
         assert ui["Codec"]["Endpoint"] == api, "the UI decodes payloads through the API"
         preflight = await http.options(
@@ -108,7 +108,7 @@ async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
             assert not listening(port), f"port {port} still open after Ctrl-C"
     assert (tmp_path / "state" / "temporal.db").exists()
 
-    async with dev_stack(env, api), httpx.AsyncClient(base_url=api) as http:
+    async with dev_stack(env, api), httpx.AsyncClient(base_url=api, timeout=30) as http:
         kept = (await http.get(f"/v1/runs/{run_id}", headers=BOB)).json()
         assert kept["state"] == "running"
         assert kept["status"]["pending_approvals"][0]["step"] == "approve scaling"
