@@ -29,7 +29,7 @@ from runtime import search_attributes as sa
 from runtime.client import data_converter
 from runtime.codec import new_key_line
 from runtime.settings import Settings
-from workers.worker import build_worker
+from workers.worker import running_worker
 from workflows.shard_scaling import ShardScaling, ShardScalingRequest
 
 QUEUE = "bench-step-overhead"
@@ -111,7 +111,7 @@ async def main(runs: int, concurrency: int) -> None:
     client = env.client
     try:
         with ThreadPoolExecutor(16) as executor:
-            scaling_worker = build_worker(client, settings, executor)
+            scaling_worker = running_worker(client, settings, executor)
             bare_worker = Worker(
                 client, task_queue=f"{QUEUE}-bare", workflows=[Bare], activities=[no_op]
             )

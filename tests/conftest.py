@@ -27,7 +27,7 @@ from runtime.settings import REPO_ROOT, Settings
 from sandbox.kube import seed_astra
 from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox, eventually, kube
-from workers.worker import build_worker
+from workers.worker import running_worker
 
 pytest_plugins = ["tests.conftest_data", "tests.conftest_sandbox"]
 __all__ = ["eventually", "kube"]
@@ -136,6 +136,5 @@ def runs(client: Client, settings: Settings) -> Runs:
 async def worker(client: Client, settings: Settings) -> AsyncIterator[Worker]:
     """The production worker composition, on this test's task queue."""
     with ThreadPoolExecutor(max_workers=8) as executor:
-        built = build_worker(client, settings, executor)
-        async with built:
+        async with running_worker(client, settings, executor) as built:
             yield built

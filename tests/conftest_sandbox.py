@@ -26,7 +26,7 @@ from sandbox.kube import api_client
 from sandbox.loadgen import LoadConfig, LoadGenerator
 from sandbox.platform import ClusterView
 from tests.conftest_kube import KubeSandbox, eventually
-from workers.worker import build_worker
+from workers.worker import running_worker
 from workflows.models import Decision, RunbookRequest, RunbookResult, RunStatus
 from workflows.runbook import Runbook
 
@@ -71,21 +71,25 @@ async def astra(data_plane: SandboxTarget, kube: KubeSandbox) -> AsyncIterator[R
     )
     running = RunningAstra(target=data_plane, generator=generator, tick_lock=asyncio.Lock())
 
+    stop = asyncio.Event()
+
     async def play() -> None:
-        while True:
+        while not stop.is_set():
             async with running.tick_lock:
                 await generator.step()
             running.ticks += 1
-            await asyncio.sleep(TICK_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), TICK_SECONDS)
 
+    # Stopped by an event, not by cancelling it mid-tick: a cancellation landing inside the
+    # database or Redis client can be swallowed there and leave the loop running forever.
     task = asyncio.create_task(play())
     try:
         await running.advance(2)
         yield running
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
         await generator.aclose()
         api.close()  # type: ignore[no-untyped-call]
 
@@ -106,7 +110,7 @@ def astra_settings(settings: Settings, data_plane: SandboxTarget) -> Settings:
 async def astra_worker(client: Client, astra_settings: Settings) -> AsyncIterator[Worker]:
     """The production worker composition, acting on this test's data plane."""
     with ThreadPoolExecutor(max_workers=8) as executor:
-        async with build_worker(client, astra_settings, executor) as worker:
+        async with running_worker(client, astra_settings, executor) as worker:
             yield worker
 
 

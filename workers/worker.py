@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
 from kubernetes import client as k8s
@@ -38,15 +40,18 @@ def kube_api(settings: Settings) -> k8s.ApiClient:
     return k8s.ApiClient()
 
 
-def build_worker(
+@asynccontextmanager
+async def running_worker(
     client: Client, settings: Settings, executor: ThreadPoolExecutor, task_queue: str | None = None
-) -> Worker:
-    kubernetes = KubernetesActivities(kube_api(settings))
+) -> AsyncIterator[Worker]:
+    """The worker, polling until the block ends; then its connections are released."""
+    kubernetes_api = kube_api(settings)
+    kubernetes = KubernetesActivities(kubernetes_api)
     notify = NotifyActivities(settings.access_policy, settings.chat_webhook_url)
     postgres = PostgresActivities(settings.database_url)
     redis = RedisActivities(settings.redis_url, key_prefix=settings.redis_key_prefix)
     metrics = MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url))
-    return Worker(
+    worker = Worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=list(RUNBOOKS.values()),
@@ -86,6 +91,12 @@ def build_worker(
         ),
         graceful_shutdown_timeout=timedelta(seconds=30),
     )
+    try:
+        async with worker:
+            yield worker
+    finally:
+        await redis.aclose()
+        kubernetes_api.close()  # type: ignore[no-untyped-call]
 
 
 async def run_worker(settings: Settings) -> None:
@@ -96,10 +107,11 @@ async def run_worker(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     with ThreadPoolExecutor(max_workers=16) as executor:
-        worker = build_worker(client, settings, executor)
-        log.info(
-            "worker polling task queue %s at %s", settings.task_queue, settings.temporal_address
-        )
-        async with worker:
+        async with running_worker(client, settings, executor):
+            log.info(
+                "worker polling task queue %s at %s",
+                settings.task_queue,
+                settings.temporal_address,
+            )
             await stop.wait()
             log.info("stopping worker: waiting for running activities")
