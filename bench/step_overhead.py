@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import statistics
 import sys
@@ -160,3 +161,5 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=5)
     args = parser.parse_args()
     asyncio.run(main(args.runs, args.concurrency))
+    sys.stdout.flush()
+    os._exit(0)  # skip finalization: temporalio/sdk-python#300 (see starters/cli.py main)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -337,7 +338,17 @@ def keygen(key_id: Annotated[str, typer.Argument(help="Name of the new key.")] =
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The SDK's native threads can abort interpreter finalization of a short-lived client
+    # ("PyGILState_Release ... finalizing", temporalio/sdk-python#300); every command has
+    # finished and cleaned up by now, so skip finalization rather than risk an abort.
+    os._exit(code)
 
 
 if __name__ == "__main__":
