@@ -88,17 +88,10 @@ class PrometheusMetrics:
         baseline_cost = await self._scalar(
             f"sum(increase(astra_llm_cost_usd_total[{baseline}] offset {window}))"
         )
-        average = baseline_cost * req.window_seconds / req.baseline_seconds
-        return CostComparison(
-            window_seconds=req.window_seconds,
-            baseline_seconds=req.baseline_seconds,
-            window_cost=window_cost,
-            daily_average_per_window=average,
-            ratio=window_cost / average if average > 0 else None,
-            top_tenants=await self._top("tenant", window, req.top),
-            top_agents=await self._top("agent_id", window, req.top),
-            top_models=await self._top("model", window, req.top),
-        )
+        tops = [
+            await self._top(label, window, req.top) for label in ("tenant", "agent_id", "model")
+        ]
+        return CostComparison.of(req, window_cost, baseline_cost, (tops[0], tops[1], tops[2]))
 
     async def _top(self, label: str, window: str, top: int) -> list[CostShare]:
         result = await self._query(

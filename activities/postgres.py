@@ -103,6 +103,27 @@ class CostComparison(BaseModel):
     top_agents: list[CostShare]
     top_models: list[CostShare]
 
+    @classmethod
+    def of(
+        cls,
+        req: LlmCostRequest,
+        window_cost: float,
+        baseline_cost: float,
+        tops: tuple[list[CostShare], list[CostShare], list[CostShare]],
+    ) -> Self:
+        """The comparison every metrics source reports, from its two sums and its rankings."""
+        average = baseline_cost * req.window_seconds / req.baseline_seconds
+        return cls(
+            window_seconds=req.window_seconds,
+            baseline_seconds=req.baseline_seconds,
+            window_cost=window_cost,
+            daily_average_per_window=average,
+            ratio=window_cost / average if average > 0 else None,
+            top_tenants=tops[0],
+            top_agents=tops[1],
+            top_models=tops[2],
+        )
+
 
 class RequeueDeadLetters(Mutation):
     task_ids: list[str]
@@ -204,17 +225,8 @@ async def query_llm_cost(conn: psycopg.AsyncConnection[Any], req: LlmCostRequest
         )
     ).fetchone()
     window_cost, baseline_cost = (float(row[0]), float(row[1])) if row else (0.0, 0.0)
-    average = baseline_cost * req.window_seconds / req.baseline_seconds
-    return CostComparison(
-        window_seconds=req.window_seconds,
-        baseline_seconds=req.baseline_seconds,
-        window_cost=window_cost,
-        daily_average_per_window=average,
-        ratio=window_cost / average if average > 0 else None,
-        top_tenants=await _top_cost(conn, "tenant", req),
-        top_agents=await _top_cost(conn, "agent_id", req),
-        top_models=await _top_cost(conn, "model", req),
-    )
+    tops = [await _top_cost(conn, label, req) for label in ("tenant", "agent_id", "model")]
+    return CostComparison.of(req, window_cost, baseline_cost, (tops[0], tops[1], tops[2]))
 
 
 async def _top_cost(
