@@ -367,7 +367,7 @@ class PostgresActivities:
                 async with conn.transaction():
                     cur = await conn.execute(
                         "WITH batch AS ("
-                        f"  SELECT id {where} ORDER BY id LIMIT %(batch)s FOR UPDATE SKIP LOCKED),"
+                        f"  SELECT id {where} LIMIT %(batch)s FOR UPDATE SKIP LOCKED),"
                         " recorded AS ("
                         "  INSERT INTO astra_ops_requeues (token, task_id)"
                         "  SELECT %(token)s, id FROM batch ON CONFLICT DO NOTHING)"
