@@ -71,6 +71,10 @@ class ConfigValue(BaseModel):
     resource_version: str
     config_hash: str
 
+    def summary(self) -> str:
+        """One line for the step's record."""
+        return "key absent" if self.value is None else f"value {self.value}"
+
 
 class ConfigPatch(Mutation):
     """Set one ConfigMap key to a value."""

@@ -52,6 +52,16 @@ def failure_message(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+def _describe(result: Any) -> str:
+    """What a step's record says of its result: a mutation's ``detail``, a reading's
+    ``summary()``, or nothing."""
+    detail = getattr(result, "detail", None)
+    if isinstance(detail, str):
+        return detail
+    summary = getattr(result, "summary", None)
+    return str(summary()) if callable(summary) else ""
+
+
 class StepRunner:
     def __init__(self, runbook: str, steps: list[str]) -> None:
         self.runbook = runbook
@@ -195,7 +205,7 @@ class StepRunner:
         except ActivityError as err:
             self._mark(name, StepState.FAILED, failure_message(err))
             raise
-        self._mark(name, StepState.DONE, str(getattr(result, "detail", "") or ""))
+        self._mark(name, StepState.DONE, _describe(result))
         return result
 
     def _start(self, name: str, state: StepState) -> None:
