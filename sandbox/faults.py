@@ -120,6 +120,14 @@ async def _redis(target: SandboxTarget) -> AsyncIterator["aioredis.Redis"]:
         await client.aclose()
 
 
+async def _set_knobs(target: SandboxTarget, **changes: Any) -> None:
+    """Change some of the load generator's fault knobs, keeping the others as they are."""
+    keys = SandboxKeys(target.key_prefix)
+    async with _redis(target) as client:
+        knobs = await read_knobs(client, keys)
+        await write_knobs(client, keys, knobs.model_copy(update=changes))
+
+
 async def _workers(conn: psycopg.AsyncConnection[Any]) -> list[str]:
     rows = await (await conn.execute("SELECT id FROM workers ORDER BY id")).fetchall()
     return [str(r[0]) for r in rows]
@@ -216,7 +224,6 @@ async def error_spike(
             f"error spike needs 0 < share <= 1, window_seconds > 0 and tasks > 0; "
             f"got share={share}, window_seconds={window_seconds}, tasks={tasks}"
         )
-    keys = SandboxKeys(target.key_prefix)
     failing = math.ceil(share * tasks)
     failed_ids: list[str] = []
     succeeded_ids: list[str] = []
@@ -247,19 +254,12 @@ async def error_spike(
                 " now() - make_interval(secs => %s))",
                 rows,
             )
-    async with _redis(target) as client:
-        knobs = await read_knobs(client, keys)
-        await write_knobs(
-            client,
-            keys,
-            knobs.model_copy(
-                update={
-                    "failure_share": share,
-                    "error": error,
-                    "stuck_workers": registered if stuck_pool else [],
-                }
-            ),
-        )
+    await _set_knobs(
+        target,
+        failure_share=share,
+        error=error,
+        stuck_workers=registered if stuck_pool else [],
+    )
     return ErrorSpikeFault(
         error=error,
         share=share,
@@ -289,7 +289,6 @@ async def cost_spike(
             f"cost spike needs multiplier > 1, window_seconds > 0 and calls > 0; "
             f"got multiplier={multiplier}, window_seconds={window_seconds}, calls={calls}"
         )
-    keys = SandboxKeys(target.key_prefix)
     request = LlmCostRequest(window_seconds=window_seconds, baseline_seconds=baseline_seconds)
     seeded = 0
     async with await psycopg.AsyncConnection.connect(target.dsn) as conn:
@@ -319,20 +318,13 @@ async def cost_spike(
                 for i in range(calls)
             ],
         )
-    async with _redis(target) as client:
-        knobs = await read_knobs(client, keys)
-        await write_knobs(
-            client,
-            keys,
-            knobs.model_copy(
-                update={
-                    "cost_multiplier": multiplier,
-                    "spike_tenant": tenant,
-                    "spike_agent_id": agent_id,
-                    "spike_model": model,
-                }
-            ),
-        )
+    await _set_knobs(
+        target,
+        cost_multiplier=multiplier,
+        spike_tenant=tenant,
+        spike_agent_id=agent_id,
+        spike_model=model,
+    )
     return CostSpikeFault(
         tenant=tenant,
         agent_id=agent_id,
@@ -490,9 +482,5 @@ async def bad_rollout(
     fault = await asyncio.to_thread(
         _roll_out_bad_build, api, namespace, deployment, tag, share, error, timeout_seconds
     )
-    keys = SandboxKeys(target.key_prefix)
-    async with _redis(target) as client:
-        knobs = await read_knobs(client, keys)
-        bad_build = BadBuild(image=fault.image, share=share, error=error)
-        await write_knobs(client, keys, knobs.model_copy(update={"bad_build": bad_build}))
+    await _set_knobs(target, bad_build=BadBuild(image=fault.image, share=share, error=error))
     return fault
