@@ -149,16 +149,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/runbooks", tags=["runbooks"])
     async def list_runbooks(_: User) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": w.spec.name,
-                "title": w.spec.title,
-                "trigger": w.spec.trigger,
-                "rotation": w.spec.rotation,
-                "steps": list(w.spec.steps),
-            }
-            for w in RUNBOOKS.values()
-        ]
+        return [w.spec.describe() for w in RUNBOOKS.values()]
 
     @app.post("/v1/runbooks/{name}/runs", status_code=201, tags=["runs"])
     async def start_run(

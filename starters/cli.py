@@ -94,20 +94,7 @@ def runbooks(as_json: Json = False) -> None:
     """List the runbooks: what triggers each, who owns it, and its steps."""
     specs = [workflow.spec for workflow in RUNBOOKS.values()]
     if as_json:
-        emit_json(
-            [
-                {
-                    "name": s.name,
-                    "title": s.title,
-                    "trigger": s.trigger,
-                    "rotation": s.rotation,
-                    "severity": s.severity,
-                    "steps": list(s.steps),
-                    "parameters": s.request.model_json_schema()["properties"],
-                }
-                for s in specs
-            ]
-        )
+        emit_json([s.describe() for s in specs])
         return
     table = Table("runbook", "trigger", "rotation", "steps", show_lines=True)
     for s in specs:
@@ -189,9 +176,8 @@ def print_view(view: RunView) -> None:
             f"requested by {view.status.requester}: {view.status.reason or '-'}"
             + ("  (dry-run)" if view.status.dry_run else "")
         )
-    steps = view.status.steps if view.status else (view.result.steps if view.result else [])
     table = Table("step", "state", "started", "finished", "detail")
-    for step in steps:
+    for step in view.steps:
         table.add_row(
             step.name,
             step.state.value,
@@ -222,7 +208,6 @@ def status(run_id: str, as_json: Json = False) -> None:
         if not as_json:
             print_view(view)
             return
-        steps = view.status.steps if view.status else (view.result.steps if view.result else [])
         emit_json(
             {
                 "run_id": view.run_id,
@@ -230,7 +215,7 @@ def status(run_id: str, as_json: Json = False) -> None:
                 "state": view.state,
                 "started_at": view.started_at,
                 "closed_at": view.closed_at,
-                "steps": [s.model_dump(mode="json") for s in steps],
+                "steps": [s.model_dump(mode="json") for s in view.steps],
                 "pending_approvals": [
                     p.model_dump(mode="json")
                     for p in (view.status.pending_approvals if view.status else [])

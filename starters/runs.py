@@ -25,7 +25,7 @@ from runtime import search_attributes as sa
 from runtime.access import AccessPolicy
 from runtime.client import TemporalUnavailable
 from workflows.catalogue import RUNBOOKS
-from workflows.models import Decision, PendingApproval, RunbookResult, RunStatus
+from workflows.models import Decision, PendingApproval, RunbookResult, RunStatus, StepStatus
 from workflows.runbook import RunbookSpec
 
 
@@ -74,6 +74,13 @@ class RunView(BaseModel):
     status: RunStatus | None
     result: RunbookResult | None = None
     failure: str | None = None
+
+    @property
+    def steps(self) -> list[StepStatus]:
+        """The live steps while a worker answers, else those the finished run returned."""
+        if self.status is not None:
+            return self.status.steps
+        return self.result.steps if self.result is not None else []
 
 
 class RunSummary(BaseModel):
@@ -180,7 +187,7 @@ class Runs:
         )
 
     async def _run_with_key(self, workflow_id: str, key: str) -> bool:
-        async for execution in self.client.list_workflows(f"WorkflowId = '{workflow_id}'"):
+        async for execution in self._call_iter(f"WorkflowId = '{workflow_id}'", limit=100):
             if (await execution.memo()).get("request_id") == key:
                 return True
         return False

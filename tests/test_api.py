@@ -162,6 +162,16 @@ async def test_ready_when_temporal_answers(api: httpx.AsyncClient) -> None:
     assert (await api.get("/readyz")).json() == {"status": "ready"}
 
 
+async def test_catalogue_lists_each_runbook_with_its_steps_and_parameters(
+    api: httpx.AsyncClient,
+) -> None:
+    catalogue = {r["name"]: r for r in (await api.get("/v1/runbooks", headers=auth("dave"))).json()}
+    scaling = catalogue["shard-scaling"]
+    assert scaling["rotation"] == "kernel-sre"
+    assert "approve scaling" in scaling["steps"]
+    assert scaling["parameters"]["shards"]["minimum"] == 1
+
+
 async def test_codec_endpoints_round_trip_for_the_ui(api_settings: Settings) -> None:
     plain = {"metadata": {"encoding": base64.b64encode(b"json/plain").decode()},
              "data": base64.b64encode(json.dumps({"shards": 12}).encode()).decode()}  # fmt: skip
