@@ -43,23 +43,23 @@ class ApprovalGate:
         self.decisions: list[DecisionRecord] = []
         self._on_change = on_change
 
+    def _step_of(self, decision: Decision) -> str | None:
+        """The step a decision is about: the one it names, or the only one pending."""
+        if decision.step is None and len(self.pending) == 1:
+            return next(iter(self.pending))
+        return decision.step
+
     def validate(self, decision: Decision) -> str | None:
         """Why this decision must be refused, or None if it may be applied."""
         if not decision.approver:
             return "a decision needs an approver"
         if not self.pending:
             return "no step of this run is awaiting approval"
-        if decision.step is None:
-            if len(self.pending) > 1:
-                return f"several steps await approval ({', '.join(self.pending)}); name one"
-            step = next(iter(self.pending))
-        elif decision.step not in self.pending:
-            return (
-                f"step '{decision.step}' is not awaiting approval "
-                f"(awaiting: {', '.join(self.pending)})"
-            )
-        else:
-            step = decision.step
+        step = self._step_of(decision)
+        if step is None:
+            return f"several steps await approval ({', '.join(self.pending)}); name one"
+        if step not in self.pending:
+            return f"step '{step}' is not awaiting approval (awaiting: {', '.join(self.pending)})"
         pending = self.pending[step]
         if decision.decision == "approve" and decision.approver == self.requester:
             return f"{decision.approver} started this run; the requester cannot approve it"
@@ -77,7 +77,7 @@ class ApprovalGate:
     def decide(self, decision: Decision) -> str:
         """Apply a decision (refusing it if invalid) and say what it did."""
         why = self.validate(decision)
-        step = decision.step or (next(iter(self.pending)) if len(self.pending) == 1 else None)
+        step = self._step_of(decision)
         self.decisions.append(
             DecisionRecord(
                 at=workflow.now(),
