@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import uvicorn
@@ -28,6 +29,10 @@ _GROUP_OF = {
 }
 _STARTUP_TIMEOUT_SECONDS = 10.0
 
+RequestObserver = Callable[[str, str, Mapping[str, str]], None]
+"""Told each request's method, path and query before it is served: what a test needs to see
+which calls reach the API server (and so which RBAC verbs they need), without a proxy."""
+
 
 def _error(err: KubeError) -> JSONResponse:
     return JSONResponse(err.status(), status_code=err.code)
@@ -39,11 +44,19 @@ def _resource(prefix: str, plural: str) -> Resource:
     return RESOURCES[plural]
 
 
-def build_app(cluster: FakeCluster) -> FastAPI:
+def build_app(cluster: FakeCluster, observer: RequestObserver | None = None) -> FastAPI:
     """The ASGI app: one generic handler per path shape, dispatching to the cluster."""
     app = FastAPI(
         title="astra sandbox kube-apiserver", docs_url=None, redoc_url=None, openapi_url=None
     )
+    if observer is not None:
+
+        @app.middleware("http")
+        async def observe(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            observer(request.method, request.url.path, request.query_params)
+            return await call_next(request)
 
     async def body_of(request: Request) -> Any:
         raw = await request.body()
@@ -211,8 +224,15 @@ def _list(
 class FakeKubeServer:
     """Serves a ``FakeCluster`` over HTTP and runs its controller, on a private thread and loop."""
 
-    def __init__(self, cluster: FakeCluster, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        cluster: FakeCluster,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        observer: RequestObserver | None = None,
+    ) -> None:
         self.cluster = cluster
+        self.observer = observer
         self.host = host
         self._requested_port = port
         self._port: int | None = None
@@ -264,7 +284,7 @@ class FakeKubeServer:
             ) from err
         self._port = sock.getsockname()[1]
         config = uvicorn.Config(
-            build_app(self.cluster),
+            build_app(self.cluster, self.observer),
             log_level="warning",
             access_log=False,
             lifespan="off",
