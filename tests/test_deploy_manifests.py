@@ -1,60 +1,427 @@
-"""The deployment manifests agree with the code: settings they set exist, commands they run
-exist, files the kustomization names exist."""
+"""The deployment manifests work on a real cluster and agree with the code.
+
+``deploy/`` is rendered with ``kubectl kustomize``, as ``kubectl apply -k deploy/`` renders it.
+Every object must pass the Kubernetes schemas, land in its namespace and refer only to objects
+that exist there. The worker's Role is compared with what the Kubernetes activities really send:
+each activity runs against the sandbox API server, which records every request, and the RBAC
+verbs of those requests must be exactly the Role's grants. So an activity call the Role does not
+grant (a 403 in production), or a grant no activity uses (Secrets included), fails here.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import ast
+import inspect
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
 
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
 import yaml
+from temporalio import activity
+from temporalio.testing import ActivityEnvironment
 
+import activities.kubernetes as kubernetes_activities
+from activities.kubernetes import (
+    DEFAULT_CONFIG_MAP,
+    DEFAULT_NAMESPACE,
+    ConfigPatch,
+    ConfigRef,
+    ConfigRollout,
+    DeploymentRef,
+    KubernetesActivities,
+    PodDelete,
+    PodSelector,
+    RolloutRestart,
+    RolloutUndo,
+    RolloutWait,
+)
+from activities.mutation import Mutation, MutationResult
 from runtime.settings import ENV_PREFIX, REPO_ROOT, Settings
+from sandbox.kube import FakeCluster, FakeKubeServer, api_client, seed_astra
 from starters.cli import app
+from tests.conftest_kube import TEST_ROLLOUT_SECONDS
 
 DEPLOY = REPO_ROOT / "deploy"
+OWN_NAMESPACE = "astra-ops"
+# Astra's namespace: where its Deployments and config live, so where the worker's Role must be.
+ASTRA_NAMESPACE = DEFAULT_NAMESPACE
+SECRETS = "astra-ops-secrets"  # made out of band (from Vault), never rendered from this repository
+
+_Request = TypeVar("_Request")
+_Result = TypeVar("_Result")
+_Change = TypeVar("_Change", bound=Mutation)
+
+Obj = dict[str, Any]
 
 
-def documents(path: Path) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+# ----- rendering ------------------------------------------------------------------------------
 
 
-def manifests() -> list[dict[str, Any]]:
-    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
-    return [doc for name in kustomization["resources"] for doc in documents(DEPLOY / name)]
+@pytest.fixture(scope="module")
+def rendered() -> list[Obj]:
+    """``deploy/`` as ``kubectl apply -k deploy/`` would send it to the cluster."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail(
+            "kubectl is not installed, so deploy/ cannot be rendered: `apt-get install "
+            "kubernetes-client` (.ci/run installs it where kubectl is missing)"
+        )
+    done = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, f"`kubectl kustomize deploy/` failed: {done.stderr.strip()}"
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
-def test_kustomization_names_files_that_exist() -> None:
-    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
-    for name in kustomization["resources"]:
-        assert (DEPLOY / name).is_file(), name
-    for generator in kustomization["configMapGenerator"]:
-        for name in generator["files"]:
-            assert (DEPLOY / name).is_file(), name
+def where(obj: Obj) -> tuple[str | None, str]:
+    """An object's (namespace, name); the namespace is None for cluster-wide objects."""
+    return obj["metadata"].get("namespace"), obj["metadata"]["name"]
 
 
-def test_settings_configmap_only_sets_real_settings() -> None:
-    [settings] = [m for m in manifests() if m["metadata"]["name"] == "astra-ops-settings"]
+def of_kind(objects: list[Obj], kind: str) -> dict[tuple[str | None, str], Obj]:
+    return {where(o): o for o in objects if o["kind"] == kind}
+
+
+def settings_data(objects: list[Obj]) -> dict[str, str]:
+    settings = of_kind(objects, "ConfigMap")[OWN_NAMESPACE, "astra-ops-settings"]
+    data: dict[str, str] = settings["data"]
+    return data
+
+
+def pod_specs(objects: list[Obj]) -> dict[tuple[str | None, str], Obj]:
+    return {key: d["spec"]["template"]["spec"] for key, d in of_kind(objects, "Deployment").items()}
+
+
+# ----- the rendered objects -------------------------------------------------------------------
+
+
+def test_every_object_passes_the_kubernetes_schemas(rendered: list[Obj]) -> None:
+    # Strict: an unknown field (a typo such as readOnlyRootFileSystem) is an error, not ignored.
+    version = kubernetes_validate.latest_version()
+    problems = []
+    for obj in rendered:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            path = ".".join(str(p) for p in err.path)
+            problems.append(f"{obj['kind']} {where(obj)}: {path}: {err.message}")
+    assert not problems, f"objects invalid for Kubernetes {version}: {problems}"
+
+
+def test_objects_land_in_their_namespaces(rendered: list[Obj]) -> None:
+    """astra-ops' own objects in its namespace; the RBAC that acts on Astra in Astra's."""
+    assert [name for _, name in of_kind(rendered, "Namespace")] == [OWN_NAMESPACE]
+    assert settings_data(rendered)[f"{ENV_PREFIX}KUBE_NAMESPACE"] == ASTRA_NAMESPACE
+    homes = {"Namespace": None, "Role": ASTRA_NAMESPACE, "RoleBinding": ASTRA_NAMESPACE}
+    placed = {(o["kind"], o["metadata"]["name"]): where(o)[0] for o in rendered}
+    assert placed == {(kind, name): homes.get(kind, OWN_NAMESPACE) for kind, name in placed}
+
+
+def test_every_reference_resolves_in_its_namespace(rendered: list[Obj]) -> None:
+    accounts = of_kind(rendered, "ServiceAccount")
+    config_maps = of_kind(rendered, "ConfigMap")
+    assert not of_kind(rendered, "Secret"), "secrets never come from this repository"
+    for (namespace, deployment), pod in pod_specs(rendered).items():
+        assert (namespace, pod["serviceAccountName"]) in accounts, deployment
+        for container in pod["containers"]:
+            for source in container["envFrom"]:
+                if "secretRef" in source:
+                    assert source["secretRef"]["name"] == SECRETS, deployment
+                else:
+                    assert (namespace, source["configMapRef"]["name"]) in config_maps, deployment
+        for volume in pod["volumes"]:
+            if "configMap" in volume:
+                assert (namespace, volume["configMap"]["name"]) in config_maps, deployment
+    deployments = of_kind(rendered, "Deployment")
+    for (namespace, name), service in of_kind(rendered, "Service").items():
+        [backend] = [
+            d
+            for (ns, _), d in deployments.items()
+            if ns == namespace
+            and service["spec"]["selector"].items()
+            <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        ports = {
+            p["name"] for c in backend["spec"]["template"]["spec"]["containers"] for p in c["ports"]
+        }
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports, name
+
+
+def test_only_the_worker_may_act_on_kubernetes(rendered: list[Obj]) -> None:
+    roles = of_kind(rendered, "Role")
+    [binding] = of_kind(rendered, "RoleBinding").values()
+    namespace, _ = where(binding)
+    assert (namespace, binding["roleRef"]["name"]) in roles
+    [subject] = binding["subjects"]
+    assert subject["kind"] == "ServiceAccount"
+    pods = pod_specs(rendered)
+    worker, api = pods[OWN_NAMESPACE, "astra-ops-worker"], pods[OWN_NAMESPACE, "astra-ops-api"]
+    assert (subject["namespace"], subject["name"]) == (OWN_NAMESPACE, worker["serviceAccountName"])
+    api_account = of_kind(rendered, "ServiceAccount")[OWN_NAMESPACE, api["serviceAccountName"]]
+    assert api_account["automountServiceAccountToken"] is False
+
+
+def test_pods_run_locked_down_with_secrets_only_by_reference(rendered: list[Obj]) -> None:
+    [namespace] = of_kind(rendered, "Namespace").values()
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for (_, deployment), pod in pod_specs(rendered).items():
+        assert pod["securityContext"]["runAsNonRoot"] is True, deployment
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, deployment
+        for container in pod["containers"]:
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False, deployment
+            assert security["readOnlyRootFilesystem"] is True, deployment
+            assert security["capabilities"] == {"drop": ["ALL"]}, deployment
+            assert {"cpu", "memory"} <= container["resources"]["requests"].keys(), deployment
+            assert "memory" in container["resources"]["limits"], deployment
+            # Settings come from the ConfigMap and secrets from the Secret, never inline.
+            assert "env" not in container, deployment
+            # Whatever serves HTTP is probed on it; the worker serves nothing to probe.
+            ports = {p["name"] for p in container.get("ports", [])}
+            for probe in ("readinessProbe", "livenessProbe") if ports else ():
+                assert container[probe]["httpGet"]["port"] in ports, (deployment, probe)
+
+
+def test_settings_configmap_only_sets_real_settings(rendered: list[Obj]) -> None:
     fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-    assert set(settings["data"]) <= fields, set(settings["data"]) - fields
+    data = settings_data(rendered)
+    assert set(data) <= fields, set(data) - fields
 
 
-def test_containers_run_real_commands_and_mount_the_access_policy() -> None:
+def test_containers_run_real_commands_and_mount_the_access_policy(rendered: list[Obj]) -> None:
     commands = {
         command.name or getattr(command.callback, "__name__", "")
         for command in app.registered_commands
     }
-    deployments = [m for m in manifests() if m["kind"] == "Deployment"]
-    assert {d["metadata"]["name"] for d in deployments} == {"astra-ops-worker", "astra-ops-api"}
-    for deployment in deployments:
-        pod = deployment["spec"]["template"]["spec"]
+    policy_file = settings_data(rendered)[f"{ENV_PREFIX}ACCESS_POLICY"]
+    config_maps = of_kind(rendered, "ConfigMap")
+    pods = pod_specs(rendered)
+    assert {name for _, name in pods} == {"astra-ops-worker", "astra-ops-api"}
+    for (namespace, deployment), pod in pods.items():
         [container] = pod["containers"]
-        assert container["args"][0] in commands
+        assert container["args"][0] in commands, deployment
+        [mount] = [m for m in container["volumeMounts"] if m["name"] == "access-policy"]
         volumes = {v["name"]: v for v in pod["volumes"]}
-        assert volumes["access-policy"]["configMap"]["name"] == "astra-ops-access-policy"
+        policy = config_maps[namespace, volumes["access-policy"]["configMap"]["name"]]
+        [(key, text)] = policy["data"].items()
+        assert f"{mount['mountPath']}/{key}" == policy_file, deployment
+        assert text == (DEPLOY / "access-policy.yaml").read_text()
 
 
-def test_worker_rbac_is_namespaced_and_never_touches_secrets() -> None:
-    roles = [m for m in manifests() if m["kind"] in ("Role", "ClusterRole")]
-    assert [r["kind"] for r in roles] == ["Role"]
-    resources = {res for rule in roles[0]["rules"] for res in rule["resources"]}
-    assert "secrets" not in resources
+# ----- the worker's Role against the activities' real calls -----------------------------------
+
+
+class ApiCall(NamedTuple):
+    """One request the API server authorizes, in RBAC's terms."""
+
+    verb: str
+    group: str
+    resource: str  # with its subresource, as a Role names it: "deployments/status"
+    namespace: str | None
+    name: str | None
+
+
+class Grant(NamedTuple):
+    """One (group, resource, verb, object name) a Role allows; name None means any object."""
+
+    group: str
+    resource: str
+    verb: str
+    name: str | None
+
+    def covers(self, call: ApiCall) -> bool:
+        return (self.group, self.resource, self.verb) == (
+            call.group,
+            call.resource,
+            call.verb,
+        ) and (self.name is None or self.name == call.name)
+
+
+_PATH = re.compile(
+    r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)(?:/namespaces/(?P<namespace>[^/]+))?"
+    r"/(?P<resource>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<subresource>[^/]+))?)?$"
+)
+# (HTTP method, names one object) -> RBAC verb, as the API server's request info derives it.
+_VERBS = {
+    ("GET", True): "get",
+    ("GET", False): "list",
+    ("POST", False): "create",
+    ("PUT", True): "update",
+    ("PATCH", True): "patch",
+    ("DELETE", True): "delete",
+    ("DELETE", False): "deletecollection",
+}
+
+
+def api_call(method: str, path: str, query: Mapping[str, str]) -> ApiCall:
+    """The RBAC request an HTTP request to the API server needs."""
+    found = _PATH.match(path)
+    assert found is not None, f"{method} {path} is not a Kubernetes resource path"
+    name, subresource = found["name"], found["subresource"]
+    watch = query.get("watch") in ("true", "1")
+    verb = "watch" if watch and method == "GET" else _VERBS[method, name is not None]
+    resource = found["resource"] + (f"/{subresource}" if subresource else "")
+    return ApiCall(verb, found["group"] or "", resource, found["namespace"], name)
+
+
+def grants(role: Obj) -> set[Grant]:
+    return {
+        Grant(group, resource, verb, name)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in rule.get("resourceNames") or [None]
+    }
+
+
+class _Noting:
+    """A kubernetes API object that notes the name of each API method called through it."""
+
+    def __init__(self, api: object, noted: set[str]) -> None:
+        self._api, self._noted = api, noted
+
+    def __getattr__(self, attribute: str) -> Any:
+        value = getattr(self._api, attribute)
+        if not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._noted.add(attribute)
+            return value(*args, **kwargs)
+
+        return call
+
+
+def client_apis(k8s: KubernetesActivities) -> dict[str, object]:
+    """The activities' kubernetes API objects (``core``, ``apps``...), by attribute name."""
+    return {
+        attribute: value
+        for attribute, value in vars(k8s).items()
+        if type(value).__module__.startswith("kubernetes.client.api.")
+    }
+
+
+def client_methods_in_source(apis: set[str]) -> set[str]:
+    """Every kubernetes API method ``activities/kubernetes.py`` calls: ``self.<api>.<method>()``."""
+    return {
+        node.func.attr
+        for node in ast.walk(ast.parse(inspect.getsource(kubernetes_activities)))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(owner := node.func.value, ast.Attribute)
+        and owner.attr in apis
+        and isinstance(owner.value, ast.Name)
+        and owner.value.id == "self"
+    }
+
+
+def activity_names() -> set[str]:
+    return {
+        name
+        for name, member in inspect.getmembers(KubernetesActivities, inspect.isfunction)
+        if activity._Definition.from_callable(member) is not None
+    }
+
+
+def run_every_kubernetes_activity(k8s: KubernetesActivities) -> set[str]:
+    """Each activity on Astra's defaults, as a runbook runs it; mutations dry-run, then for real,
+    each changing something (so it reaches its write). Returns the names of the activities run."""
+    env = ActivityEnvironment()
+    ran: set[str] = set()
+
+    def run(activity_fn: Callable[[_Request], _Result], request: _Request) -> _Result:
+        ran.add(activity_fn.__name__)
+        return env.run(activity_fn, request)
+
+    def change(activity_fn: Callable[[_Change], MutationResult], request: _Change) -> None:
+        for dry_run in (True, False):
+            result = run(activity_fn, request.model_copy(update={"dry_run": dry_run}))
+            assert result.changed is not dry_run, result.detail
+
+    token, worker = "deploy-manifests/run/step", "astra-worker"
+    run(k8s.read_config, ConfigRef(key="TASK_SHARD_COUNT"))
+    change(k8s.patch_config, ConfigPatch(key="TASK_SHARD_COUNT", value="16", token=token))
+    change(
+        k8s.rollout_restart,
+        RolloutRestart(name=worker, config_map=DEFAULT_CONFIG_MAP, token=token),
+    )
+    run(k8s.wait_rollout, RolloutWait(name=worker, poll_seconds=0.02))
+    run(k8s.rollout_health, DeploymentRef(name=worker))
+    run(k8s.verify_config, ConfigRollout(deployment=worker))
+    run(k8s.rollout_history, DeploymentRef(name=worker))
+    change(k8s.rollout_undo, RolloutUndo(name=worker, token=token))
+    oldest = run(k8s.list_pods, PodSelector(labels={"app": worker})).pods[0]
+    change(k8s.delete_pod, PodDelete(name=oldest.name, token=token))
+    return ran
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What running every Kubernetes activity did."""
+
+    activities: set[str]
+    apis: set[str]  # the activities' kubernetes API attributes
+    client_methods: set[str]  # the kubernetes API methods they called
+    calls: list[ApiCall]  # the requests that reached the API server
+
+
+@pytest.fixture
+def traffic(monkeypatch: pytest.MonkeyPatch) -> Iterator[Traffic]:
+    requests: list[tuple[str, str, dict[str, str]]] = []
+    cluster = FakeCluster(rollout_seconds=TEST_ROLLOUT_SECONDS)
+    seed_astra(cluster)
+    server = FakeKubeServer(
+        cluster, observer=lambda method, path, query: requests.append((method, path, dict(query)))
+    )
+    server.start_blocking()
+    api = api_client(server.url)
+    try:
+        k8s = KubernetesActivities(api)
+        apis = client_apis(k8s)
+        called: set[str] = set()
+        for attribute, client in apis.items():
+            monkeypatch.setattr(k8s, attribute, _Noting(client, called))
+        ran = run_every_kubernetes_activity(k8s)
+        yield Traffic(ran, set(apis), called, [api_call(*request) for request in requests])
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
+        server.stop_blocking()
+
+
+def test_worker_role_grants_exactly_what_the_kubernetes_activities_call(
+    rendered: list[Obj], traffic: Traffic
+) -> None:
+    # The run reached every activity and every API call in the module, so its requests are all
+    # the requests a runbook can make.
+    assert traffic.activities == activity_names(), (
+        "run_every_kubernetes_activity must run every Kubernetes activity; not run: "
+        f"{sorted(activity_names() - traffic.activities)}"
+    )
+    in_source = client_methods_in_source(traffic.apis)
+    assert traffic.client_methods == in_source, (
+        "run_every_kubernetes_activity must reach every kubernetes API call in "
+        f"activities/kubernetes.py; not reached: {sorted(in_source - traffic.client_methods)}"
+    )
+    [role] = of_kind(rendered, "Role").values()
+    namespace, _ = where(role)
+    called_in = {call.namespace for call in traffic.calls}
+    assert called_in == {namespace}, (
+        f"the worker's Role is in {namespace} but the activities call the API in {called_in}"
+    )
+    granted = grants(role)
+    ungranted = sorted({c for c in traffic.calls if not any(g.covers(c) for g in granted)}, key=str)
+    assert not ungranted, (
+        f"the worker's Role in {namespace} does not grant these calls of the Kubernetes "
+        f"activities, which would fail with 403: {ungranted}; grant them in deploy/k8s/rbac.yaml"
+    )
+    unused = sorted((g for g in granted if not any(g.covers(c) for c in traffic.calls)), key=str)
+    assert not unused, (
+        f"the worker's Role in {namespace} grants what no Kubernetes activity calls: {unused}; "
+        "remove it from deploy/k8s/rbac.yaml (least privilege, and nothing on Secrets)"
+    )
