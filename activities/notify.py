@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -19,22 +19,6 @@ from activities.mutation import Mutation, MutationResult
 from runtime.access import AccessPolicyError, load_policy
 
 log = logging.getLogger(__name__)
-
-
-class ApprovalRequest(BaseModel):
-    run_id: str
-    runbook: str
-    step: str
-    groups: list[str]
-    requester: str
-    reason: str = ""
-    escalation: bool = False
-
-
-class Approvers(BaseModel):
-    members: list[str]
-    notified: bool
-    detail: str = ""
 
 
 class RotationNotice(Mutation):
@@ -68,32 +52,17 @@ class NotifyActivities:
             response = await http.post(self.chat_webhook_url, json={"text": text})
         response.raise_for_status()
 
-    @activity.defn
-    async def request_approval(self, req: ApprovalRequest) -> Approvers:
-        """Resolve the groups to people now (the policy may have changed) and notify them.
-
-        The member list is returned into history, so the gate's validator can check decisions
-        deterministically without reading the policy again.
-        """
-        members = [m for m in self._members(req.groups) if m != req.requester]
-        verb = "Escalated: approval" if req.escalation else "Approval"
-        text = (
-            f"{verb} needed for step '{req.step}' of {req.runbook} run {req.run_id}, "
-            f"requested by {req.requester}: {req.reason or 'no reason given'}. "
-            f"Eligible: {', '.join(members) or 'nobody'} ({', '.join(req.groups)}). "
-            f"`astra-ops approve {req.run_id} --step '{req.step}'`"
-        )
+    async def tell(self, text: str) -> tuple[bool, str]:
+        """Post ``text`` to chat if a webhook is configured; whether it was posted, and how."""
         if self.chat_webhook_url is None:
             log.info("%s", text)
-            return Approvers(members=members, notified=False, detail="no chat webhook configured")
-        # A chat outage must not block an approval: people can still find the run through
-        # `astra-ops ps --awaiting-approval`, so a failed notification is reported, not raised.
+            return False, "no chat webhook configured"
         try:
             await self._post(text)
         except httpx.HTTPError as err:
-            log.warning("approval notification failed: %s", err)
-            return Approvers(members=members, notified=False, detail=f"chat webhook failed: {err}")
-        return Approvers(members=members, notified=True, detail="posted to chat")
+            log.warning("chat notification failed: %s", err)
+            return False, f"chat webhook failed: {err}"
+        return True, "posted to chat"
 
     @activity.defn
     async def notify_rotation(self, req: RotationNotice) -> MutationResult:

@@ -33,6 +33,11 @@ def dev_key_file(settings: Settings) -> Path | None:
     return path if path.is_file() else None
 
 
+def dev_stack_marker(settings: Settings) -> Path:
+    """Written by `astra-ops dev`: the CLI beside it talks to Temporal directly, trusting names."""
+    return settings.state_dir / "dev-mode"
+
+
 def _tls(settings: Settings) -> TLSConfig | bool:
     if not settings.temporal_tls:
         return False

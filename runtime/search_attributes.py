@@ -19,8 +19,10 @@ SEVERITY = SearchAttributeKey.for_keyword("AstraSeverity")
 INCIDENT_ID = SearchAttributeKey.for_keyword("AstraIncidentId")
 SERVICE = SearchAttributeKey.for_keyword("AstraService")
 AWAITING_APPROVAL = SearchAttributeKey.for_bool("AstraAwaitingApproval")
+IDEMPOTENCY_KEY = SearchAttributeKey.for_keyword("AstraIdempotencyKey")
+"""sha256 of a start's Idempotency-Key, so a retried request finds the run it started."""
 
-ALL = (RUNBOOK, STEP, SEVERITY, INCIDENT_ID, SERVICE, AWAITING_APPROVAL)
+ALL = (RUNBOOK, STEP, SEVERITY, INCIDENT_ID, SERVICE, AWAITING_APPROVAL, IDEMPOTENCY_KEY)
 
 
 def dev_server_flags() -> list[str]:

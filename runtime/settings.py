@@ -47,6 +47,17 @@ class Settings(BaseSettings):
         default=None, description="Bearer tokens for the HTTP API: 'token:user[,token:user...]'."
     )
 
+    # Proven identity (outside dev mode): the API signs what people do with its private key;
+    # workers trust the matching public keys. Lines 'keyid:base64'; the first private key signs.
+    signing_key_file: Path | None = None
+    trusted_keys: str | None = Field(
+        default=None, description="Public keys runs trust: 'keyid:base64[,keyid:base64...]'."
+    )
+    trusted_keys_file: Path | None = None
+    api_token: SecretStr | None = Field(
+        default=None, description="The CLI's bearer token for the API (outside dev mode)."
+    )
+
     # HTTP API
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
@@ -72,6 +83,11 @@ class Settings(BaseSettings):
     )
     kube_namespace: str = "astra"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/astra_sandbox"
+    state_database_url: str | None = Field(
+        default=None,
+        description="Where astra-ops keeps its own records (unattended-action budgets); "
+        "default: DATABASE_URL.",
+    )
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_key_prefix: str = Field(
         default="astra:", min_length=1, description="Prefix of Astra's Redis keys."
@@ -87,12 +103,23 @@ class Settings(BaseSettings):
             raise ValueError(f"expected host:port, got {value!r}")
         return value
 
-    @field_validator("temporal_tls_ca", "temporal_tls_cert", "temporal_tls_key", "codec_key_file")
+    @field_validator(
+        "temporal_tls_ca",
+        "temporal_tls_cert",
+        "temporal_tls_key",
+        "codec_key_file",
+        "signing_key_file",
+        "trusted_keys_file",
+    )
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"file {value} does not exist")
         return value
+
+    @property
+    def state_dsn(self) -> str:
+        return self.state_database_url or self.database_url
 
     @cached_property
     def token_identities(self) -> dict[str, str]:

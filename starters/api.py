@@ -13,15 +13,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from temporalio.api.common.v1 import Payloads
 
 from runtime.access import AccessPolicy, load_policy
 from runtime.client import TemporalUnavailable, connect, data_converter
-from runtime.settings import Settings
-from starters.runs import RunError, Runs, RunSummary, RunView, StartedRun
+from runtime.identity import Signer, load_signer_file
+from runtime.settings import Settings, SettingsError
+from starters.runs import OpenRunConflict, RunError, Runs, RunSummary, RunView, StartedRun
 from workflows.catalogue import RUNBOOKS
-from workflows.models import Decision, PendingApproval
+from workflows.models import (
+    MAX_COMMENT,
+    MAX_STEP,
+    ApprovalSignal,
+    Decision,
+    PendingApproval,
+)
 
 RETRY_AFTER_SECONDS = 5
 
@@ -37,14 +44,32 @@ STATUS_OF = {"invalid": 422, "not_found": 404, "forbidden": 403, "conflict": 409
 
 class StartBody(BaseModel):
     params: dict[str, Any] = {}
-    reason: str = ""
+    reason: str = Field(default="", max_length=2000)
     dry_run: bool = False
 
 
 class DecisionBody(BaseModel):
     decision: Literal["approve", "reject"]
-    step: str | None = None
-    comment: str = ""
+    step: str | None = Field(default=None, max_length=MAX_STEP)
+    comment: str = Field(default="", max_length=MAX_COMMENT)
+
+
+class ReasonBody(BaseModel):
+    reason: str = Field(default="", max_length=MAX_COMMENT)
+
+
+class SignalView(BaseModel):
+    """A signed decision for the stock CLI: `temporal workflow signal --name <signal> --input`."""
+
+    workflow_id: str
+    signal: Literal["approve", "reject"]
+    input: ApprovalSignal
+
+
+class FreezeView(BaseModel):
+    frozen: bool
+    by: str | None = None
+    reason: str = ""
 
 
 class ApprovalView(BaseModel):
@@ -56,8 +81,21 @@ class Message(BaseModel):
     message: str
 
 
+def signer_of(settings: Settings) -> Signer | None:
+    """The API's signing key; outside dev mode it must have one, or nobody could prove anything."""
+    if settings.signing_key_file is not None:
+        return load_signer_file(settings.signing_key_file)
+    if settings.dev_mode:
+        return None
+    raise SettingsError(
+        "outside dev mode the API signs what people do: set ASTRA_OPS_SIGNING_KEY_FILE "
+        "(`astra-ops keygen --signing` prints a key pair)"
+    )
+
+
 def create_app(settings: Settings) -> FastAPI:
     policy: AccessPolicy = load_policy(settings.access_policy)
+    signer = signer_of(settings)
     tokens = settings.token_identities
     codec = data_converter(settings).payload_codec
     assert codec is not None
@@ -69,7 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
         async with lock:
             if "runs" not in connection:
                 client = await connect(settings)
-                connection["runs"] = Runs(client, settings.task_queue, policy)
+                connection["runs"] = Runs(client, settings.task_queue, policy, signer)
             return connection["runs"]
 
     def identity(authorization: Annotated[str | None, Header()] = None) -> str:
@@ -111,10 +149,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(RunError)
     async def _run_error(_: Request, err: RunError) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"code": err.kind, "message": err.message}},
-            status_code=STATUS_OF[err.kind],
-        )
+        error: dict[str, Any] = {"code": err.kind, "message": err.message}
+        if isinstance(err, OpenRunConflict):
+            error["run"] = err.details
+        return JSONResponse({"error": error}, status_code=STATUS_OF[err.kind])
 
     @app.exception_handler(TemporalUnavailable)
     async def _unavailable(_: Request, err: TemporalUnavailable) -> JSONResponse:
@@ -183,6 +221,15 @@ def create_app(settings: Settings) -> FastAPI:
             for run_id, p in await (await runs()).approvals()
         ]
 
+    @app.post("/v1/runs/{run_id:path}/decisions/signal", tags=["approvals"])
+    async def signed_signal(run_id: str, body: DecisionBody, user: User) -> SignalView:
+        """A decision signed for the stock `temporal workflow signal`, not sent."""
+        signal = await (await runs()).signed_signal(
+            run_id,
+            Decision(approver=user, step=body.step, comment=body.comment, decision=body.decision),
+        )
+        return SignalView.model_validate(signal)
+
     @app.post("/v1/runs/{run_id:path}/decisions", tags=["approvals"])
     async def decide(run_id: str, body: DecisionBody, user: User) -> Message:
         said = await (await runs()).decide(
@@ -192,9 +239,26 @@ def create_app(settings: Settings) -> FastAPI:
         return Message(message=said)
 
     @app.post("/v1/runs/{run_id:path}/cancel", status_code=202, tags=["runs"])
-    async def cancel(run_id: str, user: User) -> Message:
-        await (await runs()).cancel(run_id, user)
-        return Message(message=f"cancellation of {run_id} requested")
+    async def cancel(run_id: str, user: User, body: ReasonBody | None = None) -> Message:
+        """Ask the run to stop: it records who and why, undoes what it changed, then ends."""
+        said = await (await runs()).cancel(run_id, user, body.reason if body else "")
+        return Message(message=said)
+
+    @app.get("/v1/freeze", tags=["kill switch"])
+    async def freeze_state(_: User) -> FreezeView:
+        notice = await (await runs()).frozen()
+        if notice is None:
+            return FreezeView(frozen=False)
+        return FreezeView(frozen=True, by=notice.actor, reason=notice.reason)
+
+    @app.post("/v1/freeze", tags=["kill switch"])
+    async def freeze(body: ReasonBody, user: User) -> Message:
+        """Hold every mutating step of every run, and refuse new starts but dry runs."""
+        return Message(message=await (await runs()).freeze(user, body.reason))
+
+    @app.post("/v1/unfreeze", tags=["kill switch"])
+    async def unfreeze(body: ReasonBody, user: User) -> Message:
+        return Message(message=await (await runs()).unfreeze(user, body.reason))
 
     @app.get("/v1/runs/{run_id:path}", tags=["runs"])
     async def get_run(run_id: str, _: User) -> RunView:

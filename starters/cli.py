@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -18,16 +19,18 @@ from rich.console import Console
 from rich.table import Table
 
 from runtime.access import AccessPolicyError, load_policy
-from runtime.client import TemporalUnavailable, connect
+from runtime.client import TemporalUnavailable, connect, dev_stack_marker
 from runtime.codec import CodecKeyError, new_key_line
 from runtime.search_attributes import register_search_attributes
 from runtime.settings import Settings, SettingsError, load_settings
+from starters.api_client import ApiRuns
 from starters.runs import RunError, Runs, RunView
 from starters.sandbox_cli import sandbox_app
 from workflows.catalogue import RUNBOOKS
-from workflows.models import Decision, RunbookResult
+from workflows.models import Decision
 
 T = TypeVar("T")
+FOLLOW_POLL_SECONDS = 0.5
 
 app = typer.Typer(
     help="Astra operations runbooks as durable Temporal workflows.",
@@ -40,7 +43,14 @@ app.add_typer(sandbox_app, name="sandbox")
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
-As = Annotated[str | None, typer.Option("--as", help="Who you are (default: ASTRA_OPS_USER).")]
+As = Annotated[
+    str | None,
+    typer.Option(
+        "--as",
+        help="Who you are, in dev mode only (default: ASTRA_OPS_USER). Elsewhere the API knows "
+        "you by ASTRA_OPS_API_TOKEN.",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -65,11 +75,46 @@ def settings() -> Settings:
         return load_settings()
 
 
-def with_runs(action: Callable[[Runs, Settings], Awaitable[T]]) -> T:
+AnyRuns = Runs | ApiRuns
+
+
+def dev_mode(config: Settings) -> bool:
+    """Dev mode: set explicitly, or this directory runs `astra-ops dev` (its marker file)."""
+    return config.dev_mode or dev_stack_marker(config).is_file()
+
+
+def caller(config: Settings, user: str | None) -> str:
+    """Who acts: a name in dev mode; outside it the API decides from the token, so a name given
+    here would be a claim nobody checks, and is refused."""
+    if dev_mode(config):
+        return user or config.user or ""
+    if user:
+        fail(
+            "--as works only in dev mode; outside it the API knows you by ASTRA_OPS_API_TOKEN",
+            2,
+        )
+    return ""
+
+
+def with_runs(action: Callable[[AnyRuns, Settings], Awaitable[T]]) -> T:
+    """Run ``action`` against Temporal itself (dev mode) or through the API (everywhere else)."""
+
     async def main() -> T:
         config = settings()
-        runs = Runs(await connect(config), config.task_queue, load_policy(config.access_policy))
-        return await action(runs, config)
+        if dev_mode(config):
+            policy = load_policy(config.access_policy)
+            runs = Runs(await connect(config), config.task_queue, policy)
+            return await action(runs, config)
+        if config.api_token is None:
+            raise SettingsError(
+                "outside dev mode the CLI goes through the API: set ASTRA_OPS_API_URL and "
+                "ASTRA_OPS_API_TOKEN (or run `astra-ops dev` for a local stack)"
+            )
+        api = ApiRuns(config.api_url, config.api_token.get_secret_value())
+        try:
+            return await action(api, config)
+        finally:
+            await api.aclose()
 
     with clear_errors():
         return asyncio.run(main())
@@ -108,35 +153,101 @@ def start(
     param: Annotated[list[str], typer.Option("--param", "-p", help="k=v, repeatable.")] = [],  # noqa: B006
     reason: Annotated[str, typer.Option(help="Why this run; shown to approvers.")] = "",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report, change nothing.")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to finish.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the run step by step until it ends.")
+    ] = False,
     user: As = None,
     as_json: Json = False,
 ) -> None:
-    """Start a runbook run (or return the run already open for the same subject)."""
+    """Start a runbook run (or return the run already open for the same request).
+
+    Example: astra-ops start shard-scaling -p shards=12 --reason "rebalance hot shards"
+    """
     params = parse_params(param)
 
-    async def action(runs: Runs, config: Settings) -> None:
+    async def action(runs: AnyRuns, config: Settings) -> int:
         started = await runs.start(
-            runbook, params, requester=user or config.user or "", reason=reason, dry_run=dry_run
+            runbook,
+            params,
+            requester=caller(config, user),
+            reason=reason,
+            dry_run=dry_run,
         )
         if as_json and not wait:
             emit_json({"run_id": started.run_id, "existing": started.existing})
-            return
+            return 0
         if not as_json:
             verb = "already open" if started.existing else "started"
             out.print(
                 f"{started.run_id} {verb}; follow it with `astra-ops status {started.run_id}`"
             )
-        if wait:
-            result = await runs.client.get_workflow_handle(
-                started.run_id, result_type=RunbookResult
-            ).result()
-            if as_json:
-                emit_json({"run_id": started.run_id, **result.model_dump(mode="json")})
-            else:
-                out.print(f"{result.outcome.value}: {result.summary}")
+        if not wait:
+            return 0
+        view = await follow(runs, started.run_id, quiet=as_json)
+        if as_json:
+            emit_json(view_json(view))
+        return exit_code(view)
 
-    with_runs(action)
+    code = with_runs(action)
+    if code:
+        raise typer.Exit(code)
+
+
+async def follow(runs: AnyRuns, run_id: str, *, quiet: bool = False) -> RunView:
+    """Print one line per step as it starts and ends, and the approval it waits for, until the
+    run is over; then its outcome."""
+    seen: dict[str, str] = {}
+    while True:
+        view = await runs.view(run_id)
+        for step in view.steps:
+            state = step.state.value
+            if state != "pending" and seen.get(step.name) != state and not quiet:
+                detail = f": {step.detail}" if step.detail else ""
+                out.print(f"  {step.name}: {state}{detail}", highlight=False)
+            seen[step.name] = state
+        for pending in view.status.pending_approvals if view.status else []:
+            key = f"approval:{pending.step}"
+            if key not in seen and not quiet:
+                out.print(
+                    f"  waiting for {', '.join(pending.groups)} to approve '{pending.step}' "
+                    f"(eligible: {', '.join(pending.members) or 'nobody'}) until "
+                    f"{pending.deadline:%Y-%m-%d %H:%M:%S}Z",
+                    highlight=False,
+                )
+            seen[key] = "shown"
+        if view.state != "running":
+            if not quiet:
+                out.print(outcome_line(view), highlight=False)
+            return view
+        await asyncio.sleep(FOLLOW_POLL_SECONDS)
+
+
+def outcome_of(view: RunView) -> str:
+    if view.result is not None:
+        return view.result.outcome.value
+    if view.status is not None and view.status.outcome is not None:
+        return view.status.outcome.value
+    return view.state
+
+
+def outcome_line(view: RunView) -> str:
+    if view.result is not None:
+        return f"{view.result.outcome.value}: {view.result.summary}"
+    if view.status is not None and view.status.outcome is not None:
+        return f"{view.status.outcome.value}: {view.status.summary}"
+    if view.failure:
+        return f"failed: {view.failure}"
+    return view.state
+
+
+def exit_code(view: RunView) -> int:
+    """done / no change: 0; rejected, aborted, cancelled, rolled back: 2; failed: 1."""
+    outcome = outcome_of(view)
+    if outcome in ("done", "no_change"):
+        return 0
+    if outcome in ("rejected", "aborted", "cancelled", "rolled_back"):
+        return 2
+    return 1
 
 
 @app.command()
@@ -148,7 +259,7 @@ def ps(
 ) -> None:
     """List recent runs, newest first."""
 
-    async def action(runs: Runs, _: Settings) -> None:
+    async def action(runs: AnyRuns, _: Settings) -> None:
         listed = await runs.list_runs(awaiting_approval=awaiting_approval)
         if as_json:
             emit_json([r.model_dump(mode="json") for r in listed])
@@ -174,8 +285,15 @@ def print_view(view: RunView) -> None:
     if view.status:
         out.print(
             f"requested by {view.status.requester}: {view.status.reason or '-'}"
-            + ("  (dry-run)" if view.status.dry_run else "")
+            + ("  (dry-run)" if view.status.dry_run else ""),
+            highlight=False,
         )
+        if view.status.frozen_by and view.state == "running":
+            out.print(
+                f"[red]frozen[/red] by {view.status.frozen_by}: {view.status.frozen_reason}; "
+                "no mutating step starts until `astra-ops unfreeze`",
+                highlight=False,
+            )
     table = Table("step", "state", "started", "finished", "detail")
     for step in view.steps:
         table.add_row(
@@ -193,84 +311,152 @@ def print_view(view: RunView) -> None:
             f"{', '.join(pending.members)}) until {pending.deadline:%Y-%m-%d %H:%M:%S}Z:"
             f" `astra-ops approve {view.run_id}`"
         )
-    if view.result:
-        out.print(f"{view.result.outcome.value}: {view.result.summary}")
-    if view.failure:
-        out.print(f"[red]failed:[/red] {view.failure}")
+    if view.state != "running":
+        out.print(outcome_line(view), highlight=False)
 
 
 @app.command()
 def status(run_id: str, as_json: Json = False) -> None:
     """Show a run: its state, each step with times, and pending approvals."""
 
-    async def action(runs: Runs, _: Settings) -> None:
+    async def action(runs: AnyRuns, _: Settings) -> None:
         view = await runs.view(run_id)
-        if not as_json:
+        if as_json:
+            emit_json(view_json(view))
+        else:
             print_view(view)
-            return
-        emit_json(
-            {
-                "run_id": view.run_id,
-                "runbook": view.runbook,
-                "state": view.state,
-                "started_at": view.started_at,
-                "closed_at": view.closed_at,
-                "steps": [s.model_dump(mode="json") for s in view.steps],
-                "pending_approvals": [
-                    p.model_dump(mode="json")
-                    for p in (view.status.pending_approvals if view.status else [])
-                ],
-                "decisions": [
-                    d.model_dump(mode="json")
-                    for d in (view.status.decisions if view.status else [])
-                ],
-                "result": view.result.model_dump(mode="json") if view.result else None,
-                "failure": view.failure,
-            }
-        )
 
     with_runs(action)
 
 
-def decide(run_id: str, verdict: str, step: str | None, comment: str, user: str | None) -> None:
-    async def action(runs: Runs, config: Settings) -> None:
-        said = await runs.decide(
-            run_id,
-            Decision(
-                approver=user or config.user or "",
-                step=step,
-                comment=comment,
-                decision=verdict,
-            ),
+def view_json(view: RunView) -> dict[str, Any]:
+    status = view.status
+    return {
+        "run_id": view.run_id,
+        "runbook": view.runbook,
+        "state": view.state,
+        "outcome": outcome_of(view),
+        "started_at": view.started_at,
+        "closed_at": view.closed_at,
+        "steps": [s.model_dump(mode="json") for s in view.steps],
+        "pending_approvals": [
+            p.model_dump(mode="json") for p in (status.pending_approvals if status else [])
+        ],
+        "decisions": [d.model_dump(mode="json") for d in (status.decisions if status else [])],
+        "cancelled_by": status.cancelled_by if status else None,
+        "frozen_by": status.frozen_by if status else None,
+        "result": view.result.model_dump(mode="json") if view.result else None,
+        "failure": view.failure,
+    }
+
+
+def decide(
+    run_id: str,
+    verdict: str,
+    step: str | None,
+    comment: str,
+    user: str | None,
+    print_signal: bool,
+) -> None:
+    async def action(runs: AnyRuns, config: Settings) -> None:
+        decision = Decision(
+            approver=caller(config, user), step=step, comment=comment, decision=verdict
         )
-        out.print(said)
+        if not print_signal:
+            out.print(await runs.decide(run_id, decision), highlight=False)
+            return
+        signal = await runs.signed_signal(run_id, decision)
+        payload = json.dumps(signal["input"], separators=(",", ":"))
+        out.print(
+            f"temporal workflow signal --workflow-id {shlex.quote(signal['workflow_id'])} "
+            f"--name {signal['signal']} --input {shlex.quote(payload)}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     with_runs(action)
 
 
 Step = Annotated[str | None, typer.Option(help="The step to decide (default: the pending one).")]
 Comment = Annotated[str, typer.Option(help="Why; recorded with the decision.")]
+PrintSignal = Annotated[
+    bool,
+    typer.Option(
+        "--print-signal",
+        help="Print a signed `temporal workflow signal` command instead of deciding "
+        "(valid for 10 minutes).",
+    ),
+]
 
 
 @app.command()
-def approve(run_id: str, step: Step = None, comment: Comment = "", user: As = None) -> None:
-    """Approve the step a run is waiting on (you cannot approve your own run)."""
-    decide(run_id, "approve", step, comment, user)
+def approve(
+    run_id: str,
+    step: Step = None,
+    comment: Comment = "",
+    user: As = None,
+    print_signal: PrintSignal = False,
+) -> None:
+    """Approve the step a run is waiting on (you cannot approve your own run).
+
+    Example: astra-ops approve shard-scaling/astra --comment "checked the shard map"
+    """
+    decide(run_id, "approve", step, comment, user, print_signal)
 
 
 @app.command()
-def reject(run_id: str, step: Step = None, comment: Comment = "", user: As = None) -> None:
-    """Reject the step a run is waiting on; the run stops safely."""
-    decide(run_id, "reject", step, comment, user)
+def reject(
+    run_id: str,
+    step: Step = None,
+    comment: Comment = "",
+    user: As = None,
+    print_signal: PrintSignal = False,
+) -> None:
+    """Reject the step a run is waiting on; the run stops safely.
+
+    Example: astra-ops reject shard-scaling/astra --comment "wrong count"
+    """
+    decide(run_id, "reject", step, comment, user, print_signal)
+
+
+Reason = Annotated[str, typer.Option(help="Why; recorded in the run's history and status.")]
 
 
 @app.command()
-def cancel(run_id: str, user: As = None) -> None:
-    """Cancel a run; it undoes what it changed before it stops."""
+def cancel(run_id: str, reason: Reason = "", user: As = None) -> None:
+    """Cancel a run; it undoes what it changed before it stops, and records who and why.
 
-    async def action(runs: Runs, config: Settings) -> None:
-        await runs.cancel(run_id, user or config.user or "")
-        out.print(f"{run_id}: cancellation requested; it rolls back what it changed")
+    Example: astra-ops cancel shard-scaling/astra --reason "wrong cluster"
+    """
+
+    async def action(runs: AnyRuns, config: Settings) -> None:
+        out.print(await runs.cancel(run_id, caller(config, user), reason), highlight=False)
+
+    with_runs(action)
+
+
+@app.command()
+def freeze(reason: Reason = "", user: As = None) -> None:
+    """Kill switch: hold every mutating step of every run; refuse new starts but dry runs.
+
+    Example: astra-ops freeze --reason "database failover in progress"
+    """
+
+    async def action(runs: AnyRuns, config: Settings) -> None:
+        out.print(await runs.freeze(caller(config, user), reason), highlight=False)
+
+    with_runs(action)
+
+
+@app.command()
+def unfreeze(reason: Reason = "", user: As = None) -> None:
+    """Lift the kill switch; every held run resumes.
+
+    Example: astra-ops unfreeze --reason "failover done"
+    """
+
+    async def action(runs: AnyRuns, config: Settings) -> None:
+        out.print(await runs.unfreeze(caller(config, user), reason), highlight=False)
 
     with_runs(action)
 

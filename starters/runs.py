@@ -6,8 +6,10 @@ HTTP status and a JSON body) while meaning the same thing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -21,11 +23,24 @@ from temporalio.client import (
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.access import KILL_SWITCH_ID
 from runtime import search_attributes as sa
-from runtime.access import AccessPolicy
+from runtime.access import AccessPolicy, AccessPolicyError, RunbookAccess
 from runtime.client import TemporalUnavailable
+from runtime.identity import STATEMENT_TTL, Signed, Signer, Statement, digest
+from workflows.approval import refusal, step_of
 from workflows.catalogue import RUNBOOKS
-from workflows.models import Decision, PendingApproval, RunbookResult, RunStatus, StepStatus
+from workflows.models import (
+    ApprovalSignal,
+    CancelRequest,
+    Decision,
+    FreezeNotice,
+    PendingApproval,
+    RunbookRequest,
+    RunbookResult,
+    RunStatus,
+    StepStatus,
+)
 from workflows.runbook import RunbookSpec
 
 
@@ -57,6 +72,16 @@ class NotAllowed(RunError):
 
 class DecisionRefused(RunError):
     kind = "conflict"
+
+
+class OpenRunConflict(RunError):
+    """A run of the same runbook and subject is open with other parameters or requester."""
+
+    kind = "conflict"
+
+    def __init__(self, message: str, *, run_id: str, requester: str, params: Any) -> None:
+        super().__init__(message)
+        self.details = {"run_id": run_id, "requester": requester, "params": params}
 
 
 class StartedRun(BaseModel):
@@ -112,6 +137,40 @@ def runbook_spec(name: str) -> RunbookSpec:
         ) from None
 
 
+def _expiry() -> datetime:
+    return datetime.now(UTC) + STATEMENT_TTL
+
+
+def quote(value: str) -> str:
+    """A string literal for a visibility query: quotes and backslashes cannot end it early."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _params(request: RunbookRequest) -> dict[str, Any]:
+    return request.model_dump(
+        mode="json", exclude={"requester", "reason", "dry_run", "authorization"}
+    )
+
+
+def _body_hash(runbook: str, request: RunbookRequest) -> str:
+    """What makes two starts the same request: runbook, parameters, requester and dry-run."""
+    body = {"runbook": runbook, "params": _params(request), "dry_run": request.dry_run}
+    return digest(json.dumps(body, sort_keys=True, separators=(",", ":")))
+
+
+def _describe_params(params: Any) -> str:
+    if not isinstance(params, dict):
+        return "unknown parameters"
+    return ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def _reason(err: BaseException) -> str:
+    """The message a person needs from a query or update failure, not the SDK's wrapping."""
+    cause = err.__cause__ or getattr(err, "cause", None)
+    message = getattr(cause, "message", None) or getattr(err, "message", None)
+    return str(message or cause or err)
+
+
 def _input_error(name: str, err: ValidationError) -> InvalidInput:
     problems = "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in err.errors()
@@ -120,10 +179,23 @@ def _input_error(name: str, err: ValidationError) -> InvalidInput:
 
 
 class Runs:
-    def __init__(self, client: Client, task_queue: str, policy: AccessPolicy) -> None:
+    """Start and steer runs as a caller the front end has identified.
+
+    With a ``signer`` (the API, outside dev mode) every start, decision, cancel and freeze is
+    signed for the run to verify; without one (dev mode) names are trusted, as dev mode says.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        task_queue: str,
+        policy: AccessPolicy,
+        signer: Signer | None = None,
+    ) -> None:
         self.client = client
         self.task_queue = task_queue
         self.policy = policy
+        self.signer = signer
 
     def identify(self, user: str | None) -> str:
         """The caller, who must be a person the access policy knows: no anonymous actions."""
@@ -132,6 +204,15 @@ class Runs:
         if not self.policy.known(user):
             raise NotAllowed(f"{user} is not in the access policy; ask an admin to add them")
         return user
+
+    def _sign(self, statement: Statement) -> Signed | None:
+        return self.signer.sign(statement) if self.signer is not None else None
+
+    def _access(self, runbook: str) -> RunbookAccess:
+        try:
+            return self.policy.runbook(runbook)
+        except AccessPolicyError as err:
+            raise NotAllowed(str(err)) from None
 
     async def start(
         self,
@@ -145,52 +226,107 @@ class Runs:
     ) -> StartedRun:
         spec = runbook_spec(runbook)
         requester = self.identify(requester)
-        reserved = {"requester", "dry_run", "reason"} & params.keys()
+        access = self._access(runbook)
+        why = access.may_start(runbook, requester, dry_run, self.policy.members)
+        if why is not None:
+            raise NotAllowed(why)
+        reserved = {"requester", "dry_run", "reason", "authorization"} & params.keys()
         if reserved:
             raise InvalidInput(f"{', '.join(sorted(reserved))} cannot be passed as parameters")
         try:
             request = spec.request.model_validate(
-                {**params, "requester": requester, "reason": reason, "dry_run": dry_run}
+                {
+                    **access.defaults(),
+                    **params,
+                    "requester": requester,
+                    "reason": reason,
+                    "dry_run": dry_run,
+                }
             )
         except ValidationError as err:
             raise _input_error(runbook, err) from None
+        violations = access.violations(request.model_dump())
+        if violations:
+            raise InvalidInput(f"bad parameters for {runbook}: {'; '.join(violations)}")
+        if not dry_run:
+            frozen = await self.frozen()
+            if frozen is not None:
+                raise DecisionRefused(
+                    f"astra-ops is frozen by {frozen.actor} ({frozen.reason}): only dry runs "
+                    "start until an operator runs `astra-ops unfreeze`"
+                )
         workflow_id = spec.workflow_id(request)
-        if idempotency_key:
-            earlier = await self._run_with_key(workflow_id, idempotency_key)
-            if earlier:
-                return StartedRun(run_id=workflow_id, runbook=runbook, existing=True)
-        request_id = idempotency_key or str(uuid.uuid4())
+        body = _body_hash(runbook, request)
+        key = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
+        if key is not None:
+            earlier = await self._run_with_key(key)
+            if earlier is not None:
+                earlier_id, memo = earlier
+                if memo.get("requester") != requester or memo.get("body") != body:
+                    raise InvalidInput(
+                        "this Idempotency-Key was used for another request (another body or "
+                        "another user); use a new key for a new request"
+                    )
+                return StartedRun(run_id=earlier_id, runbook=runbook, existing=True)
+        request_id = str(uuid.uuid4())
+        signed: RunbookRequest = request.model_copy(
+            update={
+                "authorization": self._sign(
+                    Statement(
+                        act="start",
+                        actor=requester,
+                        workflow_id=workflow_id,
+                        digest=digest(request.signed_payload()),
+                        expires_at=_expiry(),
+                    )
+                )
+            }
+        )
+        attributes: list[SearchAttributePair[Any]] = [
+            SearchAttributePair(sa.RUNBOOK, runbook),
+            SearchAttributePair(sa.SEVERITY, spec.severity),
+            SearchAttributePair(sa.SERVICE, spec.subject(request)),
+            SearchAttributePair(sa.AWAITING_APPROVAL, False),
+        ]
+        if key is not None:
+            attributes.append(SearchAttributePair(sa.IDEMPOTENCY_KEY, key))
         handle = await self._call(
             self.client.start_workflow(
                 runbook,
-                request,
+                signed,
                 id=workflow_id,
                 task_queue=self.task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                memo={"request_id": request_id, "requester": requester},
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(sa.RUNBOOK, runbook),
-                        SearchAttributePair(sa.SEVERITY, spec.severity),
-                        SearchAttributePair(sa.SERVICE, spec.subject(request)),
-                        SearchAttributePair(sa.AWAITING_APPROVAL, False),
-                    ]
-                ),
+                memo={
+                    "request_id": request_id,
+                    "requester": requester,
+                    "body": body,
+                    "params": _params(request),
+                },
+                search_attributes=TypedSearchAttributes(attributes),
                 static_summary=f"{spec.title} of {spec.subject(request)}"
                 + (" (dry-run)" if dry_run else ""),
                 static_details=f"started by {requester}: {reason or 'no reason given'}",
             )
         )
         memo = await (await self._call(handle.describe())).memo()
-        return StartedRun(
-            run_id=workflow_id, runbook=runbook, existing=memo.get("request_id") != request_id
-        )
+        if memo.get("request_id") == request_id:
+            return StartedRun(run_id=workflow_id, runbook=runbook, existing=False)
+        if memo.get("requester") != requester or memo.get("body") != body:
+            raise OpenRunConflict(
+                f"{workflow_id} is already open, started by {memo.get('requester')} with "
+                f"{_describe_params(memo.get('params'))}; decide or cancel that run first",
+                run_id=workflow_id,
+                requester=str(memo.get("requester")),
+                params=memo.get("params") or {},
+            )
+        return StartedRun(run_id=workflow_id, runbook=runbook, existing=True)
 
-    async def _run_with_key(self, workflow_id: str, key: str) -> bool:
-        async for execution in self._call_iter(f"WorkflowId = '{workflow_id}'", limit=100):
-            if (await execution.memo()).get("request_id") == key:
-                return True
-        return False
+    async def _run_with_key(self, key: str) -> tuple[str, dict[str, Any]] | None:
+        query = f"{sa.IDEMPOTENCY_KEY.name} = {quote(key)}"
+        async for execution in self._call_iter(query, limit=1):
+            return execution.id, await execution.memo()
+        return None
 
     async def view(self, run_id: str) -> RunView:
         handle = self._handle(run_id)
@@ -252,47 +388,197 @@ class Runs:
             pending += [(run.run_id, p) for p in status.pending_approvals]
         return pending
 
-    async def decide(self, run_id: str, decision: Decision) -> str:
-        decision = decision.model_copy(update={"approver": self.identify(decision.approver)})
-        handle = self._handle(run_id)
-        desc = await self._call(handle.describe(), run_id)
-        if desc.status != WorkflowExecutionStatus.RUNNING:
-            raise DecisionRefused(f"run {run_id} is {STATES.get(desc.status, 'closed')}")
-        status = await handle.query("status", result_type=RunStatus)
-        self._authorize(status, decision)
-        try:
-            said: str = await handle.execute_update("decide", decision, result_type=str)
-            return said
-        except WorkflowUpdateFailedError as err:
-            raise DecisionRefused(str(err.cause.message if err.cause else err)) from None  # type: ignore[attr-defined]
-
-    @staticmethod
-    def _authorize(status: RunStatus, decision: Decision) -> None:
-        """Refuse people who may never decide this step as forbidden, before asking the run.
-
-        The run's own validator is still the authority; this only tells "not allowed" (403)
-        apart from "not now" (409) for the front ends.
-        """
-        pending = [p for p in status.pending_approvals if decision.step in (None, p.step)]
-        if len(pending) != 1:
-            return
-        if decision.decision == "approve" and decision.approver == status.requester:
-            raise NotAllowed(
-                f"{decision.approver} started this run; the requester cannot approve it"
-            )
-        if decision.approver not in pending[0].members and decision.approver != status.requester:
-            raise NotAllowed(
-                f"{decision.approver} is not in the group(s) allowed to decide step "
-                f"'{pending[0].step}' ({', '.join(pending[0].groups)})"
-            )
-
-    async def cancel(self, run_id: str, user: str) -> None:
-        self.identify(user)
+    async def _running(self, run_id: str) -> tuple[WorkflowHandle[Any, RunbookResult], str]:
+        """The open run's handle and Temporal run id; refuse a closed run."""
         handle = self._handle(run_id)
         desc = await self._call(handle.describe(), run_id)
         if desc.status != WorkflowExecutionStatus.RUNNING:
             raise DecisionRefused(f"run {run_id} is already {STATES.get(desc.status, 'closed')}")
-        await self._call(handle.cancel(), run_id)
+        return handle, desc.run_id
+
+    async def _status(self, handle: WorkflowHandle[Any, RunbookResult]) -> RunStatus:
+        try:
+            status: RunStatus = await handle.query("status", result_type=RunStatus)
+        except (WorkflowQueryFailedError, RPCError) as err:
+            raise DecisionRefused(
+                f"run {handle.id} does not answer ({_reason(err)}); is a worker running?"
+            ) from None
+        return status
+
+    async def signed_decision(self, run_id: str, decision: Decision) -> Decision:
+        """The decision as the run will accept it: checked against the gate's rules, its step
+        made explicit, and (outside dev mode) signed. Also what `--print-signal` prints."""
+        approver = self.identify(decision.approver)
+        handle, temporal_run = await self._running(run_id)
+        status = await self._status(handle)
+        pending = {p.step: p for p in status.pending_approvals}
+        refused = refusal(decision, pending, status.requester)
+        if refused is not None:
+            raise (NotAllowed if refused.forbidden else DecisionRefused)(refused.why)
+        step = step_of(decision, pending)
+        return decision.model_copy(
+            update={
+                "step": step,
+                "authorization": self._sign(
+                    Statement(
+                        act="decision",
+                        actor=approver,
+                        workflow_id=run_id,
+                        run_id=temporal_run,
+                        step=step,
+                        decision=decision.decision,
+                        digest=digest(decision.comment),
+                        expires_at=_expiry(),
+                    )
+                ),
+            }
+        )
+
+    async def signed_signal(self, run_id: str, decision: Decision) -> dict[str, Any]:
+        """What the stock `temporal workflow signal` must send for this decision to count."""
+        signed = await self.signed_decision(run_id, decision)
+        payload = ApprovalSignal(
+            approver=signed.approver,
+            step=signed.step,
+            comment=signed.comment,
+            authorization=signed.authorization,
+        )
+        return {
+            "workflow_id": run_id,
+            "signal": decision.decision,
+            "input": payload.model_dump(mode="json"),
+        }
+
+    async def decide(self, run_id: str, decision: Decision) -> str:
+        signed = await self.signed_decision(run_id, decision)
+        return await self._update(run_id, "decide", signed)
+
+    async def cancel(self, run_id: str, user: str, reason: str = "") -> str:
+        """Ask the run to stop; it records who and why, undoes its changes, then ends."""
+        actor = self.identify(user)
+        handle, temporal_run = await self._running(run_id)
+        status = await self._status(handle)
+        why = self._access(status.runbook).may_cancel(
+            status.runbook, actor, status.requester, self.policy.members
+        )
+        if why is not None:
+            raise NotAllowed(why)
+        request = CancelRequest(
+            actor=actor,
+            reason=reason,
+            authorization=self._sign(
+                Statement(
+                    act="cancel",
+                    actor=actor,
+                    workflow_id=run_id,
+                    run_id=temporal_run,
+                    digest=digest(reason),
+                    expires_at=_expiry(),
+                )
+            ),
+        )
+        return await self._update(run_id, "cancel", request)
+
+    async def _update(self, run_id: str, name: str, arg: BaseModel) -> str:
+        try:
+            said: str = await self._handle(run_id).execute_update(name, arg, result_type=str)
+        except WorkflowUpdateFailedError as err:
+            raise DecisionRefused(_reason(err)) from None
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                raise DecisionRefused(
+                    f"run {run_id} closed before the request reached it"
+                ) from None
+            raise
+        return said
+
+    # -- the kill switch -------------------------------------------------------------------
+
+    async def frozen(self) -> FreezeNotice | None:
+        handle = self.client.get_workflow_handle(KILL_SWITCH_ID)
+        try:
+            desc = await self._call(handle.describe(), KILL_SWITCH_ID)
+        except UnknownRun:
+            return None
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            return None
+        try:
+            notice: FreezeNotice | None = await handle.query(
+                "state",
+                result_type=FreezeNotice | None,  # type: ignore[arg-type]
+            )
+        except (WorkflowQueryFailedError, RPCError):
+            # Running but not answering (no worker yet): treat it as frozen, the safe side.
+            return FreezeNotice(actor="(unknown)", reason="the kill switch is turning on")
+        return notice
+
+    def _operator(self, user: str) -> str:
+        actor = self.identify(user)
+        if not self.policy.is_operator(actor):
+            raise NotAllowed(
+                f"{actor} is not an operator; the access policy lets "
+                f"{', '.join(self.policy.operators) or 'nobody'} freeze and unfreeze"
+            )
+        return actor
+
+    async def freeze(self, user: str, reason: str) -> str:
+        actor = self._operator(user)
+        if not reason.strip():
+            raise InvalidInput("say why you freeze: --reason")
+        notice = FreezeNotice(
+            actor=actor,
+            reason=reason,
+            authorization=self._sign(
+                Statement(
+                    act="freeze",
+                    actor=actor,
+                    workflow_id=KILL_SWITCH_ID,
+                    digest=digest(reason),
+                    expires_at=_expiry(),
+                )
+            ),
+        )
+        handle = await self._call(
+            self.client.start_workflow(
+                "kill-switch",
+                notice,
+                id=KILL_SWITCH_ID,
+                task_queue=self.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                memo={"actor": actor, "reason": reason},
+                static_summary=f"astra-ops frozen by {actor}",
+                static_details=reason,
+            )
+        )
+        memo = await (await self._call(handle.describe())).memo()
+        if memo.get("actor") != actor or memo.get("reason") != reason:
+            raise DecisionRefused(f"already frozen by {memo.get('actor')}: {memo.get('reason')}")
+        return f"frozen by {actor}: no mutating step starts in any run until `astra-ops unfreeze`"
+
+    async def unfreeze(self, user: str, reason: str = "") -> str:
+        actor = self._operator(user)
+        handle = self.client.get_workflow_handle(KILL_SWITCH_ID)
+        try:
+            desc = await self._call(handle.describe(), KILL_SWITCH_ID)
+        except UnknownRun:
+            desc = None
+        if desc is None or desc.status != WorkflowExecutionStatus.RUNNING:
+            raise DecisionRefused("astra-ops is not frozen")
+        notice = FreezeNotice(
+            actor=actor,
+            reason=reason,
+            authorization=self._sign(
+                Statement(
+                    act="unfreeze",
+                    actor=actor,
+                    workflow_id=KILL_SWITCH_ID,
+                    run_id=desc.run_id,
+                    digest=digest(reason),
+                    expires_at=_expiry(),
+                )
+            ),
+        )
+        return await self._update(KILL_SWITCH_ID, "unfreeze", notice)
 
     def _handle(self, run_id: str) -> WorkflowHandle[Any, RunbookResult]:
         return self.client.get_workflow_handle(run_id, result_type=RunbookResult)

@@ -23,10 +23,12 @@ from runtime import search_attributes as sa
 from runtime.access import load_policy
 from runtime.client import data_converter
 from runtime.codec import new_key_line
+from runtime.identity import Signer
 from runtime.settings import REPO_ROOT, Settings
 from sandbox.kube import seed_astra
 from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox, eventually, kube
+from tests.helpers import TEST_SIGNER, TEST_SIGNING_KEY
 from workers.worker import running_worker
 
 pytest_plugins = ["tests.conftest_data", "tests.conftest_sandbox"]
@@ -39,6 +41,19 @@ TEMPORAL = Path(sys.executable).parent / "temporal"
 def codec_keys() -> str:
     """A random key per session: tests prove the codec round-trips, not a fixed ciphertext."""
     return new_key_line("test1")
+
+
+@pytest.fixture(scope="session")
+def signing_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The API's signing key for this session (the public half is what workers trust)."""
+    path = tmp_path_factory.mktemp("identity") / "signing.key"
+    path.write_text(TEST_SIGNING_KEY + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def signer() -> Signer:
+    return TEST_SIGNER
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +130,10 @@ def settings(
     kube: KubeSandbox,
     chat: ChatReceiver,
     task_queue: str,
+    signing_key_file: Path,
+    signer: Signer,
 ) -> Settings:
+    """Production settings (not dev mode): identities are proven by the API's signature."""
     return Settings(
         temporal_address=temporal.client.service_client.config.target_host,
         codec_keys=codec_keys,
@@ -123,13 +141,15 @@ def settings(
         task_queue=task_queue,
         chat_webhook_url=chat.url,
         access_policy=REPO_ROOT / "deploy" / "access-policy.yaml",
+        signing_key_file=signing_key_file,
+        trusted_keys=signer.public_line(),
     )
 
 
 @pytest.fixture
-def runs(client: Client, settings: Settings) -> Runs:
-    """Starting and steering runs as the CLI and the API do."""
-    return Runs(client, settings.task_queue, load_policy(settings.access_policy))
+def runs(client: Client, settings: Settings, signer: Signer) -> Runs:
+    """Starting and steering runs as the API does: as a known person, signed."""
+    return Runs(client, settings.task_queue, load_policy(settings.access_policy), signer)
 
 
 @pytest.fixture

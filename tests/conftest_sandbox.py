@@ -26,6 +26,7 @@ from sandbox.kube import api_client
 from sandbox.loadgen import LoadConfig, LoadGenerator
 from sandbox.platform import ClusterView
 from tests.conftest_kube import KubeSandbox, eventually
+from tests.helpers import signed_decision, signed_start
 from workers.worker import running_worker
 from workflows.models import Decision, RunbookRequest, RunbookResult, RunStatus
 from workflows.runbook import Runbook
@@ -130,11 +131,13 @@ def config_value(kube: KubeSandbox, key: str) -> str | None:
 async def start(
     client: Client, runbook: type[Runbook], request: RunbookRequest, task_queue: str
 ) -> WorkflowHandle[Any, RunbookResult]:
-    """Start a run under a fresh id: the subject alone repeats across tests."""
+    """Start a run under a fresh id (the subject alone repeats across tests), signed as the API
+    would sign it."""
+    workflow_id = f"{runbook.spec.workflow_id(request)}/{uuid.uuid4().hex[:8]}"
     return await client.start_workflow(
         runbook.spec.name,
-        request,
-        id=f"{runbook.spec.workflow_id(request)}/{uuid.uuid4().hex[:8]}",
+        signed_start(request, workflow_id),
+        id=workflow_id,
         task_queue=task_queue,
         result_type=RunbookResult,
     )
@@ -150,6 +153,5 @@ async def decide(
         return any(p.step == step for p in status.pending_approvals)
 
     await eventually(pending, timeout=20, interval=0.05, message=f"approval of '{step}'")
-    await handle.execute_update(
-        "decide", Decision(approver=approver, step=step, decision=verdict), result_type=str
-    )
+    decision = Decision(approver=approver, step=step, decision=verdict)
+    await handle.execute_update("decide", await signed_decision(handle, decision), result_type=str)

@@ -1,16 +1,34 @@
-"""A one-step runbook that exercises the approval gate with any policy the test chooses."""
+"""A one-step runbook that exercises the approval gate with any rule the test writes into the
+access policy, on a worker that trusts names (dev mode) or only the test's signing key."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
 from temporalio import workflow
 
-from workflows.models import ApprovalPolicy, Outcome, RunbookRequest, RunbookResult
+from workflows.models import Outcome, RunbookRequest, RunbookResult
 from workflows.runbook import Runbook, RunbookSpec
+
+with workflow.unsafe.imports_passed_through():
+    import yaml
+    from temporalio.client import Client
+    from temporalio.worker import Worker
+
+    from activities.access import AccessActivities, Trust
+    from activities.notify import NotifyActivities
+    from runtime.access import ApprovalPolicy
+    from runtime.settings import REPO_ROOT, Settings
+    from workers.worker import workflow_runner
+
+STEP = "approve change"
 
 
 class GateProbeRequest(RunbookRequest):
     subject: str
-    policy: ApprovalPolicy
 
 
 SPEC = RunbookSpec(
@@ -19,7 +37,7 @@ SPEC = RunbookSpec(
     trigger="tests",
     rotation="kernel-sre",
     severity="SEV3",
-    steps=("approve change", "change"),
+    steps=(STEP, "change"),
     request=GateProbeRequest,
     subject=lambda req: req.subject,
 )
@@ -34,5 +52,34 @@ class GateProbe(Runbook):
         return await self.steps.run(req, lambda: self._body(req))
 
     async def _body(self, req: GateProbeRequest) -> RunbookResult:
-        await self.steps.approval("approve change", req.policy)
+        await self.steps.approval(STEP)
         return self.steps.finish(Outcome.DONE, "approved")
+
+
+def write_policy(path: Path, rule: ApprovalPolicy) -> None:
+    """The example policy, plus the probe runbook whose one approval follows ``rule``."""
+    policy = yaml.safe_load((REPO_ROOT / "deploy" / "access-policy.yaml").read_text())
+    policy["runbooks"]["gate-probe"] = {
+        "start": ["anyone"],
+        "cancel": ["kernel-sre"],
+        "approvals": {STEP: rule.model_dump()},
+    }
+    path.write_text(yaml.safe_dump(policy))
+
+
+@asynccontextmanager
+async def probe_worker(
+    client: Client, settings: Settings, task_queue: str, trust: Trust, policy: Path
+) -> AsyncIterator[Worker]:
+    notify = NotifyActivities(policy, settings.chat_webhook_url)
+    access = AccessActivities(policy, trust, client, notify, settings.state_dsn)
+    with ThreadPoolExecutor(max_workers=4) as executor:
+        async with Worker(
+            client,
+            task_queue=task_queue,
+            workflows=[GateProbe],
+            activities=[access.admit, access.request_approval, access.freeze_state],
+            activity_executor=executor,
+            workflow_runner=workflow_runner(),
+        ) as worker:
+            yield worker

@@ -2,13 +2,63 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowHandle
 
 from activities.kubernetes import CONFIG_HASH, config_hash
+from runtime.identity import (
+    STATEMENT_TTL,
+    Signed,
+    Statement,
+    digest,
+    load_signer,
+    new_signing_key_line,
+)
 from tests.conftest_kube import KubeSandbox, eventually
-from workflows.models import RunbookResult, RunStatus, StepState
+from workflows.models import Decision, RunbookRequest, RunbookResult, RunStatus, StepState
+
+# The API's signing key for this test session: the `settings` fixture trusts its public half, and
+# tests that start or decide without the API sign as the API would.
+TEST_SIGNING_KEY = new_signing_key_line("test-api")
+TEST_SIGNER = load_signer(TEST_SIGNING_KEY)
+
+
+def expiry() -> datetime:
+    return datetime.now(UTC) + STATEMENT_TTL
+
+
+R = TypeVar("R", bound=RunbookRequest)
+
+
+def signed_start(request: R, workflow_id: str) -> R:
+    """The request as the API would send it: with its signed start statement."""
+    statement = Statement(
+        act="start",
+        actor=request.requester,
+        workflow_id=workflow_id,
+        digest=digest(request.signed_payload()),
+        expires_at=expiry(),
+    )
+    return request.model_copy(update={"authorization": TEST_SIGNER.sign(statement)})
+
+
+async def signed_decision(handle: WorkflowHandle[Any, Any], decision: Decision) -> Decision:
+    """The decision as the API would send it: step explicit, signed for this very run."""
+    run_id = (await handle.describe()).run_id
+    statement = Statement(
+        act="decision",
+        actor=decision.approver,
+        workflow_id=handle.id,
+        run_id=run_id,
+        step=decision.step,
+        decision=decision.decision,
+        digest=digest(decision.comment),
+        expires_at=expiry(),
+    )
+    signed: Signed = TEST_SIGNER.sign(statement)
+    return decision.model_copy(update={"authorization": signed})
 
 
 def shard_count(kube: KubeSandbox, namespace: str) -> str:

@@ -1,48 +1,88 @@
 """The `astra-ops` CLI as people type it, against the real dev server and the sandbox cluster.
 
-Each command runs in a worker thread (it starts its own event loop, as it does in a shell) while
-this test's loop keeps the worker polling.
+Outside dev mode the CLI goes through the API with the person's token (the API proves who they
+are); one test covers dev mode, where the CLI talks to Temporal and trusts `--as`. Each command
+runs in a worker thread (it starts its own event loop, as it does in a shell) while this test's
+loop keeps the worker and the API serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import uvicorn
 from google.protobuf.duration_pb2 import Duration
+from pydantic import SecretStr
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client
 from temporalio.worker import Worker
 from typer.testing import CliRunner, Result
 
 from runtime import search_attributes as sa
 from runtime.settings import Settings
+from starters.api import create_app
 from starters.cli import app
+from tests.conftest import TEMPORAL
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.helpers import awaiting_approval, handle_of, shard_count
+from tests.test_api import TOKENS
+from workers.worker import running_worker
 
 
 @dataclass
 class Cli:
     env: dict[str, str]
 
-    async def __call__(self, *args: str, user: str | None = None) -> Result:
-        env = {**self.env, "ASTRA_OPS_USER": user or ""}
+    async def __call__(self, *args: str, user: str = "dave") -> Result:
+        """Run a command as ``user`` (their API token); ``""`` for nobody. Dave watches."""
+        who = {"ASTRA_OPS_API_TOKEN": f"t-{user}"} if user else {}
         runner = CliRunner()
-        return await asyncio.to_thread(lambda: runner.invoke(app, list(args), env=env))
+        return await asyncio.to_thread(
+            lambda: runner.invoke(app, list(args), env={**self.env, **who})
+        )
 
 
 @pytest.fixture
-def cli(settings: Settings, codec_keys: str) -> Cli:
+async def api_url(settings: Settings) -> AsyncIterator[str]:
+    """The API, served on a free loopback port for the CLI to call."""
+    app_settings = settings.model_copy(update={"api_tokens": SecretStr(TOKENS)})
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(app_settings), host="127.0.0.1", port=0, log_level="warning")
+    )
+    serving = asyncio.create_task(server.serve())
+    await eventually(lambda: _started(server), timeout=10, message="the API is serving")
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def _started(server: uvicorn.Server) -> bool:
+    return server.started
+
+
+@pytest.fixture
+def cli(settings: Settings, codec_keys: str, api_url: str, tmp_path: Path) -> Cli:
     return Cli(
         {
+            "ASTRA_OPS_API_URL": api_url,
             "ASTRA_OPS_TEMPORAL_ADDRESS": settings.temporal_address,
             "ASTRA_OPS_TASK_QUEUE": settings.task_queue,
             "ASTRA_OPS_CODEC_KEYS": codec_keys,
+            # Not this checkout's .astra/: a dev stack running here must not switch the mode.
+            "ASTRA_OPS_STATE_DIR": str(tmp_path),
+            "ASTRA_OPS_USER": "",
             "COLUMNS": "200",
         }
     )
@@ -99,14 +139,15 @@ async def test_start_wait_dry_run_and_reject(
     )  # fmt: skip
     assert dry.exit_code == 0, dry.output
     assert "done: dry-run: would change TASK_SHARD_COUNT 8 -> 3" in dry.stdout
+    assert "  read current shard count: done" in dry.stdout  # progress, step by step
 
     started = await cli(
         "start", "shard-scaling", "-p", "shards=3", "-p", f"namespace={namespace}", "--json",
-        user="dave",
+        user="alice",
     )  # fmt: skip
     run_id = json.loads(started.stdout)["run_id"]
     await awaiting_approval(handle_of(client, run_id), "approve scaling")
-    rejected = await cli("reject", run_id, "--comment", "wrong count", user="alice")
+    rejected = await cli("reject", run_id, "--comment", "wrong count", user="bob")
     assert rejected.exit_code == 0, rejected.output
     result = await handle_of(client, run_id).result()
     assert result.outcome.value == "rejected"
@@ -120,17 +161,20 @@ async def test_cancel_and_list(cli: Cli, client: Client, worker: Worker, namespa
     )  # fmt: skip
     run_id = json.loads(started.stdout)["run_id"]
     await awaiting_approval(handle_of(client, run_id), "approve scaling")
-    cancelled = await cli("cancel", run_id, user="bob")
+    cancelled = await cli("cancel", run_id, "--reason", "wrong count", user="bob")
     assert cancelled.exit_code == 0, cancelled.output
-    with pytest.raises(WorkflowFailureError):
-        await handle_of(client, run_id).result()
-    assert json.loads((await cli("status", run_id, "--json")).stdout)["state"] == "cancelled"
+    assert "cancelled by bob" in cancelled.stdout
+    result = await handle_of(client, run_id).result()
+    assert result.outcome.value == "cancelled"
+    shown = json.loads((await cli("status", run_id, "--json")).stdout)
+    assert shown["outcome"] == "cancelled"
+    assert shown["result"]["summary"] == "cancelled by bob: wrong count"
     again = await cli("cancel", run_id, user="bob")
-    assert again.exit_code == 1 and "already cancelled" in again.stderr
+    assert again.exit_code == 1 and "already completed" in again.stderr
 
     async def listed() -> bool:
         table = await cli("ps")
-        return run_id in table.stdout and "cancelled" in table.stdout
+        return run_id in table.stdout
 
     await eventually(listed, timeout=10, message="cancelled run listed by ps")
 
@@ -142,9 +186,16 @@ async def test_every_error_is_one_clear_line_and_non_zero(
         (("start", "nope"), "alice", 1, "no runbook named 'nope'"),
         (("start", "shard-scaling", "-p", "shards=zero"), "alice", 2, "shards: Input should be"),
         (("start", "shard-scaling", "-p", "shards"), "alice", 2, "--param takes key=value"),
-        (("start", "shard-scaling", "-p", "shards=4"), None, 1, "pass --as NAME"),
+        (("start", "shard-scaling", "-p", "shards=4"), "", 1, "ASTRA_OPS_API_TOKEN"),
+        (
+            ("start", "shard-scaling", "-p", "shards=4", "--as", "bob"),
+            "alice",
+            2,
+            "--as works only",
+        ),
         (("start", "shard-scaling", "-p", "shards=4"), "mallory", 1, "not in the access policy"),
-        (("status", "shard-scaling/never"), None, 1, "no run 'shard-scaling/never'"),
+        (("start", "shard-scaling", "-p", "shards=4"), "dave", 1, "dave may not start"),
+        (("status", "shard-scaling/never"), "dave", 1, "no run 'shard-scaling/never'"),
         (("approve", "shard-scaling/never"), "bob", 1, "no run 'shard-scaling/never'"),
     ]
     for args, user, code, message in cases:
@@ -153,12 +204,18 @@ async def test_every_error_is_one_clear_line_and_non_zero(
         assert message in result.stderr, (args, result.stderr)
         assert result.stderr.count("\n") == 1, result.stderr
 
-    down = Cli({**cli.env, "ASTRA_OPS_TEMPORAL_ADDRESS": "127.0.0.1:1"})
-    result = await down("ps")
+    down = Cli({**cli.env, "ASTRA_OPS_API_URL": "http://127.0.0.1:1"})
+    result = await down("ps", user="alice")
+    assert result.exit_code == 1
+    assert "the astra-ops API at http://127.0.0.1:1 did not answer" in result.stderr
+    dev_down = Cli(
+        {**cli.env, "ASTRA_OPS_DEV_MODE": "true", "ASTRA_OPS_TEMPORAL_ADDRESS": "127.0.0.1:1"}
+    )
+    result = await dev_down("ps")
     assert result.exit_code == 1
     assert "Temporal is not reachable at 127.0.0.1:1" in result.stderr
     bad_setting = Cli({**cli.env, "ASTRA_OPS_API_PORT": "eighty"})
-    result = await bad_setting("ps")
+    result = await bad_setting("ps", user="alice")
     assert result.exit_code == 1 and "ASTRA_OPS_API_PORT" in result.stderr
 
 
@@ -191,3 +248,46 @@ async def test_setup_registers_search_attributes_once(cli: Cli, client: Client) 
         ListSearchAttributesRequest(namespace=namespace)
     )
     assert {key.name for key in sa.ALL} <= set(listed.custom_attributes)
+
+
+async def test_print_signal_gives_the_stock_cli_a_signed_approval(
+    cli: Cli, client: Client, worker: Worker, kube: KubeSandbox, namespace: str
+) -> None:
+    started = await cli(
+        "start", "shard-scaling", "-p", "shards=6", "-p", f"namespace={namespace}", "--json",
+        user="alice",
+    )  # fmt: skip
+    run_id = json.loads(started.stdout)["run_id"]
+    await awaiting_approval(handle_of(client, run_id), "approve scaling")
+    printed = await cli("approve", run_id, "--print-signal", "--comment", "via stock", user="bob")
+    assert printed.exit_code == 0, printed.output
+    argv = shlex.split(printed.stdout)
+    assert argv[:3] == ["temporal", "workflow", "signal"]
+    proc = await asyncio.create_subprocess_exec(
+        str(TEMPORAL), *argv[1:], "--address", client.service_client.config.target_host,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await proc.communicate()
+    assert proc.returncode == 0, output.decode()
+    result = await handle_of(client, run_id).result()
+    assert result.outcome.value == "done"
+    assert shard_count(kube, namespace) == "6"
+
+
+async def test_dev_mode_talks_to_temporal_and_trusts_as(
+    cli: Cli, client: Client, settings: Settings, kube: KubeSandbox, namespace: str
+) -> None:
+    dev = Cli({**cli.env, "ASTRA_OPS_DEV_MODE": "true"})
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        async with running_worker(client, settings.model_copy(update={"dev_mode": True}), executor):
+            started = await dev(
+                "start", "shard-scaling", "-p", "shards=7", "-p", f"namespace={namespace}",
+                "--as", "alice", "--json",
+            )  # fmt: skip
+            assert started.exit_code == 0, started.output
+            run_id = json.loads(started.stdout)["run_id"]
+            await awaiting_approval(handle_of(client, run_id), "approve scaling")
+            approved = await dev("approve", run_id, "--as", "bob")
+            assert approved.exit_code == 0, approved.output
+            assert (await handle_of(client, run_id).result()).outcome.value == "done"
+    assert shard_count(kube, namespace) == "7"

@@ -44,7 +44,7 @@ def failures(by_worker: dict[str, int]) -> FailureBreakdown:
     )
 
 
-REQUEST = HighErrorRateRequest(requester="dave")
+REQUEST = HighErrorRateRequest(requester="erin")
 BAD_POD = f"{BAD}-abcde"  # pods of a ReplicaSet are named after it
 POOL = {BAD_POD, f"{BAD}-fghij"}
 

@@ -6,6 +6,7 @@ A change that would break a run in flight (a reordered step, a new activity with
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from workers.worker import workflow_runner
 from workflows.catalogue import RUNBOOKS
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -26,6 +28,11 @@ def test_every_released_scenario_is_stored() -> None:
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_history_replays(path: Path) -> None:
-    history = WorkflowHistory.from_json(f"replay/{path.stem}", path.read_text())
-    replayer = Replayer(workflows=list(RUNBOOKS.values()), data_converter=pydantic_data_converter)
+    stored = json.loads(path.read_text())
+    history = WorkflowHistory.from_json(stored.pop("workflowId"), stored)
+    replayer = Replayer(
+        workflows=list(RUNBOOKS.values()),
+        data_converter=pydantic_data_converter,
+        workflow_runner=workflow_runner(),
+    )
     await replayer.replay_workflow(history)

@@ -14,6 +14,7 @@ from sandbox.faults import DeadLettersFault, dead_letters
 from sandbox.loadgen import SandboxKeys
 from starters.runs import InvalidInput, Runs
 from tests.conftest_sandbox import RunningAstra, decide, start
+from tests.helpers import TEST_SIGNER
 from workflows.dead_letter_repair import DeadLetterRepair, DeadLetterRepairRequest
 from workflows.models import Outcome
 
@@ -27,7 +28,7 @@ async def publish(astra: RunningAstra) -> DeadLettersFault:
 
 def request(group: str, **overrides: object) -> DeadLetterRepairRequest:
     return DeadLetterRepairRequest.model_validate(
-        {"requester": "dave", "group": group, "batch_size": 2, **overrides}
+        {"requester": "alice", "group": group, "batch_size": 2, **overrides}
     )
 
 
@@ -56,7 +57,7 @@ async def test_retryable_requeued_once_rest_reported_all_acknowledged(
     fault = await publish(astra)
     retryable = {e.task_id for e in fault.entries if e.retryable}
     handle = await start(client, DeadLetterRepair, request(group), task_queue)
-    await decide(handle, "approve requeueing retryable tasks", "alice")
+    await decide(handle, "approve handling the dead letters", "bob")
     result = await handle.result()
 
     assert result.outcome == Outcome.DONE, result.summary
@@ -81,7 +82,7 @@ async def test_rejected_repair_leaves_entries_for_the_next_run(
 ) -> None:
     fault = await publish(astra)
     handle = await start(client, DeadLetterRepair, request(group), task_queue)
-    await decide(handle, "approve requeueing retryable tasks", "bob", "reject")
+    await decide(handle, "approve handling the dead letters", "bob", "reject")
     assert (await handle.result()).outcome == Outcome.REJECTED
 
     assert set((await statuses(astra, fault)).values()) == {"dead_letter"}
@@ -106,6 +107,8 @@ async def test_dry_run_changes_nothing(
 
 
 async def test_bad_batch_size_is_refused(client: Client, astra_settings: Settings) -> None:
-    runs = Runs(client, astra_settings.task_queue, load_policy(astra_settings.access_policy))
+    runs = Runs(
+        client, astra_settings.task_queue, load_policy(astra_settings.access_policy), TEST_SIGNER
+    )
     with pytest.raises(InvalidInput, match="batch_size"):
-        await runs.start("dead-letter-repair", {"batch_size": "-1"}, requester="dave")
+        await runs.start("dead-letter-repair", {"batch_size": "-1"}, requester="alice")

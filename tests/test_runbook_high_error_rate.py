@@ -16,6 +16,7 @@ from sandbox.faults import BadRolloutFault, bad_rollout, error_spike
 from starters.runs import InvalidInput, Runs
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.conftest_sandbox import RunningAstra, config_value, decide, start, worker_pods
+from tests.helpers import TEST_SIGNER
 from workflows.high_error_rate import HighErrorRate, HighErrorRateRequest
 from workflows.models import Outcome
 
@@ -57,7 +58,7 @@ def worker_deployment(kube: KubeSandbox) -> dict[str, Any]:
 def request(**overrides: object) -> HighErrorRateRequest:
     return HighErrorRateRequest.model_validate(
         {
-            "requester": "dave",
+            "requester": "erin",
             "window_seconds": WINDOW,
             "settle_seconds": 1,
             "poll_seconds": 0.2,
@@ -154,7 +155,9 @@ async def test_dry_run_of_a_bad_rollout_changes_nothing(
 async def test_bad_thresholds_and_windows_are_refused_before_anything_runs(
     client: Client, astra_settings: Settings, kube: KubeSandbox, param: str, value: str
 ) -> None:
-    runs = Runs(client, astra_settings.task_queue, load_policy(astra_settings.access_policy))
+    runs = Runs(
+        client, astra_settings.task_queue, load_policy(astra_settings.access_policy), TEST_SIGNER
+    )
     with pytest.raises(InvalidInput, match=param):
-        await runs.start("high-error-rate", {param: value}, requester="dave")
+        await runs.start("high-error-rate", {param: value}, requester="erin")
     assert config_value(kube, INTAKE_PAUSED_KEY) is None

@@ -21,6 +21,7 @@ from tests.conftest_sandbox import (
     decide,
     start,
 )
+from tests.helpers import TEST_SIGNER
 from workflows.llm_cost_spike import LlmCostSpike, LlmCostSpikeRequest
 from workflows.models import Outcome
 
@@ -41,7 +42,7 @@ async def spike(astra: RunningAstra) -> None:
 def request(**overrides: object) -> LlmCostSpikeRequest:
     return LlmCostSpikeRequest.model_validate(
         {
-            "requester": "dave",
+            "requester": "alice",
             "window_seconds": WINDOW,
             "baseline_seconds": BASELINE,
             "route_to": "gpt-4o-mini",
@@ -69,7 +70,7 @@ async def test_guard_applied_cost_falls_and_guard_lifted_when_approved(
     )
     assert cost.ratio is not None and cost.ratio <= 2
     told = [m["text"] for m in chat.messages if "Budget guard on coder-1" in m["text"]]
-    assert len(told) == 1 and told[0].startswith("[agent-platform: carol]")
+    assert len(told) == 1 and told[0].startswith("[agent-platform: carol, erin]")
 
 
 async def test_rejected_lift_keeps_the_guard(
@@ -114,6 +115,8 @@ async def test_dry_run_changes_nothing(
 async def test_bad_thresholds_and_windows_are_refused(
     client: Client, astra_settings: Settings, params: dict[str, str], problem: str
 ) -> None:
-    runs = Runs(client, astra_settings.task_queue, load_policy(astra_settings.access_policy))
+    runs = Runs(
+        client, astra_settings.task_queue, load_policy(astra_settings.access_policy), TEST_SIGNER
+    )
     with pytest.raises(InvalidInput, match=problem):
-        await runs.start("llm-cost-spike", params, requester="dave")
+        await runs.start("llm-cost-spike", params, requester="alice")

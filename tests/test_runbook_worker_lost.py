@@ -13,6 +13,7 @@ from sandbox.faults import WorkerLostFault, worker_lost
 from starters.runs import InvalidInput, Runs
 from tests.conftest_kube import KubeSandbox
 from tests.conftest_sandbox import RunningAstra, decide, start, worker_pods
+from tests.helpers import TEST_SIGNER
 from workflows.models import Outcome
 from workflows.worker_lost import WorkerLost, WorkerLostRequest
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("astra_worker")
 def request(fault: WorkerLostFault, **overrides: object) -> WorkerLostRequest:
     return WorkerLostRequest.model_validate(
         {
-            "requester": "dave",
+            "requester": "alice",
             "worker_id": fault.worker_id,
             "poll_seconds": 0.2,
             "verify_timeout_seconds": 20,
@@ -83,10 +84,12 @@ async def test_dry_run_changes_nothing(
 async def test_unknown_worker_fails_clearly_and_changes_nothing(
     client: Client, astra_settings: Settings, kube: KubeSandbox, astra: RunningAstra
 ) -> None:
-    runs = Runs(client, astra_settings.task_queue, load_policy(astra_settings.access_policy))
+    runs = Runs(
+        client, astra_settings.task_queue, load_policy(astra_settings.access_policy), TEST_SIGNER
+    )
     before = worker_pods(kube)
     ghost = f"ghost-{uuid.uuid4().hex[:6]}"
-    started = await runs.start("worker-lost", {"worker_id": ghost}, requester="dave")
+    started = await runs.start("worker-lost", {"worker_id": ghost}, requester="alice")
     with pytest.raises(WorkflowFailureError) as failed:
         await client.get_workflow_handle(started.run_id).result()
     assert f"unknown worker {ghost}" in str(failed.value.cause)
@@ -97,5 +100,5 @@ async def test_unknown_worker_fails_clearly_and_changes_nothing(
         await runs.start(
             "worker-lost",
             {"worker_id": ghost, "heartbeat_threshold_seconds": "-30"},
-            requester="dave",
+            requester="alice",
         )

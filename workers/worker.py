@@ -16,15 +16,18 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.access import AccessActivities, Trust
 from activities.kubernetes import KubernetesActivities
 from activities.metrics import MetricsActivities, metrics_source
 from activities.notify import NotifyActivities
 from activities.postgres import PostgresActivities
 from activities.redis_store import RedisActivities
 from runtime.client import connect
-from runtime.settings import Settings
+from runtime.identity import parse_trusted_keys
+from runtime.settings import Settings, SettingsError
 from sandbox.kube import api_client
 from workflows.catalogue import RUNBOOKS
+from workflows.kill_switch import KillSwitch
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,34 @@ def kube_api(settings: Settings) -> k8s.ApiClient:
     return k8s.ApiClient()
 
 
+def workflow_runner() -> SandboxedWorkflowRunner:
+    """The sandbox every worker and replayer runs workflows in.
+
+    The shared models are plain data: importing them once, outside the per-run sandbox, saves
+    rebuilding every pydantic schema for every run. cryptography's native bindings (signature
+    checks) load lazily and cannot be loaded a second time inside the sandbox.
+    """
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(
+            "workflows.models", "runtime.identity", "pydantic", "pydantic_core", "cryptography"
+        )
+    )
+
+
+def trust(settings: Settings) -> Trust:
+    """The keys runs check signatures with; outside dev mode there must be some."""
+    file = settings.trusted_keys_file
+    spec = settings.trusted_keys or (file.read_text() if file is not None else "")
+    keys = parse_trusted_keys(spec) if spec.strip() else {}
+    if not settings.dev_mode and not keys:
+        raise SettingsError(
+            "outside dev mode the worker needs the API's public signing keys: set "
+            "ASTRA_OPS_TRUSTED_KEYS or ASTRA_OPS_TRUSTED_KEYS_FILE (`astra-ops keygen --signing` "
+            "prints a pair), or ASTRA_OPS_DEV_MODE=true on a laptop"
+        )
+    return Trust(dev_mode=settings.dev_mode, keys=keys)
+
+
 @asynccontextmanager
 async def running_worker(
     client: Client, settings: Settings, executor: ThreadPoolExecutor, task_queue: str | None = None
@@ -48,15 +79,23 @@ async def running_worker(
     kubernetes_api = kube_api(settings)
     kubernetes = KubernetesActivities(kubernetes_api)
     notify = NotifyActivities(settings.access_policy, settings.chat_webhook_url)
+    access = AccessActivities(
+        settings.access_policy, trust(settings), client, notify, settings.state_dsn
+    )
     postgres = PostgresActivities(settings.database_url)
     redis = RedisActivities(settings.redis_url, key_prefix=settings.redis_key_prefix)
     metrics = MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url))
     worker = Worker(
         client,
         task_queue=task_queue or settings.task_queue,
-        workflows=list(RUNBOOKS.values()),
+        workflows=[*RUNBOOKS.values(), KillSwitch],
         activities=[
-            notify.request_approval,
+            access.admit,
+            access.operators,
+            access.freeze_state,
+            access.request_approval,
+            access.claim_automatic_action,
+            access.broadcast_freeze,
             kubernetes.read_config,
             kubernetes.patch_config,
             kubernetes.rollout_health,
@@ -82,13 +121,7 @@ async def running_worker(
             metrics.cost_comparison,
         ],
         activity_executor=executor,
-        # The shared models are plain data: importing them once, outside the per-run sandbox,
-        # saves rebuilding every pydantic schema for every workflow run.
-        workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(
-                "workflows.models", "pydantic", "pydantic_core"
-            )
-        ),
+        workflow_runner=workflow_runner(),
         graceful_shutdown_timeout=timedelta(seconds=30),
     )
     try:

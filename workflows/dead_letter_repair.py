@@ -17,7 +17,6 @@ from temporalio import workflow
 
 from workflows.models import Outcome, RunbookRequest, RunbookResult
 from workflows.runbook import Runbook, RunbookSpec
-from workflows.task_health import KERNEL_SRE
 
 with workflow.unsafe.imports_passed_through():
     from activities.postgres import PostgresActivities, RequeueDeadLetters, TaskStatesRequest
@@ -61,7 +60,7 @@ SPEC = RunbookSpec(
     severity="SEV3",
     steps=(
         "read dead letters",
-        "approve requeueing retryable tasks",
+        "approve handling the dead letters",
         "requeue retryable tasks",
         "acknowledge handled dead letters",
         "verify requeued tasks left dead_letter",
@@ -103,12 +102,13 @@ class DeadLetterRepair(Runbook):
             f"{len(entries)} dead letters: {len(retryable)} retryable ({by_class(retryable)}), "
             f"{len(others)} not ({by_class(others) or 'none'})"
         )
-        if task_ids:
-            await self.steps.approval(
-                "approve requeueing retryable tasks",
-                KERNEL_SRE,
-                f"{report}. Requeue {len(task_ids)} tasks with fresh retries? {req.reason}",
-            )
+        # Acknowledging is not undoable either (the entry leaves the stream), so a person
+        # decides whenever anything would be handled, not only when something is requeued.
+        await self.steps.approval(
+            "approve handling the dead letters",
+            f"{report}. Requeue {len(task_ids)} tasks with fresh retries and acknowledge "
+            f"{len(entries)} entries (the {len(others)} not retryable are reported)? {req.reason}",
+        )
         requeued: list[str] = []
         for start in range(0, len(task_ids), req.batch_size):
             chunk = task_ids[start : start + req.batch_size]

@@ -25,8 +25,6 @@ from runtime.astra_config import INTAKE_PAUSED_KEY, with_paused
 from workflows.models import Outcome, RunbookResult
 from workflows.runbook import Runbook, RunbookSpec
 from workflows.task_health import (
-    AGENT_PLATFORM,
-    KERNEL_SRE,
     Knob,
     TaskHealthRequest,
     holds_for,
@@ -199,7 +197,6 @@ class HighErrorRate(Runbook):
         paused_before = await intake.read("read paused intake")
         await self.steps.approval(
             "approve pausing intake",
-            KERNEL_SRE,
             f"{over}; {diagnosis.evidence}. Pause intake of {error_class}? {req.reason}",
         )
 
@@ -294,7 +291,6 @@ class HighErrorRate(Runbook):
         if diagnosis.cause is Cause.ROLLOUT:
             await self.steps.approval(
                 "approve rolling back the last rollout",
-                AGENT_PLATFORM,
                 f"{diagnosis.evidence}; roll {req.worker_pool} back to revision "
                 f"{diagnosis.back_to}? {req.reason}",
             )
@@ -307,7 +303,6 @@ class HighErrorRate(Runbook):
             )
         await self.steps.approval(
             "approve restarting the stuck pool",
-            AGENT_PLATFORM,
             f"{diagnosis.evidence}; restart the pool? {req.reason}",
         )
         return await self.steps.act(  # type: ignore[no-any-return]

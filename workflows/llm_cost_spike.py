@@ -18,7 +18,7 @@ from runtime.astra_config import BUDGET_GUARD_KEY, BudgetGuard
 from workflows.approval import RunbookStopped
 from workflows.models import Outcome, RunbookResult
 from workflows.runbook import Runbook, RunbookSpec
-from workflows.task_health import AGENT_PLATFORM, Knob, TaskHealthRequest, wait_until
+from workflows.task_health import Knob, TaskHealthRequest, wait_until
 
 with workflow.unsafe.imports_passed_through():
     from activities.metrics import MetricsActivities
@@ -132,7 +132,6 @@ class LlmCostSpike(Runbook):
         how = f"route to {req.route_to}" if req.route_to else "cap at normal spend"
         await self.steps.approval(
             "approve the budget guard",
-            AGENT_PLATFORM,
             f"{spend} ({ranking(cost)}). Guard {', '.join(agents)} ({how})? {req.reason}",
         )
         await knob.set("apply the budget guard", guard.value())
@@ -169,7 +168,6 @@ class LlmCostSpike(Runbook):
         try:
             await self.steps.approval(
                 "approve lifting the budget guard",
-                AGENT_PLATFORM,
                 f"{guarded}. Lift the guard when the agents are fixed.",
             )
         except RunbookStopped as kept:

@@ -5,11 +5,17 @@ New fields get defaults, so histories of runs started before a field existed sti
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    # cryptography's native bindings cannot be loaded twice, so never inside the sandbox.
+    from runtime.identity import Signed
 
 
 class RunbookRequest(BaseModel):
@@ -24,12 +30,23 @@ class RunbookRequest(BaseModel):
     reason: str = ""
     dry_run: bool = False
     approval_timeout_seconds: float = Field(default=1800, gt=0)
+    authorization: Signed | None = None
+    """Outside dev mode: the API's signed statement that ``requester`` started exactly this."""
+
+    def signed_payload(self) -> str:
+        """The request as a signature covers it: every field but the signature itself."""
+        return json.dumps(
+            self.model_dump(mode="json", exclude={"authorization"}),
+            sort_keys=True,
+            separators=(",", ":"),
+        )
 
 
 class StepState(StrEnum):
     PENDING = "pending"
     AWAITING_APPROVAL = "awaiting_approval"
     RUNNING = "running"
+    FROZEN = "frozen"
     DONE = "done"
     SKIPPED = "skipped"
     FAILED = "failed"
@@ -43,15 +60,6 @@ class StepStatus(BaseModel):
     detail: str = ""
 
 
-class ApprovalPolicy(BaseModel):
-    """Who may approve a step, how many distinct people must, and what happens on silence."""
-
-    groups: list[str] = Field(min_length=1)
-    required: int = Field(default=1, ge=1)
-    on_timeout: Literal["abort", "escalate"] = "abort"
-    escalate_to: list[str] = []
-
-
 class PendingApproval(BaseModel):
     step: str
     groups: list[str]
@@ -63,17 +71,26 @@ class PendingApproval(BaseModel):
     reason: str = ""
 
 
+# Longest decision fields a run keeps; longer ones are refused (and stored cut short).
+MAX_NAME = 128
+MAX_STEP = 200
+MAX_COMMENT = 1000
+
+
 class Decision(BaseModel):
     """A person's decision on a pending step, as the `decide` update carries it.
 
-    Every field has a default so that a malformed signal still decodes and can be recorded as
-    rejected instead of being dropped unseen.
+    Every field has a default and no length limit here, so that a malformed or oversized signal
+    still decodes and is counted as refused instead of being dropped unseen; the gate refuses
+    fields longer than the limits above. Outside dev mode ``authorization`` is the API's signed
+    statement that ``approver`` made this decision; without it the name proves nothing.
     """
 
     approver: str = ""
     step: str | None = None
     comment: str = ""
     decision: Literal["approve", "reject"] = "approve"
+    authorization: Signed | None = None
 
 
 class ApprovalSignal(BaseModel):
@@ -82,6 +99,7 @@ class ApprovalSignal(BaseModel):
     approver: str = ""
     step: str | None = None
     comment: str = ""
+    authorization: Signed | None = None
 
 
 class DecisionRecord(BaseModel):
@@ -94,12 +112,31 @@ class DecisionRecord(BaseModel):
     why: str = ""
 
 
+class CancelRequest(BaseModel):
+    """Who asks a run to stop and why; the run undoes what it changed, then ends cancelled."""
+
+    actor: str = ""
+    reason: str = ""
+    authorization: Signed | None = None
+
+
+class FreezeNotice(BaseModel):
+    """The kill switch telling a run to hold (or resume) every mutating step."""
+
+    actor: str = ""
+    reason: str = ""
+    switch_run: str = ""
+    """The kill switch's run that froze: an unfreeze must name the same one."""
+    authorization: Signed | None = None
+
+
 class Outcome(StrEnum):
     DONE = "done"
     NO_CHANGE = "no_change"
     REJECTED = "rejected"
     ABORTED = "aborted"
     ROLLED_BACK = "rolled_back"
+    CANCELLED = "cancelled"
 
 
 class RunStatus(BaseModel):
@@ -113,6 +150,11 @@ class RunStatus(BaseModel):
     decisions: list[DecisionRecord]
     outcome: Outcome | None = None
     summary: str = ""
+    refused_decisions: int = 0
+    """Every refused decision, including those no longer stored in ``decisions``."""
+    cancelled_by: str | None = None
+    frozen_by: str | None = None
+    frozen_reason: str = ""
 
 
 class RunbookResult(BaseModel):

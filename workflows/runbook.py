@@ -12,7 +12,14 @@ from typing import Any
 
 from temporalio import workflow
 
-from workflows.models import ApprovalSignal, Decision, RunbookRequest, RunStatus
+from workflows.models import (
+    ApprovalSignal,
+    CancelRequest,
+    Decision,
+    FreezeNotice,
+    RunbookRequest,
+    RunStatus,
+)
 from workflows.steps import StepRunner
 
 
@@ -70,6 +77,26 @@ class Runbook:
         why = self.steps.gate.validate(decision)
         if why is not None:
             raise ValueError(why)
+
+    @workflow.update
+    def cancel(self, req: CancelRequest) -> str:
+        """Stop the run on a proven person's request: it undoes what it changed, then ends
+        ``cancelled`` with who and why. (Temporal's own cancel still works, unattributed.)"""
+        return self.steps.cancel(req)
+
+    @cancel.validator
+    def _validate_cancel(self, req: CancelRequest) -> None:
+        why = self.steps.validate_cancel(req)
+        if why is not None:
+            raise ValueError(why)
+
+    @workflow.signal
+    def freeze(self, notice: FreezeNotice) -> None:
+        self.steps.on_freeze_signal("freeze", notice)
+
+    @workflow.signal
+    def unfreeze(self, notice: FreezeNotice) -> None:
+        self.steps.on_freeze_signal("unfreeze", notice)
 
     @workflow.query
     def status(self) -> RunStatus:

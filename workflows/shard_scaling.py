@@ -13,7 +13,7 @@ from datetime import timedelta
 from pydantic import Field
 from temporalio import workflow
 
-from workflows.models import ApprovalPolicy, Outcome, RunbookRequest, RunbookResult
+from workflows.models import Outcome, RunbookRequest, RunbookResult
 from workflows.runbook import Runbook, RunbookSpec
 
 with workflow.unsafe.imports_passed_through():
@@ -28,7 +28,6 @@ with workflow.unsafe.imports_passed_through():
     )
 
 SHARD_COUNT_KEY = "TASK_SHARD_COUNT"
-APPROVERS = ApprovalPolicy(groups=["kernel-sre"], on_timeout="abort")
 
 
 class ShardScalingRequest(RunbookRequest):
@@ -105,7 +104,7 @@ class ShardScaling(Runbook):
                 )
 
         change = f"{SHARD_COUNT_KEY} {current.value} -> {target}"
-        await self.steps.approval("approve scaling", APPROVERS, f"{change}: {req.reason}")
+        await self.steps.approval("approve scaling", f"{change}: {req.reason}")
 
         async def roll_back() -> None:
             await self._apply(req, current.value, "roll back: ")

@@ -6,6 +6,7 @@ the UI and made safe to retry lives here once.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -16,9 +17,12 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 from runtime import search_attributes as sa
-from workflows.approval import ApprovalGate, RunbookStopped
+from workflows.approval import ApprovalGate, RunbookStopped, proven
 from workflows.models import (
-    ApprovalPolicy,
+    MAX_COMMENT,
+    MAX_NAME,
+    CancelRequest,
+    FreezeNotice,
     Outcome,
     RunbookRequest,
     RunbookResult,
@@ -28,6 +32,14 @@ from workflows.models import (
 )
 
 with workflow.unsafe.imports_passed_through():
+    from activities.access import (
+        KILL_SWITCH_ID,
+        AccessActivities,
+        Admission,
+        AdmissionRequest,
+        AutomaticAction,
+        AutomaticClaim,
+    )
     from activities.mutation import Mutation
 
 T = TypeVar("T")
@@ -39,6 +51,11 @@ DEFAULT_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=30),
     maximum_attempts=5,
 )
+
+
+# A frozen run re-reads the kill switch this often, in case it missed the unfreeze broadcast.
+FREEZE_RECHECK = timedelta(seconds=30)
+ADMIT_TIMEOUT = timedelta(seconds=30)
 
 
 class StepFailed(Exception):
@@ -73,28 +90,210 @@ class StepRunner:
         self.rollback_note = ""
         self.failed_step: str | None = None
         self.gate = ApprovalGate(runbook, on_change=self._show)
+        self.admission: Admission | None = None
+        self.cancel_request: CancelRequest | None = None
+        self.frozen: FreezeNotice | None = None
+        self._early: list[tuple[str, FreezeNotice]] = []
+        self._body: asyncio.Task[RunbookResult] | None = None
 
     # -- running a runbook -------------------------------------------------------------------
 
     async def run(
         self, request: RunbookRequest, body: Callable[[], Awaitable[RunbookResult]]
     ) -> RunbookResult:
-        """Run the runbook's body; a person stopping it is an outcome, not a failure."""
+        """Admit the request, then run the runbook's body; a person stopping it is an outcome,
+        not a failure."""
         self.request = request
         self.gate.requester = request.requester
+        await self._admit(request)
+        self._body = asyncio.create_task(self._unwound(body))
+        try:
+            return await self._body
+        except (asyncio.CancelledError, ActivityError) as err:
+            if not is_cancelled_exception(err):
+                raise
+            if self.cancel_request is None:
+                # Temporal's own cancel (the stock `temporal workflow cancel`): nobody proved who.
+                self._stop_at_current(self._cancelled_note())
+                self.finish(
+                    Outcome.CANCELLED,
+                    "cancelled by an unknown identity (a Temporal cancel request)"
+                    + self.rollback_note,
+                )
+                raise
+            who = self.cancel_request
+            self._stop_at_current(self._cancelled_note())
+            return self.finish(
+                Outcome.CANCELLED,
+                f"cancelled by {who.actor}: {who.reason or 'no reason given'}" + self.rollback_note,
+            )
+
+    async def _unwound(self, body: Callable[[], Awaitable[RunbookResult]]) -> RunbookResult:
         try:
             return await body()
         except RunbookStopped as stop:
             return self.finish(stop.outcome, stop.summary)
         except (ActivityError, StepFailed) as err:
             if is_cancelled_exception(err):
-                raise  # the SDK records the run as cancelled, after the compensations ran
+                raise  # the run is being cancelled; the compensations have run
             raise ApplicationError(
                 f"{self.runbook} failed at step '{self.failed_step}': {failure_message(err)}"
                 + self.rollback_note,
                 type="RunbookFailed",
                 non_retryable=True,
             ) from err
+
+    async def _admit(self, request: RunbookRequest) -> None:
+        """Learn the policy and the trusted keys, then refuse a start nobody proved or allowed.
+
+        The API refuses these before starting anything; this is the check a start that bypassed
+        the API (straight to Temporal) cannot skip.
+        """
+        admission = await workflow.execute_activity_method(
+            AccessActivities.admit,
+            AdmissionRequest(runbook=self.runbook),
+            start_to_close_timeout=ADMIT_TIMEOUT,
+            retry_policy=DEFAULT_RETRY,
+            summary="check the access policy",
+        )
+        self.admission = admission
+        self.gate.trust = admission.trust
+        self.frozen = admission.freeze
+        for signal, notice in self._early:
+            self.on_freeze_signal(signal, notice)
+        self._early.clear()
+        why = proven(
+            request.authorization,
+            admission.trust,
+            act="start",
+            actor=request.requester,
+            payload=request.signed_payload(),
+            run_id="",
+        ) or admission.access.may_start(
+            self.runbook, request.requester, request.dry_run, self._members
+        )
+        violations = admission.access.violations(request.model_dump())
+        if why is None and violations:
+            why = "; ".join(violations)
+        if why is not None:
+            self.finish(Outcome.ABORTED, f"refused: {why}")
+            raise ApplicationError(
+                f"{self.runbook} refused: {why}", type="RunRefused", non_retryable=True
+            )
+        self._show()
+
+    def _members(self, groups: list[str]) -> list[str]:
+        assert self.admission is not None
+        return sorted({m for g in groups for m in self.admission.members.get(g, [])})
+
+    def _cancelled_note(self) -> str:
+        if self.cancel_request is not None:
+            return f"cancelled by {self.cancel_request.actor}"
+        return "cancelled by an unknown identity"
+
+    def _stop_at_current(self, why: str) -> None:
+        if self.current is not None and self.steps[self.current].state not in (
+            StepState.DONE,
+            StepState.SKIPPED,
+            StepState.FAILED,
+        ):
+            self._mark(self.current, StepState.FAILED, why)
+
+    # -- cancel and freeze, as people ask for them ---------------------------------------------
+
+    def validate_cancel(self, req: CancelRequest) -> str | None:
+        """Why this cancel must be refused (before it enters history), or None."""
+        if self.admission is None or self._body is None:
+            return "the run is still starting; try again in a moment"
+        if self.outcome is not None or self.cancel_request is not None or self._body.done():
+            return "the run is already finishing"
+        if not req.actor or len(req.actor) > MAX_NAME or len(req.reason) > MAX_COMMENT:
+            return f"a cancel needs an actor (<= {MAX_NAME} chars) and a reason <= {MAX_COMMENT}"
+        return self.admission.access.may_cancel(
+            self.runbook, req.actor, self.request.requester, self._members
+        ) or proven(req.authorization, self.gate.trust, act="cancel", actor=req.actor,
+                    payload=req.reason)  # fmt: skip
+
+    def cancel(self, req: CancelRequest) -> str:
+        why = self.validate_cancel(req)
+        if why is not None:
+            self.gate.refused_count += 1
+            return why
+        assert self._body is not None
+        self.cancel_request = req
+        self._body.cancel()
+        self._show()
+        return f"cancelled by {req.actor}; undoing what the run changed"
+
+    def on_freeze_signal(self, signal: str, notice: FreezeNotice) -> None:
+        """Hold (``freeze``) or resume (``unfreeze``) mutating steps, if an operator proved it."""
+        if self.admission is None:
+            self._early.append((signal, notice))
+            return
+        why = None
+        if notice.actor not in self.admission.operators:
+            why = f"{notice.actor or 'nobody'} is not an operator"
+        elif signal == "unfreeze" and self.frozen and notice.switch_run != self.frozen.switch_run:
+            why = "the unfreeze is for another freeze"
+        else:
+            why = proven(
+                notice.authorization,
+                self.gate.trust,
+                act=signal,
+                actor=notice.actor,
+                payload=notice.reason,
+                workflow_id=KILL_SWITCH_ID,
+                run_id=notice.switch_run if signal == "unfreeze" else "",
+            )
+        if why is not None:
+            self.gate.refused_count += 1
+            workflow.logger.warning("refused %s: %s", signal, why)
+            return
+        self.frozen = notice if signal == "freeze" else None
+        self._show()
+
+    async def _hold_while_frozen(self, name: str) -> None:
+        """No mutating step starts while the kill switch is on; the run waits, visibly."""
+        while self.frozen is not None:
+            frozen = self.frozen
+            self._start(name, StepState.FROZEN, sa_step=f"frozen before: {name}")
+            self.steps[name].detail = f"frozen by {frozen.actor}: {frozen.reason}"
+            self._show()
+            try:
+                await workflow.wait_condition(lambda: self.frozen is None, timeout=FREEZE_RECHECK)
+            except TimeoutError:
+                self.frozen = await workflow.execute_activity_method(
+                    AccessActivities.freeze_state,
+                    start_to_close_timeout=ADMIT_TIMEOUT,
+                    retry_policy=DEFAULT_RETRY,
+                    summary="is the kill switch still on?",
+                )
+
+    async def within_automatic_limit(self, step: str, scope: str) -> AutomaticClaim | None:
+        """Count ``step`` against the policy's budget of unattended actions on ``scope``.
+
+        None when the policy sets no budget for the step or nothing would change (dry-run);
+        otherwise whether the budget allows one more without a person.
+        """
+        assert self.admission is not None
+        budget = self.admission.access.automatic.get(step)
+        if budget is None or self.request.dry_run:
+            return None
+        info = workflow.info()
+        return await workflow.execute_activity_method(
+            AccessActivities.claim_automatic_action,
+            AutomaticAction(
+                runbook=self.runbook,
+                step=step,
+                scope=scope,
+                token=f"{info.workflow_id}/{info.run_id}/{step}",
+                limit=budget.max,
+                per_seconds=budget.per_seconds,
+            ),
+            start_to_close_timeout=DEFAULT_TIMEOUT,
+            retry_policy=DEFAULT_RETRY,
+            summary=f"count unattended '{step}' on {scope}",
+        )
 
     def finish(self, outcome: Outcome, summary: str) -> RunbookResult:
         for step in self.steps.values():
@@ -117,7 +316,13 @@ class StepRunner:
         return await self._step(name, activity, arg, **opts)
 
     async def act(self, name: str, activity: Callable[..., Any], arg: Mutation, **opts: Any) -> Any:
-        """A mutating step, told to only report in dry-run, with a token that makes retries safe."""
+        """A mutating step, told to only report in dry-run, with a token that makes retries safe.
+
+        While the kill switch is on it waits before it starts (a dry-run changes nothing, so it
+        does not wait).
+        """
+        if not self.request.dry_run:
+            await self._hold_while_frozen(name)
         info = workflow.info()
         arg = arg.model_copy(
             update={
@@ -135,7 +340,8 @@ class StepRunner:
             return None
         return await self._step(name, activity, arg, **opts)
 
-    async def approval(self, name: str, policy: ApprovalPolicy, reason: str = "") -> None:
+    async def approval(self, name: str, reason: str = "") -> None:
+        """Wait for the people the access policy names for this step (dry-run: skipped)."""
         if self.request.dry_run:
             self._mark(name, StepState.SKIPPED, "dry-run: approval not needed")
             return
@@ -149,7 +355,6 @@ class StepRunner:
         try:
             approvers = await self.gate.wait(
                 name,
-                policy,
                 reason or self.request.reason,
                 timedelta(seconds=self.request.approval_timeout_seconds),
                 on_open=opened,
@@ -203,16 +408,18 @@ class StepRunner:
         try:
             result = await workflow.execute_activity(activity, arg, summary=summary, **opts)
         except ActivityError as err:
-            self._mark(name, StepState.FAILED, failure_message(err))
+            why = self._cancelled_note() if is_cancelled_exception(err) else failure_message(err)
+            self._mark(name, StepState.FAILED, why)
             raise
         self._mark(name, StepState.DONE, _describe(result))
         return result
 
-    def _start(self, name: str, state: StepState) -> None:
+    def _start(self, name: str, state: StepState, sa_step: str | None = None) -> None:
         step = self.steps.setdefault(name, StepStatus(name=name))
         step.state, step.started_at, step.finished_at = state, workflow.now(), None
+        step.detail = ""
         self.current = name
-        workflow.upsert_search_attributes([sa.STEP.value_set(name)])
+        workflow.upsert_search_attributes([sa.STEP.value_set(sa_step or name)])
         self._show()
 
     def _mark(self, name: str, state: StepState, detail: str) -> None:
@@ -229,6 +436,13 @@ class StepRunner:
         lines = [f"**{self.runbook}**" + (" (dry-run)" if self.request.dry_run else "")]
         if self.outcome is not None:
             lines.append(f"Outcome: {self.outcome.value} — {self.summary}")
+        elif self.cancel_request is not None:
+            lines.append(f"Cancelling (by {self.cancel_request.actor}): undoing what it changed")
+        if self.frozen is not None and self.outcome is None:
+            lines.append(
+                f"FROZEN by {self.frozen.actor}: {self.frozen.reason} — no mutating step starts "
+                "until `astra-ops unfreeze`"
+            )
         for step in self.steps.values():
             mark = "→ " if step.name == self.current else ""
             lines.append(f"- {mark}{step.name}: {step.state.value} {step.detail}".rstrip())
@@ -251,4 +465,8 @@ class StepRunner:
             decisions=list(self.gate.decisions),
             outcome=self.outcome,
             summary=self.summary,
+            refused_decisions=self.gate.refused_count,
+            cancelled_by=self.cancel_request.actor if self.cancel_request else None,
+            frozen_by=self.frozen.actor if self.frozen else None,
+            frozen_reason=self.frozen.reason if self.frozen else "",
         )

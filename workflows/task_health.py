@@ -14,7 +14,7 @@ from typing import TypeVar
 from pydantic import Field
 from temporalio import workflow
 
-from workflows.models import ApprovalPolicy, RunbookRequest
+from workflows.models import RunbookRequest
 from workflows.steps import StepRunner
 
 with workflow.unsafe.imports_passed_through():
@@ -22,11 +22,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.mutation import MutationResult
 
 T = TypeVar("T")
-
-# Rotations from the operations wiki: Kernel SRE owns scheduler, actors, tasks, messaging, state
-# manager; Agent Platform owns workers, tools, memory, LLM routing.
-KERNEL_SRE = ApprovalPolicy(groups=["kernel-sre"], on_timeout="abort")
-AGENT_PLATFORM = ApprovalPolicy(groups=["agent-platform"], on_timeout="abort")
 
 
 class TaskHealthRequest(RunbookRequest):

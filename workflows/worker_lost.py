@@ -17,7 +17,7 @@ from temporalio import workflow
 
 from workflows.models import Outcome, RunbookResult
 from workflows.runbook import Runbook, RunbookSpec
-from workflows.task_health import AGENT_PLATFORM, TaskHealthRequest, wait_until
+from workflows.task_health import TaskHealthRequest, wait_until
 
 with workflow.unsafe.imports_passed_through():
     from activities.kubernetes import KubernetesActivities, PodDelete, PodSelector
@@ -59,6 +59,7 @@ SPEC = RunbookSpec(
         "check the rest of the pool",
         "count the worker's leased tasks",
         "approve replacing workers of a stuck pool",
+        "approve deleting more pods than the automatic limit",
         "requeue the worker's tasks",
         "delete the worker's pod",
         "verify a replacement heartbeats",
@@ -108,14 +109,25 @@ class WorkerLost(Runbook):
             LeasedTasksRequest(worker_id=worker),
         )
 
+        pod_deleted = worker in pool
         if pool and len(lost) / len(pool) > req.stuck_pool_share:
             await self.steps.approval(
                 "approve replacing workers of a stuck pool",
-                AGENT_PLATFORM,
                 f"{len(lost)} of {len(pool)} {req.worker_pool} pods have no heartbeat for "
                 f"{threshold:g}s ({', '.join(lost)}): a stuck pool (SEV2). Requeue the "
                 f"{leases.count} tasks of {worker} and replace its pod? {req.reason}",
             )
+        elif pod_deleted:
+            # Unattended deletions are budgeted per pool: a flapping pool must reach a person.
+            claim = await self.steps.within_automatic_limit(
+                "delete the worker's pod", f"{req.namespace}/{req.worker_pool}"
+            )
+            if claim is not None and not claim.allowed:
+                await self.steps.approval(
+                    "approve deleting more pods than the automatic limit",
+                    f"{claim.detail}. Requeue the {leases.count} tasks of {worker} and delete "
+                    f"its pod anyway? {req.reason}",
+                )
 
         requeue = await self.steps.act(
             "requeue the worker's tasks",
@@ -126,7 +138,6 @@ class WorkerLost(Runbook):
             start_to_close_timeout=timedelta(minutes=30),
             heartbeat_timeout=timedelta(seconds=60),
         )
-        pod_deleted = worker in pool
         if pod_deleted:
             await self.steps.act(
                 "delete the worker's pod",

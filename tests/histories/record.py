@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,12 +23,20 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.access import AccessActivities, Trust
 from activities.kubernetes import KubernetesActivities
 from activities.notify import NotifyActivities
 from runtime import search_attributes as sa
+from runtime.identity import parse_trusted_keys
 from runtime.settings import REPO_ROOT
 from sandbox.kube import FakeCluster, FakeKubeServer, api_client, seed_astra
-from tests.helpers import awaiting_approval, wait_for_step
+from tests.helpers import (
+    TEST_SIGNER,
+    awaiting_approval,
+    signed_decision,
+    signed_start,
+    wait_for_step,
+)
 from workflows.models import ApprovalSignal, Decision, StepState
 from workflows.shard_scaling import ShardScaling, ShardScalingRequest
 
@@ -51,23 +60,31 @@ async def scenario(client: Client, cluster: FakeCluster, name: str) -> str:
         cluster.stall("astra-worker")
     workflow_id = f"shard-scaling/{namespace}"
     handle = await client.start_workflow(
-        ShardScaling.run, request, id=workflow_id, task_queue=QUEUE
+        ShardScaling.run, signed_start(request, workflow_id), id=workflow_id, task_queue=QUEUE
     )
+    bob = Decision(approver="bob", step="approve scaling")
     if name in ("approved", "rejected", "rollback"):
         await awaiting_approval(handle, "approve scaling")
     if name == "approved":
         await handle.signal(ShardScaling.approve, ApprovalSignal(approver="carol"))  # refused
-        await handle.execute_update(ShardScaling.decide, Decision(approver="bob"))
+        await handle.execute_update(ShardScaling.decide, await signed_decision(handle, bob))
     elif name == "rejected":
-        await handle.signal(ShardScaling.reject, ApprovalSignal(approver="bob", comment="no"))
+        no = await signed_decision(handle, bob.model_copy(update={"decision": "reject"}))
+        await handle.signal(
+            ShardScaling.reject,
+            ApprovalSignal(approver="bob", step=no.step, authorization=no.authorization),
+        )
     elif name == "rollback":
-        await handle.execute_update(ShardScaling.decide, Decision(approver="bob"))
+        await handle.execute_update(ShardScaling.decide, await signed_decision(handle, bob))
         await wait_for_step(handle, "wait for astra-worker", StepState.FAILED)
         cluster.unstall("astra-worker")
     with contextlib.suppress(WorkflowFailureError):  # the rollback scenario fails by design
         await handle.result()
     history = await handle.fetch_history()
-    (HERE / f"shard-scaling-{name}.json").write_text(history.to_json())
+    # The run's id is kept beside its events: signatures in history name it, so a replay under
+    # another id would (rightly) refuse the start.
+    stored = {"workflowId": handle.id, **json.loads(history.to_json())}
+    (HERE / f"shard-scaling-{name}.json").write_text(json.dumps(stored, indent=2))
     return name
 
 
@@ -82,7 +99,9 @@ async def main() -> None:
     server = FakeKubeServer(cluster)
     await server.start()
     kubernetes = KubernetesActivities(api_client(server.url))
-    approvals = NotifyActivities(REPO_ROOT / "deploy" / "access-policy.yaml")
+    policy = REPO_ROOT / "deploy" / "access-policy.yaml"
+    trust = Trust(dev_mode=False, keys=parse_trusted_keys(TEST_SIGNER.public_line()))
+    access = AccessActivities(policy, trust, env.client, NotifyActivities(policy), "")
     try:
         with ThreadPoolExecutor(8) as executor:
             async with Worker(
@@ -90,7 +109,8 @@ async def main() -> None:
                 task_queue=QUEUE,
                 workflows=[ShardScaling],
                 activities=[
-                    approvals.request_approval, kubernetes.read_config, kubernetes.patch_config,
+                    access.admit, access.request_approval, kubernetes.read_config,
+                    kubernetes.patch_config,
                     kubernetes.rollout_health, kubernetes.rollout_restart,
                     kubernetes.wait_rollout, kubernetes.verify_config,
                 ],

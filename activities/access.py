@@ -1,0 +1,261 @@
+"""What a run is told about who may do what: the access policy, trusted keys, the kill switch,
+and how often it may act alone.
+
+Workflow code cannot read files or ask Temporal, so these activities do it and return the answer
+into history. A run then checks signatures and policy deterministically, and a key rotation or a
+policy edit never changes how an old history replays.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+from pydantic import BaseModel, Field
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.notify import NotifyActivities
+from runtime import search_attributes as sa
+from runtime.access import AccessPolicy, AccessPolicyError, ApprovalPolicy, RunbookAccess
+from runtime.access import load_policy as read_policy
+from workflows.models import FreezeNotice
+
+log = logging.getLogger(__name__)
+
+KILL_SWITCH_ID = "kill-switch/astra-ops"
+
+
+class Trust(BaseModel):
+    """How a run tells a real person from a claimed name."""
+
+    dev_mode: bool
+    """Names are trusted as given (dev mode only)."""
+    keys: dict[str, str] = {}
+    """Key id -> base64 Ed25519 public key of the API's signing keys."""
+
+
+class AdmissionRequest(BaseModel):
+    runbook: str
+
+
+class Admission(BaseModel):
+    trust: Trust
+    access: RunbookAccess
+    members: dict[str, list[str]]
+    """The people of every group the runbook's rules name (and ``anyone``)."""
+    operators: list[str]
+    freeze: FreezeNotice | None = None
+
+
+class Operators(BaseModel):
+    trust: Trust
+    members: list[str]
+
+
+class ApprovalRequest(BaseModel):
+    run_id: str
+    runbook: str
+    step: str
+    requester: str
+    reason: str = ""
+    escalate_to: str | None = None
+    """Ask this group (an escalation) instead of the step's own approvers."""
+
+
+class Approvers(BaseModel):
+    policy: ApprovalPolicy
+    groups: list[str]
+    members: list[str]
+    trust: Trust
+    notified: bool
+    detail: str = ""
+
+
+class AutomaticAction(BaseModel):
+    runbook: str
+    step: str
+    scope: str = Field(max_length=300)
+    token: str
+    """The step's idempotency token: a retried claim counts once."""
+    limit: int
+    per_seconds: float
+
+
+class AutomaticClaim(BaseModel):
+    allowed: bool
+    used: int
+    detail: str
+
+
+class FreezeBroadcast(BaseModel):
+    signal: str
+    notice: FreezeNotice
+
+
+class AccessActivities:
+    def __init__(
+        self,
+        policy_path: Path,
+        trust: Trust,
+        client: Client,
+        notify: NotifyActivities,
+        state_dsn: str,
+    ) -> None:
+        self.policy_path = policy_path
+        self.trust = trust
+        self.client = client
+        self.notify = notify
+        self.state_dsn = state_dsn
+
+    def _policy(self) -> AccessPolicy:
+        try:
+            return read_policy(self.policy_path)
+        except AccessPolicyError as err:
+            raise ApplicationError(str(err), non_retryable=True) from None
+
+    @activity.defn
+    async def admit(self, req: AdmissionRequest) -> Admission:
+        """The runbook's rules as the policy says now, the keys to check signatures, and whether
+        the kill switch is on."""
+        policy = self._policy()
+        try:
+            access = policy.runbook(req.runbook)
+        except AccessPolicyError as err:
+            raise ApplicationError(str(err), non_retryable=True) from None
+        groups = sorted(access.groups())
+        return Admission(
+            trust=self.trust,
+            access=access,
+            members={g: policy.members([g]) for g in groups},
+            operators=policy.operator_members(),
+            freeze=await self.freeze_state(),
+        )
+
+    @activity.defn
+    async def operators(self) -> Operators:
+        """Who may freeze and unfreeze, and the keys that prove it."""
+        return Operators(trust=self.trust, members=self._policy().operator_members())
+
+    @activity.defn
+    async def freeze_state(self) -> FreezeNotice | None:
+        """The kill switch's notice while it is on, else None."""
+        handle = self.client.get_workflow_handle(KILL_SWITCH_ID)
+        try:
+            desc = await handle.describe()
+            if desc.status != WorkflowExecutionStatus.RUNNING:
+                return None
+            notice: FreezeNotice | None = await handle.query(
+                "state",
+                result_type=FreezeNotice | None,  # type: ignore[arg-type]
+            )
+            return notice
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+
+    @activity.defn
+    async def request_approval(self, req: ApprovalRequest) -> Approvers:
+        """Resolve the step's approvers from the policy now (it may have changed) and notify them.
+
+        The rule, the members and the trusted keys are returned into history, so the gate checks
+        decisions deterministically, and a key rotated during a long wait is picked up here.
+        """
+        policy = self._policy()
+        try:
+            rule = policy.runbook(req.runbook).approval(req.runbook, req.step)
+        except AccessPolicyError as err:
+            raise ApplicationError(str(err), non_retryable=True) from None
+        groups = [req.escalate_to] if req.escalate_to else list(rule.groups)
+        unknown = [g for g in groups if g not in policy.groups]
+        if unknown:
+            raise ApplicationError(
+                f"groups {unknown} are not in the access policy {self.policy_path}",
+                non_retryable=True,
+            )
+        members = [m for m in policy.members(groups) if m != req.requester]
+        verb = "Escalated: approval" if req.escalate_to else "Approval"
+        text = (
+            f"{verb} needed for step '{req.step}' of {req.runbook} run {req.run_id}, "
+            f"requested by {req.requester}: {req.reason or 'no reason given'}. "
+            f"Eligible: {', '.join(members) or 'nobody'} ({', '.join(groups)}). "
+            f"`astra-ops approve {req.run_id} --step '{req.step}'`"
+        )
+        # A chat outage must not block an approval: people still find the run through
+        # `astra-ops ps --awaiting-approval`, so a failed notification is reported, not raised.
+        notified, detail = await self.notify.tell(text)
+        return Approvers(
+            policy=rule,
+            groups=groups,
+            members=members,
+            trust=self.trust,
+            notified=notified,
+            detail=detail,
+        )
+
+    @activity.defn
+    async def claim_automatic_action(self, req: AutomaticAction) -> AutomaticClaim:
+        """Count this action against the policy's budget for (runbook, step, scope); refuse past it.
+
+        The claim is keyed by the step's token, so a retry finds its own earlier claim. An
+        advisory lock per scope serialises concurrent runs, so two runs cannot both take the last
+        slot.
+        """
+        since = datetime.now(UTC) - timedelta(seconds=req.per_seconds)
+        scope = f"{req.runbook}/{req.step}/{req.scope}"
+        async with await psycopg.AsyncConnection.connect(self.state_dsn) as conn:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS astra_ops_automatic_actions ("
+                " token text PRIMARY KEY, scope text NOT NULL,"
+                " at timestamptz NOT NULL DEFAULT now())"
+            )
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (scope,))
+                mine = await (
+                    await conn.execute(
+                        "SELECT 1 FROM astra_ops_automatic_actions WHERE token = %s", (req.token,)
+                    )
+                ).fetchone()
+                row = await (
+                    await conn.execute(
+                        "SELECT count(*) FROM astra_ops_automatic_actions"
+                        " WHERE scope = %s AND at > %s",
+                        (scope, since),
+                    )
+                ).fetchone()
+                used = int(row[0]) if row else 0
+                window = f"{req.limit} per {req.per_seconds:g}s for {req.scope}"
+                if mine:
+                    return AutomaticClaim(allowed=True, used=used, detail=f"{used} of {window}")
+                if used >= req.limit:
+                    return AutomaticClaim(
+                        allowed=False,
+                        used=used,
+                        detail=f"'{req.step}' already ran {used} times without a person "
+                        f"(limit {window})",
+                    )
+                await conn.execute(
+                    "INSERT INTO astra_ops_automatic_actions (token, scope) VALUES (%s, %s)",
+                    (req.token, scope),
+                )
+                return AutomaticClaim(allowed=True, used=used + 1, detail=f"{used + 1} of {window}")
+
+    @activity.defn
+    async def broadcast_freeze(self, req: FreezeBroadcast) -> int:
+        """Signal every open runbook run to hold (or resume) its mutating steps; how many."""
+        query = f"{sa.RUNBOOK.name} IS NOT NULL AND ExecutionStatus = 'Running'"
+        told = 0
+        async for execution in self.client.list_workflows(query):
+            try:
+                await self.client.get_workflow_handle(execution.id).signal(req.signal, req.notice)
+                told += 1
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:  # closed since the listing
+                    raise
+            activity.heartbeat(told)
+        return told

@@ -1,0 +1,127 @@
+"""The CLI's way to the runs outside dev mode: through the HTTP API, as the token's owner.
+
+Outside dev mode only the API can prove who someone is (it authenticates the token and signs), so
+the CLI does not talk to Temporal itself there. This client speaks the API and turns its answers
+back into the same models and errors ``starters.runs.Runs`` gives, so every command prints the
+same way on either path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from runtime.client import TemporalUnavailable
+from starters.runs import (
+    DecisionRefused,
+    InvalidInput,
+    NotAllowed,
+    RunError,
+    RunSummary,
+    RunView,
+    StartedRun,
+    UnknownRun,
+)
+from workflows.models import Decision, FreezeNotice, PendingApproval
+
+ERRORS: dict[int, type[RunError]] = {
+    401: NotAllowed,
+    403: NotAllowed,
+    404: UnknownRun,
+    409: DecisionRefused,
+    422: InvalidInput,
+}
+
+
+class ApiRuns:
+    def __init__(self, url: str, token: str, timeout: float = 30) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as err:
+            raise TemporalUnavailable(
+                f"the astra-ops API at {self.url} did not answer ({type(err).__name__}); is it "
+                "running, and is ASTRA_OPS_API_URL right?"
+            ) from None
+        if response.status_code < 400:
+            return response.json()
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"the API answered {response.status_code}"
+        if response.status_code == 503:
+            raise TemporalUnavailable(message)
+        raise ERRORS.get(response.status_code, RunError)(message)
+
+    async def start(
+        self,
+        runbook: str,
+        params: dict[str, Any],
+        *,
+        requester: str = "",
+        reason: str = "",
+        dry_run: bool = False,
+        idempotency_key: str | None = None,
+    ) -> StartedRun:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = {"params": params, "reason": reason, "dry_run": dry_run}
+        answer = await self._call(
+            "POST", f"/v1/runbooks/{runbook}/runs", json=body, headers=headers
+        )
+        return StartedRun.model_validate(answer)
+
+    async def view(self, run_id: str) -> RunView:
+        return RunView.model_validate(await self._call("GET", f"/v1/runs/{run_id}"))
+
+    async def list_runs(
+        self, *, awaiting_approval: bool = False, limit: int = 50
+    ) -> list[RunSummary]:
+        answer = await self._call(
+            "GET", "/v1/runs", params={"awaiting_approval": str(awaiting_approval).lower()}
+        )
+        return [RunSummary.model_validate(r) for r in answer][:limit]
+
+    async def approvals(self) -> list[tuple[str, PendingApproval]]:
+        answer = await self._call("GET", "/v1/approvals")
+        return [(a["run_id"], PendingApproval.model_validate(a["approval"])) for a in answer]
+
+    def _decision(self, decision: Decision) -> dict[str, Any]:
+        return {"decision": decision.decision, "step": decision.step, "comment": decision.comment}
+
+    async def decide(self, run_id: str, decision: Decision) -> str:
+        answer = await self._call(
+            "POST", f"/v1/runs/{run_id}/decisions", json=self._decision(decision)
+        )
+        return str(answer["message"])
+
+    async def signed_signal(self, run_id: str, decision: Decision) -> dict[str, Any]:
+        answer: dict[str, Any] = await self._call(
+            "POST", f"/v1/runs/{run_id}/decisions/signal", json=self._decision(decision)
+        )
+        return answer
+
+    async def cancel(self, run_id: str, user: str = "", reason: str = "") -> str:
+        answer = await self._call("POST", f"/v1/runs/{run_id}/cancel", json={"reason": reason})
+        return str(answer["message"])
+
+    async def frozen(self) -> FreezeNotice | None:
+        answer = await self._call("GET", "/v1/freeze")
+        if not answer["frozen"]:
+            return None
+        return FreezeNotice(actor=answer["by"] or "", reason=answer["reason"])
+
+    async def freeze(self, user: str, reason: str) -> str:
+        return str((await self._call("POST", "/v1/freeze", json={"reason": reason}))["message"])
+
+    async def unfreeze(self, user: str, reason: str = "") -> str:
+        answer = await self._call("POST", "/v1/unfreeze", json={"reason": reason})
+        return str(answer["message"])
