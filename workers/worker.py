@@ -25,6 +25,7 @@ from runtime.client import connect
 from runtime.settings import Settings
 from sandbox.kube import api_client
 from workflows.catalogue import RUNBOOKS
+from workflows.errors import CODE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ async def running_worker(
             )
         ),
         graceful_shutdown_timeout=timedelta(seconds=30),
+        # A bug in workflow code fails its run (compensations first, see workflows/errors.py)
+        # instead of retrying a workflow task forever; a non-determinism error still does not.
+        workflow_failure_exception_types=CODE_ERRORS,
     )
     try:
         async with worker:
