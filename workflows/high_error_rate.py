@@ -218,13 +218,13 @@ class HighErrorRate(Runbook):
             f"{over}; {diagnosis.evidence}. Pause intake of {error_class}? {req.reason}",
         )
 
+        paused = with_paused(paused_before, error_class)
+
         async def resume_intake() -> None:
-            await intake.set("resume intake", paused_before)
+            await intake.set("resume intake", paused_before, expected=paused)
 
         async with self.steps.compensating("resume intake", resume_intake):
-            await intake.set(
-                "pause intake of the failing class", with_paused(paused_before, error_class)
-            )
+            await intake.set("pause intake of the failing class", paused)
             if diagnosis.cause is Cause.UNKNOWN:
                 # No remedy this runbook knows: stay contained and hand over, rather than resume
                 # intake into the same failures.
@@ -264,7 +264,7 @@ class HighErrorRate(Runbook):
             within=req.verify_timeout_seconds,
         )
         if not held:
-            await intake.set("pause intake again", with_paused(paused_before, error_class))
+            await intake.set("pause intake again", paused)
             raise self.steps.fail(
                 "verify the rate stays under the threshold",
                 f"after the remedy ({remedy.detail}) the failure rate did not stay under "

@@ -192,5 +192,5 @@ class LlmCostSpike(Runbook):
             )
         except RunbookStopped as kept:
             return self.steps.finish(Outcome.DONE, f"{guarded}; guard kept: {kept.summary}")
-        await knob.set("lift the budget guard", before)
+        await knob.set("lift the budget guard", before, expected=guard.value())
         return self.steps.finish(Outcome.DONE, f"{guarded}; guard lifted")
