@@ -19,6 +19,10 @@ and ``StepRunner.run`` turns them into a failure that says a bug stopped the run
 ``workflow_failure_exception_types`` fails the run at once. Activity results decode wherever
 activities run, from the same models, which only gain fields with defaults; so in practice that
 is a history whose input no longer passes the request model's bounds.
+
+Signal handlers must not raise these: the SDK fails the run at once on them, without the
+compensations of the body. The approval gate records a bad decision instead of raising; a
+signal's payload that does not decode is dropped by the SDK before any handler runs.
 """
 
 from __future__ import annotations
