@@ -83,6 +83,11 @@ class ConfigPatch(Mutation):
     name: str = DEFAULT_CONFIG_MAP
     key: str
     value: str
+    expected: str | None = Field(
+        default=None,
+        description="only change a key that holds this value (what the run wrote, when putting "
+        "an old value back); None changes whatever it holds",
+    )
 
 
 class DeploymentRef(BaseModel):
@@ -414,9 +419,14 @@ class KubernetesActivities:
 
     @activity.defn
     def patch_config(self, req: ConfigPatch) -> MutationResult:
-        """Set a ConfigMap key; setting the value it already has changes nothing."""
+        """Set a ConfigMap key; setting the value it already has changes nothing.
+
+        With ``expected``, a key someone else changed is left as they set it: the activity fails,
+        non-retryably, saying what it found, because only a person can tell which value is right.
+        """
         target = f"{req.namespace}/{req.name}"
-        current = (self._config_map(req.namespace, req.name).data or {}).get(req.key)
+        config_map = self._config_map(req.namespace, req.name)
+        current = (config_map.data or {}).get(req.key)
         if current == req.value:
             return MutationResult(
                 changed=False, detail=f"{req.key} is already {req.value} in {target}"
@@ -426,9 +436,20 @@ class KubernetesActivities:
                 changed=False,
                 detail=f"would set {req.key}={req.value} (currently {current}) in {target}",
             )
-        patch: dict[str, Any] = {"data": {req.key: req.value}}
+        if req.expected is not None and current != req.expected:
+            raise ApplicationError(
+                f"{req.key} in {target} is {current!r}, not {req.expected!r} as this run set it: "
+                f"someone else changed it since, so it was not put back to {req.value!r}. A "
+                "person must decide which value is right and set it by hand",
+                type="ConfigChangedByOthers",
+                non_retryable=True,
+            )
+        # The version read above is a precondition: a write in between answers 409, and the
+        # retry compares again on fresh state.
+        metadata: dict[str, Any] = {"resourceVersion": config_map.metadata.resource_version}
         if req.token:
-            patch["metadata"] = {"annotations": {CONFIG_PATCHED_BY: req.token}}
+            metadata["annotations"] = {CONFIG_PATCHED_BY: req.token}
+        patch: dict[str, Any] = {"data": {req.key: req.value}, "metadata": metadata}
         self._call(
             "patch ConfigMap",
             target,

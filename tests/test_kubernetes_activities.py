@@ -105,6 +105,34 @@ def test_patch_config_is_idempotent(
     assert astra_config(kube) == written
 
 
+def test_putting_a_value_back_leaves_a_value_someone_else_set(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    env.run(k8s.patch_config, ConfigPatch(key="TASK_SHARD_COUNT", value="12", token="run/set"))
+    kube.cluster.patch("configmaps", NS, "astra-config", {"data": {"TASK_SHARD_COUNT": "16"}})
+    restore = ConfigPatch(key="TASK_SHARD_COUNT", value="8", expected="12", token="run/restore")
+
+    with pytest.raises(ApplicationError) as failure:
+        env.run(k8s.patch_config, restore)
+
+    assert failure.value.type == "ConfigChangedByOthers" and failure.value.non_retryable
+    assert "TASK_SHARD_COUNT in astra/astra-config is '16', not '12'" in str(failure.value)
+    assert "a person must decide" in str(failure.value).lower()
+    assert astra_config(kube)["data"]["TASK_SHARD_COUNT"] == "16"
+
+
+def test_putting_a_value_back_is_idempotent(
+    kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
+) -> None:
+    env.run(k8s.patch_config, ConfigPatch(key="TASK_SHARD_COUNT", value="12", token="run/set"))
+    restore = ConfigPatch(key="TASK_SHARD_COUNT", value="8", expected="12", token="run/restore")
+
+    assert env.run(k8s.patch_config, restore).changed
+    # A retry after the restore succeeded finds its own value, not a stranger's.
+    again = env.run(k8s.patch_config, restore)
+    assert not again.changed and astra_config(kube)["data"]["TASK_SHARD_COUNT"] == "8"
+
+
 async def test_restart_with_the_same_token_rolls_once(
     kube: KubeSandbox, k8s: KubernetesActivities, env: ActivityEnvironment
 ) -> None:

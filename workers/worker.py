@@ -27,6 +27,7 @@ from runtime.identity import parse_trusted_keys
 from runtime.settings import Settings, SettingsError
 from sandbox.kube import api_client
 from workflows.catalogue import RUNBOOKS
+from workflows.errors import CODE_ERRORS
 from workflows.kill_switch import KillSwitch
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,9 @@ async def running_worker(
         activity_executor=executor,
         workflow_runner=workflow_runner(),
         graceful_shutdown_timeout=timedelta(seconds=30),
+        # A bug in workflow code fails its run (compensations first, see workflows/errors.py)
+        # instead of retrying a workflow task forever; a non-determinism error still does not.
+        workflow_failure_exception_types=CODE_ERRORS,
     )
     try:
         async with worker:

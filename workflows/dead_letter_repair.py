@@ -12,10 +12,12 @@ does: it moves entries to this consumer's pending list, where the next run finds
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, field_validator
 from temporalio import workflow
 
-from workflows.models import Outcome, RunbookRequest, RunbookResult
+from workflows.models import Outcome, RunbookRequest, RunbookResult, matching
 from workflows.runbook import Runbook, RunbookSpec
 
 with workflow.unsafe.imports_passed_through():
@@ -29,19 +31,35 @@ with workflow.unsafe.imports_passed_through():
 
 DEFAULT_RETRYABLE = ["TimeoutError", "ConnectionError", "RateLimitError"]
 
+RedisName = Annotated[
+    str,
+    Field(max_length=253),
+    AfterValidator(
+        matching(r"[A-Za-z0-9][A-Za-z0-9._:-]*", "a name of letters, digits and . _ : -")
+    ),
+]
+ErrorClass = Annotated[
+    str,
+    Field(max_length=200),
+    AfterValidator(
+        matching(r"[A-Za-z_][A-Za-z0-9_.]*", "an error class name, such as TimeoutError")
+    ),
+]
+
 
 class DeadLetterRepairRequest(RunbookRequest):
-    group: str = Field(default="astra-ops", min_length=1, description="the consumer group")
-    consumer: str = Field(
+    group: RedisName = Field(default="astra-ops", description="the consumer group")
+    consumer: RedisName = Field(
         default="dead-letter-repair",
-        min_length=1,
         description="stable across runs, so a crashed run's entries are redelivered to the next",
     )
     max_entries: int = Field(
         default=1_000, gt=0, le=2_000, description="entries per run (bounded by payload size)"
     )
     batch_size: int = Field(default=100, gt=0, le=1_000, description="tasks per requeue")
-    retryable_errors: list[str] = Field(default=DEFAULT_RETRYABLE, min_length=1)
+    retryable_errors: list[ErrorClass] = Field(
+        default=DEFAULT_RETRYABLE, min_length=1, max_length=100
+    )
 
     @field_validator("retryable_errors", mode="before")
     @classmethod

@@ -17,12 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from temporalio import workflow
 
 from runtime.astra_config import INTAKE_PAUSED_KEY, with_paused
-from workflows.models import Outcome, RunbookResult
+from workflows.models import DAY, WEEK, Outcome, RunbookResult
 from workflows.runbook import Runbook, RunbookSpec
 from workflows.task_health import (
     Knob,
@@ -52,9 +53,11 @@ with workflow.unsafe.imports_passed_through():
 
 class HighErrorRateRequest(TaskHealthRequest):
     threshold: float = Field(default=0.05, gt=0, lt=1, description="failure share that alerts")
-    window_seconds: float = Field(default=300, gt=0, description="the window the rate is over")
+    window_seconds: float = Field(
+        default=300, gt=0, le=DAY, description="the window the rate is over"
+    )
     settle_seconds: float = Field(
-        default=300, gt=0, description="how long the rate must stay under the threshold"
+        default=300, gt=0, le=DAY, description="how long the rate must stay under the threshold"
     )
     stuck_pool_share: float = Field(
         default=0.5,
@@ -73,10 +76,22 @@ class HighErrorRateRequest(TaskHealthRequest):
     recent_rollout_seconds: float | None = Field(
         default=None,
         gt=0,
+        le=WEEK,
         description="a revision rolled out less than this long ago is a suspect "
         "(default: the measurement window)",
     )
-    rollout_timeout_seconds: float = Field(default=600, gt=0)
+    rollout_timeout_seconds: float = Field(default=600, gt=0, le=DAY)
+
+    @model_validator(mode="after")
+    def _settles_within_the_wait(self) -> Self:
+        # A settle window longer than the wait can never hold: the run would pause intake
+        # again and fail however well the remedy worked.
+        if self.settle_seconds > self.verify_timeout_seconds:
+            raise ValueError(
+                f"settle_seconds ({self.settle_seconds:g}) must not exceed "
+                f"verify_timeout_seconds ({self.verify_timeout_seconds:g})"
+            )
+        return self
 
 
 SPEC = RunbookSpec(
@@ -200,13 +215,13 @@ class HighErrorRate(Runbook):
             f"{over}; {diagnosis.evidence}. Pause intake of {error_class}? {req.reason}",
         )
 
+        paused = with_paused(paused_before, error_class)
+
         async def resume_intake() -> None:
-            await intake.set("resume intake", paused_before)
+            await intake.set("resume intake", paused_before, expected=paused)
 
         async with self.steps.compensating("resume intake", resume_intake):
-            await intake.set(
-                "pause intake of the failing class", with_paused(paused_before, error_class)
-            )
+            await intake.set("pause intake of the failing class", paused)
             if diagnosis.cause is Cause.UNKNOWN:
                 # No remedy this runbook knows: stay contained and hand over, rather than resume
                 # intake into the same failures.
@@ -246,7 +261,7 @@ class HighErrorRate(Runbook):
             within=req.verify_timeout_seconds,
         )
         if not held:
-            await intake.set("pause intake again", with_paused(paused_before, error_class))
+            await intake.set("pause intake again", paused)
             raise self.steps.fail(
                 "verify the rate stays under the threshold",
                 f"after the remedy ({remedy.detail}) the failure rate did not stay under "

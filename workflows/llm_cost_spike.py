@@ -9,14 +9,14 @@ safe state; it is lifted only when a person approves lifting it, and a rejection
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 from temporalio import workflow
 
 from runtime.astra_config import BUDGET_GUARD_KEY, BudgetGuard
 from workflows.approval import RunbookStopped
-from workflows.models import Outcome, RunbookResult
+from workflows.models import DAY, HOUR, Outcome, RunbookResult, matching
 from workflows.runbook import Runbook, RunbookSpec
 from workflows.task_health import Knob, TaskHealthRequest, wait_until
 
@@ -27,17 +27,35 @@ with workflow.unsafe.imports_passed_through():
 
 ROTATION = "agent-platform"
 
+ModelName = Annotated[
+    str,
+    Field(max_length=253),
+    AfterValidator(
+        matching(
+            r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*",
+            "an LLM model name (letters, digits and . _ : / @ + -), such as gpt-4o-mini",
+        )
+    ),
+]
+
 
 class LlmCostSpikeRequest(TaskHealthRequest):
     multiplier: float = Field(
-        default=2.0, gt=1, description="window cost over this many daily-average windows alerts"
+        default=2.0,
+        gt=1,
+        le=1_000,
+        description="window cost over this many daily-average windows alerts",
     )
-    window_seconds: float = Field(default=300, gt=0, description="the window the cost is over")
-    baseline_seconds: float = Field(default=86_400, gt=0, description="the trailing average")
-    route_to: str | None = Field(
+    window_seconds: float = Field(
+        default=300, gt=0, le=DAY, description="the window the cost is over"
+    )
+    baseline_seconds: float = Field(
+        default=86_400, gt=0, le=30 * DAY, description="the trailing average"
+    )
+    route_to: ModelName | None = Field(
         default=None, description="route guarded agents to this cheaper model; unset caps them"
     )
-    poll_seconds: float = Field(default=30, gt=0)
+    poll_seconds: float = Field(default=30, gt=0, le=HOUR)
 
     @model_validator(mode="after")
     def _baseline_spans_window(self) -> Self:
@@ -172,5 +190,5 @@ class LlmCostSpike(Runbook):
             )
         except RunbookStopped as kept:
             return self.steps.finish(Outcome.DONE, f"{guarded}; guard kept: {kept.summary}")
-        await knob.set("lift the budget guard", before)
+        await knob.set("lift the budget guard", before, expected=guard.value())
         return self.steps.finish(Outcome.DONE, f"{guarded}; guard lifted")

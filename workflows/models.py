@@ -6,30 +6,104 @@ New fields get defaults, so histories of runs started before a field existed sti
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     # cryptography's native bindings cannot be loaded twice, so never inside the sandbox.
     from runtime.identity import Signed
 
+# Upper bounds of durations, in seconds. Every duration a request carries stays far inside what
+# a ``timedelta`` holds, sums included (a wait's timeout plus its slack).
+HOUR = 3_600
+DAY = 24 * HOUR
+WEEK = 7 * DAY
+
+DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS_SUBDOMAIN = rf"{DNS_LABEL}(\.{DNS_LABEL})*"
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def matching(pattern: str, what: str) -> Callable[[str], str]:
+    """A validator that refuses strings not matching ``pattern``, saying they must be ``what``."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise PydanticCustomError("pattern_mismatch", "must be {what}", {"what": what})
+        return value
+
+    return check
+
+
+def _text(value: str) -> str:
+    """Free text may hold newlines and any language, not control characters or lone surrogates
+    (which cannot be encoded into a payload)."""
+    if _CONTROL.search(value):
+        raise PydanticCustomError("control_character", "must not contain control characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise PydanticCustomError("invalid_unicode", "must be valid Unicode text") from None
+    return value
+
+
+Text = Annotated[str, Field(max_length=2_000), AfterValidator(_text)]
+"""Free text a person wrote (a reason): bounded, so it cannot bloat history and messages."""
+
+PersonName = Annotated[
+    str,
+    Field(min_length=1, max_length=253),
+    AfterValidator(_text),
+    AfterValidator(matching(r"[^\n\t]+", "one line")),
+]
+KubernetesLabel = Annotated[
+    str,
+    Field(max_length=63, json_schema_extra={"pattern": f"^{DNS_LABEL}$"}),
+    AfterValidator(
+        matching(
+            DNS_LABEL,
+            "a DNS-1123 label (lower-case letters, digits and '-'), as Kubernetes names namespaces",
+        )
+    ),
+]
+"""A namespace."""
+
+KubernetesName = Annotated[
+    str,
+    Field(max_length=253, json_schema_extra={"pattern": f"^{DNS_SUBDOMAIN}$"}),
+    AfterValidator(
+        matching(
+            DNS_SUBDOMAIN,
+            "a DNS-1123 name (lower-case letters, digits, '-' and '.'), as "
+            "Kubernetes names ConfigMaps, Deployments and pods",
+        )
+    ),
+]
+"""A ConfigMap, Deployment or pod (a worker id is its pod's name)."""
+
 
 class RunbookRequest(BaseModel):
     """What every runbook run is started with; each runbook adds its own parameters.
 
     Unknown parameters are refused: a typo (``shard=12``) must not start a run with a default.
+    NaN and infinities are refused everywhere, and every number has an upper bound: a value that
+    overflows later, in workflow code, fails a workflow task instead of the run.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    requester: str = Field(min_length=1)
-    reason: str = ""
+    requester: PersonName
+    reason: Text = ""
     dry_run: bool = False
-    approval_timeout_seconds: float = Field(default=1800, gt=0)
+    approval_timeout_seconds: float = Field(default=1800, gt=0, le=WEEK)
     authorization: Signed | None = None
     """Outside dev mode: the API's signed statement that ``requester`` started exactly this."""
 

@@ -58,7 +58,7 @@ class Runbook:
     spec: RunbookSpec
 
     def __init__(self) -> None:
-        self.steps = StepRunner(self.spec.name, list(self.spec.steps))
+        self.steps = StepRunner(self.spec.name, list(self.spec.steps), self.spec.rotation)
 
     @workflow.signal
     def approve(self, signal: ApprovalSignal) -> None:

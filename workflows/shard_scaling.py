@@ -13,7 +13,14 @@ from datetime import timedelta
 from pydantic import Field
 from temporalio import workflow
 
-from workflows.models import Outcome, RunbookRequest, RunbookResult
+from workflows.models import (
+    DAY,
+    KubernetesLabel,
+    KubernetesName,
+    Outcome,
+    RunbookRequest,
+    RunbookResult,
+)
 from workflows.runbook import Runbook, RunbookSpec
 
 with workflow.unsafe.imports_passed_through():
@@ -31,12 +38,12 @@ SHARD_COUNT_KEY = "TASK_SHARD_COUNT"
 
 
 class ShardScalingRequest(RunbookRequest):
-    shards: int = Field(ge=1, le=4096, description="the target TASK_SHARD_COUNT")
-    namespace: str = "astra"
-    config_map: str = "astra-config"
-    scheduler: str = "astra-scheduler"
-    workers: str = "astra-worker"
-    rollout_timeout_seconds: float = Field(default=600, gt=0)
+    shards: int = Field(ge=1, le=4096, description="the target TASK_SHARD_COUNT", examples=[12])
+    namespace: KubernetesLabel = "astra"
+    config_map: KubernetesName = "astra-config"
+    scheduler: KubernetesName = "astra-scheduler"
+    workers: KubernetesName = "astra-worker"
+    rollout_timeout_seconds: float = Field(default=600, gt=0, le=DAY)
 
 
 SPEC = RunbookSpec(
@@ -107,7 +114,7 @@ class ShardScaling(Runbook):
         await self.steps.approval("approve scaling", f"{change}: {req.reason}")
 
         async def roll_back() -> None:
-            await self._apply(req, current.value, "roll back: ")
+            await self._apply(req, current.value, "roll back: ", expected=target)
 
         async with self.steps.compensating("restore the old shard count", roll_back):
             await self._apply(req, target, "")
@@ -136,13 +143,23 @@ class ShardScaling(Runbook):
             f"{change}; {req.scheduler} then {req.workers} restarted, {pods} pods verified",
         )
 
-    async def _apply(self, req: ShardScalingRequest, value: str, prefix: str) -> None:
-        """Set the shard count, then restart the scheduler and the workers, each waited for."""
+    async def _apply(
+        self, req: ShardScalingRequest, value: str, prefix: str, expected: str | None = None
+    ) -> None:
+        """Set the shard count, then restart the scheduler and the workers, each waited for.
+
+        A roll back expects the count this run set: a count someone else set since is theirs to
+        keep, and nothing is restarted for it.
+        """
         await self.steps.act(
             f"{prefix}set {SHARD_COUNT_KEY}",
             KubernetesActivities.patch_config,
             ConfigPatch(
-                namespace=req.namespace, name=req.config_map, key=SHARD_COUNT_KEY, value=value
+                namespace=req.namespace,
+                name=req.config_map,
+                key=SHARD_COUNT_KEY,
+                value=value,
+                expected=expected,
             ),
         )
         for deployment in (req.scheduler, req.workers):

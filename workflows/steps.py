@@ -12,12 +12,14 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 from runtime import search_attributes as sa
 from workflows.approval import ApprovalGate, RunbookStopped, proven
+from workflows.errors import CODE_ERRORS
 from workflows.models import (
     MAX_COMMENT,
     MAX_NAME,
@@ -41,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         AutomaticClaim,
     )
     from activities.mutation import Mutation
+    from activities.notify import NotifyActivities, RotationNotice
 
 T = TypeVar("T")
 
@@ -56,6 +59,8 @@ DEFAULT_RETRY = RetryPolicy(
 # A frozen run re-reads the kill switch this often, in case it missed the unfreeze broadcast.
 FREEZE_RECHECK = timedelta(seconds=30)
 ADMIT_TIMEOUT = timedelta(seconds=30)
+# An undo that fails, or hits a bug, leaves the rollback incomplete: said so, never hidden.
+UNDO_ERRORS: tuple[type[Exception], ...] = (ActivityError, *CODE_ERRORS)
 
 
 class StepFailed(Exception):
@@ -66,6 +71,10 @@ def failure_message(err: BaseException) -> str:
     """The innermost message of an activity failure: what a person needs, not the wrapping."""
     while isinstance(err, ActivityError) and err.cause is not None:
         err = err.cause
+    if isinstance(err, ValidationError):  # its own text spans many lines
+        return f"{err.title}: " + "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in err.errors()
+        )
     return str(err) or type(err).__name__
 
 
@@ -80,8 +89,9 @@ def _describe(result: Any) -> str:
 
 
 class StepRunner:
-    def __init__(self, runbook: str, steps: list[str]) -> None:
+    def __init__(self, runbook: str, steps: list[str], rotation: str | None = None) -> None:
         self.runbook = runbook
+        self.rotation = rotation
         self.steps = {name: StepStatus(name=name) for name in steps}
         self.current: str | None = None
         self.request = RunbookRequest(requester="unknown")
@@ -140,6 +150,14 @@ class StepRunner:
                 f"{self.runbook} failed at step '{self.failed_step}': {failure_message(err)}"
                 + self.rollback_note,
                 type="RunbookFailed",
+                non_retryable=True,
+            ) from err
+        except CODE_ERRORS as err:
+            raise ApplicationError(
+                f"{self.runbook} failed at step '{self.failed_step or self.current}': unexpected "
+                f"{type(err).__name__} in the runbook's code: {failure_message(err)}"
+                f"{self.rollback_note}. This is a bug in astra-ops: report it with the run's id",
+                type="RunbookBug",
                 non_retryable=True,
             ) from err
 
@@ -384,19 +402,40 @@ class StepRunner:
         try:
             yield
         except BaseException as err:
-            failed_step = self.failed_step
+            # Where the run broke, before the undo's own steps move ``current`` on.
+            self.failed_step = failed_step = self.failed_step or self.current
             try:
                 await undo()
                 self.rollback_note = f"; rolled back ({name}) after '{failed_step}'"
-            except ActivityError as undo_err:
-                self.rollback_note = (
-                    f"; ROLLBACK INCOMPLETE ({name}) at '{self.current}': "
+            except UNDO_ERRORS as undo_err:
+                incomplete = (
+                    f"ROLLBACK INCOMPLETE ({name}) at '{self.current}': "
                     f"{failure_message(undo_err)}. Manual action needed"
                 )
+                self.rollback_note = f"; {incomplete}"
+                await self._tell_rotation(incomplete)
             if isinstance(err, RunbookStopped):
                 err.outcome = Outcome.ROLLED_BACK
                 err.summary += self.rollback_note
             raise
+
+    async def _tell_rotation(self, incomplete: str) -> None:
+        """A rollback that stopped halfway needs a person now, whoever watches the run.
+
+        Patched in: a history that ended with an incomplete rollback before this step existed
+        must replay without it.
+        """
+        if self.rotation is None or not workflow.patched("tell-rotation-rollback-incomplete"):
+            return
+        step = f"tell {self.rotation} the rollback is incomplete"
+        notice = RotationNotice(
+            rotation=self.rotation,
+            text=f"{self.runbook} run {workflow.info().workflow_id}: {incomplete}",
+        )
+        try:
+            await self.act(step, NotifyActivities.notify_rotation, notice)
+        except ActivityError as err:
+            self.rollback_note += f"; telling {self.rotation} failed too: {failure_message(err)}"
 
     # -- bookkeeping ---------------------------------------------------------------------
 

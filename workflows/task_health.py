@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Self, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from temporalio import workflow
 
-from workflows.models import RunbookRequest
+from workflows.models import (
+    DAY,
+    HOUR,
+    KubernetesLabel,
+    KubernetesName,
+    RunbookRequest,
+)
 from workflows.steps import StepRunner
 
 with workflow.unsafe.imports_passed_through():
@@ -27,18 +33,28 @@ T = TypeVar("T")
 class TaskHealthRequest(RunbookRequest):
     """Where Astra runs, and how a runbook waits for it to recover (seconds, so tests are fast)."""
 
-    namespace: str = Field(default="astra", min_length=1)
-    config_map: str = Field(default="astra-config", min_length=1)
-    worker_pool: str = Field(
+    namespace: KubernetesLabel = "astra"
+    config_map: KubernetesName = "astra-config"
+    worker_pool: KubernetesName = Field(
         default="astra-worker",
-        min_length=1,
         description="the workers' Deployment: its pods are the workers (pod name = worker id), "
         "and its rollouts are what a runbook restarts or rolls back",
     )
-    poll_seconds: float = Field(default=15, gt=0, description="how often recovery is measured")
-    verify_timeout_seconds: float = Field(
-        default=1800, gt=0, description="how long recovery may take before the run fails"
+    poll_seconds: float = Field(
+        default=15, gt=0, le=HOUR, description="how often recovery is measured"
     )
+    verify_timeout_seconds: float = Field(
+        default=1800, gt=0, le=DAY, description="how long recovery may take before the run fails"
+    )
+
+    @model_validator(mode="after")
+    def _polls_within_the_wait(self) -> Self:
+        if self.poll_seconds > self.verify_timeout_seconds:
+            raise ValueError(
+                f"poll_seconds ({self.poll_seconds:g}) must not exceed verify_timeout_seconds "
+                f"({self.verify_timeout_seconds:g}): recovery would be measured once, too late"
+            )
+        return self
 
 
 class Knob:
@@ -52,10 +68,20 @@ class Knob:
         value = await self.steps.check(step, KubernetesActivities.read_config, self.ref)
         return value.value  # type: ignore[no-any-return]
 
-    async def set(self, step: str, value: str | None) -> MutationResult:
-        """Set the key; None (the key was absent) is written as empty, which Astra reads as off."""
+    async def set(
+        self, step: str, value: str | None, *, expected: str | None = None
+    ) -> MutationResult:
+        """Set the key; None (the key was absent) is written as empty, which Astra reads as off.
+
+        Putting an old value back passes ``expected``, the value this run wrote: if someone else
+        changed the key since, the step fails and says so instead of overwriting their change.
+        """
         patch = ConfigPatch(
-            namespace=self.ref.namespace, name=self.ref.name, key=self.ref.key, value=value or ""
+            namespace=self.ref.namespace,
+            name=self.ref.name,
+            key=self.ref.key,
+            value=value or "",
+            expected=expected,
         )
         return await self.steps.act(step, KubernetesActivities.patch_config, patch)  # type: ignore[no-any-return]
 

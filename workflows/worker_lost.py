@@ -15,7 +15,7 @@ from datetime import timedelta
 from pydantic import Field
 from temporalio import workflow
 
-from workflows.models import Outcome, RunbookResult
+from workflows.models import DAY, HOUR, KubernetesName, Outcome, RunbookResult
 from workflows.runbook import Runbook, RunbookSpec
 from workflows.task_health import TaskHealthRequest, wait_until
 
@@ -31,9 +31,14 @@ with workflow.unsafe.imports_passed_through():
 
 
 class WorkerLostRequest(TaskHealthRequest):
-    worker_id: str = Field(min_length=1, description="the lost worker (its pod name)")
+    worker_id: KubernetesName = Field(
+        description="the lost worker (its pod name)", examples=["astra-worker-7"]
+    )
     heartbeat_threshold_seconds: float = Field(
-        default=30, gt=0, description="a heartbeat older than this means the worker is lost"
+        default=30,
+        gt=0,
+        le=DAY,
+        description="a heartbeat older than this means the worker is lost",
     )
     stuck_pool_share: float = Field(
         default=0.5,
@@ -43,8 +48,8 @@ class WorkerLostRequest(TaskHealthRequest):
         "and replacing pods then needs approval",
     )
     requeue_batch_size: int = Field(default=5_000, gt=0, le=100_000)
-    poll_seconds: float = Field(default=5, gt=0)
-    verify_timeout_seconds: float = Field(default=300, gt=0)
+    poll_seconds: float = Field(default=5, gt=0, le=HOUR)
+    verify_timeout_seconds: float = Field(default=300, gt=0, le=DAY)
 
 
 SPEC = RunbookSpec(
