@@ -3,6 +3,9 @@ rotations, in the incident chat (a Slack-compatible incoming webhook).
 
 Chat webhooks have no idempotency key, so a retried notification may post twice; a duplicate
 message is the lesser harm next to a rotation that never hears about a change to its system.
+
+An incoming-webhook URL is itself the credential (whoever has it can post as us), so it appears
+in no message, result or log line: a failure names the webhook's host and what went wrong.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import logging
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.mutation import Mutation, MutationResult
 from runtime.access import AccessPolicyError, load_policy
+from runtime.redact import MASK, redact
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +46,12 @@ class RotationNotice(Mutation):
     text: str = Field(min_length=1)
 
 
+class ChatUnavailable(Exception):
+    """The chat webhook did not take a message; the text names its host, never its URL."""
+
+
 class NotifyActivities:
-    def __init__(self, policy_path: Path, chat_webhook_url: str | None = None) -> None:
+    def __init__(self, policy_path: Path, chat_webhook_url: SecretStr | None = None) -> None:
         self.policy_path = policy_path
         self.chat_webhook_url = chat_webhook_url
 
@@ -64,9 +72,19 @@ class NotifyActivities:
 
     async def _post(self, text: str) -> None:
         assert self.chat_webhook_url is not None
-        async with httpx.AsyncClient(timeout=10) as http:
-            response = await http.post(self.chat_webhook_url, json={"text": text})
-        response.raise_for_status()
+        url = httpx.URL(self.chat_webhook_url.get_secret_value())
+        where = f"the chat webhook at {url.scheme}://{url.netloc.decode()}/{MASK}"
+        try:
+            async with httpx.AsyncClient(timeout=10) as http:
+                response = await http.post(url, json={"text": text})
+        except httpx.HTTPError as err:
+            # httpx's messages may quote the URL; the exception's class says enough.
+            raise ChatUnavailable(f"{where} could not be reached ({type(err).__name__})") from None
+        if response.is_error:
+            raise ChatUnavailable(
+                f"{where} answered {response.status_code} {response.reason_phrase}: "
+                f"{redact(response.text[:200])}"
+            )
 
     @activity.defn
     async def request_approval(self, req: ApprovalRequest) -> Approvers:
@@ -90,9 +108,9 @@ class NotifyActivities:
         # `astra-ops ps --awaiting-approval`, so a failed notification is reported, not raised.
         try:
             await self._post(text)
-        except httpx.HTTPError as err:
+        except ChatUnavailable as err:
             log.warning("approval notification failed: %s", err)
-            return Approvers(members=members, notified=False, detail=f"chat webhook failed: {err}")
+            return Approvers(members=members, notified=False, detail=str(err))
         return Approvers(members=members, notified=True, detail="posted to chat")
 
     @activity.defn
@@ -107,7 +125,7 @@ class NotifyActivities:
             return MutationResult(changed=False, detail="no chat webhook configured; logged it")
         try:
             await self._post(text)
-        except httpx.HTTPError as err:
+        except ChatUnavailable as err:
             # Retryable: chat outages pass, and the step runner's retry policy bounds the wait.
-            raise ApplicationError(f"could not post to the chat webhook: {err}") from err
+            raise ApplicationError(f"could not tell {req.rotation}: {err}") from None
         return MutationResult(changed=True, detail=f"told {req.rotation} ({', '.join(members)})")

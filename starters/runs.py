@@ -13,9 +13,11 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from temporalio.client import (
     Client,
+    RPCTimeoutOrCancelledError,
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
@@ -24,6 +26,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from runtime import search_attributes as sa
 from runtime.access import AccessPolicy
 from runtime.client import TemporalUnavailable
+from runtime.redact import redact
 from workflows.catalogue import RUNBOOKS
 from workflows.models import Decision, PendingApproval, RunbookResult, RunStatus, StepStatus
 from workflows.runbook import RunbookSpec
@@ -101,6 +104,58 @@ STATES = {
     WorkflowExecutionStatus.TIMED_OUT: "timed_out",
     WorkflowExecutionStatus.CONTINUED_AS_NEW: "continued_as_new",
 }
+
+
+TEMPORAL_ERRORS = (
+    RPCError,
+    RPCTimeoutOrCancelledError,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+    WorkflowUpdateFailedError,
+)
+"""What the Temporal client raises for a request it could not do; :func:`temporal_error` says
+what each means for the person who asked."""
+
+
+def temporal_error(err: Exception, run_id: str | None = None) -> Exception:
+    """The error a front end can say for a Temporal error: a RunError, TemporalUnavailable, or
+    (for a status nobody expects) ``err`` itself."""
+    run = f"run {run_id}" if run_id else "the run"
+    if isinstance(err, WorkflowUpdateFailedError):
+        cause = err.cause
+        return DecisionRefused(str(getattr(cause, "message", None) or cause or err))
+    if isinstance(err, WorkflowQueryFailedError | WorkflowQueryRejectedError):
+        return DecisionRefused(f"{run} could not answer: {err}")
+    if isinstance(err, RPCTimeoutOrCancelledError):
+        return TemporalUnavailable(f"{run} did not answer in time; try again")
+    if not isinstance(err, RPCError):
+        return err
+    if err.status == RPCStatusCode.NOT_FOUND:
+        return UnknownRun(f"no run {run_id!r}; `astra-ops ps` lists runs" if run_id else str(err))
+    if err.status in (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.OUT_OF_RANGE):
+        return InvalidInput(f"Temporal refused the request: {err.message}")
+    if err.status in (
+        RPCStatusCode.ALREADY_EXISTS,
+        RPCStatusCode.FAILED_PRECONDITION,
+        RPCStatusCode.ABORTED,
+    ):
+        return DecisionRefused(f"{run} cannot do that now: {err.message}")
+    if err.status in (
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.PERMISSION_DENIED,
+        RPCStatusCode.UNAUTHENTICATED,
+    ):
+        return TemporalUnavailable(f"Temporal did not answer: {err.message}")
+    return err
+
+
+def visibility_literal(value: str) -> str:
+    """``value`` as a quoted string in a visibility list filter: a quote or backslash in a
+    subject must not end the literal (or change the query)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def runbook_spec(name: str) -> RunbookSpec:
@@ -187,7 +242,9 @@ class Runs:
         )
 
     async def _run_with_key(self, workflow_id: str, key: str) -> bool:
-        async for execution in self._call_iter(f"WorkflowId = '{workflow_id}'", limit=100):
+        async for execution in self._call_iter(
+            f"WorkflowId = {visibility_literal(workflow_id)}", limit=100
+        ):
             if (await execution.memo()).get("request_id") == key:
                 return True
         return False
@@ -209,7 +266,7 @@ class Runs:
             try:
                 await handle.result()
             except Exception as err:  # the failure is the answer here
-                failure = str(err.__cause__ or err)
+                failure = redact(str(err.__cause__ or err))
         return RunView(
             run_id=run_id,
             runbook=desc.workflow_type,
@@ -300,18 +357,12 @@ class Runs:
     async def _call(self, awaitable: Any, run_id: str | None = None) -> Any:
         try:
             return await awaitable
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND and run_id is not None:
-                raise UnknownRun(f"no run {run_id!r}; `astra-ops ps` lists runs") from None
-            if err.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
-                raise TemporalUnavailable(f"Temporal did not answer: {err.message}") from None
-            raise
+        except TEMPORAL_ERRORS as err:
+            raise temporal_error(err, run_id) from None
 
     async def _call_iter(self, query: str, limit: int) -> Any:
         try:
             async for execution in self.client.list_workflows(query, limit=limit):
                 yield execution
-        except RPCError as err:
-            if err.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
-                raise TemporalUnavailable(f"Temporal did not answer: {err.message}") from None
-            raise
+        except TEMPORAL_ERRORS as err:
+            raise temporal_error(err) from None

@@ -22,6 +22,7 @@ from activities.notify import NotifyActivities
 from activities.postgres import PostgresActivities
 from activities.redis_store import RedisActivities
 from runtime.client import connect
+from runtime.redact import redact_logs
 from runtime.settings import Settings
 from sandbox.kube import api_client
 from workflows.catalogue import RUNBOOKS
@@ -45,6 +46,7 @@ async def running_worker(
     client: Client, settings: Settings, executor: ThreadPoolExecutor, task_queue: str | None = None
 ) -> AsyncIterator[Worker]:
     """The worker, polling until the block ends; then its connections are released."""
+    redact_logs()  # activities' clients log URLs, the SDK logs their failures
     kubernetes_api = kube_api(settings)
     kubernetes = KubernetesActivities(kubernetes_api)
     notify = NotifyActivities(settings.access_policy, settings.chat_webhook_url)

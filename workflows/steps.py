@@ -16,6 +16,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 from runtime import search_attributes as sa
+from runtime.redact import redact
 from workflows.approval import ApprovalGate, RunbookStopped
 from workflows.models import (
     ApprovalPolicy,
@@ -46,10 +47,12 @@ class StepFailed(Exception):
 
 
 def failure_message(err: BaseException) -> str:
-    """The innermost message of an activity failure: what a person needs, not the wrapping."""
+    """The innermost message of an activity failure: what a person needs, not the wrapping,
+    and none of the credentials it may quote (it becomes the step's detail, the run's current
+    details and its failure, which everyone who can see the run reads)."""
     while isinstance(err, ActivityError) and err.cause is not None:
         err = err.cause
-    return str(err) or type(err).__name__
+    return redact(str(err)) or type(err).__name__
 
 
 def _describe(result: Any) -> str:
