@@ -20,7 +20,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.mutation import Mutation, MutationResult
 from runtime.access import AccessPolicyError, load_policy
-from runtime.redact import MASK, redact
+from runtime.redact import MASK
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ class NotifyActivities:
             # httpx's messages may quote the URL; the exception's class says enough.
             raise ChatUnavailable(f"{where} could not be reached ({type(err).__name__})") from None
         if response.is_error:
+            # Not the body: a receiver may echo the path it was called on, the key itself.
             raise ChatUnavailable(
-                f"{where} answered {response.status_code} {response.reason_phrase}: "
-                f"{redact(response.text[:200])}"
+                f"{where} answered {response.status_code} {response.reason_phrase}"
             )
 
     @activity.defn
