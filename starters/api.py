@@ -68,6 +68,27 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+class PayloadJson(BaseModel):
+    """A Temporal payload as the UI sends it: base64 metadata values and data."""
+
+    metadata: dict[str, str] = {}
+    data: str = ""
+
+
+class PayloadsJson(BaseModel):
+    payloads: list[PayloadJson]
+
+
+# The codec endpoints parse the body with protobuf's JSON rules, not FastAPI's, so they document
+# it by hand: the UI (and Schemathesis) see what to send.
+CODEC_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": PayloadsJson.model_json_schema()}},
+    }
+}
+
+
 def error_response(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -252,7 +273,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def list_runbooks(_: User) -> list[dict[str, Any]]:
         return [w.spec.describe() for w in RUNBOOKS.values()]
 
-    @app.post("/v1/runbooks/{name}/runs", status_code=201, tags=["runs"])
+    @app.post(
+        "/v1/runbooks/{name}/runs",
+        status_code=201,
+        tags=["runs"],
+        responses={200: {"model": StartedRun, "description": "The open run, returned instead"}},
+    )
     async def start_run(
         name: str,
         body: StartBody,
@@ -316,11 +342,11 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(422, "undecryptable", redact(str(err))) from None
         return JSONResponse(json_format.MessageToDict(Payloads(payloads=coded)))
 
-    @app.post("/codec/encode", tags=["codec"])
+    @app.post("/codec/encode", tags=["codec"], openapi_extra=CODEC_BODY)
     async def encode(request: Request, _: Annotated[str, Depends(codec_identity)]) -> JSONResponse:
         return await transcode(request, decode=False)
 
-    @app.post("/codec/decode", tags=["codec"])
+    @app.post("/codec/decode", tags=["codec"], openapi_extra=CODEC_BODY)
     async def decode(request: Request, _: Annotated[str, Depends(codec_identity)]) -> JSONResponse:
         return await transcode(request, decode=True)
 

@@ -13,21 +13,17 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import SecretStr
-from temporalio.testing import WorkflowEnvironment
 
-from runtime import search_attributes as sa
-from runtime.client import data_converter
 from runtime.settings import Settings
 from starters.api import create_app
-from tests.conftest import TEMPORAL
+from tests.conftest import TEMPORAL, OwnTemporal
 from tests.conftest_kube import eventually
 from tests.conftest_sandbox import RunningAstra
 from tests.test_api import TOKENS, asgi, auth
@@ -63,36 +59,15 @@ def broken_chat() -> Iterator[tuple[str, list[str]]]:
         server.server_close()
 
 
-@pytest.fixture
-async def stored_temporal(
-    tmp_path: Path, codec_keys: str
-) -> AsyncIterator[tuple[WorkflowEnvironment, Path]]:
-    """A dev server of its own that keeps everything in a SQLite file this test can read."""
-    database = tmp_path / "temporal" / "history.db"
-    database.parent.mkdir()
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(TEMPORAL),
-        dev_server_database_filename=str(database),
-        data_converter=data_converter(Settings(codec_keys=codec_keys)),
-        search_attributes=sa.ALL,
-        dev_server_log_level="error",
-    )
-    try:
-        yield env, database.parent
-    finally:
-        await env.shutdown()
-
-
 async def test_failing_webhook_url_is_nowhere_in_plaintext(
-    stored_temporal: tuple[WorkflowEnvironment, Path],
+    own_temporal: OwnTemporal,
     astra_settings: Settings,
     astra: RunningAstra,
     broken_chat: tuple[str, list[str]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    env, database_dir = stored_temporal
-    address = env.client.service_client.config.target_host
+    env, address = own_temporal.env, own_temporal.address
     webhook, posted = broken_chat
     settings = astra_settings.model_copy(
         update={
@@ -153,7 +128,7 @@ async def test_failing_webhook_url_is_nowhere_in_plaintext(
     for answer in answers:
         assert CANARY not in answer.text
 
-    stored = b"".join(p.read_bytes() for p in database_dir.iterdir() if p.is_file())
+    stored = b"".join(p.read_bytes() for p in own_temporal.files.iterdir() if p.is_file())
     assert run_id.encode() in stored  # the file does hold this run
     assert CANARY.encode() not in stored
 
