@@ -154,7 +154,8 @@ def temporal_error(err: Exception, run_id: str | None = None) -> Exception:
 
 def visibility_literal(value: str) -> str:
     """``value`` as a quoted string in a visibility list filter: a quote or backslash in a
-    subject must not end the literal (or change the query)."""
+    subject must not end the literal (or change the query). The dev server's SQLite visibility
+    matches no id that holds a backslash, escaped or not; such a lookup finds nothing."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
