@@ -3,6 +3,9 @@ rotations, in the incident chat (a Slack-compatible incoming webhook).
 
 Chat webhooks have no idempotency key, so a retried notification may post twice; a duplicate
 message is the lesser harm next to a rotation that never hears about a change to its system.
+
+An incoming-webhook URL is itself the credential (whoever has it can post as us), so it appears
+in no message, result or log line: a failure names the webhook's host and what went wrong.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import logging
 from pathlib import Path
 
 import httpx
-from pydantic import Field
+from pydantic import Field, SecretStr
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.mutation import Mutation, MutationResult
 from runtime.access import AccessPolicyError, load_policy
+from runtime.redact import MASK
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +30,12 @@ class RotationNotice(Mutation):
     text: str = Field(min_length=1)
 
 
+class ChatUnavailable(Exception):
+    """The chat webhook did not take a message; the text names its host, never its URL."""
+
+
 class NotifyActivities:
-    def __init__(self, policy_path: Path, chat_webhook_url: str | None = None) -> None:
+    def __init__(self, policy_path: Path, chat_webhook_url: SecretStr | None = None) -> None:
         self.policy_path = policy_path
         self.chat_webhook_url = chat_webhook_url
 
@@ -48,9 +56,19 @@ class NotifyActivities:
 
     async def _post(self, text: str) -> None:
         assert self.chat_webhook_url is not None
-        async with httpx.AsyncClient(timeout=10) as http:
-            response = await http.post(self.chat_webhook_url, json={"text": text})
-        response.raise_for_status()
+        url = httpx.URL(self.chat_webhook_url.get_secret_value())
+        where = f"the chat webhook at {url.scheme}://{url.netloc.decode()}/{MASK}"
+        try:
+            async with httpx.AsyncClient(timeout=10) as http:
+                response = await http.post(url, json={"text": text})
+        except httpx.HTTPError as err:
+            # httpx's messages may quote the URL; the exception's class says enough.
+            raise ChatUnavailable(f"{where} could not be reached ({type(err).__name__})") from None
+        if response.is_error:
+            # Not the body: a receiver may echo the path it was called on, the key itself.
+            raise ChatUnavailable(
+                f"{where} answered {response.status_code} {response.reason_phrase}"
+            )
 
     async def tell(self, text: str) -> tuple[bool, str]:
         """Post ``text`` to chat if a webhook is configured; whether it was posted, and how."""
@@ -59,9 +77,9 @@ class NotifyActivities:
             return False, "no chat webhook configured"
         try:
             await self._post(text)
-        except httpx.HTTPError as err:
+        except ChatUnavailable as err:
             log.warning("chat notification failed: %s", err)
-            return False, f"chat webhook failed: {err}"
+            return False, str(err)
         return True, "posted to chat"
 
     @activity.defn
@@ -76,7 +94,7 @@ class NotifyActivities:
             return MutationResult(changed=False, detail="no chat webhook configured; logged it")
         try:
             await self._post(text)
-        except httpx.HTTPError as err:
+        except ChatUnavailable as err:
             # Retryable: chat outages pass, and the step runner's retry policy bounds the wait.
-            raise ApplicationError(f"could not post to the chat webhook: {err}") from err
+            raise ApplicationError(f"could not tell {req.rotation}: {err}") from None
         return MutationResult(changed=True, detail=f"told {req.rotation} ({', '.join(members)})")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.service import TLSConfig
 
 from runtime.codec import load_codec
@@ -19,12 +19,21 @@ class TemporalUnavailable(Exception):
 
 
 def data_converter(settings: Settings) -> DataConverter:
-    """pydantic v2 models on the wire, sealed by the AES-GCM codec."""
+    """pydantic v2 models on the wire, sealed by the AES-GCM codec.
+
+    Failure messages and stack traces go through the codec too: an error quotes whatever it was
+    handed (a URL, a row), and the stock failure converter would store that in plaintext.
+    Histories written without it still decode: the converter reads either form.
+    """
     codec = load_codec(
         settings.codec_keys.get_secret_value() if settings.codec_keys else None,
         settings.codec_key_file or dev_key_file(settings),
     )
-    return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=codec,
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
 
 
 def dev_key_file(settings: Settings) -> Path | None:

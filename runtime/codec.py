@@ -13,7 +13,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from google.protobuf.message import DecodeError
 from temporalio.api.common.v1 import Payload
 from temporalio.converter import PayloadCodec
 
@@ -24,6 +26,10 @@ _NONCE_BYTES = 12
 
 class CodecKeyError(Exception):
     """The configured key material is missing or malformed."""
+
+
+class UndecryptablePayload(Exception):
+    """A payload claims to be ours but does not open: the wrong key, or altered bytes."""
 
 
 class AesGcmCodec(PayloadCodec):
@@ -64,7 +70,13 @@ class AesGcmCodec(PayloadCodec):
                     "ASTRA_OPS_CODEC_KEYS (old keys stay listed until no open run uses them)"
                 )
             nonce, sealed = payload.data[:_NONCE_BYTES], payload.data[_NONCE_BYTES:]
-            out.append(Payload.FromString(cipher.decrypt(nonce, sealed, None)))
+            try:
+                out.append(Payload.FromString(cipher.decrypt(nonce, sealed, None)))
+            except (InvalidTag, ValueError, DecodeError):
+                raise UndecryptablePayload(
+                    f"a payload sealed with key {key_id!r} does not decrypt: its bytes were "
+                    "altered, or another key has that id"
+                ) from None
         return out
 
 

@@ -93,7 +93,9 @@ class Settings(BaseSettings):
         default="astra:", min_length=1, description="Prefix of Astra's Redis keys."
     )
     prometheus_url: str | None = None
-    chat_webhook_url: str | None = None
+    chat_webhook_url: SecretStr | None = Field(
+        default=None, description="A Slack-compatible incoming webhook; the URL is a credential."
+    )
 
     @field_validator("temporal_address")
     @classmethod

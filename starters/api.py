@@ -5,7 +5,11 @@ stays encrypted while the people allowed to read it can.
 """
 
 import asyncio
+import ipaddress
+import logging
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import uvicorn
 from fastapi import Depends, FastAPI, Header, Request
@@ -14,13 +18,25 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 from temporalio.api.common.v1 import Payloads
 
 from runtime.access import AccessPolicy, load_policy
 from runtime.client import TemporalUnavailable, connect, data_converter
+from runtime.codec import CodecKeyError, UndecryptablePayload
 from runtime.identity import Signer, load_signer_file
+from runtime.redact import redact, redact_logs
 from runtime.settings import Settings, SettingsError
-from starters.runs import OpenRunConflict, RunError, Runs, RunSummary, RunView, StartedRun
+from starters.runs import (
+    TEMPORAL_ERRORS,
+    OpenRunConflict,
+    RunError,
+    Runs,
+    RunSummary,
+    RunView,
+    StartedRun,
+    temporal_error,
+)
 from workflows.catalogue import RUNBOOKS
 from workflows.models import (
     MAX_COMMENT,
@@ -32,6 +48,8 @@ from workflows.models import (
 
 RETRY_AFTER_SECONDS = 5
 
+log = logging.getLogger(__name__)
+
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -40,6 +58,74 @@ class ApiError(Exception):
 
 
 STATUS_OF = {"invalid": 422, "not_found": 404, "forbidden": 403, "conflict": 409}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    run: dict[str, Any] | None = None
+    """On a conflict with an open run: its id, requester and parameters."""
+
+
+class ErrorBody(BaseModel):
+    """Every refusal and failure: a code to branch on and one line that says why."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 422, 500, 503)
+}
+
+
+class PayloadJson(BaseModel):
+    """A Temporal payload as the UI sends it: base64 metadata values and data."""
+
+    metadata: dict[str, str] = {}
+    data: str = ""
+
+
+class PayloadsJson(BaseModel):
+    payloads: list[PayloadJson]
+
+
+# The codec endpoints parse the body with protobuf's JSON rules, not FastAPI's, so they document
+# it by hand: the UI (and Schemathesis) see what to send.
+CODEC_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": PayloadsJson.model_json_schema()}},
+    }
+}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    run: dict[str, Any] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        ErrorBody(error=ErrorDetail(code=code, message=message, run=run)).model_dump(
+            exclude_none=True
+        ),
+        status_code=status,
+        headers=headers,
+    )
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine."""
+    if not host:
+        return False
+    host = host.strip("[]")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class StartBody(BaseModel):
@@ -121,17 +207,41 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(403, "forbidden", f"{user} is not in the access policy")
         return user
 
-    def codec_identity(authorization: Annotated[str | None, Header()] = None) -> str:
-        # Dev mode serves the UI on loopback without tokens; anywhere else the codec decrypts
-        # history for whoever calls it, so it needs the same bearer token as the rest.
-        return "dev" if settings.dev_mode else identity(authorization)
+    def codec_identity(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> str:
+        """The codec decrypts history for whoever calls it. Outside dev mode that takes the same
+        bearer token as the rest; dev mode has no tokens, so it answers this machine only: a
+        loopback client, and (from a browser) a page served from loopback, so that no other
+        site open in the same browser can have history decrypted."""
+        if not settings.dev_mode:
+            return identity(authorization)
+        client = request.client.host if request.client else None
+        if not is_loopback(client):
+            raise ApiError(
+                403,
+                "forbidden",
+                f"in dev mode the codec answers this machine only, not {client}; "
+                "run the API with ASTRA_OPS_API_TOKENS outside dev mode to serve others",
+            )
+        origin = request.headers.get("origin")
+        if origin is not None and not is_loopback(urlsplit(origin).hostname):
+            raise ApiError(
+                403,
+                "forbidden",
+                f"in dev mode the codec answers pages served from this machine only, not "
+                f"{origin}; open the Temporal UI on localhost",
+            )
+        return "dev"
 
     User = Annotated[str, Depends(identity)]
 
+    redact_logs()  # errors it logs may quote Temporal's or a client's URLs
     app = FastAPI(
         title="astra-ops",
         description="Operations runbooks for the Astra agent platform.",
         version="0.1.0",
+        responses=ERROR_RESPONSES,
     )
     app.add_middleware(
         CORSMiddleware,
@@ -143,32 +253,54 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"code": err.code, "message": err.message}}, status_code=err.status
+        return error_response(err.status, err.code, err.message)
+
+    def _said(err: RunError | TemporalUnavailable) -> JSONResponse:
+        if isinstance(err, RunError):
+            run = err.details if isinstance(err, OpenRunConflict) else None
+            return error_response(STATUS_OF[err.kind], err.kind, err.message, run=run)
+        connection.clear()
+        return error_response(
+            503, "unavailable", str(err), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
         )
 
     @app.exception_handler(RunError)
     async def _run_error(_: Request, err: RunError) -> JSONResponse:
-        error: dict[str, Any] = {"code": err.kind, "message": err.message}
-        if isinstance(err, OpenRunConflict):
-            error["run"] = err.details
-        return JSONResponse({"error": error}, status_code=STATUS_OF[err.kind])
+        return _said(err)
 
     @app.exception_handler(TemporalUnavailable)
     async def _unavailable(_: Request, err: TemporalUnavailable) -> JSONResponse:
-        connection.clear()
-        return JSONResponse(
-            {"error": {"code": "unavailable", "message": str(err)}},
-            status_code=503,
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+        return _said(err)
+
+    async def _temporal(request: Request, err: Exception) -> JSONResponse:
+        """A Temporal error a handler did not map itself: mapped here the same way."""
+        said = temporal_error(err, request.path_params.get("run_id"))
+        if isinstance(said, RunError | TemporalUnavailable):
+            return _said(said)
+        return await _unexpected(request, err)
+
+    for kind in TEMPORAL_ERRORS:
+        app.add_exception_handler(kind, _temporal)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
         )
-        return JSONResponse({"error": {"code": "invalid", "message": problems}}, status_code=422)
+        return error_response(422, "invalid", problems)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, err: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "invalid")
+        return error_response(err.status_code, code, str(err.detail), headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        # A bug: the detail goes to the log (redacted), the caller gets no internals.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=err)
+        return error_response(
+            500, "internal", f"astra-ops could not answer ({type(err).__name__}); see its log"
+        )
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -189,7 +321,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def list_runbooks(_: User) -> list[dict[str, Any]]:
         return [w.spec.describe() for w in RUNBOOKS.values()]
 
-    @app.post("/v1/runbooks/{name}/runs", status_code=201, tags=["runs"])
+    @app.post(
+        "/v1/runbooks/{name}/runs",
+        status_code=201,
+        tags=["runs"],
+        responses={200: {"model": StartedRun, "description": "The open run, returned instead"}},
+    )
     async def start_run(
         name: str,
         body: StartBody,
@@ -266,17 +403,24 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def transcode(request: Request, decode: bool) -> JSONResponse:
         try:
-            payloads = json_format.Parse(await request.body(), Payloads())
+            text = (await request.body()).decode()
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid", "the body is not UTF-8; send JSON") from None
+        try:
+            payloads = json_format.Parse(text, Payloads())
         except json_format.ParseError as err:
             raise ApiError(422, "invalid", f'expected {{"payloads": [...]}}: {err}') from None
-        coded = await (codec.decode if decode else codec.encode)(list(payloads.payloads))
+        try:
+            coded = await (codec.decode if decode else codec.encode)(list(payloads.payloads))
+        except (CodecKeyError, UndecryptablePayload) as err:
+            raise ApiError(422, "undecryptable", redact(str(err))) from None
         return JSONResponse(json_format.MessageToDict(Payloads(payloads=coded)))
 
-    @app.post("/codec/encode", tags=["codec"])
+    @app.post("/codec/encode", tags=["codec"], openapi_extra=CODEC_BODY)
     async def encode(request: Request, _: Annotated[str, Depends(codec_identity)]) -> JSONResponse:
         return await transcode(request, decode=False)
 
-    @app.post("/codec/decode", tags=["codec"])
+    @app.post("/codec/decode", tags=["codec"], openapi_extra=CODEC_BODY)
     async def decode(request: Request, _: Annotated[str, Depends(codec_identity)]) -> JSONResponse:
         return await transcode(request, decode=True)
 

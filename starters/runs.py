@@ -9,15 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from temporalio.client import (
     Client,
+    RPCTimeoutOrCancelledError,
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
@@ -28,6 +30,7 @@ from runtime import search_attributes as sa
 from runtime.access import AccessPolicy, AccessPolicyError, RunbookAccess
 from runtime.client import TemporalUnavailable
 from runtime.identity import STATEMENT_TTL, Signed, Signer, Statement, digest
+from runtime.redact import redact
 from workflows.approval import refusal, step_of
 from workflows.catalogue import RUNBOOKS
 from workflows.models import (
@@ -42,6 +45,10 @@ from workflows.models import (
     StepStatus,
 )
 from workflows.runbook import RunbookSpec
+
+# A run whose worker is gone does not answer queries; say so instead of hanging the caller.
+QUERY_TIMEOUT = timedelta(seconds=5)
+UPDATE_TIMEOUT = timedelta(seconds=15)
 
 
 class RunError(Exception):
@@ -128,6 +135,59 @@ STATES = {
 }
 
 
+TEMPORAL_ERRORS = (
+    RPCError,
+    RPCTimeoutOrCancelledError,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+    WorkflowUpdateFailedError,
+)
+"""What the Temporal client raises for a request it could not do; :func:`temporal_error` says
+what each means for the person who asked."""
+
+
+def temporal_error(err: Exception, run_id: str | None = None) -> Exception:
+    """The error a front end can say for a Temporal error: a RunError, TemporalUnavailable, or
+    (for a status nobody expects) ``err`` itself."""
+    run = f"run {run_id}" if run_id else "the run"
+    if isinstance(err, WorkflowUpdateFailedError):
+        cause = err.cause
+        return DecisionRefused(str(getattr(cause, "message", None) or cause or err))
+    if isinstance(err, WorkflowQueryFailedError | WorkflowQueryRejectedError):
+        return DecisionRefused(f"{run} could not answer: {err}")
+    if isinstance(err, RPCTimeoutOrCancelledError):
+        return TemporalUnavailable(f"{run} did not answer in time; try again")
+    if not isinstance(err, RPCError):
+        return err
+    if err.status == RPCStatusCode.NOT_FOUND:
+        return UnknownRun(f"no run {run_id!r}; `astra-ops ps` lists runs" if run_id else str(err))
+    if err.status in (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.OUT_OF_RANGE):
+        return InvalidInput(f"Temporal refused the request: {err.message}")
+    if err.status in (
+        RPCStatusCode.ALREADY_EXISTS,
+        RPCStatusCode.FAILED_PRECONDITION,
+        RPCStatusCode.ABORTED,
+    ):
+        return DecisionRefused(f"{run} cannot do that now: {err.message}")
+    if err.status in (
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.PERMISSION_DENIED,
+        RPCStatusCode.UNAUTHENTICATED,
+    ):
+        return TemporalUnavailable(f"Temporal did not answer: {err.message}")
+    return err
+
+
+def visibility_literal(value: str) -> str:
+    """``value`` as a quoted string in a visibility list filter: a quote or backslash in a
+    subject must not end the literal (or change the query). The dev server's SQLite visibility
+    matches no id that holds a backslash, escaped or not; such a lookup finds nothing."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def runbook_spec(name: str) -> RunbookSpec:
     try:
         return RUNBOOKS[name].spec
@@ -139,11 +199,6 @@ def runbook_spec(name: str) -> RunbookSpec:
 
 def _expiry() -> datetime:
     return datetime.now(UTC) + STATEMENT_TTL
-
-
-def quote(value: str) -> str:
-    """A string literal for a visibility query: quotes and backslashes cannot end it early."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _params(request: RunbookRequest) -> dict[str, Any]:
@@ -323,7 +378,7 @@ class Runs:
         return StartedRun(run_id=workflow_id, runbook=runbook, existing=True)
 
     async def _run_with_key(self, key: str) -> tuple[str, dict[str, Any]] | None:
-        query = f"{sa.IDEMPOTENCY_KEY.name} = {quote(key)}"
+        query = f"{sa.IDEMPOTENCY_KEY.name} = {visibility_literal(key)}"
         async for execution in self._call_iter(query, limit=1):
             return execution.id, await execution.memo()
         return None
@@ -336,7 +391,7 @@ class Runs:
         result: RunbookResult | None = None
         failure: str | None = None
         try:
-            status = await handle.query("status", result_type=RunStatus)
+            status = await handle.query("status", result_type=RunStatus, rpc_timeout=QUERY_TIMEOUT)
         except (WorkflowQueryFailedError, RPCError):
             status = None  # no worker to answer; closed runs still have their result below
         if state == "completed":
@@ -345,7 +400,7 @@ class Runs:
             try:
                 await handle.result()
             except Exception as err:  # the failure is the answer here
-                failure = str(err.__cause__ or err)
+                failure = redact(str(err.__cause__ or err))
         return RunView(
             run_id=run_id,
             runbook=desc.workflow_type,
@@ -382,7 +437,9 @@ class Runs:
         pending = []
         for run in await self.list_runs(awaiting_approval=True):
             try:
-                status = await self._handle(run.run_id).query("status", result_type=RunStatus)
+                status = await self._handle(run.run_id).query(
+                    "status", result_type=RunStatus, rpc_timeout=QUERY_TIMEOUT
+                )
             except (WorkflowQueryFailedError, RPCError):
                 continue  # closed between the listing and the query
             pending += [(run.run_id, p) for p in status.pending_approvals]
@@ -398,7 +455,9 @@ class Runs:
 
     async def _status(self, handle: WorkflowHandle[Any, RunbookResult]) -> RunStatus:
         try:
-            status: RunStatus = await handle.query("status", result_type=RunStatus)
+            status: RunStatus = await handle.query(
+                "status", result_type=RunStatus, rpc_timeout=QUERY_TIMEOUT
+            )
         except (WorkflowQueryFailedError, RPCError) as err:
             raise DecisionRefused(
                 f"run {handle.id} does not answer ({_reason(err)}); is a worker running?"
@@ -481,13 +540,20 @@ class Runs:
 
     async def _update(self, run_id: str, name: str, arg: BaseModel) -> str:
         try:
-            said: str = await self._handle(run_id).execute_update(name, arg, result_type=str)
+            said: str = await self._handle(run_id).execute_update(
+                name, arg, result_type=str, rpc_timeout=UPDATE_TIMEOUT
+            )
         except WorkflowUpdateFailedError as err:
             raise DecisionRefused(_reason(err)) from None
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:
                 raise DecisionRefused(
                     f"run {run_id} closed before the request reached it"
+                ) from None
+            if err.status == RPCStatusCode.DEADLINE_EXCEEDED:
+                raise DecisionRefused(
+                    f"run {run_id} did not take the request within "
+                    f"{UPDATE_TIMEOUT.total_seconds():g}s; is a worker running? Nothing changed"
                 ) from None
             raise
         return said
@@ -505,6 +571,7 @@ class Runs:
         try:
             notice: FreezeNotice | None = await handle.query(
                 "state",
+                rpc_timeout=QUERY_TIMEOUT,
                 result_type=FreezeNotice | None,  # type: ignore[arg-type]
             )
         except (WorkflowQueryFailedError, RPCError):
@@ -586,18 +653,12 @@ class Runs:
     async def _call(self, awaitable: Any, run_id: str | None = None) -> Any:
         try:
             return await awaitable
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND and run_id is not None:
-                raise UnknownRun(f"no run {run_id!r}; `astra-ops ps` lists runs") from None
-            if err.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
-                raise TemporalUnavailable(f"Temporal did not answer: {err.message}") from None
-            raise
+        except TEMPORAL_ERRORS as err:
+            raise temporal_error(err, run_id) from None
 
     async def _call_iter(self, query: str, limit: int) -> Any:
         try:
             async for execution in self.client.list_workflows(query, limit=limit):
                 yield execution
-        except RPCError as err:
-            if err.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
-                raise TemporalUnavailable(f"Temporal did not answer: {err.message}") from None
-            raise
+        except TEMPORAL_ERRORS as err:
+            raise temporal_error(err) from None

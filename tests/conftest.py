@@ -71,6 +71,37 @@ async def temporal(codec_keys: str) -> AsyncIterator[WorkflowEnvironment]:
         await env.shutdown()
 
 
+@dataclass
+class OwnTemporal:
+    """A dev server of one test's own, and the folder of its SQLite file."""
+
+    env: WorkflowEnvironment
+    files: Path
+
+    @property
+    def address(self) -> str:
+        return self.env.client.service_client.config.target_host
+
+
+@pytest.fixture
+async def own_temporal(tmp_path: Path, codec_keys: str) -> AsyncIterator[OwnTemporal]:
+    """For a test that reads what the server stored, or leaves runs open that no worker will
+    finish: the session's server stays as the other tests expect it."""
+    files = tmp_path / "temporal"
+    files.mkdir()
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL),
+        dev_server_database_filename=str(files / "history.db"),
+        data_converter=data_converter(Settings(codec_keys=codec_keys)),
+        search_attributes=sa.ALL,
+        dev_server_log_level="error",
+    )
+    try:
+        yield OwnTemporal(env, files)
+    finally:
+        await env.shutdown()
+
+
 @pytest.fixture
 def client(temporal: WorkflowEnvironment) -> Client:
     return temporal.client

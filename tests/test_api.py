@@ -18,7 +18,7 @@ from starters.api import create_app
 from tests.conftest_kube import KubeSandbox
 from tests.helpers import awaiting_approval, handle_of, shard_count
 
-TOKENS = "t-alice:alice,t-bob:bob,t-carol:carol,t-dave:dave,t-mallory:mallory"
+TOKENS = "t-alice:alice,t-bob:bob,t-carol:carol,t-erin:erin,t-dave:dave,t-mallory:mallory"
 
 
 def asgi(app: FastAPI) -> httpx.AsyncClient:

@@ -24,6 +24,7 @@ from activities.postgres import PostgresActivities
 from activities.redis_store import RedisActivities
 from runtime.client import connect
 from runtime.identity import parse_trusted_keys
+from runtime.redact import redact_logs
 from runtime.settings import Settings, SettingsError
 from sandbox.kube import api_client
 from workflows.catalogue import RUNBOOKS
@@ -77,6 +78,7 @@ async def running_worker(
     client: Client, settings: Settings, executor: ThreadPoolExecutor, task_queue: str | None = None
 ) -> AsyncIterator[Worker]:
     """The worker, polling until the block ends; then its connections are released."""
+    redact_logs()  # activities' clients log URLs, the SDK logs their failures
     kubernetes_api = kube_api(settings)
     kubernetes = KubernetesActivities(kubernetes_api)
     notify = NotifyActivities(settings.access_policy, settings.chat_webhook_url)

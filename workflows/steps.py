@@ -18,6 +18,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 from runtime import search_attributes as sa
+from runtime.redact import redact
 from workflows.approval import ApprovalGate, RunbookStopped, proven
 from workflows.errors import CODE_ERRORS
 from workflows.models import (
@@ -68,14 +69,19 @@ class StepFailed(Exception):
 
 
 def failure_message(err: BaseException) -> str:
-    """The innermost message of an activity failure: what a person needs, not the wrapping."""
+    """The innermost message of an activity failure: what a person needs, not the wrapping,
+    and none of the credentials it may quote (it becomes the step's detail, the run's current
+    details and its failure, which everyone who can see the run reads)."""
     while isinstance(err, ActivityError) and err.cause is not None:
         err = err.cause
     if isinstance(err, ValidationError):  # its own text spans many lines
-        return f"{err.title}: " + "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in err.errors()
+        return redact(
+            f"{err.title}: "
+            + "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in err.errors()
+            )
         )
-    return str(err) or type(err).__name__
+    return redact(str(err)) or type(err).__name__
 
 
 def _describe(result: Any) -> str:
