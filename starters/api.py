@@ -24,6 +24,8 @@ from workflows.catalogue import RUNBOOKS
 from workflows.models import Decision, PendingApproval
 
 RETRY_AFTER_SECONDS = 5
+# The Temporal UI's codec endpoint is the API's URL plus this path (it appends /decode, /encode).
+CODEC_PATH = "/codec"
 
 
 class ApiError(Exception):
@@ -208,11 +210,11 @@ def create_app(settings: Settings) -> FastAPI:
         coded = await (codec.decode if decode else codec.encode)(list(payloads.payloads))
         return JSONResponse(json_format.MessageToDict(Payloads(payloads=coded)))
 
-    @app.post("/codec/encode", tags=["codec"])
+    @app.post(f"{CODEC_PATH}/encode", tags=["codec"])
     async def encode(request: Request, _: Annotated[str, Depends(codec_identity)]) -> JSONResponse:
         return await transcode(request, decode=False)
 
-    @app.post("/codec/decode", tags=["codec"])
+    @app.post(f"{CODEC_PATH}/decode", tags=["codec"])
     async def decode(request: Request, _: Annotated[str, Depends(codec_identity)]) -> JSONResponse:
         return await transcode(request, decode=True)
 

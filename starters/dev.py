@@ -18,6 +18,7 @@ from runtime.client import TemporalUnavailable, connect
 from runtime.codec import new_key_line
 from runtime.settings import ENV_PREFIX, Settings
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
+from starters.api import CODEC_PATH
 
 # Dev-only bearer tokens for the example access policy's people, so the README walk-through can
 # call the API as alice and as bob. Real deployments set ASTRA_OPS_API_TOKENS from a secret.
@@ -120,8 +121,9 @@ async def run_dev(settings: Settings) -> int:
             str(settings.ui_port),
             "--db-filename",
             str(settings.state_dir / "temporal.db"),
+            # The UI posts to this endpoint + /decode (and /encode): the API's codec path.
             "--ui-codec-endpoint",
-            settings.api_url,
+            settings.api_url + CODEC_PATH,
             "--log-level",
             "error",
             *sa.dev_server_flags(),
