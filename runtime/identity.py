@@ -91,9 +91,10 @@ def new_signing_key_line(key_id: str) -> str:
 
 def _parse_lines(spec: str, what: str) -> list[tuple[str, bytes]]:
     keys = []
-    for item in spec.replace("\n", ",").split(","):
+    lines = [line for line in spec.splitlines() if not line.strip().startswith("#")]
+    for item in ",".join(lines).split(","):
         item = item.strip()
-        if not item or item.startswith("#"):
+        if not item:
             continue
         key_id, sep, encoded = item.partition(":")
         try:

@@ -47,6 +47,8 @@ from workflows.models import (
 )
 
 RETRY_AFTER_SECONDS = 5
+# The Temporal UI's codec endpoint is the API's URL plus this path (it appends /decode, /encode).
+CODEC_PATH = "/codec"
 
 log = logging.getLogger(__name__)
 
@@ -416,11 +418,11 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(422, "undecryptable", redact(str(err))) from None
         return JSONResponse(json_format.MessageToDict(Payloads(payloads=coded)))
 
-    @app.post("/codec/encode", tags=["codec"], openapi_extra=CODEC_BODY)
+    @app.post(f"{CODEC_PATH}/encode", tags=["codec"], openapi_extra=CODEC_BODY)
     async def encode(request: Request, _: Annotated[str, Depends(codec_identity)]) -> JSONResponse:
         return await transcode(request, decode=False)
 
-    @app.post("/codec/decode", tags=["codec"], openapi_extra=CODEC_BODY)
+    @app.post(f"{CODEC_PATH}/decode", tags=["codec"], openapi_extra=CODEC_BODY)
     async def decode(request: Request, _: Annotated[str, Depends(codec_identity)]) -> JSONResponse:
         return await transcode(request, decode=True)
 

@@ -21,6 +21,7 @@ from rich.table import Table
 from runtime.access import AccessPolicyError, load_policy
 from runtime.client import TemporalUnavailable, connect, dev_stack_marker
 from runtime.codec import CodecKeyError, new_key_line
+from runtime.identity import IdentityKeyError, load_signer, new_signing_key_line
 from runtime.search_attributes import register_search_attributes
 from runtime.settings import Settings, SettingsError, load_settings
 from starters.api_client import ApiRuns
@@ -66,7 +67,13 @@ def clear_errors() -> Iterator[None]:
         yield
     except RunError as e:
         fail(e.message, 2 if e.kind == "invalid" else 1)
-    except (TemporalUnavailable, SettingsError, CodecKeyError, AccessPolicyError) as e:
+    except (
+        TemporalUnavailable,
+        SettingsError,
+        CodecKeyError,
+        AccessPolicyError,
+        IdentityKeyError,
+    ) as e:
         fail(str(e))
 
 
@@ -503,9 +510,30 @@ def setup() -> None:
 
 
 @app.command()
-def keygen(key_id: Annotated[str, typer.Argument(help="Name of the new key.")] = "k1") -> None:
-    """Print a new payload-encryption key line for ASTRA_OPS_CODEC_KEYS or a key file."""
-    out.print(new_key_line(key_id), highlight=False)
+def keygen(
+    key_id: Annotated[str, typer.Argument(help="Name of the new key.")] = "k1",
+    signing: Annotated[
+        bool,
+        typer.Option(
+            "--signing",
+            help="An Ed25519 pair for proven identities instead of a payload key: the private "
+            "line goes to the API's ASTRA_OPS_SIGNING_KEY_FILE, the public line to the workers' "
+            "ASTRA_OPS_TRUSTED_KEYS.",
+        ),
+    ] = False,
+) -> None:
+    """Print a new payload-encryption key line (ASTRA_OPS_CODEC_KEYS), or a signing key pair.
+
+    Example: astra-ops keygen --signing api-2026
+    """
+    if not signing:
+        out.print(new_key_line(key_id), highlight=False)
+        return
+    # Both lines can go into the API's key file as they are: the public one is a comment there.
+    private = new_signing_key_line(key_id)
+    out.print(private, highlight=False)
+    public = load_signer(private).public_line()
+    out.print(f"# public, for the workers' ASTRA_OPS_TRUSTED_KEYS: {public}", highlight=False)
 
 
 def main() -> None:

@@ -14,14 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime import search_attributes as sa
-from runtime.client import TemporalUnavailable, connect
+from runtime.client import TemporalUnavailable, connect, dev_stack_marker
 from runtime.codec import new_key_line
 from runtime.settings import ENV_PREFIX, Settings
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
+from starters.api import CODEC_PATH
 
 # Dev-only bearer tokens for the example access policy's people, so the README walk-through can
 # call the API as alice and as bob. Real deployments set ASTRA_OPS_API_TOKENS from a secret.
-DEV_TOKENS = "alice-dev-token:alice,bob-dev-token:bob,carol-dev-token:carol,dave-dev-token:dave"
+DEV_TOKENS = (
+    "alice-dev-token:alice,bob-dev-token:bob,carol-dev-token:carol,erin-dev-token:erin,"
+    "dave-dev-token:dave"
+)
 STOP_GRACE_SECONDS = 20
 
 
@@ -85,6 +89,10 @@ async def wait_for_temporal(settings: Settings, proc: asyncio.subprocess.Process
 
 async def run_dev(settings: Settings) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    # The CLI run from this directory talks to this stack directly and trusts --as.
+    dev_stack_marker(settings).write_text(
+        "Written by `astra-ops dev`: this directory runs a dev stack, where names are trusted.\n"
+    )
     address = f"127.0.0.1:{settings.temporal_port}"
     keys = codec_key_file(settings)
     common = {
@@ -120,8 +128,9 @@ async def run_dev(settings: Settings) -> int:
             str(settings.ui_port),
             "--db-filename",
             str(settings.state_dir / "temporal.db"),
+            # The UI posts to this endpoint + /decode (and /encode): the API's codec path.
             "--ui-codec-endpoint",
-            settings.api_url,
+            settings.api_url + CODEC_PATH,
             "--log-level",
             "error",
             *sa.dev_server_flags(),
@@ -146,6 +155,8 @@ async def run_dev(settings: Settings) -> int:
             f"(keys {settings.redis_key_prefix}*)\n"
             f"  /metrics        http://127.0.0.1:{settings.sandbox_metrics_port}/metrics\n"
             f"  worker          task queue {settings.task_queue}\n"
+            "DEV MODE: names are trusted as given (`--as`, dev tokens); no identity is proven.\n"
+            "  Keep it on loopback; production runs the API with a signing key (README).\n"
             "Ctrl-C stops everything.",
             flush=True,
         )
