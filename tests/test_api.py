@@ -84,6 +84,28 @@ async def test_idempotency_key_returns_the_same_run(
     assert (first.status_code, again.status_code) == (201, 200)
     assert first.json()["run_id"] == again.json()["run_id"]
 
+    # The key is bound to the user and the body (IETF Idempotency-Key draft): reused for
+    # another request, it is refused and nothing starts.
+    other_body = {"params": {"shards": 13, "namespace": namespace}}
+    for reused in (
+        await api.post("/v1/runbooks/shard-scaling/runs", json=other_body, headers=headers),
+        await api.post(
+            "/v1/runbooks/shard-scaling/runs",
+            json=body,
+            headers={**auth("bob"), "Idempotency-Key": f"key-{namespace}"},
+        ),
+    ):
+        assert reused.status_code == 422, reused.text
+        assert "Idempotency-Key was used for another request" in reused.json()["error"]["message"]
+    # Without the key, another request for the open run's subject says whose run it is.
+    conflict = await api.post(
+        "/v1/runbooks/shard-scaling/runs", json=other_body, headers=auth("bob")
+    )
+    assert conflict.status_code == 409, conflict.text
+    error = conflict.json()["error"]
+    assert error["run"]["run_id"] == first.json()["run_id"]
+    assert error["run"]["requester"] == "alice" and error["run"]["params"]["shards"] == 12
+
     # Still the same run once it has closed: the key names the request, not the open run.
     handle = handle_of(client, first.json()["run_id"])
     await handle.cancel()
