@@ -70,10 +70,12 @@ class ConfigValue(BaseModel):
     value: str | None
     resource_version: str
     config_hash: str
+    key: str = ""
 
     def summary(self) -> str:
         """One line for the step's record."""
-        return "key absent" if self.value is None else f"value {self.value}"
+        name = self.key or "the key"
+        return f"{name} is not set" if self.value is None else f"{name}={self.value}"
 
 
 class ConfigPatch(Mutation):
@@ -156,6 +158,15 @@ class RolloutHistory(BaseModel):
     current_revision: int | None = None
     revisions: list[Revision]
 
+    def summary(self) -> str:
+        newest = self.newest
+        if newest is None:
+            return f"{self.name}: no rollout history"
+        return (
+            f"{self.name}: {len(self.revisions)} revisions, current {self.current_revision}, "
+            f"newest {newest.revision}"
+        )
+
     @property
     def newest(self) -> Revision | None:
         return self.revisions[-1] if self.revisions else None
@@ -196,6 +207,9 @@ class PodList(BaseModel):
 
     pods: list[PodInfo]
 
+    def summary(self) -> str:
+        return f"{len(self.pods)} pods: {', '.join(p.name for p in self.pods) or 'none'}"
+
 
 class PodDelete(Mutation):
     """Delete one pod (its controller replaces it)."""
@@ -220,6 +234,12 @@ class ConfigVerification(BaseModel):
     pods_total: int
     pods_current: int
     stale: list[str]
+
+    def summary(self) -> str:
+        stale = f"; stale: {', '.join(self.stale)}" if self.stale else ""
+        return (
+            f"{self.pods_current} of {self.pods_total} pods run config {self.expected_hash}{stale}"
+        )
 
 
 # ----- helpers --------------------------------------------------------------------------------
@@ -415,6 +435,7 @@ class KubernetesActivities:
             value=data.get(req.key),
             resource_version=config_map.metadata.resource_version,
             config_hash=config_hash(data),
+            key=req.key,
         )
 
     @activity.defn

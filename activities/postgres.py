@@ -52,6 +52,10 @@ class FailureRate(BaseModel):
     rate: float
     """failed / total; 0.0 when nothing finished in the window."""
 
+    def summary(self) -> str:
+        over = f"over {self.window_seconds:g}s"
+        return f"{self.failed} of {self.total} tasks failed {over} ({self.rate:.1%})"
+
 
 class FailureBreakdownRequest(BaseModel):
     window_seconds: float = Field(default=300.0, gt=0)
@@ -69,6 +73,10 @@ class FailureBreakdown(BaseModel):
     by_error_class: list[Count]
     by_worker: list[Count]
     by_shard: list[Count]
+
+    def summary(self) -> str:
+        top = ", ".join(f"{c.key} ({c.count})" for c in self.by_error_class[:3])
+        return f"{self.failed} failures over {self.window_seconds:g}s; top classes: {top or 'none'}"
 
 
 class LlmCostRequest(BaseModel):
@@ -102,6 +110,13 @@ class CostComparison(BaseModel):
     top_tenants: list[CostShare]
     top_agents: list[CostShare]
     top_models: list[CostShare]
+
+    def summary(self) -> str:
+        ratio = f"{self.ratio:.1f}x" if self.ratio is not None else "no baseline"
+        return (
+            f"${self.window_cost:.2f} over {self.window_seconds:g}s vs "
+            f"${self.daily_average_per_window:.2f} daily average ({ratio})"
+        )
 
     @classmethod
     def of(
@@ -153,6 +168,12 @@ class TaskStates(BaseModel):
     tasks: dict[str, TaskState]
     """Keyed by task id; ids with no row are absent."""
 
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for state in self.tasks.values():
+            counts[state.status] = counts.get(state.status, 0) + 1
+        return ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no tasks"
+
 
 class LeaseSummary(BaseModel):
     worker_id: str
@@ -162,6 +183,9 @@ class LeaseSummary(BaseModel):
     """A few of their ids, for the run's record; the full list can be far beyond a payload."""
     as_of: datetime
     """The database's clock at the count; a requeue takes back only tasks leased before it."""
+
+    def summary(self) -> str:
+        return f"{self.worker_id} holds {self.count} leased tasks"
 
 
 class RequeueLostWorker(Mutation):
@@ -189,6 +213,9 @@ class RequeueProgress(BaseModel):
     """Tasks recorded as requeued under the token."""
     waiting: int
     """Of those, still pending: not yet picked up by a live worker."""
+
+    def summary(self) -> str:
+        return f"{self.waiting} of {self.requeued} requeued tasks still waiting"
 
 
 async def query_failure_rate(

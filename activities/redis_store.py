@@ -57,6 +57,11 @@ class HeartbeatAge(BaseModel):
     """None when the worker has no heartbeat key at all (never started, or expired)."""
     last_seen_ms: int | None
 
+    def summary(self) -> str:
+        if self.age_seconds is None:
+            return f"no heartbeat from {self.worker_id} at all"
+        return f"{self.worker_id} last heartbeat {self.age_seconds:.0f}s ago"
+
 
 class LiveWorkersRequest(BaseModel):
     threshold_seconds: float = Field(default=30.0, gt=0)
@@ -82,6 +87,10 @@ class DeadLetter(BaseModel):
 
 class DeadLetterBatch(BaseModel):
     entries: list[DeadLetter]
+
+    def summary(self) -> str:
+        tasks = len({e.task_id for e in self.entries if e.task_id})
+        return f"{len(self.entries)} dead letters for {tasks} tasks"
 
 
 class AckDeadLetters(Mutation):

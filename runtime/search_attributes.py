@@ -22,7 +22,21 @@ AWAITING_APPROVAL = SearchAttributeKey.for_bool("AstraAwaitingApproval")
 IDEMPOTENCY_KEY = SearchAttributeKey.for_keyword("AstraIdempotencyKey")
 """sha256 of a start's Idempotency-Key, so a retried request finds the run it started."""
 
-ALL = (RUNBOOK, STEP, SEVERITY, INCIDENT_ID, SERVICE, AWAITING_APPROVAL, IDEMPOTENCY_KEY)
+OUTCOME = SearchAttributeKey.for_keyword("AstraOutcome")
+"""How a finished run ended (done, no_change, rejected, ...), so listings need no result."""
+DRY_RUN = SearchAttributeKey.for_bool("AstraDryRun")
+
+ALL = (
+    RUNBOOK,
+    STEP,
+    SEVERITY,
+    INCIDENT_ID,
+    SERVICE,
+    AWAITING_APPROVAL,
+    IDEMPOTENCY_KEY,
+    OUTCOME,
+    DRY_RUN,
+)
 
 
 def dev_server_flags() -> list[str]:

@@ -18,23 +18,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from runtime.access import AccessPolicyError, load_policy
+from runtime.access import ANYONE, AccessPolicyError, RunbookAccess, load_policy
 from runtime.client import TemporalUnavailable, connect, dev_stack_marker
 from runtime.codec import CodecKeyError, new_key_line
 from runtime.identity import IdentityKeyError, load_signer, new_signing_key_line
 from runtime.search_attributes import register_search_attributes
 from runtime.settings import Settings, SettingsError, load_settings
 from starters.api_client import ApiRuns
-from starters.runs import RunError, Runs, RunView
+from starters.runs import RunError, Runs, RunView, runbook_spec
 from starters.sandbox_cli import sandbox_app
 from workflows.catalogue import RUNBOOKS
 from workflows.models import Decision
+from workflows.runbook import RunbookSpec
 
 T = TypeVar("T")
 FOLLOW_POLL_SECONDS = 0.5
 
 app = typer.Typer(
     help="Astra operations runbooks as durable Temporal workflows.",
+    # Plain help: flags read as flags (`--dry-run`, not `--dry-run <bool>`).
+    rich_markup_mode=None,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -141,17 +144,104 @@ def parse_params(params: list[str]) -> dict[str, str]:
     return parsed
 
 
+CALLER_FIELDS = {"requester", "reason", "dry_run", "authorization"}
+
+
+def parameters(spec: RunbookSpec, access: RunbookAccess | None) -> list[str]:
+    """One line per parameter: name, type, default, bounds, and what the access policy allows."""
+    schema = spec.request.model_json_schema()
+    required = set(schema.get("required", []))
+    lines = []
+    for name, prop in schema["properties"].items():
+        if name in CALLER_FIELDS:
+            continue
+        kinds = [p.get("type", "?") for p in prop.get("anyOf", [prop])]
+        bounds = [
+            f"{sign} {prop[key]:g}"
+            for key, sign in (
+                ("exclusiveMinimum", ">"),
+                ("minimum", ">="),
+                ("exclusiveMaximum", "<"),
+                ("maximum", "<="),
+            )
+            if key in prop
+        ]
+        text = f"{name}: {'|'.join(k for k in kinds if k != 'null') or '?'}"
+        text += ", required" if name in required else f", default {prop.get('default')}"
+        if bounds:
+            text += f", {' and '.join(bounds)}"
+        limit = access.limits.get(name) if access else None
+        if limit is not None:
+            if isinstance(limit.default, list):
+                text += f"; policy: default {limit.default}, from {limit.choices()}"
+            else:
+                low, high = limit.bounds()
+                text += f"; policy: default {limit.default:g}, allowed [{low:g}, {high:g}]"
+        lines.append(text)
+    return lines
+
+
+def approvals(access: RunbookAccess | None) -> list[str]:
+    if access is None:
+        return ["(not in the access policy: nobody may start it)"]
+    return [
+        f"{step}: {rule.required} of {', '.join(rule.groups)}, on silence {rule.on_timeout}"
+        + (f" to {', '.join(rule.escalate_to)}" if rule.escalate_to else "")
+        for step, rule in access.approvals.items()
+    ]
+
+
+def dry_runners(access: RunbookAccess | None) -> str:
+    groups = list(dict.fromkeys((access.start + access.dry_run) if access else []))
+    return "anyone" if ANYONE in groups else ", ".join(groups) or "nobody"
+
+
 @app.command()
-def runbooks(as_json: Json = False) -> None:
-    """List the runbooks: what triggers each, who owns it, and its steps."""
-    specs = [workflow.spec for workflow in RUNBOOKS.values()]
+def runbooks(
+    name: Annotated[
+        str | None, typer.Argument(help="One runbook to show in full (default: all, briefly).")
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """List the runbooks with their trigger, owner and parameters, or show one in full.
+
+    Example: astra-ops runbooks worker-lost
+    """
+    with clear_errors():
+        policy = load_policy(settings().access_policy)
+        specs = [runbook_spec(name)] if name else [w.spec for w in RUNBOOKS.values()]
     if as_json:
         emit_json([s.describe() for s in specs])
         return
-    table = Table("runbook", "trigger", "rotation", "steps", show_lines=True)
-    for s in specs:
-        table.add_row(s.name, s.trigger, s.rotation, "\n".join(s.steps))
-    out.print(table)
+    if name is None:
+        table = Table("runbook", "trigger", "rotation", "severity", "parameters", show_lines=True)
+        for s in specs:
+            lines = parameters(s, policy.runbooks.get(s.name))
+            table.add_row(s.name, s.trigger, s.rotation, s.severity, "\n".join(lines))
+        out.print(table)
+        out.print("`astra-ops runbooks NAME` shows one runbook's steps and approvals too.")
+        return
+    spec = specs[0]
+    access = policy.runbooks.get(spec.name)
+    out.print(f"[bold]{spec.name}[/bold]: {spec.title}", highlight=False)
+    for label, value in (
+        ("trigger", spec.trigger),
+        ("rotation", spec.rotation),
+        ("severity", spec.severity),
+        ("started by", ", ".join(access.start) if access else "nobody"),
+        ("dry runs by", dry_runners(access)),
+        ("cancelled by", "the requester, " + ", ".join(access.cancel) if access else "-"),
+    ):
+        out.print(f"{label}: {value}", highlight=False)
+    out.print("steps:", highlight=False)
+    for number, step in enumerate(spec.steps, 1):
+        out.print(f"  {number}. {step}", highlight=False)
+    out.print("approvals:", highlight=False)
+    for line in approvals(access):
+        out.print(f"  {line}", highlight=False)
+    out.print("parameters:", highlight=False)
+    for line in parameters(spec, access):
+        out.print(f"  {line}", highlight=False)
 
 
 @app.command()
@@ -264,20 +354,24 @@ def ps(
     ] = False,
     as_json: Json = False,
 ) -> None:
-    """List recent runs, newest first."""
+    """List recent runs, newest first, with how each ended and whether it was a dry run.
+
+    Example: astra-ops ps --awaiting-approval
+    """
 
     async def action(runs: AnyRuns, _: Settings) -> None:
         listed = await runs.list_runs(awaiting_approval=awaiting_approval)
         if as_json:
             emit_json([r.model_dump(mode="json") for r in listed])
             return
-        table = Table()
-        for heading in ("run", "state", "step", "approval?", "started"):
+        table = Table(box=None)
+        for heading in ("run", "state", "outcome", "step", "approval?", "started"):
             table.add_column(heading, no_wrap=heading != "step")
         for r in listed:
             table.add_row(
                 r.run_id,
                 r.state,
+                (r.outcome or "").replace("_", " ") + (" (dry-run)" if r.dry_run else ""),
                 r.step or "",
                 "waiting" if r.awaiting_approval else "",
                 f"{r.started_at:%m-%d %H:%M:%S}" if r.started_at else "",
@@ -301,7 +395,7 @@ def print_view(view: RunView) -> None:
                 "no mutating step starts until `astra-ops unfreeze`",
                 highlight=False,
             )
-    table = Table("step", "state", "started", "finished", "detail")
+    table = Table("step", "state", "started", "finished", "detail", box=None)
     for step in view.steps:
         table.add_row(
             step.name,
@@ -323,17 +417,33 @@ def print_view(view: RunView) -> None:
 
 
 @app.command()
-def status(run_id: str, as_json: Json = False) -> None:
-    """Show a run: its state, each step with times, and pending approvals."""
+def status(
+    run_id: str,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the run step by step until it ends.")
+    ] = False,
+    as_json: Json = False,
+) -> None:
+    """Show a run: its state, each step with times and what it found, pending approvals, and
+    how it ended.
 
-    async def action(runs: AnyRuns, _: Settings) -> None:
-        view = await runs.view(run_id)
+    Example: astra-ops status shard-scaling/astra --wait
+    """
+
+    async def action(runs: AnyRuns, _: Settings) -> int:
+        if wait:
+            view = await follow(runs, run_id, quiet=as_json)
+        else:
+            view = await runs.view(run_id)
         if as_json:
             emit_json(view_json(view))
-        else:
+        elif not wait:
             print_view(view)
+        return exit_code(view) if wait else 0
 
-    with_runs(action)
+    code = with_runs(action)
+    if code:
+        raise typer.Exit(code)
 
 
 def view_json(view: RunView) -> dict[str, Any]:
@@ -470,7 +580,10 @@ def unfreeze(reason: Reason = "", user: As = None) -> None:
 
 @app.command()
 def worker() -> None:
-    """Run one worker against the configured Temporal until SIGTERM."""
+    """Run one worker against the configured Temporal until SIGTERM.
+
+    Example: ASTRA_OPS_TEMPORAL_ADDRESS=temporal:7233 astra-ops worker
+    """
     from workers.worker import run_worker
 
     with clear_errors():
@@ -479,7 +592,10 @@ def worker() -> None:
 
 @app.command()
 def api() -> None:
-    """Serve the HTTP API (and the UI's codec endpoints) until SIGTERM."""
+    """Serve the HTTP API (and the UI's codec endpoints) until SIGTERM.
+
+    Example: ASTRA_OPS_SIGNING_KEY_FILE=/keys/api.key astra-ops api
+    """
     from starters.api import serve
 
     with clear_errors():
@@ -488,7 +604,10 @@ def api() -> None:
 
 @app.command()
 def dev() -> None:
-    """Run the whole stack locally: Temporal + UI, sandbox cluster, worker, API. Ctrl-C stops it."""
+    """Run the whole stack locally: Temporal + UI, sandbox cluster, worker, API. Ctrl-C stops it.
+
+    Example: astra-ops dev   (or `make run`)
+    """
     from starters.dev import run_dev
 
     with clear_errors():
@@ -497,7 +616,10 @@ def dev() -> None:
 
 @app.command()
 def setup() -> None:
-    """Register astra-ops' search attributes on the configured Temporal namespace (once)."""
+    """Register astra-ops' search attributes on the configured Temporal namespace (once).
+
+    Example: ASTRA_OPS_TEMPORAL_NAMESPACE=ops astra-ops setup
+    """
 
     async def register() -> None:
         config = settings()

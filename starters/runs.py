@@ -119,6 +119,9 @@ class RunSummary(BaseModel):
     run_id: str
     runbook: str
     state: str
+    outcome: str | None = None
+    """How it ended (done, no_change, rejected, aborted, rolled_back, cancelled, failed)."""
+    dry_run: bool = False
     step: str | None
     awaiting_approval: bool
     started_at: datetime | None
@@ -199,6 +202,13 @@ def runbook_spec(name: str) -> RunbookSpec:
 
 def _expiry() -> datetime:
     return datetime.now(UTC) + STATEMENT_TTL
+
+
+def _outcome(state: str, recorded: str | None) -> str | None:
+    """A run that failed or was stopped by Temporal ended that way, whatever it recorded."""
+    if state in ("failed", "terminated", "timed_out"):
+        return state
+    return recorded or (None if state == "running" else state)
 
 
 def _params(request: RunbookRequest) -> dict[str, Any]:
@@ -342,6 +352,7 @@ class Runs:
             SearchAttributePair(sa.SEVERITY, spec.severity),
             SearchAttributePair(sa.SERVICE, spec.subject(request)),
             SearchAttributePair(sa.AWAITING_APPROVAL, False),
+            SearchAttributePair(sa.DRY_RUN, dry_run),
         ]
         if key is not None:
             attributes.append(SearchAttributePair(sa.IDEMPOTENCY_KEY, key))
@@ -421,11 +432,14 @@ class Runs:
         runs = []
         async for execution in self._call_iter(query, limit):
             attrs = execution.typed_search_attributes
+            state = STATES.get(execution.status, "unknown") if execution.status else "?"
             runs.append(
                 RunSummary(
                     run_id=execution.id,
                     runbook=attrs.get(sa.RUNBOOK) or execution.workflow_type,
-                    state=STATES.get(execution.status, "unknown") if execution.status else "?",
+                    state=state,
+                    outcome=_outcome(state, attrs.get(sa.OUTCOME)),
+                    dry_run=bool(attrs.get(sa.DRY_RUN)),
                     step=attrs.get(sa.STEP),
                     awaiting_approval=bool(attrs.get(sa.AWAITING_APPROVAL)),
                     started_at=execution.start_time,

@@ -152,6 +152,20 @@ async def test_start_wait_dry_run_and_reject(
     result = await handle_of(client, run_id).result()
     assert result.outcome.value == "rejected"
     assert shard_count(kube, namespace) == "8"
+    shown = await cli("status", run_id)
+    assert shown.stdout.rstrip().splitlines()[-1] == (
+        "rejected: step 'approve scaling' rejected by bob: wrong count"
+    )
+    dry_id = f"shard-scaling/{namespace}"
+
+    async def outcomes_listed() -> bool:
+        listed = json.loads((await cli("ps", "--json")).stdout)
+        mine = [(r["outcome"], r["dry_run"]) for r in listed if r["run_id"] == dry_id]
+        return ("done", True) in mine and ("rejected", False) in mine
+
+    await eventually(outcomes_listed, timeout=10, message="ps shows each run's outcome")
+    table = await cli("ps")
+    assert "done (dry-run)" in table.stdout and "rejected" in table.stdout
 
 
 async def test_cancel_and_list(cli: Cli, client: Client, worker: Worker, namespace: str) -> None:
@@ -231,6 +245,34 @@ async def test_runbooks_catalogue(cli: Cli) -> None:
         "approve scaling",
     ]
     assert "shards" in scaling["parameters"]
+
+    table = await cli("runbooks")
+    assert "shards: integer, required, >= 1 and <= 4096" in table.stdout
+    one = await cli("runbooks", "worker-lost")
+    assert one.exit_code == 0, one.output
+    for line in (
+        "trigger: Heartbeat lost >30s",
+        "severity: SEV3",
+        "  5. approve replacing workers of a stuck pool",
+        "  approve replacing workers of a stuck pool: 1 of agent-platform, on silence abort",
+        "  stuck_pool_share: number, default 0.5, > 0 and <= 1; policy: default 0.5, "
+        "allowed [0.05, 0.5]",
+    ):
+        assert line in one.stdout, (line, one.stdout)
+    unknown = await cli("runbooks", "nope")
+    assert unknown.exit_code == 1 and "no runbook named 'nope'" in unknown.stderr
+
+
+async def test_every_command_says_how_to_use_it_and_flags_read_as_flags(cli: Cli) -> None:
+    commands = ["runbooks", "start", "ps", "status", "approve", "reject", "cancel", "freeze",
+                "unfreeze", "worker", "api", "dev", "setup", "keygen"]  # fmt: skip
+    for command in commands:
+        helped = await cli(command, "--help")
+        assert helped.exit_code == 0, (command, helped.output)
+        assert "Example: " in helped.stdout, command
+        assert "<bool>" not in helped.stdout, command
+    start = (await cli("start", "--help")).stdout
+    assert "--dry-run " in start and "--wait " in start
 
 
 async def test_setup_registers_search_attributes_once(cli: Cli, client: Client) -> None:

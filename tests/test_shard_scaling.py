@@ -58,7 +58,7 @@ async def test_scales_after_approval_and_restarts_scheduler_before_workers(
     workers_restarted = steps["restart astra-worker"].started_at
     assert scheduler_ready and workers_restarted and scheduler_ready <= workers_restarted
     assert "approved by bob" in steps["approve scaling"].detail
-    assert steps["read current shard count"].detail == "value 8"
+    assert steps["read current shard count"].detail == "TASK_SHARD_COUNT=8"
     assert "ready 1" in steps["check astra-scheduler health"].detail
 
 

@@ -86,10 +86,14 @@ def failure_message(err: BaseException) -> str:
 
 def _describe(result: Any) -> str:
     """What a step's record says of its result: a mutation's ``detail``, a reading's
-    ``summary()``, or nothing."""
+    ``summary()``, or the items a list holds."""
     detail = getattr(result, "detail", None)
     if isinstance(detail, str):
         return detail
+    if isinstance(result, list):
+        return f"{len(result)} found: {', '.join(map(str, result[:10]))}" + (
+            ", ..." if len(result) > 10 else ""
+        )
     summary = getattr(result, "summary", None)
     return str(summary()) if callable(summary) else ""
 
@@ -320,10 +324,13 @@ class StepRunner:
         )
 
     def finish(self, outcome: Outcome, summary: str) -> RunbookResult:
+        unused = "not needed" if outcome in (Outcome.DONE, Outcome.NO_CHANGE) else "not reached"
         for step in self.steps.values():
             if step.state == StepState.PENDING:
                 step.state = StepState.SKIPPED
+                step.detail = step.detail or unused
         self.outcome, self.summary, self.current = outcome, summary, None
+        workflow.upsert_search_attributes([sa.OUTCOME.value_set(outcome.value)])
         self._show()
         return RunbookResult(
             runbook=self.runbook,
@@ -389,6 +396,10 @@ class StepRunner:
         finally:
             workflow.upsert_search_attributes([sa.AWAITING_APPROVAL.value_set(False)])
         self._mark(name, StepState.DONE, f"approved by {', '.join(approvers)}")
+
+    def skip(self, name: str, why: str) -> None:
+        """Record that this run does not need a step, and why (shown in status and the UI)."""
+        self.steps.setdefault(name, StepStatus(name=name)).detail = why
 
     def fail(self, name: str, detail: str) -> StepFailed:
         """Mark a step failed and return the error for the runbook to raise, so that the

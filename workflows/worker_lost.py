@@ -115,14 +115,21 @@ class WorkerLost(Runbook):
         )
 
         pod_deleted = worker in pool
-        if pool and len(lost) / len(pool) > req.stuck_pool_share:
+        stuck = bool(pool) and len(lost) / len(pool) > req.stuck_pool_share
+        if stuck:
             await self.steps.approval(
                 "approve replacing workers of a stuck pool",
                 f"{len(lost)} of {len(pool)} {req.worker_pool} pods have no heartbeat for "
                 f"{threshold:g}s ({', '.join(lost)}): a stuck pool (SEV2). Requeue the "
                 f"{leases.count} tasks of {worker} and replace its pod? {req.reason}",
             )
-        elif pod_deleted:
+        else:
+            self.steps.skip(
+                "approve replacing workers of a stuck pool",
+                f"not needed: {len(lost)} of {len(pool)} {req.worker_pool} pods lost, not more "
+                f"than {req.stuck_pool_share:.0%} of the pool",
+            )
+        if pod_deleted and not stuck:
             # Unattended deletions are budgeted per pool: a flapping pool must reach a person.
             claim = await self.steps.within_automatic_limit(
                 "delete the worker's pod", f"{req.namespace}/{req.worker_pool}"
