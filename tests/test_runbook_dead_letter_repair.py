@@ -14,7 +14,7 @@ from sandbox.faults import DeadLettersFault, dead_letters
 from sandbox.loadgen import SandboxKeys
 from starters.runs import InvalidInput, Runs
 from tests.conftest_sandbox import RunningAstra, decide, start
-from tests.helpers import TEST_SIGNER
+from tests.helpers import TEST_SIGNER, awaiting_approval
 from workflows.dead_letter_repair import DeadLetterRepair, DeadLetterRepairRequest
 from workflows.models import Outcome
 
@@ -86,6 +86,25 @@ async def test_rejected_repair_leaves_entries_for_the_next_run(
     assert (await handle.result()).outcome == Outcome.REJECTED
 
     assert set((await statuses(astra, fault)).values()) == {"dead_letter"}
+    assert await unacknowledged(astra, redis_client, group) == len(fault.entries)
+
+
+async def test_a_narrow_retryable_list_still_asks_before_acknowledging_anything(
+    client: Client,
+    task_queue: str,
+    astra: RunningAstra,
+    redis_client: aioredis.Redis,
+    group: str,
+) -> None:
+    """An attack from the issue: a request that calls nothing retryable used to skip the approval
+    and acknowledge every dead letter. Now a person decides before anything leaves the stream."""
+    fault = await publish(astra)
+    narrow = request(group, retryable_errors=["RateLimitError"])
+    handle = await start(client, DeadLetterRepair, narrow, task_queue)
+    await awaiting_approval(handle, "approve handling the dead letters")
+    assert await unacknowledged(astra, redis_client, group) == len(fault.entries)
+    await decide(handle, "approve handling the dead letters", "bob", "reject")
+    assert (await handle.result()).outcome == Outcome.REJECTED
     assert await unacknowledged(astra, redis_client, group) == len(fault.entries)
 
 
