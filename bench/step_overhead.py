@@ -80,7 +80,7 @@ async def timed(runs: int, concurrency: int, one: Callable[[int], Awaitable[None
 async def activities_per_scaling_run(client: Client, namespace: str) -> int:
     handle = await client.start_workflow(
         ShardScaling.run,
-        ShardScalingRequest(requester="bench", shards=12, namespace=namespace, dry_run=True),
+        ShardScalingRequest(requester="dave", shards=12, namespace=namespace, dry_run=True),
         id=f"shard-scaling/{namespace}/probe",
         task_queue=QUEUE,
     )
@@ -108,7 +108,8 @@ async def main(runs: int, concurrency: int) -> None:
     )
     kube_url = f"http://127.0.0.1:{port}"
     await wait_until_listening(port)
-    settings = Settings(codec_keys=keys, kube_url=kube_url, task_queue=QUEUE)
+    # Dev mode: the bench starts runs itself, by name (dave may dry-run any runbook).
+    settings = Settings(codec_keys=keys, kube_url=kube_url, task_queue=QUEUE, dev_mode=True)
     client = env.client
     try:
         with ThreadPoolExecutor(16) as executor:
@@ -123,7 +124,7 @@ async def main(runs: int, concurrency: int) -> None:
                     handle = await client.start_workflow(
                         ShardScaling.run,
                         ShardScalingRequest(
-                            requester="bench", shards=12, namespace=namespace, dry_run=True
+                            requester="dave", shards=12, namespace=namespace, dry_run=True
                         ),
                         id=f"shard-scaling/{namespace}/{uuid.uuid4()}",
                         task_queue=QUEUE,

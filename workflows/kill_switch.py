@@ -71,17 +71,34 @@ class KillSwitch:
         )
 
     async def _tell(self, signal: str, notice: FreezeNotice) -> None:
-        for round_ in (1, 2):
-            if round_ == 2:
-                await workflow.sleep(SECOND_ROUND)
-            await workflow.execute_activity_method(
-                AccessActivities.broadcast_freeze,
-                FreezeBroadcast(signal=signal, notice=notice),
-                start_to_close_timeout=timedelta(minutes=2),
-                heartbeat_timeout=timedelta(seconds=30),
-                retry_policy=DEFAULT_RETRY,
-                summary=f"tell every open run to {signal} (round {round_})",
-            )
+        """Tell every open run, then again a moment later for runs that started meanwhile.
+
+        A freeze's second round is dropped when an unfreeze arrives first: that goes out at once.
+        """
+        await self._broadcast(signal, notice, 1)
+        if signal == "freeze":
+            if await self._lifted_within(SECOND_ROUND):
+                return
+        else:
+            await workflow.sleep(SECOND_ROUND)
+        await self._broadcast(signal, notice, 2)
+
+    async def _broadcast(self, signal: str, notice: FreezeNotice, round_: int) -> None:
+        await workflow.execute_activity_method(
+            AccessActivities.broadcast_freeze,
+            FreezeBroadcast(signal=signal, notice=notice),
+            start_to_close_timeout=timedelta(minutes=2),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=DEFAULT_RETRY,
+            summary=f"tell every open run to {signal} (round {round_})",
+        )
+
+    async def _lifted_within(self, window: timedelta) -> bool:
+        try:
+            await workflow.wait_condition(lambda: self.lifted is not None, timeout=window)
+        except TimeoutError:
+            return False
+        return True
 
     @workflow.update
     def unfreeze(self, notice: FreezeNotice) -> str:
