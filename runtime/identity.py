@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +61,29 @@ class Signed(BaseModel):
 
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def statement(
+    act: Act,
+    actor: str,
+    workflow_id: str,
+    payload: str = "",
+    *,
+    run_id: str = "",
+    step: str | None = None,
+    decision: str | None = None,
+) -> Statement:
+    """A statement about an act happening now, valid for ``STATEMENT_TTL``."""
+    return Statement(
+        act=act,
+        actor=actor,
+        workflow_id=workflow_id,
+        run_id=run_id,
+        step=step,
+        decision=decision,
+        digest=digest(payload),
+        expires_at=datetime.now(UTC) + STATEMENT_TTL,
+    )
 
 
 class Signer:

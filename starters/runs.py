@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -29,7 +29,7 @@ from activities.access import KILL_SWITCH_ID
 from runtime import search_attributes as sa
 from runtime.access import AccessPolicy, AccessPolicyError, RunbookAccess
 from runtime.client import TemporalUnavailable
-from runtime.identity import STATEMENT_TTL, Signed, Signer, Statement, digest
+from runtime.identity import Signed, Signer, Statement, digest, statement
 from runtime.redact import redact
 from workflows.approval import refusal, step_of
 from workflows.catalogue import RUNBOOKS
@@ -200,10 +200,6 @@ def runbook_spec(name: str) -> RunbookSpec:
         ) from None
 
 
-def _expiry() -> datetime:
-    return datetime.now(UTC) + STATEMENT_TTL
-
-
 def _outcome(state: str, recorded: str | None) -> str | None:
     """A run that failed or was stopped by Temporal ended that way, whatever it recorded."""
     if state in ("failed", "terminated", "timed_out"):
@@ -270,8 +266,9 @@ class Runs:
             raise NotAllowed(f"{user} is not in the access policy; ask an admin to add them")
         return user
 
-    def _sign(self, statement: Statement) -> Signed | None:
-        return self.signer.sign(statement) if self.signer is not None else None
+    def _vouch(self, said: Statement) -> Signed | None:
+        """The API's signature over what the caller did; None in dev mode, where names count."""
+        return self.signer.sign(said) if self.signer is not None else None
 
     def _access(self, runbook: str) -> RunbookAccess:
         try:
@@ -336,14 +333,8 @@ class Runs:
         request_id = str(uuid.uuid4())
         signed: RunbookRequest = request.model_copy(
             update={
-                "authorization": self._sign(
-                    Statement(
-                        act="start",
-                        actor=requester,
-                        workflow_id=workflow_id,
-                        digest=digest(request.signed_payload()),
-                        expires_at=_expiry(),
-                    )
+                "authorization": self._vouch(
+                    statement("start", requester, workflow_id, request.signed_payload())
                 )
             }
         )
@@ -492,16 +483,15 @@ class Runs:
         return decision.model_copy(
             update={
                 "step": step,
-                "authorization": self._sign(
-                    Statement(
-                        act="decision",
-                        actor=approver,
-                        workflow_id=run_id,
+                "authorization": self._vouch(
+                    statement(
+                        "decision",
+                        approver,
+                        run_id,
+                        decision.comment,
                         run_id=temporal_run,
                         step=step,
                         decision=decision.decision,
-                        digest=digest(decision.comment),
-                        expires_at=_expiry(),
                     )
                 ),
             }
@@ -539,15 +529,8 @@ class Runs:
         request = CancelRequest(
             actor=actor,
             reason=reason,
-            authorization=self._sign(
-                Statement(
-                    act="cancel",
-                    actor=actor,
-                    workflow_id=run_id,
-                    run_id=temporal_run,
-                    digest=digest(reason),
-                    expires_at=_expiry(),
-                )
+            authorization=self._vouch(
+                statement("cancel", actor, run_id, reason, run_id=temporal_run)
             ),
         )
         return await self._update(run_id, "cancel", request)
@@ -609,15 +592,7 @@ class Runs:
         notice = FreezeNotice(
             actor=actor,
             reason=reason,
-            authorization=self._sign(
-                Statement(
-                    act="freeze",
-                    actor=actor,
-                    workflow_id=KILL_SWITCH_ID,
-                    digest=digest(reason),
-                    expires_at=_expiry(),
-                )
-            ),
+            authorization=self._vouch(statement("freeze", actor, KILL_SWITCH_ID, reason)),
         )
         handle = await self._call(
             self.client.start_workflow(
@@ -648,15 +623,8 @@ class Runs:
         notice = FreezeNotice(
             actor=actor,
             reason=reason,
-            authorization=self._sign(
-                Statement(
-                    act="unfreeze",
-                    actor=actor,
-                    workflow_id=KILL_SWITCH_ID,
-                    run_id=desc.run_id,
-                    digest=digest(reason),
-                    expires_at=_expiry(),
-                )
+            authorization=self._vouch(
+                statement("unfreeze", actor, KILL_SWITCH_ID, reason, run_id=desc.run_id)
             ),
         )
         return await self._update(KILL_SWITCH_ID, "unfreeze", notice)

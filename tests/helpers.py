@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowHandle
 
 from activities.kubernetes import CONFIG_HASH, config_hash
-from runtime.identity import (
-    STATEMENT_TTL,
-    Signed,
-    Statement,
-    digest,
-    load_signer,
-    new_signing_key_line,
-)
+from runtime.identity import Signed, load_signer, new_signing_key_line, statement
 from tests.conftest_kube import KubeSandbox, eventually
 from workflows.models import Decision, RunbookRequest, RunbookResult, RunStatus, StepState
 
@@ -25,39 +17,28 @@ TEST_SIGNING_KEY = new_signing_key_line("test-api")
 TEST_SIGNER = load_signer(TEST_SIGNING_KEY)
 
 
-def expiry() -> datetime:
-    return datetime.now(UTC) + STATEMENT_TTL
-
-
 R = TypeVar("R", bound=RunbookRequest)
 
 
 def signed_start(request: R, workflow_id: str) -> R:
     """The request as the API would send it: with its signed start statement."""
-    statement = Statement(
-        act="start",
-        actor=request.requester,
-        workflow_id=workflow_id,
-        digest=digest(request.signed_payload()),
-        expires_at=expiry(),
-    )
-    return request.model_copy(update={"authorization": TEST_SIGNER.sign(statement)})
+    said = statement("start", request.requester, workflow_id, request.signed_payload())
+    return request.model_copy(update={"authorization": TEST_SIGNER.sign(said)})
 
 
 async def signed_decision(handle: WorkflowHandle[Any, Any], decision: Decision) -> Decision:
     """The decision as the API would send it: step explicit, signed for this very run."""
     run_id = (await handle.describe()).run_id
-    statement = Statement(
-        act="decision",
-        actor=decision.approver,
-        workflow_id=handle.id,
+    said = statement(
+        "decision",
+        decision.approver,
+        handle.id,
+        decision.comment,
         run_id=run_id,
         step=decision.step,
         decision=decision.decision,
-        digest=digest(decision.comment),
-        expires_at=expiry(),
     )
-    signed: Signed = TEST_SIGNER.sign(statement)
+    signed: Signed = TEST_SIGNER.sign(said)
     return decision.model_copy(update={"authorization": signed})
 
 

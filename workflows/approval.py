@@ -27,12 +27,19 @@ from workflows.models import (
     MAX_STEP,
     Decision,
     DecisionRecord,
+    FreezeNotice,
     Outcome,
     PendingApproval,
 )
 
 with workflow.unsafe.imports_passed_through():
-    from activities.access import AccessActivities, ApprovalRequest, Approvers, Trust
+    from activities.access import (
+        KILL_SWITCH_ID,
+        AccessActivities,
+        ApprovalRequest,
+        Approvers,
+        Trust,
+    )
     from runtime.identity import Signed, digest, verify
 
 KEEP_REFUSED_PER_STEP = 5
@@ -94,6 +101,23 @@ def proven(
         if getattr(said, field) != value:
             return f"the signed statement is for another {field.replace('_', ' ')}"
     return None
+
+
+def operator_refusal(
+    notice: FreezeNotice, operators: list[str], trust: Trust, act: str, run_id: str
+) -> str | None:
+    """Why a freeze or unfreeze (``act``) is not an operator's proven act, or None."""
+    if notice.actor not in operators:
+        return f"{notice.actor or 'nobody'} is not an operator in the access policy"
+    return proven(
+        notice.authorization,
+        trust,
+        act=act,
+        actor=notice.actor,
+        payload=notice.reason,
+        workflow_id=KILL_SWITCH_ID,
+        run_id=run_id,
+    )
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,12 @@ from datetime import timedelta
 
 from temporalio import workflow
 
-from workflows.approval import proven
+from workflows.approval import operator_refusal
 from workflows.models import FreezeNotice
 from workflows.steps import ADMIT_TIMEOUT, DEFAULT_RETRY
 
 with workflow.unsafe.imports_passed_through():
     from activities.access import (
-        KILL_SWITCH_ID,
         AccessActivities,
         FreezeBroadcast,
         Operators,
@@ -58,17 +57,7 @@ class KillSwitch:
 
     def _refusal(self, act: str, notice: FreezeNotice, run_id: str) -> str | None:
         assert self.operators is not None
-        if notice.actor not in self.operators.members:
-            return f"{notice.actor or 'nobody'} is not an operator in the access policy"
-        return proven(
-            notice.authorization,
-            self.operators.trust,
-            act=act,
-            actor=notice.actor,
-            payload=notice.reason,
-            workflow_id=KILL_SWITCH_ID,
-            run_id=run_id,
-        )
+        return operator_refusal(notice, self.operators.members, self.operators.trust, act, run_id)
 
     async def _tell(self, signal: str, notice: FreezeNotice) -> None:
         """Tell every open run, then again a moment later for runs that started meanwhile.

@@ -19,7 +19,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 
 from runtime import search_attributes as sa
 from runtime.redact import redact
-from workflows.approval import ApprovalGate, RunbookStopped, proven
+from workflows.approval import ApprovalGate, RunbookStopped, operator_refusal, proven
 from workflows.errors import CODE_ERRORS
 from workflows.models import (
     MAX_COMMENT,
@@ -36,7 +36,6 @@ from workflows.models import (
 
 with workflow.unsafe.imports_passed_through():
     from activities.access import (
-        KILL_SWITCH_ID,
         AccessActivities,
         Admission,
         AdmissionRequest,
@@ -258,20 +257,12 @@ class StepRunner:
         if self.admission is None:
             self._early.append((signal, notice))
             return
-        why = None
-        if notice.actor not in self.admission.operators:
-            why = f"{notice.actor or 'nobody'} is not an operator"
-        elif signal == "unfreeze" and self.frozen and notice.switch_run != self.frozen.switch_run:
-            why = "the unfreeze is for another freeze"
+        if signal == "unfreeze" and self.frozen and notice.switch_run != self.frozen.switch_run:
+            why: str | None = "the unfreeze is for another freeze"
         else:
-            why = proven(
-                notice.authorization,
-                self.gate.trust,
-                act=signal,
-                actor=notice.actor,
-                payload=notice.reason,
-                workflow_id=KILL_SWITCH_ID,
-                run_id=notice.switch_run if signal == "unfreeze" else "",
+            run_id = notice.switch_run if signal == "unfreeze" else ""
+            why = operator_refusal(
+                notice, self.admission.operators, self.gate.trust, signal, run_id
             )
         if why is not None:
             self.gate.refused_count += 1
