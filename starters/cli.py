@@ -25,11 +25,11 @@ from runtime.identity import IdentityKeyError, load_signer, new_signing_key_line
 from runtime.search_attributes import register_search_attributes
 from runtime.settings import Settings, SettingsError, load_settings
 from starters.api_client import ApiRuns
+from starters.runbook_parameters import parameters
 from starters.runs import RunError, Runs, RunView, runbook_spec
 from starters.sandbox_cli import sandbox_app
 from workflows.catalogue import RUNBOOKS
 from workflows.models import Decision
-from workflows.runbook import RunbookSpec
 
 T = TypeVar("T")
 FOLLOW_POLL_SECONDS = 0.5
@@ -142,43 +142,6 @@ def parse_params(params: list[str]) -> dict[str, str]:
             fail(f"--param takes key=value, got {item!r}", 2)
         parsed[key.strip()] = value
     return parsed
-
-
-CALLER_FIELDS = {"requester", "reason", "dry_run", "authorization"}
-
-
-def parameters(spec: RunbookSpec, access: RunbookAccess | None) -> list[str]:
-    """One line per parameter: name, type, default, bounds, and what the access policy allows."""
-    schema = spec.request.model_json_schema()
-    required = set(schema.get("required", []))
-    lines = []
-    for name, prop in schema["properties"].items():
-        if name in CALLER_FIELDS:
-            continue
-        kinds = [p.get("type", "?") for p in prop.get("anyOf", [prop])]
-        bounds = [
-            f"{sign} {prop[key]:g}"
-            for key, sign in (
-                ("exclusiveMinimum", ">"),
-                ("minimum", ">="),
-                ("exclusiveMaximum", "<"),
-                ("maximum", "<="),
-            )
-            if key in prop
-        ]
-        text = f"{name}: {'|'.join(k for k in kinds if k != 'null') or '?'}"
-        text += ", required" if name in required else f", default {prop.get('default')}"
-        if bounds:
-            text += f", {' and '.join(bounds)}"
-        limit = access.limits.get(name) if access else None
-        if limit is not None:
-            if isinstance(limit.default, list):
-                text += f"; policy: default {limit.default}, from {limit.choices()}"
-            else:
-                low, high = limit.bounds()
-                text += f"; policy: default {limit.default:g}, allowed [{low:g}, {high:g}]"
-        lines.append(text)
-    return lines
 
 
 def approvals(access: RunbookAccess | None) -> list[str]:
