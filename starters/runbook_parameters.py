@@ -36,6 +36,11 @@ class Parameter:
     description: str
 
 
+def _number(value: float) -> str:
+    """``2592000``, not ``2.592e+06``; ``0.05``, not ``0.05000000000000000277``."""
+    return f"{value:.15g}"
+
+
 def runbook_parameters(spec: RunbookSpec, access: RunbookAccess | None) -> list[Parameter]:
     """Every parameter a start may set with ``--param``, in the model's order."""
     schema = spec.request.model_json_schema()
@@ -52,14 +57,16 @@ def runbook_parameters(spec: RunbookSpec, access: RunbookAccess | None) -> list[
                 policy = f"default {limit.default}, from {limit.choices()}"
             else:
                 low, high = limit.bounds()
-                policy = f"default {limit.default:g}, allowed [{low:g}, {high:g}]"
+                policy = (
+                    f"default {_number(limit.default)}, allowed [{_number(low)}, {_number(high)}]"
+                )
         found.append(
             Parameter(
                 name=name,
                 type="|".join(k for k in kinds if k != "null") or "?",
                 required=name in required,
                 default=prop.get("default"),
-                bounds=[f"{sign} {prop[key]:g}" for key, sign in _BOUNDS if key in prop],
+                bounds=[f"{sign} {_number(prop[key])}" for key, sign in _BOUNDS if key in prop],
                 policy=policy,
                 description=prop.get("description", ""),
             )

@@ -3,11 +3,16 @@
 Operations wiki, failure mode "Task final failure (max retries)": "Status -> dead_letter; optional
 publish to astra:dead_letter for alerting/repair". Entries are read through a consumer group and
 acknowledged only once handled (requeued, found already handled, or reported as not
-retryable), so a run that crashes or is rejected leaves them pending for the next run. Tasks are
-requeued in bounded batches under one step token, which the requeue activity records per task:
-each task is requeued at most once per run, however often a batch is retried. Kernel SRE own
-tasks and messaging, so they approve. Reading through the group is the one thing a dry-run
-does: it moves entries to this consumer's pending list, where the next run finds them again.
+retryable). Tasks are requeued in bounded batches under one step token, which the requeue
+activity records per task: each task is requeued at most once per run, however often a batch is
+retried. Kernel SRE own tasks and messaging, so they approve. Reading through the group is the
+one thing a dry-run does: it moves entries to this consumer's pending list, where the next run
+finds them again.
+
+Rollback: none; neither a requeue nor an acknowledgement can be undone (a requeued task may be
+running, an acknowledged entry has left the stream). Entries are acknowledged only once handled,
+so a run that crashes, fails, is rejected or is cancelled leaves the rest pending for the next
+run, which reads them first.
 """
 
 from __future__ import annotations

@@ -8,8 +8,13 @@ the pool was rolled out recently and the failures come from the new revision's p
 is rolled back; when they come from the pool's current pods without a recent rollout, the pool is
 stuck and is restarted; otherwise intake stays paused and the run says where to look. Intake
 resumes before the verify, because only a rate measured with intake flowing shows that the cause
-is gone; if the rate does not stay under the threshold for the settle window, intake is paused
-again and the run fails for a person to take over.
+is gone.
+
+Rollback: a failure, rejection or cancel after intake was paused resumes intake (puts back the
+paused list as it was before the run; if someone else changed the list since, their list stays
+and the run reports the rollback incomplete). A rollback or restart of the pool is not undone.
+If the rate does not stay under the threshold for the settle window after the remedy, intake is
+paused again and the run fails for a person to take over.
 """
 
 from __future__ import annotations

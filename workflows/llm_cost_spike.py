@@ -3,8 +3,11 @@
 Operations wiki: trigger "Cost >2x daily average". LLM routing belongs to Agent Platform, so
 they approve the guard and hear about it. The guard is the smallest set of top-spending agents
 whose spend, held to normal, brings the window back under the threshold: guarding everyone
-would hide the cause. Failing after the guard is set does not lift it, because a guard is the
-safe state; it is lifted only when a person approves lifting it, and a rejection keeps it.
+would hide the cause.
+
+Rollback: none, by design. Failing or being cancelled after the guard is set does not lift it,
+because a guard is the safe state; it is lifted only when a person approves lifting it, and a
+rejection of that keeps it.
 """
 
 from __future__ import annotations

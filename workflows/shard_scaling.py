@@ -2,8 +2,13 @@
 
 Operations wiki: "Shard imbalance or scaling event — update TASK_SHARD_COUNT, restart scheduler +
 workers". The scheduler restarts first so that no worker reads shards the scheduler does not yet
-assign; a failure after the ConfigMap changed puts the old count back and restarts in the same
-order, so the platform never runs with two shard counts for longer than a rollout.
+assign.
+
+Rollback: nothing changes before the approval, so a rejection leaves everything as it was. A
+failure or cancel after the ConfigMap changed puts the old count back and restarts the scheduler,
+then the workers, in the same order, so the platform never runs with two shard counts for longer
+than a rollout. If someone else changed the count after the run set it, their value stays, nothing
+is restarted, and the run reports the rollback incomplete: a person decides which count is right.
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@ Operations wiki: trigger "Heartbeat lost >30s". The tasks go back to pending bef
 deleted, so that live workers pick them up even if the replacement never comes. One lost worker
 is routine and needs no approval; when more than ``stuck_pool_share`` of the pool is lost at once
 the pool itself is stuck (SEV2), and replacing its pods waits for Agent Platform (who own the
-workers). Nothing here is compensated: a requeue cannot be undone safely (live workers may have
-picked the tasks up), and a deleted pod is replaced by its Deployment.
+workers).
+
+Rollback: none. A requeue cannot be undone safely (live workers may have picked the tasks up),
+and a deleted pod is replaced by its Deployment. A run stopped before the requeue changed
+nothing; one that fails while verifying leaves the tasks pending for the live workers.
 """
 
 from __future__ import annotations
