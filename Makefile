@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test check pytest bench services clean
+.PHONY: install run test check docs pytest bench services clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+	$(BIN)/python -m starters.runbook_docs --check
+
+# docs/runbooks/, generated from the code: commit what this writes.
+docs: install
+	$(BIN)/python -m starters.runbook_docs
 
 pytest: install
 	$(BIN)/pytest
