@@ -431,11 +431,11 @@ class Page:
                 "",
             ]
         for rule in self.rules:
-            held = f", held for {rule['for']}" if rule.get("for") else ""
+            held = f" for {rule['for']}" if rule.get("for") else ""
             labels = ", ".join(f"{k}={v}" for k, v in rule.get("labels", {}).items())
             notes = rule.get("annotations", {})
             lines += [
-                f"Alert `{rule['alert']}` ({labels}) fires when{held}:",
+                f"Alert `{rule['alert']}` ({labels}) fires when this holds{held}:",
                 "",
                 "```promql",
                 str(rule["expr"]).strip(),
@@ -486,8 +486,8 @@ class Page:
         lines = [
             "## Start it",
             "",
-            "1. Dry run first: it reads everything, changes nothing and asks nobody "
-            f"({self.groups(access.start + access.dry_run)} may start one):",
+            "1. Dry run first: it takes every check, only reports what each act would do, and "
+            f"asks nobody ({self.groups(access.start + access.dry_run)} may start one):",
             "",
             "   ```sh",
             f"   {command} --dry-run --wait",
@@ -564,7 +564,9 @@ class Page:
         # Required first: they are what a start command must give.
         listed = sorted(runbook_parameters(self.spec, self.access), key=lambda p: not p.required)
         for p in listed:
-            default = "**required**" if p.required else _code(p.default)
+            # A list as `--param` takes it: comma-separated.
+            shown = ",".join(p.default) if isinstance(p.default, list) else p.default
+            default = "**required**" if p.required else _code(shown)
             lines.append(
                 f"| `{p.name}` | {p.type} | {_cell(default)} | {_cell(', '.join(p.bounds))} | "
                 f"{_cell(p.policy or '')} | {_cell(p.description)} |"
