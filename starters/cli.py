@@ -12,7 +12,8 @@ import shlex
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, NoReturn, TypeVar
+from functools import cache
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeAlias, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,11 +25,15 @@ from runtime.codec import CodecKeyError, new_key_line
 from runtime.identity import IdentityKeyError, load_signer, new_signing_key_line
 from runtime.search_attributes import register_search_attributes
 from runtime.settings import Settings, SettingsError, load_settings
-from starters.api_client import ApiRuns
 from starters.runs import RunError, Runs, RunView
-from starters.sandbox_cli import sandbox_app
 from workflows.catalogue import RUNBOOKS
 from workflows.models import Decision
+
+if TYPE_CHECKING:
+    # typer's own copy of click, whose types its group methods take.
+    from typer._click import Command, Context
+
+    from starters.api_client import ApiRuns
 
 T = TypeVar("T")
 FOLLOW_POLL_SECONDS = 0.5
@@ -39,7 +44,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(sandbox_app, name="sandbox")
 # Piped output (scripts, logs) is not cut to 80 columns; a terminal gets its own width.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
@@ -82,7 +86,7 @@ def settings() -> Settings:
         return load_settings()
 
 
-AnyRuns = Runs | ApiRuns
+AnyRuns: TypeAlias = "Runs | ApiRuns"
 
 
 def dev_mode(config: Settings) -> bool:
@@ -117,6 +121,8 @@ def with_runs(action: Callable[[AnyRuns, Settings], Awaitable[T]]) -> T:
                 "outside dev mode the CLI goes through the API: set ASTRA_OPS_API_URL and "
                 "ASTRA_OPS_API_TOKEN (or run `astra-ops dev` for a local stack)"
             )
+        from starters.api_client import ApiRuns  # httpx: only this path needs it
+
         api = ApiRuns(config.api_url, config.api_token.get_secret_value())
         try:
             return await action(api, config)
@@ -534,6 +540,37 @@ def keygen(
     out.print(private, highlight=False)
     public = load_signer(private).public_line()
     out.print(f"# public, for the workers' ASTRA_OPS_TRUSTED_KEYS: {public}", highlight=False)
+
+
+@cache
+def sandbox_commands() -> typer.core.TyperGroup:
+    from starters.sandbox_cli import sandbox_app
+
+    group = typer.main.get_command(sandbox_app)
+    assert isinstance(group, typer.core.TyperGroup)
+    return group
+
+
+class SandboxGroup(typer.core.TyperGroup):
+    """`astra-ops sandbox`, whose commands load only when one of them runs: they import the
+    sandbox (the fake cluster and its server, the data-plane clients), which takes longer than
+    any other command should."""
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        return sandbox_commands().list_commands(ctx)
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        return sandbox_commands().get_command(ctx, cmd_name)
+
+
+app.add_typer(
+    typer.Typer(
+        cls=SandboxGroup,
+        help="The simulated Astra: inject faults, reset it, run it.",
+        no_args_is_help=True,
+    ),
+    name="sandbox",
+)
 
 
 def main() -> None:
