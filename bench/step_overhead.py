@@ -37,8 +37,8 @@ QUEUE = "bench-step-overhead"
 SERVE_KUBE = """
 import asyncio, sys
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
-cluster = FakeCluster(rollout_seconds=0.05)
-for namespace in sys.argv[2:]:
+cluster = FakeCluster(rollout_seconds=float(sys.argv[2]))
+for namespace in sys.argv[3:]:
     seed_astra(cluster, namespace=namespace)
 asyncio.run(FakeKubeServer(cluster, port=int(sys.argv[1])).serve_forever())
 """
@@ -104,7 +104,7 @@ async def main(runs: int, concurrency: int) -> None:
     # The cluster runs in its own process, as a real API server would: in this one it would
     # compete with the worker for the GIL and charge its own cost to the step runner.
     kube = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SERVE_KUBE, str(port), namespace
+        sys.executable, "-c", SERVE_KUBE, str(port), "0.05", namespace
     )
     kube_url = f"http://127.0.0.1:{port}"
     await wait_until_listening(port)
