@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -69,17 +70,31 @@ class Mode:
         return {**self.env, "ASTRA_OPS_API_TOKEN": f"t-{user}"}
 
 
-async def timed(argv: Sequence[str], env: dict[str, str]) -> float:
-    """Seconds from starting ``argv`` to its exit; a command that fails stops the bench."""
-    began = time.perf_counter()
+@dataclass(frozen=True)
+class Sample:
+    wall: float
+    """What the person waits for."""
+    cpu: float
+    """What the command itself computes (user + system): on a busy machine the wall time also
+    holds the time it waited for a CPU, this does not."""
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def timed(argv: Sequence[str], env: dict[str, str]) -> Sample:
+    """One run of ``argv``, start to exit; a command that fails stops the bench."""
+    began, cpu = time.perf_counter(), children_cpu()
     proc = await asyncio.create_subprocess_exec(
         *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     output, _ = await proc.communicate()
-    took = time.perf_counter() - began
+    sample = Sample(time.perf_counter() - began, children_cpu() - cpu)
     if proc.returncode != 0:
         raise SystemExit(f"`{' '.join(argv)}` exited {proc.returncode}:\n{output.decode()}")
-    return took
+    return sample
 
 
 @asynccontextmanager
@@ -130,33 +145,45 @@ def commands(
     }
 
 
-def percentile_95(samples: list[float]) -> float:
-    return statistics.quantiles(samples, n=20, method="inclusive")[18]
+def percentile_95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20, method="inclusive")[18]
 
 
-async def main(rounds: int) -> None:
+@dataclass
+class Stack:
+    """What the commands talk to: Temporal, a worker per mode, the API; and how to reach them."""
+
+    client: Client
+    address: str
+    env: dict[str, str]
+    modes: list[Mode]
+
+
+@asynccontextmanager
+async def running_stack() -> AsyncIterator[Stack]:
     keys = new_key_line("bench")
     signing_key = new_signing_key_line("bench-api")
     signer = load_signer(signing_key)
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(BIN / "temporal"),
-        data_converter=data_converter(Settings(codec_keys=keys)),
-        search_attributes=sa.ALL,
-        dev_server_log_level="error",
-    )
-    client = env.client
-    address = client.service_client.config.target_host
-    port = free_port()
-    # The sandbox cluster in its own process, as a real API server would be; rollouts of 1 s
-    # keep its controller's ticks (and its share of the two CPUs) small.
-    kube = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SERVE_KUBE, str(port), "1", *NAMESPACES
-    )
-    samples: dict[tuple[str, str], list[float]] = defaultdict(list)
-    load_before = os.getloadavg()
-    try:
+    async with AsyncExitStack() as stack:
+        env = await WorkflowEnvironment.start_local(
+            dev_server_existing_path=str(BIN / "temporal"),
+            data_converter=data_converter(Settings(codec_keys=keys)),
+            search_attributes=sa.ALL,
+            dev_server_log_level="error",
+        )
+        stack.push_async_callback(env.shutdown)
+        client = env.client
+        address = client.service_client.config.target_host
+        port = free_port()
+        # The sandbox cluster in its own process, as a real API server would be; rollouts of
+        # 1 s keep its controller's ticks (and its share of the CPUs) small.
+        kube = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", SERVE_KUBE, str(port), "1", *NAMESPACES
+        )
+        stack.push_async_callback(kube.wait)
+        stack.callback(kube.terminate)
         await wait_until_listening(port)
-        state = Path(tempfile.mkdtemp(prefix="cli-latency-"))
+        state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cli-latency-")))
         (state / "signing.key").write_text(signing_key + "\n")
         base = Settings(
             temporal_address=address,
@@ -169,6 +196,10 @@ async def main(rounds: int) -> None:
         )
         dev = base.model_copy(update={"task_queue": "bench-dev", "dev_mode": True})
         api = base.model_copy(update={"task_queue": "bench-api"})
+        executor = stack.enter_context(ThreadPoolExecutor(16))
+        for settings in (dev, api):
+            await stack.enter_async_context(running_worker(client, settings, executor))
+        api_url = await stack.enter_async_context(serving_api(api))
         policy = load_policy(base.access_policy)
         # The CLI's environment: this machine's, without any astra-ops setting of its own.
         cli_env = {k: v for k, v in os.environ.items() if not k.startswith("ASTRA_OPS_")} | {
@@ -176,12 +207,11 @@ async def main(rounds: int) -> None:
             "ASTRA_OPS_CODEC_KEYS": keys,
             "ASTRA_OPS_STATE_DIR": str(state),  # no dev-stack marker here: the mode is explicit
         }
-        async with AsyncExitStack() as stack:
-            executor = stack.enter_context(ThreadPoolExecutor(16))
-            for settings in (dev, api):
-                await stack.enter_async_context(running_worker(client, settings, executor))
-            api_url = await stack.enter_async_context(serving_api(api))
-            modes = [
+        yield Stack(
+            client,
+            address,
+            cli_env,
+            [
                 Mode(
                     "dev",
                     cli_env | {"ASTRA_OPS_DEV_MODE": "true", "ASTRA_OPS_TASK_QUEUE": "bench-dev"},
@@ -192,53 +222,65 @@ async def main(rounds: int) -> None:
                     cli_env | {"ASTRA_OPS_API_URL": api_url, "ASTRA_OPS_TASK_QUEUE": "bench-api"},
                     Runs(client, api.task_queue, policy, signer),
                 ),
-            ]
-            cli = str(BIN / "astra-ops")
-            for mode in modes:  # warm the file cache; not counted
-                await timed([cli, "runbooks"], mode.as_user(APPROVER))
-            batch = 0
-            for _ in range(rounds):
-                for mode in modes:
-                    # Fresh runs for this round's decisions, at a shard count new to the cluster
-                    # (the approved one sets it); opening them is not timed.
-                    batch += 1
-                    started = [
-                        await mode.runs.start(
-                            "shard-scaling",
-                            {"shards": 10 + batch, "namespace": namespace},
-                            requester=REQUESTER,
-                        )
-                        for namespace in NAMESPACES
-                    ]
-                    await asyncio.gather(*(await_approval(client, s.run_id) for s in started))
-                    to_approve, watched = (s.run_id for s in started)
-                    typed = commands(cli, watched, to_approve, shards=10 + batch)
-                    if mode is modes[0]:
-                        baseline = [
-                            str(BIN / "temporal"), "workflow", "describe",
-                            "--workflow-id", watched, "--address", address,
-                        ]  # fmt: skip
-                        samples[BASELINE, "-"].append(await timed(baseline, cli_env))
-                    for command, (argv, user) in typed.items():
-                        samples[command, mode.name].append(await timed(argv, mode.as_user(user)))
-                    # The approved run goes on to change the cluster; both end before the next.
-                    await asyncio.gather(
-                        *(client.get_workflow_handle(s.run_id).result() for s in started)
-                    )
-    finally:
-        kube.terminate()
-        await kube.wait()
-        await env.shutdown()
+            ],
+        )
 
+
+async def measure(stack: Stack, rounds: int) -> dict[tuple[str, str], list[Sample]]:
+    """``rounds`` samples of each (command, mode)."""
+    samples: dict[tuple[str, str], list[Sample]] = defaultdict(list)
+    cli = str(BIN / "astra-ops")
+    for mode in stack.modes:  # warm the file cache; not counted
+        await timed([cli, "runbooks"], mode.as_user(APPROVER))
+    batch = 0
+    for _ in range(rounds):
+        for mode in stack.modes:
+            # Fresh runs for this round's decisions, at a shard count new to the cluster (the
+            # approved one sets it); opening them is not timed.
+            batch += 1
+            started = [
+                await mode.runs.start(
+                    "shard-scaling",
+                    {"shards": 10 + batch, "namespace": namespace},
+                    requester=REQUESTER,
+                )
+                for namespace in NAMESPACES
+            ]
+            await asyncio.gather(*(await_approval(stack.client, s.run_id) for s in started))
+            to_approve, watched = (s.run_id for s in started)
+            if mode is stack.modes[0]:
+                baseline = [
+                    str(BIN / "temporal"), "workflow", "describe",
+                    "--workflow-id", watched, "--address", stack.address,
+                ]  # fmt: skip
+                samples[BASELINE, "-"].append(await timed(baseline, stack.env))
+            typed = commands(cli, watched, to_approve, shards=10 + batch)
+            for command, (argv, user) in typed.items():
+                samples[command, mode.name].append(await timed(argv, mode.as_user(user)))
+            # The approved run goes on to change the cluster; both end before the next round.
+            await asyncio.gather(
+                *(stack.client.get_workflow_handle(s.run_id).result() for s in started)
+            )
+    return samples
+
+
+async def main(rounds: int) -> None:
+    load_before = os.getloadavg()
+    async with running_stack() as stack:
+        samples = await measure(stack, rounds)
     print(
         f"astra-ops CLI latency, {rounds} rounds, each command its own process; load average "
-        f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after, {os.cpu_count()} CPUs"
+        f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after, {os.cpu_count()} CPUs; "
+        "cpu: the median CPU time of the command's own process"
     )
-    print(f"{'command':<28} {'mode':<5} {'median':>8} {'p95':>8}")
-    for (command, mode_name), times in sorted(samples.items(), key=lambda kv: kv[0][1]):
-        median, p95 = statistics.median(times), percentile_95(times)
-        over = "" if command == BASELINE or median < TARGET else f"  over {TARGET:g} s"
-        print(f"{command:<28} {mode_name:<5} {median:7.3f}s {p95:7.3f}s{over}")
+    print(f"{'seconds':<28} {'median':>7} {'p95':>7} {'cpu':>7}   (target: median < {TARGET:g} s)")
+    for (command, mode_name), runs in samples.items():
+        wall = [r.wall for r in runs]
+        median, p95 = statistics.median(wall), percentile_95(wall)
+        cpu = statistics.median(r.cpu for r in runs)
+        over = "" if mode_name == "-" or median < TARGET else "  over target"
+        label = command if mode_name == "-" else f"{command} ({mode_name})"
+        print(f"{label:<28} {median:7.3f} {p95:7.3f} {cpu:7.3f}{over}")
 
 
 if __name__ == "__main__":
