@@ -34,6 +34,7 @@ from workers.worker import running_worker
 from workflows.shard_scaling import ShardScaling, ShardScalingRequest
 
 QUEUE = "bench-step-overhead"
+REQUESTER = "alice"  # a person the access policy lets start shard-scaling
 SERVE_KUBE = """
 import asyncio, sys
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
@@ -80,7 +81,7 @@ async def timed(runs: int, concurrency: int, one: Callable[[int], Awaitable[None
 async def activities_per_scaling_run(client: Client, namespace: str) -> int:
     handle = await client.start_workflow(
         ShardScaling.run,
-        ShardScalingRequest(requester="bench", shards=12, namespace=namespace, dry_run=True),
+        ShardScalingRequest(requester=REQUESTER, shards=12, namespace=namespace, dry_run=True),
         id=f"shard-scaling/{namespace}/probe",
         task_queue=QUEUE,
     )
@@ -108,7 +109,8 @@ async def main(runs: int, concurrency: int) -> None:
     )
     kube_url = f"http://127.0.0.1:{port}"
     await wait_until_listening(port)
-    settings = Settings(codec_keys=keys, kube_url=kube_url, task_queue=QUEUE)
+    # Dev mode: the runs below are started unsigned, straight through the client.
+    settings = Settings(codec_keys=keys, kube_url=kube_url, task_queue=QUEUE, dev_mode=True)
     client = env.client
     try:
         with ThreadPoolExecutor(16) as executor:
@@ -123,7 +125,7 @@ async def main(runs: int, concurrency: int) -> None:
                     handle = await client.start_workflow(
                         ShardScaling.run,
                         ShardScalingRequest(
-                            requester="bench", shards=12, namespace=namespace, dry_run=True
+                            requester=REQUESTER, shards=12, namespace=namespace, dry_run=True
                         ),
                         id=f"shard-scaling/{namespace}/{uuid.uuid4()}",
                         task_queue=QUEUE,
