@@ -35,6 +35,7 @@ pytest: install
 
 bench: install
 	$(BIN)/python bench/step_overhead.py
+	$(BIN)/python bench/cli_latency.py
 
 clean:
 	rm -rf $(VENV) .astra .mypy_cache .ruff_cache .pytest_cache

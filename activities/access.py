@@ -12,7 +12,6 @@ import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -20,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.notify import NotifyActivities
+from activities.postgres import connect
 from runtime import search_attributes as sa
 from runtime.access import AccessPolicy, AccessPolicyError, ApprovalPolicy, RunbookAccess
 from runtime.access import load_policy as read_policy
@@ -208,7 +208,7 @@ class AccessActivities:
         """
         since = datetime.now(UTC) - timedelta(seconds=req.per_seconds)
         scope = f"{req.runbook}/{req.step}/{req.scope}"
-        async with await psycopg.AsyncConnection.connect(self.state_dsn) as conn:
+        async with await connect(self.state_dsn) as conn:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS astra_ops_automatic_actions ("
                 " token text PRIMARY KEY, scope text NOT NULL,"

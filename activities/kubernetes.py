@@ -7,6 +7,10 @@ stamped with the step's idempotency token in the pod template, so a retried rest
 own earlier work instead of rolling the pods twice. Rollout history is read, and undone, the way
 ``kubectl rollout history`` and ``kubectl rollout undo`` do it: from the Deployment's ReplicaSets
 and their revision annotations.
+
+The client is imported where it is used, not when this module loads: the workflows import this
+module for its models and activity names (and so does the CLI, through the catalogue), and the
+``kubernetes`` package takes a second to import.
 """
 
 from __future__ import annotations
@@ -18,16 +22,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from kubernetes.client import ApiClient, AppsV1Api, CoreV1Api
-from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
-from urllib3.exceptions import HTTPError
 
 from activities.mutation import Mutation, MutationResult
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+    from kubernetes.client.exceptions import ApiException
 
 RESTARTED_BY = "astra-ops/restarted-by"
 CONFIG_HASH = "astra-ops/config-hash"
@@ -262,6 +267,9 @@ def _status_reason(err: ApiException) -> str:
 @contextmanager
 def _kube(action: str, target: str) -> Iterator[None]:
     """Turn API errors into ApplicationErrors that say what failed and what to do about it."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
     try:
         yield
     except ApiException as err:
@@ -405,6 +413,8 @@ class KubernetesActivities:
     """Astra's Kubernetes side effects, on an injected client (tests pass the sandbox's)."""
 
     def __init__(self, api: ApiClient) -> None:
+        from kubernetes.client import AppsV1Api, CoreV1Api
+
         self.core = CoreV1Api(api)
         self.apps = AppsV1Api(api)
 
@@ -713,6 +723,8 @@ class KubernetesActivities:
     @activity.defn
     def delete_pod(self, req: PodDelete) -> MutationResult:
         """Delete a pod; a pod that is already gone is success with nothing changed."""
+        from kubernetes.client.exceptions import ApiException
+
         target = f"{req.namespace}/{req.name}"
         gone = MutationResult(changed=False, detail=f"pod {target} is already gone")
         with _kube("delete pod", target):

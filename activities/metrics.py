@@ -4,10 +4,10 @@ Both sources answer the same two questions with the same models, so a runbook's 
 decisions do not depend on which one a deployment configures (``metrics_source``).
 """
 
-from typing import Any, Protocol
+from __future__ import annotations
 
-import httpx
-import psycopg
+from typing import TYPE_CHECKING, Any, Protocol
+
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -19,9 +19,13 @@ from activities.postgres import (
     FailureRate,
     FailureRateRequest,
     LlmCostRequest,
+    connect,
     query_failure_rate,
     query_llm_cost,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class MetricsSource(Protocol):
@@ -39,11 +43,11 @@ class SqlMetrics:
         self._dsn = dsn
 
     async def failure_rate(self, window_seconds: float) -> FailureRate:
-        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+        async with await connect(self._dsn) as conn:
             return await query_failure_rate(conn, window_seconds)
 
     async def llm_cost(self, req: LlmCostRequest) -> CostComparison:
-        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+        async with await connect(self._dsn) as conn:
             return await query_llm_cost(conn, req)
 
 
@@ -64,6 +68,8 @@ class PrometheusMetrics:
     """
 
     def __init__(self, url: str, client: httpx.AsyncClient | None = None) -> None:
+        import httpx  # here, not above: the workflows (and the CLI) import this module
+
         self._url = url.rstrip("/")
         self._client = client or httpx.AsyncClient(timeout=10.0)
 
@@ -109,6 +115,8 @@ class PrometheusMetrics:
         return float(result[0]["value"][1]) if result else 0.0
 
     async def _query(self, promql: str) -> list[dict[str, Any]]:
+        import httpx
+
         endpoint = f"{self._url}/api/v1/query"
         try:
             response = await self._client.get(endpoint, params={"query": promql})

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import httpx
 from pydantic import Field, SecretStr
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -55,6 +54,8 @@ class NotifyActivities:
         return policy.members(groups)
 
     async def _post(self, text: str) -> None:
+        import httpx  # here, not above: the workflows (and the CLI) import this module
+
         assert self.chat_webhook_url is not None
         url = httpx.URL(self.chat_webhook_url.get_secret_value())
         where = f"the chat webhook at {url.scheme}://{url.netloc.decode()}/{MASK}"

@@ -4,15 +4,19 @@ Each call opens its own short connection: runbook activities are few and far bet
 connection that outlives a failover would only point at the old primary.
 """
 
-from datetime import datetime
-from typing import Any, LiteralString, Self
+from __future__ import annotations
 
-import psycopg
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, LiteralString, Self
+
 from pydantic import BaseModel, Field, model_validator
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.mutation import Mutation, MutationResult
+
+if TYPE_CHECKING:
+    import psycopg
 
 FAILED_STATUSES = ("failed", "dead_letter")
 OUTCOME_STATUSES = ("succeeded", "failed", "dead_letter")
@@ -218,6 +222,14 @@ class RequeueProgress(BaseModel):
         return f"{self.waiting} of {self.requeued} requeued tasks still waiting"
 
 
+async def connect(dsn: str, *, autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
+    """A new connection to ``dsn``. psycopg is imported here, not with this module: the workflows
+    import this module for its models (and so does the CLI, through the catalogue)."""
+    import psycopg
+
+    return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit)
+
+
 async def query_failure_rate(
     conn: psycopg.AsyncConnection[Any], window_seconds: float
 ) -> FailureRate:
@@ -279,7 +291,7 @@ class PostgresActivities:
     @activity.defn
     async def leased_tasks(self, req: LeasedTasksRequest) -> LeasedTasks:
         """The tasks a worker holds (status running, leased by it): what a lost worker strands."""
-        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+        async with await connect(self._dsn) as conn:
             await self._require_worker(conn, req.worker_id)
             rows = await (
                 await conn.execute(
@@ -297,7 +309,7 @@ class PostgresActivities:
         a task another worker finished or took over meanwhile is left alone, and a second run
         finds nothing left to requeue.
         """
-        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+        async with await connect(self._dsn) as conn:
             await self._require_worker(conn, req.worker_id)
             params = (req.task_ids, req.worker_id)
             if req.dry_run:
@@ -337,7 +349,7 @@ class PostgresActivities:
         A count and a sample rather than every id, because a worker of a big pool can hold more
         ids than fit in a Temporal payload.
         """
-        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+        async with await connect(self._dsn) as conn:
             await self._require_worker(conn, req.worker_id)
             row = await (
                 await conn.execute(
@@ -371,7 +383,7 @@ class PostgresActivities:
             "token": req.token,
             "batch": req.batch_size,
         }
-        async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+        async with await connect(self._dsn, autocommit=True) as conn:
             await self._require_worker(conn, req.worker_id)
             if req.dry_run:
                 row = await (await conn.execute(f"SELECT count(*) {where}", params)).fetchone()
@@ -418,7 +430,7 @@ class PostgresActivities:
     @activity.defn
     async def requeue_progress(self, req: RequeueProgressRequest) -> RequeueProgress:
         """How many of the tasks requeued under a token live workers have picked up since."""
-        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+        async with await connect(self._dsn) as conn:
             row = await (
                 await conn.execute(
                     "SELECT count(*), count(*) FILTER (WHERE t.status = 'pending')"
@@ -433,7 +445,7 @@ class PostgresActivities:
     @activity.defn
     async def task_failure_rate(self, req: FailureRateRequest) -> FailureRate:
         """The share of tasks that failed among those that finished in the window."""
-        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+        async with await connect(self._dsn) as conn:
             return await query_failure_rate(conn, req.window_seconds)
 
     @activity.defn
@@ -443,7 +455,7 @@ class PostgresActivities:
             "FROM tasks WHERE updated_at > now() - make_interval(secs => %s) AND status = ANY(%s)"
         )
         params = (req.window_seconds, list(FAILED_STATUSES), req.top)
-        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+        async with await connect(self._dsn) as conn:
 
             async def counts(key: LiteralString) -> list[Count]:
                 rows = await (
@@ -471,7 +483,7 @@ class PostgresActivities:
     @activity.defn
     async def llm_cost(self, req: LlmCostRequest) -> CostComparison:
         """The last window's LLM cost against the trailing average, and who drives it."""
-        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+        async with await connect(self._dsn) as conn:
             return await query_llm_cost(conn, req)
 
     @activity.defn
@@ -482,7 +494,7 @@ class PostgresActivities:
         requeues the task, so a retried activity (or a task that dead-letters again during the
         run) is never requeued a second time by the same run.
         """
-        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+        async with await connect(self._dsn) as conn:
             if req.dry_run:
                 rows = await (
                     await conn.execute(
@@ -529,7 +541,7 @@ class PostgresActivities:
     @activity.defn
     async def task_states(self, req: TaskStatesRequest) -> TaskStates:
         """The current state of given tasks, for a runbook's verify step."""
-        async with await psycopg.AsyncConnection.connect(self._dsn) as conn:
+        async with await connect(self._dsn) as conn:
             rows = await (
                 await conn.execute(
                     "SELECT id, status, worker_id, retries, max_retries, last_error, updated_at"

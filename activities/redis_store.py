@@ -1,6 +1,8 @@
 """Activities on Astra's Redis: worker heartbeats and the dead-letter stream.
 
-Named ``redis_store`` rather than ``redis`` so that it never shadows the redis library.
+Named ``redis_store`` rather than ``redis`` so that it never shadows the redis library. The
+library is imported where it is used: the workflows import this module for its models (and so
+does the CLI, through the catalogue).
 """
 
 import time
@@ -8,9 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
-from redis.exceptions import ResponseError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -106,6 +106,8 @@ class RedisActivities:
     """Reads heartbeats and consumes the dead-letter stream of one Astra Redis."""
 
     def __init__(self, url: str, key_prefix: str = "astra:") -> None:
+        import redis.asyncio as aioredis
+
         self.keys = AstraKeys(key_prefix)
         self._redis = aioredis.Redis.from_url(url, decode_responses=True)
 
@@ -148,6 +150,8 @@ class RedisActivities:
         An entry stays pending until ``ack_dead_letters`` acknowledges it, so a repair run that
         crashes mid-batch gets the same entries again instead of losing them.
         """
+        from redis.exceptions import ResponseError
+
         stream = self.keys.dead_letter
         try:
             await self._redis.xgroup_create(stream, req.group, id="0", mkstream=True)
@@ -201,6 +205,8 @@ class RedisActivities:
 
     async def _pending_among(self, group: str, entry_ids: list[str]) -> list[str]:
         """Those of ``entry_ids`` the group still holds as pending, i.e. not yet acknowledged."""
+        from redis.exceptions import ResponseError
+
         if not entry_ids:
             return []
         pipe = self._redis.pipeline(transaction=False)

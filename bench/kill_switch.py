@@ -24,8 +24,8 @@ from temporalio.testing import WorkflowEnvironment
 from runtime import search_attributes as sa
 from runtime.access import load_policy
 from runtime.client import data_converter
-from runtime.codec import new_key_line
 from runtime.identity import load_signer, new_signing_key_line
+from runtime.keys import new_key_line
 from runtime.settings import REPO_ROOT, Settings
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
 from starters.runs import Runs

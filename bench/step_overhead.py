@@ -28,17 +28,18 @@ from temporalio.worker import Worker
 
 from runtime import search_attributes as sa
 from runtime.client import data_converter
-from runtime.codec import new_key_line
+from runtime.keys import new_key_line
 from runtime.settings import Settings
 from workers.worker import running_worker
 from workflows.shard_scaling import ShardScaling, ShardScalingRequest
 
 QUEUE = "bench-step-overhead"
+REQUESTER = "alice"  # a person the access policy lets start shard-scaling
 SERVE_KUBE = """
 import asyncio, sys
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
-cluster = FakeCluster(rollout_seconds=0.05)
-for namespace in sys.argv[2:]:
+cluster = FakeCluster(rollout_seconds=float(sys.argv[2]))
+for namespace in sys.argv[3:]:
     seed_astra(cluster, namespace=namespace)
 asyncio.run(FakeKubeServer(cluster, port=int(sys.argv[1])).serve_forever())
 """
@@ -80,7 +81,7 @@ async def timed(runs: int, concurrency: int, one: Callable[[int], Awaitable[None
 async def activities_per_scaling_run(client: Client, namespace: str) -> int:
     handle = await client.start_workflow(
         ShardScaling.run,
-        ShardScalingRequest(requester="dave", shards=12, namespace=namespace, dry_run=True),
+        ShardScalingRequest(requester=REQUESTER, shards=12, namespace=namespace, dry_run=True),
         id=f"shard-scaling/{namespace}/probe",
         task_queue=QUEUE,
     )
@@ -104,11 +105,11 @@ async def main(runs: int, concurrency: int) -> None:
     # The cluster runs in its own process, as a real API server would: in this one it would
     # compete with the worker for the GIL and charge its own cost to the step runner.
     kube = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SERVE_KUBE, str(port), namespace
+        sys.executable, "-c", SERVE_KUBE, str(port), "0.05", namespace
     )
     kube_url = f"http://127.0.0.1:{port}"
     await wait_until_listening(port)
-    # Dev mode: the bench starts runs itself, by name (dave may dry-run any runbook).
+    # Dev mode: the runs below are started unsigned, straight through the client.
     settings = Settings(codec_keys=keys, kube_url=kube_url, task_queue=QUEUE, dev_mode=True)
     client = env.client
     try:
@@ -124,7 +125,7 @@ async def main(runs: int, concurrency: int) -> None:
                     handle = await client.start_workflow(
                         ShardScaling.run,
                         ShardScalingRequest(
-                            requester="dave", shards=12, namespace=namespace, dry_run=True
+                            requester=REQUESTER, shards=12, namespace=namespace, dry_run=True
                         ),
                         id=f"shard-scaling/{namespace}/{uuid.uuid4()}",
                         task_queue=QUEUE,

@@ -1,17 +1,21 @@
-"""The one Temporal client factory: every process connects and converts payloads the same way."""
+"""The one Temporal client factory: every process connects and converts payloads the same way.
+
+The Temporal SDK is imported when a client or converter is made, not when this module is: the
+CLI reaches for ``TemporalUnavailable`` on every command, and only dev mode talks to Temporal.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
-from temporalio.service import TLSConfig
-
-from runtime.codec import load_codec
 from runtime.settings import Settings
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
+    from temporalio.converter import DataConverter
+    from temporalio.service import TLSConfig
 
 
 class TemporalUnavailable(Exception):
@@ -25,6 +29,11 @@ def data_converter(settings: Settings) -> DataConverter:
     handed (a URL, a row), and the stock failure converter would store that in plaintext.
     Histories written without it still decode: the converter reads either form.
     """
+    from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.converter import DefaultFailureConverterWithEncodedAttributes
+
+    from runtime.codec import load_codec
+
     codec = load_codec(
         settings.codec_keys.get_secret_value() if settings.codec_keys else None,
         settings.codec_key_file or dev_key_file(settings),
@@ -48,6 +57,8 @@ def dev_stack_marker(settings: Settings) -> Path:
 
 
 def _tls(settings: Settings) -> TLSConfig | bool:
+    from temporalio.service import TLSConfig
+
     if not settings.temporal_tls:
         return False
 
@@ -62,6 +73,8 @@ def _tls(settings: Settings) -> TLSConfig | bool:
 
 
 async def connect(settings: Settings, *, converter: DataConverter | None = None) -> Client:
+    from temporalio.client import Client
+
     api_key = settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None
     try:
         return await Client.connect(

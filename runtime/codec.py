@@ -8,7 +8,6 @@ with the stock ``temporal workflow signal``) pass through untouched.
 
 from __future__ import annotations
 
-import base64
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,13 +18,11 @@ from google.protobuf.message import DecodeError
 from temporalio.api.common.v1 import Payload
 from temporalio.converter import PayloadCodec
 
+from runtime.keys import CodecKeyError, parse_keys
+
 ENCODING = b"binary/encrypted"
 KEY_ID = "encryption-key-id"
 _NONCE_BYTES = 12
-
-
-class CodecKeyError(Exception):
-    """The configured key material is missing or malformed."""
 
 
 class UndecryptablePayload(Exception):
@@ -78,28 +75,6 @@ class AesGcmCodec(PayloadCodec):
                     "altered, or another key has that id"
                 ) from None
         return out
-
-
-def parse_keys(spec: str) -> list[tuple[str, bytes]]:
-    """Parse ``"keyid:base64[,keyid:base64...]"`` (one per line in a key file)."""
-    keys = []
-    for item in spec.replace("\n", ",").split(","):
-        item = item.strip()
-        if not item or item.startswith("#"):
-            continue
-        key_id, sep, encoded = item.partition(":")
-        if not sep or not key_id:
-            raise CodecKeyError("codec keys must look like 'keyid:base64key'")
-        try:
-            keys.append((key_id, base64.b64decode(encoded, validate=True)))
-        except ValueError:
-            raise CodecKeyError(f"codec key {key_id!r} is not valid base64") from None
-    return keys
-
-
-def new_key_line(key_id: str) -> str:
-    """A fresh random key in the key-file format, for `astra-ops dev` and `astra-ops keygen`."""
-    return f"{key_id}:{base64.b64encode(AESGCM.generate_key(bit_length=256)).decode()}"
 
 
 def load_codec(keys: str | None, key_file: Path | None) -> AesGcmCodec:

@@ -23,20 +23,13 @@ from temporalio.api.common.v1 import Payloads
 
 from runtime.access import AccessPolicy, load_policy
 from runtime.client import TemporalUnavailable, connect, data_converter
-from runtime.codec import CodecKeyError, UndecryptablePayload
+from runtime.codec import UndecryptablePayload
 from runtime.identity import Signer, load_signer_file
+from runtime.keys import CodecKeyError
 from runtime.redact import redact, redact_logs
 from runtime.settings import Settings, SettingsError
-from starters.runs import (
-    TEMPORAL_ERRORS,
-    OpenRunConflict,
-    RunError,
-    Runs,
-    RunSummary,
-    RunView,
-    StartedRun,
-    temporal_error,
-)
+from starters.run_views import OpenRunConflict, RunError, RunSummary, RunView, StartedRun
+from starters.runs import TEMPORAL_ERRORS, Runs, temporal_error
 from workflows.catalogue import RUNBOOKS
 from workflows.models import (
     MAX_COMMENT,

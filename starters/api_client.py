@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from runtime.client import TemporalUnavailable
-from starters.runs import (
+from starters.run_views import (
     DecisionRefused,
     InvalidInput,
     NotAllowed,

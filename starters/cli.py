@@ -12,7 +12,8 @@ import shlex
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, NoReturn, TypeVar
+from functools import cache
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeAlias, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,16 +21,18 @@ from rich.table import Table
 
 from runtime.access import ANYONE, AccessPolicyError, RunbookAccess, load_policy
 from runtime.client import TemporalUnavailable, connect, dev_stack_marker
-from runtime.codec import CodecKeyError, new_key_line
 from runtime.identity import IdentityKeyError, load_signer, new_signing_key_line
-from runtime.search_attributes import register_search_attributes
+from runtime.keys import CodecKeyError, new_key_line
 from runtime.settings import Settings, SettingsError, load_settings
-from starters.api_client import ApiRuns
-from starters.runbook_parameters import parameters
-from starters.runs import RunError, Runs, RunView, runbook_spec
-from starters.sandbox_cli import sandbox_app
-from workflows.catalogue import RUNBOOKS
+from starters.run_views import RunError, RunView
 from workflows.models import Decision
+
+if TYPE_CHECKING:
+    # typer's own copy of click, whose types its group methods take.
+    from typer._click import Command, Context
+
+    from starters.api_client import ApiRuns
+    from starters.runs import Runs
 
 T = TypeVar("T")
 FOLLOW_POLL_SECONDS = 0.5
@@ -42,7 +45,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(sandbox_app, name="sandbox")
 # Piped output (scripts, logs) is not cut to 80 columns; a terminal gets its own width.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
@@ -85,7 +87,7 @@ def settings() -> Settings:
         return load_settings()
 
 
-AnyRuns = Runs | ApiRuns
+AnyRuns: TypeAlias = "Runs | ApiRuns"
 
 
 def dev_mode(config: Settings) -> bool:
@@ -112,6 +114,8 @@ def with_runs(action: Callable[[AnyRuns, Settings], Awaitable[T]]) -> T:
     async def main() -> T:
         config = settings()
         if dev_mode(config):
+            from starters.runs import Runs  # the Temporal client: only dev mode needs it
+
             policy = load_policy(config.access_policy)
             runs = Runs(await connect(config), config.task_queue, policy)
             return await action(runs, config)
@@ -120,6 +124,8 @@ def with_runs(action: Callable[[AnyRuns, Settings], Awaitable[T]]) -> T:
                 "outside dev mode the CLI goes through the API: set ASTRA_OPS_API_URL and "
                 "ASTRA_OPS_API_TOKEN (or run `astra-ops dev` for a local stack)"
             )
+        from starters.api_client import ApiRuns  # httpx: only this path needs it
+
         api = ApiRuns(config.api_url, config.api_token.get_secret_value())
         try:
             return await action(api, config)
@@ -171,6 +177,11 @@ def runbooks(
     Example: astra-ops runbooks worker-lost
     """
     with clear_errors():
+        # The catalogue brings the workflow definitions (and Temporal's workflow module).
+        from starters.runbook_parameters import parameters
+        from starters.runs import runbook_spec
+        from workflows.catalogue import RUNBOOKS
+
         policy = load_policy(settings().access_policy)
         specs = [runbook_spec(name)] if name else [w.spec for w in RUNBOOKS.values()]
     if as_json:
@@ -586,6 +597,8 @@ def setup() -> None:
 
     async def register() -> None:
         config = settings()
+        from runtime.search_attributes import register_search_attributes
+
         client = await connect(config)
         await register_search_attributes(client, config.temporal_namespace)
         out.print(f"search attributes registered on namespace {config.temporal_namespace}")
@@ -619,6 +632,37 @@ def keygen(
     out.print(private, highlight=False)
     public = load_signer(private).public_line()
     out.print(f"# public, for the workers' ASTRA_OPS_TRUSTED_KEYS: {public}", highlight=False)
+
+
+@cache
+def sandbox_commands() -> typer.core.TyperGroup:
+    from starters.sandbox_cli import sandbox_app
+
+    group = typer.main.get_command(sandbox_app)
+    assert isinstance(group, typer.core.TyperGroup)
+    return group
+
+
+class SandboxGroup(typer.core.TyperGroup):
+    """`astra-ops sandbox`, whose commands load only when one of them runs: they import the
+    sandbox (the fake cluster and its server, the data-plane clients), which takes longer than
+    any other command should."""
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        return sandbox_commands().list_commands(ctx)
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        return sandbox_commands().get_command(ctx, cmd_name)
+
+
+app.add_typer(
+    typer.Typer(
+        cls=SandboxGroup,
+        help="The simulated Astra: inject faults, reset it, run it.",
+        no_args_is_help=True,
+    ),
+    name="sandbox",
+)
 
 
 def main() -> None:

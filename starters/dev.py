@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runtime import search_attributes as sa
 from runtime.client import TemporalUnavailable, connect, dev_stack_marker
-from runtime.codec import new_key_line
+from runtime.keys import new_key_line
 from runtime.settings import ENV_PREFIX, Settings
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
 from starters.api import CODEC_PATH

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -31,6 +31,17 @@ from runtime.access import AccessPolicy, AccessPolicyError, RunbookAccess
 from runtime.client import TemporalUnavailable
 from runtime.identity import Signed, Signer, Statement, digest, statement
 from runtime.redact import redact
+from starters.run_views import (
+    DecisionRefused,
+    InvalidInput,
+    NotAllowed,
+    OpenRunConflict,
+    RunSummary,
+    RunView,
+    StartedRun,
+    UnknownRun,
+    UnknownRunbook,
+)
 from workflows.approval import refusal, step_of
 from workflows.catalogue import RUNBOOKS
 from workflows.models import (
@@ -42,89 +53,12 @@ from workflows.models import (
     RunbookRequest,
     RunbookResult,
     RunStatus,
-    StepStatus,
 )
 from workflows.runbook import RunbookSpec
 
 # A run whose worker is gone does not answer queries; say so instead of hanging the caller.
 QUERY_TIMEOUT = timedelta(seconds=5)
 UPDATE_TIMEOUT = timedelta(seconds=15)
-
-
-class RunError(Exception):
-    """A request that cannot be done; ``kind`` says why in a way front ends can map."""
-
-    kind = "invalid"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class UnknownRunbook(RunError):
-    kind = "not_found"
-
-
-class UnknownRun(RunError):
-    kind = "not_found"
-
-
-class InvalidInput(RunError):
-    kind = "invalid"
-
-
-class NotAllowed(RunError):
-    kind = "forbidden"
-
-
-class DecisionRefused(RunError):
-    kind = "conflict"
-
-
-class OpenRunConflict(RunError):
-    """A run of the same runbook and subject is open with other parameters or requester."""
-
-    kind = "conflict"
-
-    def __init__(self, message: str, *, run_id: str, requester: str, params: Any) -> None:
-        super().__init__(message)
-        self.details = {"run_id": run_id, "requester": requester, "params": params}
-
-
-class StartedRun(BaseModel):
-    run_id: str
-    runbook: str
-    existing: bool
-
-
-class RunView(BaseModel):
-    run_id: str
-    runbook: str
-    state: str
-    started_at: datetime | None
-    closed_at: datetime | None
-    status: RunStatus | None
-    result: RunbookResult | None = None
-    failure: str | None = None
-
-    @property
-    def steps(self) -> list[StepStatus]:
-        """The live steps while a worker answers, else those the finished run returned."""
-        if self.status is not None:
-            return self.status.steps
-        return self.result.steps if self.result is not None else []
-
-
-class RunSummary(BaseModel):
-    run_id: str
-    runbook: str
-    state: str
-    outcome: str | None = None
-    """How it ended (done, no_change, rejected, aborted, rolled_back, cancelled, failed)."""
-    dry_run: bool = False
-    step: str | None
-    awaiting_approval: bool
-    started_at: datetime | None
 
 
 STATES = {

@@ -31,9 +31,8 @@ from sandbox.platform import ClusterView
 
 T = TypeVar("T")
 
-sandbox_app = typer.Typer(
-    help="The simulated Astra: inject faults, reset it, run it.", no_args_is_help=True
-)
+# Its help is in `starters.cli`, which loads these commands only when one of them runs.
+sandbox_app = typer.Typer()
 fault_app = typer.Typer(
     help="Produce a fault in the sandbox, for real, for a runbook to find.", no_args_is_help=True
 )

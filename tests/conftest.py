@@ -22,8 +22,8 @@ from temporalio.worker import Worker
 from runtime import search_attributes as sa
 from runtime.access import load_policy
 from runtime.client import data_converter
-from runtime.codec import new_key_line
 from runtime.identity import Signer
+from runtime.keys import new_key_line
 from runtime.settings import REPO_ROOT, Settings
 from sandbox.kube import seed_astra
 from starters.runs import Runs

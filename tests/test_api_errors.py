@@ -21,13 +21,8 @@ from runtime.client import TemporalUnavailable
 from runtime.codec import KEY_ID
 from runtime.settings import Settings
 from starters.api import create_app
-from starters.runs import (
-    DecisionRefused,
-    InvalidInput,
-    Runs,
-    UnknownRun,
-    temporal_error,
-)
+from starters.run_views import DecisionRefused, InvalidInput, UnknownRun
+from starters.runs import Runs, temporal_error
 from tests.test_api import api, api_settings, auth
 
 __all__ = ["api", "api_settings"]  # the API fixtures, shared with test_api

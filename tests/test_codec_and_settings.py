@@ -9,7 +9,8 @@ from temporalio.api.common.v1 import Payload
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from runtime.codec import AesGcmCodec, CodecKeyError, load_codec, new_key_line, parse_keys
+from runtime.codec import AesGcmCodec, load_codec
+from runtime.keys import CodecKeyError, new_key_line, parse_keys
 from runtime.settings import SettingsError, load_settings
 from starters.runs import Runs
 from tests.helpers import awaiting_approval, handle_of, status

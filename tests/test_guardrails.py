@@ -16,7 +16,8 @@ from runtime import search_attributes as sa
 from runtime.access import AccessPolicy, Limit, load_policy
 from runtime.settings import REPO_ROOT, Settings
 from sandbox.faults import worker_lost
-from starters.runs import DecisionRefused, InvalidInput, NotAllowed, Runs
+from starters.run_views import DecisionRefused, InvalidInput, NotAllowed
+from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.conftest_sandbox import RunningAstra, decide, start, worker_pods
 from tests.helpers import awaiting_approval, handle_of, shard_count, status

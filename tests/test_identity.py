@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from runtime.codec import new_key_line
 from runtime.identity import (
     IdentityKeyError,
     Statement,
@@ -17,6 +16,7 @@ from runtime.identity import (
     parse_trusted_keys,
     verify,
 )
+from runtime.keys import new_key_line
 from runtime.settings import REPO_ROOT, Settings, SettingsError
 from starters.api import create_app
 from starters.cli import app

@@ -27,7 +27,8 @@ from temporalio.worker import Worker
 
 from runtime.access import load_policy
 from runtime.settings import REPO_ROOT, Settings
-from starters.runs import InvalidInput, Runs
+from starters.run_views import InvalidInput
+from starters.runs import Runs
 from tests.conftest_kube import eventually
 from tests.helpers import TEST_SIGNER, handle_of, status
 from workers.worker import running_worker

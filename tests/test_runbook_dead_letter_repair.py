@@ -12,7 +12,8 @@ from runtime.access import load_policy
 from runtime.settings import Settings
 from sandbox.faults import DeadLettersFault, dead_letters
 from sandbox.loadgen import SandboxKeys
-from starters.runs import InvalidInput, Runs
+from starters.run_views import InvalidInput
+from starters.runs import Runs
 from tests.conftest_sandbox import RunningAstra, decide, start
 from tests.helpers import TEST_SIGNER, awaiting_approval
 from workflows.dead_letter_repair import DeadLetterRepair, DeadLetterRepairRequest

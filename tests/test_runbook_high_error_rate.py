@@ -13,7 +13,8 @@ from runtime.access import load_policy
 from runtime.astra_config import INTAKE_PAUSED_KEY
 from runtime.settings import Settings
 from sandbox.faults import BadRolloutFault, bad_rollout, error_spike
-from starters.runs import InvalidInput, Runs
+from starters.run_views import InvalidInput
+from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.conftest_sandbox import RunningAstra, config_value, decide, start, worker_pods
 from tests.helpers import TEST_SIGNER

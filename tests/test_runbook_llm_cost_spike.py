@@ -11,7 +11,8 @@ from runtime.access import load_policy
 from runtime.astra_config import BUDGET_GUARD_KEY, BudgetGuard
 from runtime.settings import Settings
 from sandbox.faults import cost_spike
-from starters.runs import InvalidInput, Runs
+from starters.run_views import InvalidInput
+from starters.runs import Runs
 from tests.conftest import ChatReceiver
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.conftest_sandbox import (

@@ -10,7 +10,8 @@ from temporalio.client import Client, WorkflowFailureError
 from runtime.access import load_policy
 from runtime.settings import Settings
 from sandbox.faults import WorkerLostFault, worker_lost
-from starters.runs import InvalidInput, Runs
+from starters.run_views import InvalidInput
+from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox
 from tests.conftest_sandbox import RunningAstra, decide, start, worker_pods
 from tests.helpers import TEST_SIGNER

@@ -9,7 +9,8 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailed
 from temporalio.exceptions import CancelledError
 from temporalio.worker import Worker
 
-from starters.runs import NotAllowed, OpenRunConflict, Runs
+from starters.run_views import NotAllowed, OpenRunConflict
+from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox
 from tests.helpers import (
     awaiting_approval,

@@ -14,11 +14,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
-from temporalio import workflow
 
-with workflow.unsafe.imports_passed_through():
-    # cryptography's native bindings cannot be loaded twice, so never inside the sandbox.
-    from runtime.identity import Signed
+# Workers pass runtime.identity through their sandbox (workers/worker.py `workflow_runner`):
+# cryptography's native bindings cannot be loaded twice.
+from runtime.identity import Signed
 
 # Upper bounds of durations, in seconds. Every duration a request carries stays far inside what
 # a ``timedelta`` holds, sums included (a wait's timeout plus its slack).
