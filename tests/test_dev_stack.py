@@ -61,6 +61,13 @@ async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
     assert (tmp_path / "state" / "temporal.db").exists()
 
     async with running(stack), httpx.AsyncClient(base_url=stack.api, timeout=30) as http:
+
+        async def answered() -> bool:
+            # The API is ready before the restarted worker polls; until then no status.
+            view = (await http.get(f"/v1/runs/{run_id}", headers=BOB)).json()
+            return view["status"] is not None
+
+        await eventually(answered, timeout=60, message="the restarted worker answers")
         kept = (await http.get(f"/v1/runs/{run_id}", headers=BOB)).json()
         assert kept["state"] == "running"
         assert kept["status"]["pending_approvals"][0]["step"] == "approve scaling"
