@@ -8,9 +8,13 @@ same way on either path.
 
 from __future__ import annotations
 
+import asyncio
+import json as jsonlib
+from dataclasses import dataclass
 from typing import Any
-
-import httpx
+from urllib.error import HTTPError, URLError
+from urllib.parse import quote, urlencode
+from urllib.request import Request, urlopen
 
 from runtime.client import TemporalUnavailable
 from starters.run_views import (
@@ -25,6 +29,16 @@ from starters.run_views import (
 )
 from workflows.models import Decision, FreezeNotice, PendingApproval
 
+
+@dataclass(frozen=True)
+class _Answer:
+    status_code: int
+    raw: bytes
+
+    def json(self) -> Any:
+        return jsonlib.loads(self.raw)
+
+
 ERRORS: dict[int, type[RunError]] = {
     401: NotAllowed,
     403: NotAllowed,
@@ -37,21 +51,53 @@ ERRORS: dict[int, type[RunError]] = {
 class ApiRuns:
     def __init__(self, url: str, token: str, timeout: float = 30) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(
-            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
-        )
+        self._token = token
+        self._timeout = timeout
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        """Nothing to release: every request is its own connection."""
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _send(
+        self, method: str, path: str, body: Any, headers: dict[str, str], params: dict[str, str]
+    ) -> tuple[int, bytes]:
+        """One blocking request. The standard library's client, not httpx: each command is a
+        new process, and httpx's import alone cost a fifth of a command's time."""
+        query = f"?{urlencode(params)}" if params else ""
+        request = Request(
+            f"{self.url}{quote(path, safe='/:')}{query}",
+            data=None if body is None else jsonlib.dumps(body).encode(),
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self._token}",
+                "Content-Type": "application/json",
+                **headers,
+            },
+        )
         try:
-            response = await self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as err:
+            with urlopen(request, timeout=self._timeout) as response:
+                return int(response.status), bytes(response.read())
+        except HTTPError as err:
+            return err.code, err.read()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        try:
+            status, raw = await asyncio.to_thread(
+                self._send, method, path, json, headers or {}, params or {}
+            )
+        except (URLError, OSError) as err:
             raise TemporalUnavailable(
                 f"the astra-ops API at {self.url} did not answer ({type(err).__name__}); is it "
                 "running, and is ASTRA_OPS_API_URL right?"
             ) from None
+        response = _Answer(status, raw)
         if response.status_code < 400:
             return response.json()
         try:

@@ -16,8 +16,6 @@ from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeAlias, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from runtime.access import ANYONE, AccessPolicyError, RunbookAccess, load_policy
 from runtime.client import TemporalUnavailable, connect, dev_stack_marker
@@ -45,9 +43,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Piped output (scripts, logs) is not cut to 80 columns; a terminal gets its own width.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+
+
+def say(text: str = "") -> None:
+    """Plain text out: rich would cost every command a tenth of a second to import."""
+    print(text)
+
+
+def table(headings: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell; one line per row, wherever it goes (terminal, pipe)."""
+    cells = [headings, *rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headings))]
+    return "\n".join(
+        " " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
 
 As = Annotated[
     str | None,
@@ -61,7 +72,7 @@ Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(code)
 
 
@@ -137,7 +148,7 @@ def with_runs(action: Callable[[AnyRuns, Settings], Awaitable[T]]) -> T:
 
 
 def emit_json(data: Any) -> None:
-    out.print_json(json.dumps(data, default=str))
+    say(json.dumps(data, default=str, indent=2))
 
 
 def parse_params(params: list[str]) -> dict[str, str]:
@@ -188,16 +199,15 @@ def runbooks(
         emit_json([s.describe() for s in specs])
         return
     if name is None:
-        table = Table("runbook", "trigger", "rotation", "severity", "parameters", show_lines=True)
         for s in specs:
-            lines = parameters(s, policy.runbooks.get(s.name))
-            table.add_row(s.name, s.trigger, s.rotation, s.severity, "\n".join(lines))
-        out.print(table)
-        out.print("`astra-ops runbooks NAME` shows one runbook's steps and approvals too.")
+            say(f"{s.name}  ({s.severity}, {s.rotation})  {s.trigger}")
+            for line in parameters(s, policy.runbooks.get(s.name)):
+                say(f"  {line}")
+        say("`astra-ops runbooks NAME` shows one runbook's steps and approvals too.")
         return
     spec = specs[0]
     access = policy.runbooks.get(spec.name)
-    out.print(f"[bold]{spec.name}[/bold]: {spec.title}", highlight=False)
+    say(f"{spec.name}: {spec.title}")
     for label, value in (
         ("trigger", spec.trigger),
         ("rotation", spec.rotation),
@@ -206,16 +216,16 @@ def runbooks(
         ("dry runs by", dry_runners(access)),
         ("cancelled by", "the requester, " + ", ".join(access.cancel) if access else "-"),
     ):
-        out.print(f"{label}: {value}", highlight=False)
-    out.print("steps:", highlight=False)
+        say(f"{label}: {value}")
+    say("steps:")
     for number, step in enumerate(spec.steps, 1):
-        out.print(f"  {number}. {step}", highlight=False)
-    out.print("approvals:", highlight=False)
+        say(f"  {number}. {step}")
+    say("approvals:")
     for line in approvals(access):
-        out.print(f"  {line}", highlight=False)
-    out.print("parameters:", highlight=False)
+        say(f"  {line}")
+    say("parameters:")
     for line in parameters(spec, access):
-        out.print(f"  {line}", highlight=False)
+        say(f"  {line}")
 
 
 @app.command()
@@ -249,9 +259,7 @@ def start(
             return 0
         if not as_json:
             verb = "already open" if started.existing else "started"
-            out.print(
-                f"{started.run_id} {verb}; follow it with `astra-ops status {started.run_id}`"
-            )
+            say(f"{started.run_id} {verb}; follow it with `astra-ops status {started.run_id}`")
         if not wait:
             return 0
         view = await follow(runs, started.run_id, quiet=as_json)
@@ -274,21 +282,20 @@ async def follow(runs: AnyRuns, run_id: str, *, quiet: bool = False) -> RunView:
             state = step.state.value
             if state != "pending" and seen.get(step.name) != state and not quiet:
                 detail = f": {step.detail}" if step.detail else ""
-                out.print(f"  {step.name}: {state}{detail}", highlight=False)
+                say(f"  {step.name}: {state}{detail}")
             seen[step.name] = state
         for pending in view.status.pending_approvals if view.status else []:
             key = f"approval:{pending.step}"
             if key not in seen and not quiet:
-                out.print(
+                say(
                     f"  waiting for {', '.join(pending.groups)} to approve '{pending.step}' "
                     f"(eligible: {', '.join(pending.members) or 'nobody'}) until "
-                    f"{pending.deadline:%Y-%m-%d %H:%M:%S}Z",
-                    highlight=False,
+                    f"{pending.deadline:%Y-%m-%d %H:%M:%S}Z"
                 )
             seen[key] = "shown"
         if view.state != "running":
             if not quiet:
-                out.print(outcome_line(view), highlight=False)
+                say(outcome_line(view))
             return view
         await asyncio.sleep(FOLLOW_POLL_SECONDS)
 
@@ -338,56 +345,54 @@ def ps(
         if as_json:
             emit_json([r.model_dump(mode="json") for r in listed])
             return
-        table = Table(box=None)
-        for heading in ("run", "state", "outcome", "step", "approval?", "started"):
-            table.add_column(heading, no_wrap=heading != "step")
-        for r in listed:
-            table.add_row(
+        rows = [
+            [
                 r.run_id,
                 r.state,
                 (r.outcome or "").replace("_", " ") + (" (dry-run)" if r.dry_run else ""),
                 r.step or "",
                 "waiting" if r.awaiting_approval else "",
                 f"{r.started_at:%m-%d %H:%M:%S}" if r.started_at else "",
-            )
-        out.print(table)
+            ]
+            for r in listed
+        ]
+        say(table(["run", "state", "outcome", "step", "approval?", "started"], rows))
 
     with_runs(action)
 
 
 def print_view(view: RunView) -> None:
-    out.print(f"[bold]{view.run_id}[/bold]  {view.runbook}  [bold]{view.state}[/bold]")
+    say(f"{view.run_id}  {view.runbook}  {view.state}")
     if view.status:
-        out.print(
+        say(
             f"requested by {view.status.requester}: {view.status.reason or '-'}"
-            + ("  (dry-run)" if view.status.dry_run else ""),
-            highlight=False,
+            + ("  (dry-run)" if view.status.dry_run else "")
         )
         if view.status.frozen_by and view.state == "running":
-            out.print(
-                f"[red]frozen[/red] by {view.status.frozen_by}: {view.status.frozen_reason}; "
-                "no mutating step starts until `astra-ops unfreeze`",
-                highlight=False,
+            say(
+                f"FROZEN by {view.status.frozen_by}: {view.status.frozen_reason}; "
+                "no mutating step starts until `astra-ops unfreeze`"
             )
-    table = Table("step", "state", "started", "finished", "detail", box=None)
-    for step in view.steps:
-        table.add_row(
+    rows = [
+        [
             step.name,
             step.state.value,
             f"{step.started_at:%H:%M:%S}" if step.started_at else "",
             f"{step.finished_at:%H:%M:%S}" if step.finished_at else "",
             step.detail,
-        )
-    out.print(table)
+        ]
+        for step in view.steps
+    ]
+    say(table(["step", "state", "started", "finished", "detail"], rows))
     for pending in view.status.pending_approvals if view.status else []:
-        out.print(
+        say(
             f"awaiting approval of '{pending.step}' by {', '.join(pending.groups)} "
             f"({len(pending.approvers)}/{pending.required}; eligible: "
             f"{', '.join(pending.members)}) until {pending.deadline:%Y-%m-%d %H:%M:%S}Z:"
             f" `astra-ops approve {view.run_id}`"
         )
     if view.state != "running":
-        out.print(outcome_line(view), highlight=False)
+        say(outcome_line(view))
 
 
 @app.command()
@@ -454,15 +459,13 @@ def decide(
             approver=caller(config, user), step=step, comment=comment, decision=verdict
         )
         if not print_signal:
-            out.print(await runs.decide(run_id, decision), highlight=False)
+            say(await runs.decide(run_id, decision))
             return
         signal = await runs.signed_signal(run_id, decision)
         payload = json.dumps(signal["input"], separators=(",", ":"))
-        out.print(
+        say(
             f"temporal workflow signal --workflow-id {shlex.quote(signal['workflow_id'])} "
-            f"--name {signal['signal']} --input {shlex.quote(payload)}",
-            highlight=False,
-            soft_wrap=True,
+            f"--name {signal['signal']} --input {shlex.quote(payload)}"
         )
 
     with_runs(action)
@@ -521,7 +524,7 @@ def cancel(run_id: str, reason: Reason = "", user: As = None) -> None:
     """
 
     async def action(runs: AnyRuns, config: Settings) -> None:
-        out.print(await runs.cancel(run_id, caller(config, user), reason), highlight=False)
+        say(await runs.cancel(run_id, caller(config, user), reason))
 
     with_runs(action)
 
@@ -534,7 +537,7 @@ def freeze(reason: Reason = "", user: As = None) -> None:
     """
 
     async def action(runs: AnyRuns, config: Settings) -> None:
-        out.print(await runs.freeze(caller(config, user), reason), highlight=False)
+        say(await runs.freeze(caller(config, user), reason))
 
     with_runs(action)
 
@@ -547,7 +550,7 @@ def unfreeze(reason: Reason = "", user: As = None) -> None:
     """
 
     async def action(runs: AnyRuns, config: Settings) -> None:
-        out.print(await runs.unfreeze(caller(config, user), reason), highlight=False)
+        say(await runs.unfreeze(caller(config, user), reason))
 
     with_runs(action)
 
@@ -601,7 +604,7 @@ def setup() -> None:
 
         client = await connect(config)
         await register_search_attributes(client, config.temporal_namespace)
-        out.print(f"search attributes registered on namespace {config.temporal_namespace}")
+        say(f"search attributes registered on namespace {config.temporal_namespace}")
 
     with clear_errors():
         asyncio.run(register())
@@ -625,13 +628,13 @@ def keygen(
     Example: astra-ops keygen --signing api-2026
     """
     if not signing:
-        out.print(new_key_line(key_id), highlight=False)
+        say(new_key_line(key_id))
         return
     # Both lines can go into the API's key file as they are: the public one is a comment there.
     private = new_signing_key_line(key_id)
-    out.print(private, highlight=False)
+    say(private)
     public = load_signer(private).public_line()
-    out.print(f"# public, for the workers' ASTRA_OPS_TRUSTED_KEYS: {public}", highlight=False)
+    say(f"# public, for the workers' ASTRA_OPS_TRUSTED_KEYS: {public}")
 
 
 @cache

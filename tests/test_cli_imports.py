@@ -23,6 +23,7 @@ NOT_FOR_THE_CLI = (
     "sandbox",
     "temporalio",
     "httpx",
+    "rich",
 )
 
 PROBE = f"""
