@@ -22,35 +22,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 
 from activity_calls import ActivityCall, activity_calls
 from bare_workflow import Bare
+from harness import cache_bytecode, child_named, cpu_seconds, dev_server, sandbox_cluster, signed
 from temporalio import workflow
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
-from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from runtime import search_attributes as sa
-from runtime.client import data_converter
 from runtime.codec import new_key_line
 from runtime.identity import (
-    STATEMENT_TTL,
     Signer,
-    Statement,
-    digest,
     load_signer,
     new_signing_key_line,
 )
@@ -61,15 +52,6 @@ from workflows.shard_scaling import ShardScaling, ShardScalingRequest
 QUEUE = "bench-step-overhead"
 BARE_QUEUE = f"{QUEUE}-bare"
 TARGET = 1.15
-SERVE_KUBE = """
-import asyncio, sys
-from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
-cluster = FakeCluster(rollout_seconds=0.05)
-for namespace in sys.argv[2:]:
-    seed_astra(cluster, namespace=namespace)
-asyncio.run(FakeKubeServer(cluster, port=int(sys.argv[1])).serve_forever())
-"""
-
 DETAILS_UPDATES: Counter[str] = Counter()
 """Current-details updates by workflow id (first executions only, not replays)."""
 
@@ -86,56 +68,6 @@ def count_details_updates() -> None:
         set_current_details(description)
 
     workflow.set_current_details = counted
-
-
-def cache_bytecode() -> None:
-    """Let the workflow sandbox load compiled modules, as a deployed worker does.
-
-    The sandbox imports a runbook's modules afresh for every run (and every replay). Where
-    bytecode is not written (PYTHONDONTWRITEBYTECODE, as on this machine) each run would compile
-    them from source, a cost of the environment, not of the runner; the bytecode is cached
-    outside the tree, for both kinds of run alike.
-    """
-    sys.dont_write_bytecode = False
-    sys.pycache_prefix = str(Path(tempfile.gettempdir()) / "astra-ops-bench-pycache")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def wait_until_listening(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
-def cpu_seconds(pid: int) -> float:
-    """The CPU time (user and system) a process has used so far, from Linux's /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def child_named(name: str) -> int:
-    """The pid of this process's child ``name`` (the dev server, which the SDK starts)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # exited while listed
-        comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :]
-        if comm == name and int(rest.split()[1]) == os.getpid():
-            return int(stat.parent.name)
-    raise LookupError(f"no child process named {name}")
 
 
 @dataclass
@@ -314,23 +246,6 @@ def report(
     )
 
 
-def signed_dry_run(signer: Signer, namespace: str) -> tuple[str, ShardScalingRequest]:
-    """A dry-run request and its workflow id, signed as the API signs a start."""
-    workflow_id = f"shard-scaling/{namespace}/{uuid.uuid4()}"
-    request = ShardScalingRequest(
-        requester="alice", reason="step overhead bench", shards=12, namespace=namespace,
-        dry_run=True,
-    )  # fmt: skip
-    statement = Statement(
-        act="start",
-        actor=request.requester,
-        workflow_id=workflow_id,
-        digest=digest(request.signed_payload()),
-        expires_at=datetime.now(UTC) + STATEMENT_TTL,
-    )
-    return workflow_id, request.model_copy(update={"authorization": signer.sign(statement)})
-
-
 async def compare(
     client: Client,
     signer: Signer,
@@ -344,9 +259,13 @@ async def compare(
     batch."""
 
     async def scaling_run() -> str:
-        workflow_id, request = signed_dry_run(signer, namespace)
+        workflow_id = f"shard-scaling/{namespace}/{uuid.uuid4()}"
+        request = ShardScalingRequest(
+            requester="alice", reason="step overhead bench", shards=12, namespace=namespace,
+            dry_run=True,
+        )  # fmt: skip
         handle = await client.start_workflow(
-            ShardScaling.run, request, id=workflow_id, task_queue=QUEUE
+            ShardScaling.run, signed(signer, request, workflow_id), id=workflow_id, task_queue=QUEUE
         )
         await handle.result()
         return workflow_id
@@ -373,53 +292,41 @@ async def main(runs: int, concurrency: int, rounds: int) -> None:
     count_details_updates()
     keys = new_key_line("bench")
     signer = load_signer(new_signing_key_line("bench-api"))
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
-        data_converter=data_converter(Settings(codec_keys=keys)),
-        search_attributes=sa.ALL,
-        dev_server_log_level="error",
-    )
+    env = await dev_server(keys)
     # Dry-runs change nothing, so every run can read the same namespace; one namespace keeps
     # the sandbox controller's own work (it reconciles every object each tick) out of the figure.
     namespace = "bench"
-    port = free_port()
-    # The cluster runs in its own process, as a real API server would: in this one it would
-    # compete with the worker for the GIL and charge its own cost to whichever run is measured.
-    kube = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SERVE_KUBE, str(port), namespace
-    )
-    await wait_until_listening(port)
-    settings = Settings(
-        codec_keys=keys,
-        kube_url=f"http://127.0.0.1:{port}",
-        task_queue=QUEUE,
-        trusted_keys=signer.public_line(),
-    )
     client = env.client
-    processes = {
-        "this process (worker and client)": Process(os.getpid()),
-        "Temporal dev server": Process(child_named("temporal")),
-        "sandbox cluster": Process(kube.pid),
-    }
-    await idle_rates(processes)
     try:
-        with ThreadPoolExecutor(16) as executor:
-            async with running_worker(client, settings, executor) as runbooks:
-                # The runbook worker's very configuration (activity instances and their clients,
-                # executor, workflow sandbox) on a queue of its own, with the bare workflow only:
-                # its activities then run on the queue it polls, as a runbook's do (eagerly).
-                config = runbooks.config()
-                config["task_queue"] = BARE_QUEUE
-                config["workflows"] = [Bare]
-                async with Worker(**config):
-                    calls, bare, scaling = await compare(
-                        client, signer, namespace, processes, runs, concurrency, rounds
-                    )
+        async with sandbox_cluster(namespace) as (kube_url, kube_pid):
+            settings = Settings(
+                codec_keys=keys,
+                kube_url=kube_url,
+                task_queue=QUEUE,
+                trusted_keys=signer.public_line(),
+            )
+            processes = {
+                "this process (worker and client)": Process(os.getpid()),
+                "Temporal dev server": Process(child_named("temporal")),
+                "sandbox cluster": Process(kube_pid),
+            }
+            await idle_rates(processes)
+            with ThreadPoolExecutor(16) as executor:
+                async with running_worker(client, settings, executor) as runbooks:
+                    # The runbook worker's very configuration (activity instances and their
+                    # clients, executor, workflow sandbox) on a queue of its own, with the bare
+                    # workflow only: its activities then run on the queue it polls, as a
+                    # runbook's do (eagerly).
+                    config = runbooks.config()
+                    config["task_queue"] = BARE_QUEUE
+                    config["workflows"] = [Bare]
+                    async with Worker(**config):
+                        calls, bare, scaling = await compare(
+                            client, signer, namespace, processes, runs, concurrency, rounds
+                        )
         bare_profiles = await profiles(client, bare)
         scaling_profiles = await profiles(client, scaling)
     finally:
-        kube.terminate()
-        await kube.wait()
         await env.shutdown()
 
     print(
