@@ -40,11 +40,7 @@ from temporalio.client import Client, WorkflowHistory
 from temporalio.worker import Worker
 
 from runtime.codec import new_key_line
-from runtime.identity import (
-    Signer,
-    load_signer,
-    new_signing_key_line,
-)
+from runtime.identity import Signer, load_signer, new_signing_key_line
 from runtime.settings import Settings
 from workers.worker import running_worker
 from workflows.shard_scaling import ShardScaling, ShardScalingRequest
@@ -189,7 +185,6 @@ def row(
 
 
 def report(
-    calls: list[ActivityCall],
     bare: Batch,
     scaling: Batch,
     bare_runs: list[Profile],
@@ -337,7 +332,7 @@ async def main(runs: int, concurrency: int, rounds: int) -> None:
         f"{len(bare.runs)} runs of each in {rounds} alternating rounds, {concurrency} at a time, "
         "one worker, one sandbox cluster, starts signed"
     )
-    report(calls, bare, scaling, bare_profiles, scaling_profiles)
+    report(bare, scaling, bare_profiles, scaling_profiles)
 
 
 if __name__ == "__main__":
