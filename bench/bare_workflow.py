@@ -1,6 +1,6 @@
-"""The baseline for bench/step_overhead.py: a workflow of N no-op activities and nothing else.
+"""The baselines the benchmarks measure the runbooks against: workflows with no runbook machinery.
 
-It lives in its own module because the workflow sandbox re-imports a workflow's module, which it
+They live in their own module because the workflow sandbox re-imports a workflow's module, which it
 cannot do for a script run as ``__main__``.
 """
 
@@ -8,20 +8,42 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from temporalio import activity, workflow
+from temporalio import workflow
 
-
-@activity.defn
-async def no_op(step: int) -> int:
-    return step
+with workflow.unsafe.imports_passed_through():
+    from activity_calls import ActivityCall
 
 
 @workflow.defn
 class Bare:
+    """Make the given activity calls in order, and nothing else: no step records, no search
+    attributes, no current details, no summaries, no admission."""
+
     @workflow.run
-    async def run(self, activities: int) -> int:
-        for step in range(activities):
+    async def run(self, calls: list[ActivityCall]) -> int:
+        for call in calls:
             await workflow.execute_activity(
-                no_op, step, start_to_close_timeout=timedelta(seconds=30)
+                call.activity,
+                args=call.args,
+                start_to_close_timeout=timedelta(seconds=call.start_to_close_seconds),
+                heartbeat_timeout=(
+                    timedelta(seconds=call.heartbeat_seconds) if call.heartbeat_seconds else None
+                ),
             )
-        return activities
+        return len(calls)
+
+
+@workflow.defn
+class WaitForSignal:
+    """Wait for one signal, then end: the least a run waiting for a person can hold."""
+
+    def __init__(self) -> None:
+        self.released = False
+
+    @workflow.signal
+    def release(self) -> None:
+        self.released = True
+
+    @workflow.run
+    async def run(self) -> None:
+        await workflow.wait_condition(lambda: self.released)

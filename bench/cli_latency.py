@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from harness import SERVE_KUBE, free_port, wait_until_listening
 from pydantic import SecretStr
-from step_overhead import SERVE_KUBE, free_port, wait_until_listening
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 

@@ -1,0 +1,141 @@
+"""What the benchmarks share: a dev server and a sandbox cluster of their own, signed starts, and
+reading a process's CPU time and memory from Linux's /proc."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from temporalio.testing import WorkflowEnvironment
+
+from runtime import search_attributes as sa
+from runtime.client import data_converter
+from runtime.identity import Signer, statement
+from runtime.settings import Settings
+from workflows.models import RunbookRequest
+
+SERVE_KUBE = """
+import asyncio, sys
+from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
+cluster = FakeCluster(rollout_seconds=float(sys.argv[2]))
+for namespace in sys.argv[3:]:
+    seed_astra(cluster, namespace=namespace)
+asyncio.run(FakeKubeServer(cluster, port=int(sys.argv[1])).serve_forever())
+"""
+PYCACHE = Path(tempfile.gettempdir()) / "astra-ops-bench-pycache"
+
+R = TypeVar("R", bound=RunbookRequest)
+
+
+def cache_bytecode() -> None:
+    """Let the workflow sandbox load compiled modules, as a deployed worker does.
+
+    The sandbox imports a runbook's modules afresh for every run (and every replay). Where
+    bytecode is not written (PYTHONDONTWRITEBYTECODE, as on this machine) each run would compile
+    them from source, a cost of the environment, not of the runner; the bytecode is cached
+    outside the tree. Worker processes the benchmarks start inherit it (PYTHONPYCACHEPREFIX).
+    """
+    sys.dont_write_bytecode = False
+    sys.pycache_prefix = str(PYCACHE)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
+
+
+async def dev_server(keys: str) -> WorkflowEnvironment:
+    """A Temporal dev server of the benchmark's own, in memory, its client using the codec."""
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
+        data_converter=data_converter(Settings(codec_keys=keys)),
+        search_attributes=sa.ALL,
+        dev_server_log_level="error",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_until_listening(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def sandbox_cluster(
+    *namespaces: str, rollout_seconds: float = 0.05
+) -> AsyncIterator[tuple[str, int]]:
+    """The sandbox cluster with Astra seeded in ``namespaces``: its URL and pid.
+
+    It runs in its own process, as a real API server would: in the benchmark's process it would
+    compete with the worker for the GIL and charge its own cost to the runs measured.
+    """
+    port = free_port()
+    kube = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SERVE_KUBE, str(port), str(rollout_seconds), *namespaces
+    )
+    try:
+        await wait_until_listening(port)
+        yield f"http://127.0.0.1:{port}", kube.pid
+    finally:
+        kube.terminate()
+        await kube.wait()
+
+
+def signed(signer: Signer, request: R, workflow_id: str) -> R:
+    """``request`` with the start statement the API would sign for it."""
+    said = statement("start", request.requester, workflow_id, request.signed_payload())
+    return request.model_copy(update={"authorization": signer.sign(said)})
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory now."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"process {pid} reports no VmRSS")
+
+
+def child_named(name: str) -> int:
+    """The pid of this process's child ``name`` (the dev server, which the SDK starts)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited while listed
+        comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :]
+        if comm == name and int(rest.split()[1]) == os.getpid():
+            return int(stat.parent.name)
+    raise LookupError(f"no child process named {name}")
+
+
+async def until_idle(pid: int, below: float = 0.05, every: float = 1.0) -> None:
+    """Return once the process used less than ``below`` of a core over ``every`` seconds."""
+    while True:
+        before = cpu_seconds(pid)
+        await asyncio.sleep(every)
+        if cpu_seconds(pid) - before < below * every:
+            return
