@@ -250,6 +250,16 @@ class ConfigVerification(BaseModel):
 # ----- helpers --------------------------------------------------------------------------------
 
 
+def unauthenticated_client(url: str) -> ApiClient:
+    """A client for an API server at ``url`` that takes no credentials (the sandbox's): plain
+    HTTP, ignoring any proxy the environment sets for real clusters."""
+    from kubernetes.client import ApiClient, Configuration
+
+    configuration = Configuration(host=url)
+    configuration.proxy = None
+    return ApiClient(configuration)
+
+
 def config_hash(data: dict[str, str] | None) -> str:
     """The fingerprint of a ConfigMap's data stamped on pod templates: sha256 of sorted JSON."""
     canonical = json.dumps(data or {}, sort_keys=True, separators=(",", ":"))

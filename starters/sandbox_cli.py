@@ -21,10 +21,10 @@ from pydantic import BaseModel
 from rich.console import Console
 from urllib3.exceptions import HTTPError
 
+from activities.kubernetes import unauthenticated_client
 from runtime.settings import Settings, SettingsError, load_settings
 from sandbox import faults
 from sandbox.db import migrate, reset
-from sandbox.kube import api_client
 from sandbox.loadgen import LoadGenerator
 from sandbox.metrics import MetricsApp
 from sandbox.platform import ClusterView
@@ -192,7 +192,7 @@ def bad_rollout(
             "bad-rollout rolls a Deployment of the sandbox cluster: set ASTRA_OPS_KUBE_URL to its "
             "URL (`astra-ops dev` prints it)"
         )
-    api = api_client(settings.kube_url)
+    api = unauthenticated_client(settings.kube_url)
     try:
         _inject(
             lambda t: faults.bad_rollout(
@@ -253,7 +253,7 @@ class _MetricsServer(uvicorn.Server):
 
 async def _serve(settings: Settings, kube_url: str) -> None:
     applied = await migrate(settings.database_url)
-    api = api_client(kube_url)
+    api = unauthenticated_client(kube_url)
     generator = LoadGenerator(
         settings.database_url,
         settings.redis_url,

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import pytest
 from kubernetes.client import ApiClient
 
-from sandbox.kube import FakeCluster, FakeKubeServer, api_client, seed_astra
+from activities.kubernetes import unauthenticated_client
+from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
 
 TEST_ROLLOUT_SECONDS = 0.2
 
@@ -41,7 +42,7 @@ def kube() -> Iterator[KubeSandbox]:
     server = FakeKubeServer(cluster)
     # Sync start/stop: usable from sync and async tests alike, whatever loop they run in.
     server.start_blocking()
-    api = api_client(server.url)
+    api = unauthenticated_client(server.url)
     try:
         yield KubeSandbox(cluster=cluster, server=server, api=api)
     finally:

@@ -20,9 +20,9 @@ import pytest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.worker import Worker
 
+from activities.kubernetes import unauthenticated_client
 from runtime.settings import Settings
 from sandbox.faults import SandboxTarget
-from sandbox.kube import api_client
 from sandbox.loadgen import LoadConfig, LoadGenerator
 from sandbox.platform import ClusterView
 from tests.conftest_kube import KubeSandbox, eventually
@@ -61,7 +61,7 @@ class RunningAstra:
 
 @pytest.fixture
 async def astra(data_plane: SandboxTarget, kube: KubeSandbox) -> AsyncIterator[RunningAstra]:
-    api = api_client(kube.url)
+    api = unauthenticated_client(kube.url)
     generator = LoadGenerator(
         data_plane.dsn,
         data_plane.redis_url,

@@ -39,10 +39,11 @@ from activities.kubernetes import (
     RolloutRestart,
     RolloutUndo,
     RolloutWait,
+    unauthenticated_client,
 )
 from activities.mutation import Mutation, MutationResult
 from runtime.settings import ENV_PREFIX, REPO_ROOT, Settings
-from sandbox.kube import FakeCluster, FakeKubeServer, api_client, seed_astra
+from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
 from starters.cli import app
 from tests.conftest_kube import TEST_ROLLOUT_SECONDS
 
@@ -380,7 +381,7 @@ def traffic(monkeypatch: pytest.MonkeyPatch) -> Iterator[Traffic]:
         cluster, observer=lambda method, path, query: requests.append((method, path, dict(query)))
     )
     server.start_blocking()
-    api = api_client(server.url)
+    api = unauthenticated_client(server.url)
     try:
         k8s = KubernetesActivities(api)
         apis = client_apis(k8s)

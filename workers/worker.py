@@ -17,7 +17,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.access import AccessActivities, Trust
-from activities.kubernetes import KubernetesActivities
+from activities.kubernetes import KubernetesActivities, unauthenticated_client
 from activities.metrics import MetricsActivities, metrics_source
 from activities.notify import NotifyActivities
 from activities.postgres import PostgresActivities
@@ -26,7 +26,6 @@ from runtime.client import connect
 from runtime.identity import parse_trusted_keys
 from runtime.redact import redact_logs
 from runtime.settings import Settings, SettingsError
-from sandbox.kube import api_client
 from workflows.catalogue import RUNBOOKS
 from workflows.errors import CODE_ERRORS
 from workflows.kill_switch import KillSwitch
@@ -37,7 +36,7 @@ log = logging.getLogger(__name__)
 def kube_api(settings: Settings) -> k8s.ApiClient:
     """The sandbox's unauthenticated URL when set; else in-cluster credentials, then kubeconfig."""
     if settings.kube_url:
-        return api_client(settings.kube_url)
+        return unauthenticated_client(settings.kube_url)
     try:
         k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except k8s_config.ConfigException:

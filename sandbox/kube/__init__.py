@@ -7,8 +7,6 @@ No kube-apiserver can run here, so this package is the one fake: an in-memory cl
 
 from __future__ import annotations
 
-from kubernetes.client import ApiClient, Configuration
-
 from sandbox.kube.cluster import FakeCluster, KubeError, template_hash
 from sandbox.kube.seed import ASTRA_NAMESPACE, DEPLOYMENTS, deployment_manifest, seed_astra
 from sandbox.kube.server import FakeKubeServer
@@ -19,16 +17,7 @@ __all__ = [
     "FakeCluster",
     "FakeKubeServer",
     "KubeError",
-    "api_client",
     "deployment_manifest",
     "seed_astra",
     "template_hash",
 ]
-
-
-def api_client(url: str) -> ApiClient:
-    """A kubernetes ``ApiClient`` for the sandbox at ``url``: plain HTTP, no credentials."""
-    configuration = Configuration(host=url)
-    # The sandbox is loopback-only; ignore any proxy the environment sets for real clusters.
-    configuration.proxy = None
-    return ApiClient(configuration)

@@ -24,12 +24,12 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.access import AccessActivities, Trust
-from activities.kubernetes import KubernetesActivities
+from activities.kubernetes import KubernetesActivities, unauthenticated_client
 from activities.notify import NotifyActivities
 from runtime import search_attributes as sa
 from runtime.identity import parse_trusted_keys
 from runtime.settings import REPO_ROOT
-from sandbox.kube import FakeCluster, FakeKubeServer, api_client, seed_astra
+from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
 from tests.helpers import (
     TEST_SIGNER,
     awaiting_approval,
@@ -98,7 +98,7 @@ async def main() -> None:
     cluster = FakeCluster(rollout_seconds=0.2)
     server = FakeKubeServer(cluster)
     await server.start()
-    kubernetes = KubernetesActivities(api_client(server.url))
+    kubernetes = KubernetesActivities(unauthenticated_client(server.url))
     policy = REPO_ROOT / "deploy" / "access-policy.yaml"
     trust = Trust(dev_mode=False, keys=parse_trusted_keys(TEST_SIGNER.public_line()))
     access = AccessActivities(policy, trust, env.client, NotifyActivities(policy), "")

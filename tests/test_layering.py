@@ -1,0 +1,35 @@
+"""Production code never imports the sandbox: the simulated Astra is for `astra-ops dev`, its
+commands, tests and benchmarks, and a worker or API deployed for real must not carry it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from runtime.settings import REPO_ROOT
+
+PRODUCTION = ("runtime", "workflows", "activities", "workers", "starters")
+# The dev stack and the sandbox's own commands run the simulation on purpose.
+ALLOWED = {Path("starters/dev.py"), Path("starters/sandbox_cli.py")}
+
+
+def imported(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_no_production_module_imports_the_sandbox() -> None:
+    offenders = {
+        str(path.relative_to(REPO_ROOT)): sorted(
+            n for n in imported(path) if n.split(".")[0] == "sandbox"
+        )
+        for package in PRODUCTION
+        for path in sorted((REPO_ROOT / package).rglob("*.py"))
+        if path.relative_to(REPO_ROOT) not in ALLOWED
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
