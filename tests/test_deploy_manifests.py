@@ -308,11 +308,16 @@ def client_apis(k8s: KubernetesActivities) -> dict[str, object]:
     }
 
 
+# Parsed once, at collection: CPython 3.11's parser is not safe while another thread (a worker
+# of an earlier test winding down) compiles ("AST constructor recursion depth mismatch").
+ACTIVITIES_TREE = ast.parse(inspect.getsource(kubernetes_activities))
+
+
 def client_methods_in_source(apis: set[str]) -> set[str]:
     """Every kubernetes API method ``activities/kubernetes.py`` calls: ``self.<api>.<method>()``."""
     return {
         node.func.attr
-        for node in ast.walk(ast.parse(inspect.getsource(kubernetes_activities)))
+        for node in ast.walk(ACTIVITIES_TREE)
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
         and isinstance(owner := node.func.value, ast.Attribute)
