@@ -12,15 +12,12 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
 
 from temporalio.testing import WorkflowEnvironment
 
 from runtime import search_attributes as sa
 from runtime.client import data_converter
-from runtime.identity import Signer, statement
 from runtime.settings import Settings
-from workflows.models import RunbookRequest
 
 SERVE_KUBE = """
 import asyncio, sys
@@ -31,8 +28,6 @@ for namespace in sys.argv[3:]:
 asyncio.run(FakeKubeServer(cluster, port=int(sys.argv[1])).serve_forever())
 """
 PYCACHE = Path(tempfile.gettempdir()) / "astra-ops-bench-pycache"
-
-R = TypeVar("R", bound=RunbookRequest)
 
 
 def cache_bytecode() -> None:
@@ -97,12 +92,6 @@ async def sandbox_cluster(
     finally:
         kube.terminate()
         await kube.wait()
-
-
-def signed(signer: Signer, request: R, workflow_id: str) -> R:
-    """``request`` with the start statement the API would sign for it."""
-    said = statement("start", request.requester, workflow_id, request.signed_payload())
-    return request.model_copy(update={"authorization": signer.sign(said)})
 
 
 def cpu_seconds(pid: int) -> float:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from activity_calls import ActivityCall, activity_calls
 from bare_workflow import Bare
-from harness import cache_bytecode, child_named, cpu_seconds, dev_server, sandbox_cluster, signed
+from harness import cache_bytecode, child_named, cpu_seconds, dev_server, sandbox_cluster
 from temporalio import workflow
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
@@ -260,7 +260,10 @@ async def compare(
             dry_run=True,
         )  # fmt: skip
         handle = await client.start_workflow(
-            ShardScaling.run, signed(signer, request, workflow_id), id=workflow_id, task_queue=QUEUE
+            ShardScaling.run,
+            request.signed_by(signer, workflow_id),
+            id=workflow_id,
+            task_queue=QUEUE,
         )
         await handle.result()
         return workflow_id

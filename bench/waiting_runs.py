@@ -8,7 +8,7 @@ the worker's resident memory idle and with all N runs waiting; the time to decid
 ``--concurrency`` at a time, and the memory after; then, for N more runs, the same after a worker
 restart, when the cache is empty and every decision replays its run.
 
-Shard Scaling runs are decided through the CLI's code path (``starters.runs.Runs.decide``, signed
+Shard Scaling runs are decided through the CLI's code path (``starters.runs.Runs.decide``
 as the API signs: describe, status query, the ``decide`` update and its validator). The decisions
 are rejections: a decision takes the same path either way, and a rejected run ends at once, where
 an approved one would go on to patch the sandbox's ConfigMap and restart two Deployments (N times
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bare_workflow import WaitForSignal
-from harness import cache_bytecode, dev_server, rss_bytes, sandbox_cluster, signed, until_idle
+from harness import cache_bytecode, dev_server, rss_bytes, sandbox_cluster, until_idle
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -240,7 +240,7 @@ async def main(runs: int, at_once: int) -> None:
                 )
                 await client.start_workflow(
                     ShardScaling.run,
-                    signed(signer, request, workflow_id),
+                    request.signed_by(signer, workflow_id),
                     id=workflow_id,
                     task_queue=QUEUE,
                 )

@@ -265,13 +265,7 @@ class Runs:
                     )
                 return StartedRun(run_id=earlier_id, runbook=runbook, existing=True)
         request_id = str(uuid.uuid4())
-        signed: RunbookRequest = request.model_copy(
-            update={
-                "authorization": self._vouch(
-                    statement("start", requester, workflow_id, request.signed_payload())
-                )
-            }
-        )
+        signed = request.signed_by(self.signer, workflow_id) if self.signer else request
         attributes: list[SearchAttributePair[Any]] = [
             SearchAttributePair(sa.RUNBOOK, runbook),
             SearchAttributePair(sa.SEVERITY, spec.severity),
@@ -327,8 +321,8 @@ class Runs:
         result: RunbookResult | None = None
         failure: str | None = None
         try:
-            status = await handle.query("status", result_type=RunStatus, rpc_timeout=QUERY_TIMEOUT)
-        except (WorkflowQueryFailedError, RPCError):
+            status = await self._status(handle)
+        except DecisionRefused:
             status = None  # no worker to answer; closed runs still have their result below
         if state == "completed":
             result = await handle.result()
@@ -376,10 +370,8 @@ class Runs:
         pending = []
         for run in await self.list_runs(awaiting_approval=True):
             try:
-                status = await self._handle(run.run_id).query(
-                    "status", result_type=RunStatus, rpc_timeout=QUERY_TIMEOUT
-                )
-            except (WorkflowQueryFailedError, RPCError):
+                status = await self._status(self._handle(run.run_id))
+            except DecisionRefused:
                 continue  # closed between the listing and the query
             pending += [(run.run_id, p) for p in status.pending_approvals]
         return pending

@@ -22,8 +22,7 @@ R = TypeVar("R", bound=RunbookRequest)
 
 def signed_start(request: R, workflow_id: str) -> R:
     """The request as the API would send it: with its signed start statement."""
-    said = statement("start", request.requester, workflow_id, request.signed_payload())
-    return request.model_copy(update={"authorization": TEST_SIGNER.sign(said)})
+    return request.signed_by(TEST_SIGNER, workflow_id)
 
 
 async def signed_decision(handle: WorkflowHandle[Any, Any], decision: Decision) -> Decision:

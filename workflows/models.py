@@ -10,14 +10,14 @@ import re
 from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 # Workers pass runtime.identity through their sandbox (workers/worker.py `workflow_runner`):
 # cryptography's native bindings cannot be loaded twice.
-from runtime.identity import Signed
+from runtime.identity import Signed, Signer, statement
 
 # Upper bounds of durations, in seconds. Every duration a request carries stays far inside what
 # a ``timedelta`` holds, sums included (a wait's timeout plus its slack).
@@ -113,6 +113,11 @@ class RunbookRequest(BaseModel):
             sort_keys=True,
             separators=(",", ":"),
         )
+
+    def signed_by(self, signer: Signer, workflow_id: str) -> Self:
+        """This request with the API's statement that its requester started exactly it."""
+        said = statement("start", self.requester, workflow_id, self.signed_payload())
+        return self.model_copy(update={"authorization": signer.sign(said)})
 
 
 class StepState(StrEnum):

@@ -131,17 +131,16 @@ class StepRunner:
         except (asyncio.CancelledError, ActivityError) as err:
             if not is_cancelled_exception(err):
                 raise
-            if self.cancel_request is None:
+            self._stop_at_current(self._cancelled_note())
+            who = self.cancel_request
+            if who is None:
                 # Temporal's own cancel (the stock `temporal workflow cancel`): nobody proved who.
-                self._stop_at_current(self._cancelled_note())
                 self.finish(
                     Outcome.CANCELLED,
                     "cancelled by an unknown identity (a Temporal cancel request)"
                     + self.rollback_note,
                 )
                 raise
-            who = self.cancel_request
-            self._stop_at_current(self._cancelled_note())
             return self.finish(
                 Outcome.CANCELLED,
                 f"cancelled by {who.actor}: {who.reason or 'no reason given'}" + self.rollback_note,
@@ -238,8 +237,9 @@ class StepRunner:
             return f"a cancel needs an actor (<= {MAX_NAME} chars) and a reason <= {MAX_COMMENT}"
         return self.admission.access.may_cancel(
             self.runbook, req.actor, self.request.requester, self._members
-        ) or proven(req.authorization, self.gate.trust, act="cancel", actor=req.actor,
-                    payload=req.reason)  # fmt: skip
+        ) or proven(
+            req.authorization, self.gate.trust, act="cancel", actor=req.actor, payload=req.reason
+        )
 
     def cancel(self, req: CancelRequest) -> str:
         why = self.validate_cancel(req)
