@@ -2,8 +2,9 @@
 
 Each command runs as its own process (`.venv/bin/astra-ops ...`), so the figure includes what a
 person waits for: interpreter start, imports, connecting, the round trip, printing. Both ways the
-CLI reaches runs are timed: dev mode (straight to Temporal) and through the HTTP API (the way
-outside dev mode; the API is served by this script). `temporal workflow describe` on the same
+CLI reaches runs are timed: beside `astra-ops dev` (its marker file sends the CLI to the dev
+stack's API with each person's dev token) and through a production API (a bearer token, the API
+signs); this script serves both APIs. `temporal workflow describe` on the same
 server is the baseline: the least any command that asks Temporal can take. Target: every
 command's median under 0.5 s.
 
@@ -39,7 +40,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from runtime import search_attributes as sa
 from runtime.access import load_policy
-from runtime.client import data_converter
+from runtime.client import DevStack, data_converter
 from runtime.identity import load_signer, new_signing_key_line
 from runtime.keys import new_key_line
 from runtime.settings import Settings
@@ -194,19 +195,23 @@ async def running_stack() -> AsyncIterator[Stack]:
             trusted_keys=signer.public_line(),
             api_tokens=SecretStr(TOKENS),
         )
-        dev = base.model_copy(update={"task_queue": "bench-dev", "dev_mode": True})
+        # Beside `astra-ops dev`: its API trusts names and signs nothing; the marker in the
+        # dev state directory sends the CLI there with each person's dev token.
+        dev = base.model_copy(
+            update={"task_queue": "bench-dev", "dev_mode": True, "signing_key_file": None}
+        )
         api = base.model_copy(update={"task_queue": "bench-api"})
         executor = stack.enter_context(ThreadPoolExecutor(16))
         for settings in (dev, api):
             await stack.enter_async_context(running_worker(client, settings, executor))
+        dev_url = await stack.enter_async_context(serving_api(dev))
         api_url = await stack.enter_async_context(serving_api(api))
+        dev_state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cli-dev-")))
+        tokens = {user: f"t-{user}" for user in (REQUESTER, APPROVER)}
+        DevStack(api_url=dev_url, tokens=tokens).write(dev_state / "dev-mode")
         policy = load_policy(base.access_policy)
         # The CLI's environment: this machine's, without any astra-ops setting of its own.
-        cli_env = {k: v for k, v in os.environ.items() if not k.startswith("ASTRA_OPS_")} | {
-            "ASTRA_OPS_TEMPORAL_ADDRESS": address,
-            "ASTRA_OPS_CODEC_KEYS": keys,
-            "ASTRA_OPS_STATE_DIR": str(state),  # no dev-stack marker here: the mode is explicit
-        }
+        cli_env = {k: v for k, v in os.environ.items() if not k.startswith("ASTRA_OPS_")}
         yield Stack(
             client,
             address,
@@ -214,12 +219,16 @@ async def running_stack() -> AsyncIterator[Stack]:
             [
                 Mode(
                     "dev",
-                    cli_env | {"ASTRA_OPS_DEV_MODE": "true", "ASTRA_OPS_TASK_QUEUE": "bench-dev"},
+                    cli_env | {"ASTRA_OPS_STATE_DIR": str(dev_state)},
                     Runs(client, dev.task_queue, policy),
                 ),
                 Mode(
                     "api",
-                    cli_env | {"ASTRA_OPS_API_URL": api_url, "ASTRA_OPS_TASK_QUEUE": "bench-api"},
+                    cli_env
+                    | {
+                        "ASTRA_OPS_API_URL": api_url,
+                        "ASTRA_OPS_STATE_DIR": str(state),  # no dev-stack marker here
+                    },
                     Runs(client, api.task_queue, policy, signer),
                 ),
             ],

@@ -17,11 +17,13 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from runtime.errors import ConfigError
+
 ANYONE = "anyone"
 """A pseudo-group: every person the policy knows."""
 
 
-class AccessPolicyError(Exception):
+class AccessPolicyError(ConfigError):
     """The policy file is missing or malformed, or lacks an entry a runbook needs."""
 
 

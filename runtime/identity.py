@@ -23,6 +23,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, Field
 
+from runtime.errors import ConfigError
+
 Act = Literal["start", "decision", "cancel", "freeze", "unfreeze"]
 
 # How long a signed statement stays valid: long enough for `--print-signal` to be pasted into the
@@ -30,7 +32,7 @@ Act = Literal["start", "decision", "cancel", "freeze", "unfreeze"]
 STATEMENT_TTL = timedelta(minutes=10)
 
 
-class IdentityKeyError(Exception):
+class IdentityKeyError(ConfigError):
     """A signing or trusted key is missing or malformed."""
 
 

@@ -10,8 +10,10 @@ import base64
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from runtime.errors import ConfigError
 
-class CodecKeyError(Exception):
+
+class CodecKeyError(ConfigError):
     """The configured key material is missing or malformed."""
 
 

@@ -15,11 +15,13 @@ from typing import Any
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from runtime.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "ASTRA_OPS_"
 
 
-class SettingsError(Exception):
+class SettingsError(ConfigError):
     """Raised when the environment does not describe a usable configuration."""
 
 

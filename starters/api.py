@@ -28,9 +28,16 @@ from runtime.identity import Signer, load_signer_file
 from runtime.keys import CodecKeyError
 from runtime.redact import redact, redact_logs
 from runtime.settings import Settings, SettingsError
-from starters.run_views import OpenRunConflict, RunError, RunSummary, RunView, StartedRun
+from starters.run_views import (
+    OpenRunConflict,
+    RunbookCard,
+    RunError,
+    RunSummary,
+    RunView,
+    StartedRun,
+)
+from starters.runbook_cards import runbook_cards
 from starters.runs import TEMPORAL_ERRORS, Runs, temporal_error
-from workflows.catalogue import RUNBOOKS
 from workflows.models import (
     MAX_COMMENT,
     MAX_STEP,
@@ -313,8 +320,13 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "ready"}
 
     @app.get("/v1/runbooks", tags=["runbooks"])
-    async def list_runbooks(_: User) -> list[dict[str, Any]]:
-        return [w.spec.describe() for w in RUNBOOKS.values()]
+    async def list_runbooks(_: User) -> list[RunbookCard]:
+        """Every runbook: trigger, owner, steps, who may start and approve, parameters."""
+        return runbook_cards(policy)
+
+    @app.get("/v1/runbooks/{name}", tags=["runbooks"])
+    async def show_runbook(name: str, _: User) -> RunbookCard:
+        return runbook_cards(policy, name)[0]
 
     @app.post(
         "/v1/runbooks/{name}/runs",

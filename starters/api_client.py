@@ -21,6 +21,7 @@ from starters.run_views import (
     DecisionRefused,
     InvalidInput,
     NotAllowed,
+    RunbookCard,
     RunError,
     RunSummary,
     RunView,
@@ -107,6 +108,12 @@ class ApiRuns:
         if response.status_code == 503:
             raise TemporalUnavailable(message)
         raise ERRORS.get(response.status_code, RunError)(message)
+
+    async def runbooks(self) -> list[RunbookCard]:
+        return [RunbookCard.model_validate(c) for c in await self._call("GET", "/v1/runbooks")]
+
+    async def runbook(self, name: str) -> RunbookCard:
+        return RunbookCard.model_validate(await self._call("GET", f"/v1/runbooks/{name}"))
 
     async def start(
         self,

@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeAlias, TypeVar
 
 import typer
 
-from runtime.access import ANYONE, AccessPolicyError, RunbookAccess, load_policy
-from runtime.client import TemporalUnavailable, connect, dev_stack_marker
-from runtime.identity import IdentityKeyError, load_signer, new_signing_key_line
-from runtime.keys import CodecKeyError, new_key_line
+from runtime.client import DevStack, TemporalUnavailable, connect, dev_stack, dev_stack_marker
+from runtime.errors import ConfigError
 from runtime.settings import Settings, SettingsError, load_settings
-from starters.run_views import RunError, RunView
+from starters.run_views import RunbookCard, RunError, RunView
 from workflows.models import Decision
 
 if TYPE_CHECKING:
@@ -83,13 +81,7 @@ def clear_errors() -> Iterator[None]:
         yield
     except RunError as e:
         fail(e.message, 2 if e.kind == "invalid" else 1)
-    except (
-        TemporalUnavailable,
-        SettingsError,
-        CodecKeyError,
-        AccessPolicyError,
-        IdentityKeyError,
-    ) as e:
+    except (TemporalUnavailable, ConfigError) as e:
         fail(str(e))
 
 
@@ -119,29 +111,63 @@ def caller(config: Settings, user: str | None) -> str:
     return ""
 
 
-def with_runs(action: Callable[[AnyRuns, Settings], Awaitable[T]]) -> T:
-    """Run ``action`` against Temporal itself (dev mode) or through the API (everywhere else)."""
+def dev_api(stack: DevStack, name: str, acts: bool) -> ApiRuns:
+    """The dev stack's API as ``name`` (its dev token); a read needs no name."""
+    from starters.api_client import ApiRuns
+
+    if not name:
+        if acts or not stack.tokens:
+            fail("say who you are: --as NAME (or set ASTRA_OPS_USER)", 2)
+        return ApiRuns(stack.api_url, next(iter(stack.tokens.values())))
+    if name not in stack.tokens:
+        fail(
+            f"{name} has no token in this dev stack; it knows {', '.join(sorted(stack.tokens))} "
+            "(ASTRA_OPS_API_TOKENS of `astra-ops dev`)",
+            2,
+        )
+    return ApiRuns(stack.api_url, stack.tokens[name])
+
+
+def api_runs(config: Settings, user: str | None = None, *, acts: bool = False) -> ApiRuns | None:
+    """The API this command goes through: the running dev stack's, as ``--as`` names; outside
+    dev mode the configured one, as the token's owner. None: dev mode set without a dev stack,
+    where the CLI talks to Temporal itself."""
+    from starters.api_client import ApiRuns
+
+    stack = dev_stack(config)
+    if stack is not None:
+        return dev_api(stack, caller(config, user), acts)
+    if dev_mode(config):
+        return None
+    caller(config, user)  # refuses --as
+    if config.api_token is None:
+        raise SettingsError(
+            "outside dev mode the CLI goes through the API: set ASTRA_OPS_API_URL and "
+            "ASTRA_OPS_API_TOKEN (or run `astra-ops dev` for a local stack)"
+        )
+    return ApiRuns(config.api_url, config.api_token.get_secret_value())
+
+
+def with_runs(
+    action: Callable[[AnyRuns, Settings], Awaitable[T]],
+    user: str | None = None,
+    *,
+    acts: bool = False,
+) -> T:
+    """Run ``action`` through the API (beside `astra-ops dev`, and everywhere outside dev mode)
+    or, in dev mode without a dev stack, against Temporal itself. ``acts``: the command changes
+    something, so it needs to know who you are."""
 
     async def main() -> T:
         config = settings()
-        if dev_mode(config):
-            from starters.runs import Runs  # the Temporal client: only dev mode needs it
-
-            policy = load_policy(config.access_policy)
-            runs = Runs(await connect(config), config.task_queue, policy)
-            return await action(runs, config)
-        if config.api_token is None:
-            raise SettingsError(
-                "outside dev mode the CLI goes through the API: set ASTRA_OPS_API_URL and "
-                "ASTRA_OPS_API_TOKEN (or run `astra-ops dev` for a local stack)"
-            )
-        from starters.api_client import ApiRuns  # httpx: only this path needs it
-
-        api = ApiRuns(config.api_url, config.api_token.get_secret_value())
-        try:
+        api = api_runs(config, user, acts=acts)
+        if api is not None:
             return await action(api, config)
-        finally:
-            await api.aclose()
+        from runtime.access import load_policy
+        from starters.runs import Runs  # the Temporal client: only this path needs it
+
+        policy = load_policy(config.access_policy)
+        return await action(Runs(await connect(config), config.task_queue, policy), config)
 
     with clear_errors():
         return asyncio.run(main())
@@ -161,19 +187,19 @@ def parse_params(params: list[str]) -> dict[str, str]:
     return parsed
 
 
-def approvals(access: RunbookAccess | None) -> list[str]:
-    if access is None:
-        return ["(not in the access policy: nobody may start it)"]
-    return [
-        f"{step}: {rule.required} of {', '.join(rule.groups)}, on silence {rule.on_timeout}"
-        + (f" to {', '.join(rule.escalate_to)}" if rule.escalate_to else "")
-        for step, rule in access.approvals.items()
-    ]
+async def catalogue(name: str | None) -> list[RunbookCard]:
+    """The runbooks as the API describes them (its catalogue and policy are the ones that apply),
+    or from this checkout's when no API is configured."""
+    config = settings()
+    if dev_stack(config) is not None or (not dev_mode(config) and config.api_token is not None):
+        api = api_runs(config)
+        assert api is not None
+        return [await api.runbook(name)] if name else await api.runbooks()
+    # The catalogue brings the workflow definitions (and Temporal's workflow module).
+    from runtime.access import load_policy
+    from starters.runbook_cards import runbook_cards
 
-
-def dry_runners(access: RunbookAccess | None) -> str:
-    groups = list(dict.fromkeys((access.start + access.dry_run) if access else []))
-    return "anyone" if ANYONE in groups else ", ".join(groups) or "nobody"
+    return runbook_cards(load_policy(config.access_policy), name)
 
 
 @app.command()
@@ -188,44 +214,37 @@ def runbooks(
     Example: astra-ops runbooks worker-lost
     """
     with clear_errors():
-        # The catalogue brings the workflow definitions (and Temporal's workflow module).
-        from starters.runbook_parameters import parameters
-        from starters.runs import runbook_spec
-        from workflows.catalogue import RUNBOOKS
-
-        policy = load_policy(settings().access_policy)
-        specs = [runbook_spec(name)] if name else [w.spec for w in RUNBOOKS.values()]
+        cards = asyncio.run(catalogue(name))
     if as_json:
-        emit_json([s.describe() for s in specs])
+        emit_json([card.model_dump(mode="json") for card in cards])
         return
     if name is None:
-        for s in specs:
-            say(f"{s.name}  ({s.severity}, {s.rotation})  {s.trigger}")
-            for line in parameters(s, policy.runbooks.get(s.name)):
-                say(f"  {line}")
+        for card in cards:
+            say(f"{card.name}  ({card.severity}, {card.rotation})  {card.trigger}")
+            for p in card.parameters:
+                say(f"  {p.line()}")
         say("`astra-ops runbooks NAME` shows one runbook's steps and approvals too.")
         return
-    spec = specs[0]
-    access = policy.runbooks.get(spec.name)
-    say(f"{spec.name}: {spec.title}")
+    card = cards[0]
+    say(f"{card.name}: {card.title}")
     for label, value in (
-        ("trigger", spec.trigger),
-        ("rotation", spec.rotation),
-        ("severity", spec.severity),
-        ("started by", ", ".join(access.start) if access else "nobody"),
-        ("dry runs by", dry_runners(access)),
-        ("cancelled by", "the requester, " + ", ".join(access.cancel) if access else "-"),
+        ("trigger", card.trigger),
+        ("rotation", card.rotation),
+        ("severity", card.severity),
+        ("started by", ", ".join(card.started_by) or "nobody"),
+        ("dry runs by", ", ".join(card.dry_runs_by) or "nobody"),
+        ("cancelled by", ", ".join(["the requester", *card.cancelled_by])),
     ):
         say(f"{label}: {value}")
     say("steps:")
-    for number, step in enumerate(spec.steps, 1):
+    for number, step in enumerate(card.steps, 1):
         say(f"  {number}. {step}")
     say("approvals:")
-    for line in approvals(access):
+    for line in card.approvals:
         say(f"  {line}")
     say("parameters:")
-    for line in parameters(spec, access):
-        say(f"  {line}")
+    for p in card.parameters:
+        say(f"  {p.line()}")
 
 
 @app.command()
@@ -267,7 +286,7 @@ def start(
             emit_json(view_json(view))
         return exit_code(view)
 
-    code = with_runs(action)
+    code = with_runs(action, user, acts=True)
     if code:
         raise typer.Exit(code)
 
@@ -468,7 +487,7 @@ def decide(
             f"--name {signal['signal']} --input {shlex.quote(payload)}"
         )
 
-    with_runs(action)
+    with_runs(action, user, acts=True)
 
 
 Step = Annotated[str | None, typer.Option(help="The step to decide (default: the pending one).")]
@@ -526,7 +545,7 @@ def cancel(run_id: str, reason: Reason = "", user: As = None) -> None:
     async def action(runs: AnyRuns, config: Settings) -> None:
         say(await runs.cancel(run_id, caller(config, user), reason))
 
-    with_runs(action)
+    with_runs(action, user, acts=True)
 
 
 @app.command()
@@ -539,7 +558,7 @@ def freeze(reason: Reason = "", user: As = None) -> None:
     async def action(runs: AnyRuns, config: Settings) -> None:
         say(await runs.freeze(caller(config, user), reason))
 
-    with_runs(action)
+    with_runs(action, user, acts=True)
 
 
 @app.command()
@@ -552,7 +571,7 @@ def unfreeze(reason: Reason = "", user: As = None) -> None:
     async def action(runs: AnyRuns, config: Settings) -> None:
         say(await runs.unfreeze(caller(config, user), reason))
 
-    with_runs(action)
+    with_runs(action, user, acts=True)
 
 
 @app.command()
@@ -627,6 +646,9 @@ def keygen(
 
     Example: astra-ops keygen --signing api-2026
     """
+    from runtime.identity import load_signer, new_signing_key_line
+    from runtime.keys import new_key_line
+
     if not signing:
         say(new_key_line(key_id))
         return

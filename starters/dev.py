@@ -13,8 +13,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from runtime import search_attributes as sa
-from runtime.client import TemporalUnavailable, connect, dev_stack_marker
+from runtime.client import DevStack, TemporalUnavailable, connect, dev_stack_marker
 from runtime.keys import new_key_line
 from runtime.settings import ENV_PREFIX, Settings
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
@@ -89,22 +91,25 @@ async def wait_for_temporal(settings: Settings, proc: asyncio.subprocess.Process
 
 async def run_dev(settings: Settings) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    # The CLI run from this directory talks to this stack directly and trusts --as.
-    dev_stack_marker(settings).write_text(
-        "Written by `astra-ops dev`: this directory runs a dev stack, where names are trusted.\n"
-    )
     address = f"127.0.0.1:{settings.temporal_port}"
     keys = codec_key_file(settings)
+    tokens = settings.api_tokens.get_secret_value() if settings.api_tokens else DEV_TOKENS
     common = {
         "TEMPORAL_ADDRESS": address,
         "CODEC_KEY_FILE": str(keys),
         "DEV_MODE": "true",
         "UI_ORIGINS": f"http://127.0.0.1:{settings.ui_port},http://localhost:{settings.ui_port}",
-        "API_TOKENS": settings.api_tokens.get_secret_value() if settings.api_tokens else DEV_TOKENS,
+        "API_TOKENS": tokens,
     }
     settings = settings.model_copy(
-        update={"temporal_address": address, "codec_key_file": keys, "dev_mode": True}
+        update={
+            "temporal_address": address,
+            "codec_key_file": keys,
+            "dev_mode": True,
+            "api_tokens": SecretStr(tokens),
+        }
     )
+    marker = dev_stack_marker(settings)
     stack = Stack(settings)
     cluster = FakeCluster(rollout_seconds=settings.kube_rollout_seconds)
     seed_astra(cluster)
@@ -144,6 +149,11 @@ async def run_dev(settings: Settings) -> int:
         await stack.spawn("api", *me, "api", env=child_env)
         # Migrates the sandbox database first, then plays Astra's workers and serves /metrics.
         await stack.spawn("sandbox", *me, "sandbox", "serve", env=child_env)
+        # The CLI run from this directory now goes through this stack's API, as `--as NAME`.
+        DevStack(
+            api_url=settings.api_url,
+            tokens={user: token for token, user in settings.token_identities.items()},
+        ).write(marker)
         print(
             "astra-ops dev is up:\n"
             f"  Temporal        {address}\n"
@@ -172,5 +182,6 @@ async def run_dev(settings: Settings) -> int:
         print(f"astra-ops dev: {name} exited unexpectedly; stopping the stack", flush=True)
         return 1
     finally:
+        marker.unlink(missing_ok=True)
         await stack.stop()
         await kube.stop()

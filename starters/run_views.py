@@ -54,6 +54,49 @@ class OpenRunConflict(RunError):
         self.details = {"run_id": run_id, "requester": requester, "params": params}
 
 
+class Parameter(BaseModel):
+    """One parameter a start may set with ``--param``, as people read it."""
+
+    name: str
+    type: str
+    required: bool
+    default: Any = None
+    bounds: list[str]
+    """The model's own bounds, e.g. ``["> 0", "<= 1"]``."""
+    policy: str | None = None
+    """What the access policy allows, e.g. ``default 0.5, allowed [0.05, 0.5]``."""
+    description: str = ""
+
+    def line(self) -> str:
+        """``name: type, default or required, bounds; policy: what it allows``."""
+        text = f"{self.name}: {self.type}"
+        text += ", required" if self.required else f", default {self.default}"
+        if self.bounds:
+            text += f", {' and '.join(self.bounds)}"
+        if self.policy is not None:
+            text += f"; policy: {self.policy}"
+        return text
+
+
+class RunbookCard(BaseModel):
+    """A runbook as the catalogue and the access policy describe it: what `astra-ops runbooks`
+    prints and `GET /v1/runbooks` returns, built in one place so both say the same."""
+
+    name: str
+    title: str
+    trigger: str
+    rotation: str
+    severity: str
+    steps: list[str]
+    started_by: list[str]
+    dry_runs_by: list[str]
+    cancelled_by: list[str]
+    """Besides the requester, who may always cancel their own run."""
+    approvals: list[str]
+    """One line per approval step: how many of which groups, and what silence does."""
+    parameters: list[Parameter]
+
+
 class StartedRun(BaseModel):
     run_id: str
     runbook: str

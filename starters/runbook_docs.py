@@ -39,7 +39,7 @@ from runtime.access import (
     load_policy,
 )
 from runtime.settings import REPO_ROOT
-from starters.runbook_parameters import runbook_parameters
+from starters.runbook_cards import runbook_parameters
 from workflows.catalogue import RUNBOOKS
 from workflows.runbook import Runbook, RunbookSpec
 

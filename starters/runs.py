@@ -40,10 +40,9 @@ from starters.run_views import (
     RunView,
     StartedRun,
     UnknownRun,
-    UnknownRunbook,
 )
+from starters.runbook_cards import runbook_spec
 from workflows.approval import refusal, step_of
-from workflows.catalogue import RUNBOOKS
 from workflows.models import (
     ApprovalSignal,
     CancelRequest,
@@ -54,7 +53,6 @@ from workflows.models import (
     RunbookResult,
     RunStatus,
 )
-from workflows.runbook import RunbookSpec
 
 # A run whose worker is gone does not answer queries; say so instead of hanging the caller.
 QUERY_TIMEOUT = timedelta(seconds=5)
@@ -123,15 +121,6 @@ def visibility_literal(value: str) -> str:
     subject must not end the literal (or change the query). The dev server's SQLite visibility
     matches no id that holds a backslash, escaped or not; such a lookup finds nothing."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def runbook_spec(name: str) -> RunbookSpec:
-    try:
-        return RUNBOOKS[name].spec
-    except KeyError:
-        raise UnknownRunbook(
-            f"no runbook named {name!r}; known: {', '.join(sorted(RUNBOOKS))}"
-        ) from None
 
 
 def _outcome(state: str, recorded: str | None) -> str | None:

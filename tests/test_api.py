@@ -191,7 +191,14 @@ async def test_catalogue_lists_each_runbook_with_its_steps_and_parameters(
     scaling = catalogue["shard-scaling"]
     assert scaling["rotation"] == "kernel-sre"
     assert "approve scaling" in scaling["steps"]
-    assert scaling["parameters"]["shards"]["minimum"] == 1
+    assert scaling["started_by"] == ["kernel-sre"]
+    shards = next(p for p in scaling["parameters"] if p["name"] == "shards")
+    assert shards["bounds"] == [">= 1", "<= 4096"] and shards["required"]
+    one = await api.get("/v1/runbooks/shard-scaling", headers=auth("dave"))
+    assert one.json() == scaling
+    unknown = await api.get("/v1/runbooks/nope", headers=auth("dave"))
+    assert unknown.status_code == 404
+    assert "no runbook named 'nope'" in unknown.json()["error"]["message"]
 
 
 async def test_codec_endpoints_round_trip_for_the_ui(api_settings: Settings) -> None:

@@ -28,6 +28,7 @@ from temporalio.worker import Worker
 from typer.testing import CliRunner, Result
 
 from runtime import search_attributes as sa
+from runtime.client import DevStack
 from runtime.settings import Settings
 from starters.api import create_app
 from starters.cli import app
@@ -244,7 +245,7 @@ async def test_runbooks_catalogue(cli: Cli) -> None:
         "check astra-worker health",
         "approve scaling",
     ]
-    assert "shards" in scaling["parameters"]
+    assert "shards" in {p["name"] for p in scaling["parameters"]}
 
     table = await cli("runbooks")
     assert "shards: integer, required, >= 1 and <= 4096" in table.stdout
@@ -333,3 +334,38 @@ async def test_dev_mode_talks_to_temporal_and_trusts_as(
             assert approved.exit_code == 0, approved.output
             assert (await handle_of(client, run_id).result()).outcome.value == "done"
     assert shard_count(kube, namespace) == "7"
+
+
+async def test_beside_a_dev_stack_the_cli_goes_through_its_api_as_the_named_person(
+    cli: Cli, client: Client, worker: Worker, kube: KubeSandbox, namespace: str, tmp_path: Path
+) -> None:
+    # What `astra-ops dev` writes while it runs: its API, and each person's dev token.
+    tokens = {user: f"t-{user}" for user in ("alice", "bob", "dave")}
+    DevStack(api_url=cli.env["ASTRA_OPS_API_URL"], tokens=tokens).write(tmp_path / "dev-mode")
+    # Nothing else says where the API is: the marker does.
+    beside = Cli({**cli.env, "ASTRA_OPS_API_URL": "http://127.0.0.1:1"})
+
+    nobody = await beside("start", "shard-scaling", "-p", "shards=5", user="")
+    assert nobody.exit_code == 2 and "say who you are: --as NAME" in nobody.stderr
+    stranger = await beside("start", "shard-scaling", "-p", "shards=5", "--as", "zed", user="")
+    assert stranger.exit_code == 2 and "zed has no token in this dev stack" in stranger.stderr
+    assert "alice, bob, dave" in stranger.stderr
+
+    started = await beside(
+        "start", "shard-scaling", "-p", "shards=5", "-p", f"namespace={namespace}",
+        "--as", "alice", "--json", user="",
+    )  # fmt: skip
+    assert started.exit_code == 0, started.output
+    run_id = json.loads(started.stdout)["run_id"]
+    await awaiting_approval(handle_of(client, run_id), "approve scaling")
+    # The API applies its checks to a dev token as to any other: alice may not approve her own.
+    own = await beside("approve", run_id, "--as", "alice", user="")
+    assert own.exit_code == 1 and "the requester cannot approve it" in own.stderr
+    listed = await beside("ps", "--json", user="")  # a read needs no name
+    assert run_id in [r["run_id"] for r in json.loads(listed.stdout)]
+    card = await beside("runbooks", "shard-scaling", user="")
+    assert "started by: kernel-sre" in card.stdout, card.output
+    approved = await beside("approve", run_id, "--as", "bob", user="")
+    assert approved.exit_code == 0, approved.output
+    assert (await handle_of(client, run_id).result()).outcome.value == "done"
+    assert shard_count(kube, namespace) == "5"

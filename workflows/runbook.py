@@ -39,18 +39,6 @@ class RunbookSpec:
     def workflow_id(self, request: RunbookRequest) -> str:
         return f"{self.name}/{self.subject(request)}"
 
-    def describe(self) -> dict[str, Any]:
-        """The catalogue entry as the CLI's `runbooks --json` and the API's /v1/runbooks show it."""
-        return {
-            "name": self.name,
-            "title": self.title,
-            "trigger": self.trigger,
-            "rotation": self.rotation,
-            "severity": self.severity,
-            "steps": list(self.steps),
-            "parameters": self.request.model_json_schema()["properties"],
-        }
-
 
 class Runbook:
     """Base of every runbook workflow class; subclasses set ``spec`` and write ``run``."""

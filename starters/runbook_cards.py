@@ -1,0 +1,109 @@
+"""A runbook as people read it before they start it: steps, approvals, and parameters with
+their type, default, bounds and what the policy allows.
+
+Read from the catalogue, the request model's JSON schema and the access policy, so the CLI's
+`runbooks`, the API's `/v1/runbooks` and the generated `docs/runbooks/` say the same thing in the
+same words.
+"""
+
+from __future__ import annotations
+
+from runtime.access import ANYONE, AccessPolicy, RunbookAccess
+from starters.run_views import Parameter, RunbookCard, UnknownRunbook
+from workflows.catalogue import RUNBOOKS
+from workflows.runbook import RunbookSpec
+
+CALLER_FIELDS = {"requester", "reason", "dry_run", "authorization"}
+"""Fields every start has, set by the command itself (`--reason`, `--dry-run`, who you are)."""
+
+_BOUNDS = (
+    ("exclusiveMinimum", ">"),
+    ("minimum", ">="),
+    ("exclusiveMaximum", "<"),
+    ("maximum", "<="),
+)
+
+
+def _number(value: float) -> str:
+    """``2592000``, not ``2.592e+06``; ``0.05``, not ``0.05000000000000000277``."""
+    return f"{value:.15g}"
+
+
+def runbook_parameters(spec: RunbookSpec, access: RunbookAccess | None) -> list[Parameter]:
+    """Every parameter a start may set with ``--param``, in the model's order."""
+    schema = spec.request.model_json_schema()
+    required = set(schema.get("required", []))
+    found = []
+    for name, prop in schema["properties"].items():
+        if name in CALLER_FIELDS:
+            continue
+        kinds = [p.get("type", "?") for p in prop.get("anyOf", [prop])]
+        limit = access.limits.get(name) if access else None
+        policy = None
+        if limit is not None:
+            if isinstance(limit.default, list):
+                policy = f"default {limit.default}, from {limit.choices()}"
+            else:
+                low, high = limit.bounds()
+                policy = (
+                    f"default {_number(limit.default)}, allowed [{_number(low)}, {_number(high)}]"
+                )
+        found.append(
+            Parameter(
+                name=name,
+                type="|".join(k for k in kinds if k != "null") or "?",
+                required=name in required,
+                default=prop.get("default"),
+                bounds=[f"{sign} {_number(prop[key])}" for key, sign in _BOUNDS if key in prop],
+                policy=policy,
+                description=prop.get("description", ""),
+            )
+        )
+    return found
+
+
+def approval_lines(access: RunbookAccess | None) -> list[str]:
+    if access is None:
+        return ["(not in the access policy: nobody may start it)"]
+    return [
+        f"{step}: {rule.required} of {', '.join(rule.groups)}, on silence {rule.on_timeout}"
+        + (f" to {', '.join(rule.escalate_to)}" if rule.escalate_to else "")
+        for step, rule in access.approvals.items()
+    ]
+
+
+def dry_runners(access: RunbookAccess | None) -> list[str]:
+    groups = list(dict.fromkeys((access.start + access.dry_run) if access else []))
+    return [ANYONE] if ANYONE in groups else groups
+
+
+def runbook_card(spec: RunbookSpec, access: RunbookAccess | None) -> RunbookCard:
+    """Everything people ask of a runbook before they start it, from the catalogue and policy."""
+    return RunbookCard(
+        name=spec.name,
+        title=spec.title,
+        trigger=spec.trigger,
+        rotation=spec.rotation,
+        severity=spec.severity,
+        steps=list(spec.steps),
+        started_by=list(access.start) if access else [],
+        dry_runs_by=dry_runners(access),
+        cancelled_by=list(access.cancel) if access else [],
+        approvals=approval_lines(access),
+        parameters=runbook_parameters(spec, access),
+    )
+
+
+def runbook_spec(name: str) -> RunbookSpec:
+    try:
+        return RUNBOOKS[name].spec
+    except KeyError:
+        raise UnknownRunbook(
+            f"no runbook named {name!r}; known: {', '.join(sorted(RUNBOOKS))}"
+        ) from None
+
+
+def runbook_cards(policy: AccessPolicy, name: str | None = None) -> list[RunbookCard]:
+    """Every runbook's card, or the one named."""
+    specs = [runbook_spec(name)] if name else [w.spec for w in RUNBOOKS.values()]
+    return [runbook_card(spec, policy.runbooks.get(spec.name)) for spec in specs]
