@@ -4,247 +4,67 @@ The official ``kubernetes`` client is synchronous, so these are sync activities 
 them on a thread-pool executor. Each mutating activity reads the current state first, acts only if
 it differs from the goal, and reports what it did (or in dry-run what it would do). Restarts are
 stamped with the step's idempotency token in the pod template, so a retried restart recognises its
-own earlier work instead of rolling the pods twice. Rollout history is read, and undone, the way
-``kubectl rollout history`` and ``kubectl rollout undo`` do it: from the Deployment's ReplicaSets
-and their revision annotations.
+own earlier work instead of rolling the pods twice.
+
+Every API call the activities make is in this module (``tests/test_deploy_manifests.py`` checks
+the worker's RBAC Role against them). Their inputs and results are in ``kube_models``, the error
+mapping in ``kube_errors``, and the ``kubectl rollout history``/``undo`` logic in
+``rollout_history``.
 
 The client is imported where it is used, not when this module loads: the workflows import this
-module for its models and activity names (and so does the CLI, through the catalogue), and the
+module for its activity names (and so does the CLI, through the catalogue), and the
 ``kubernetes`` package takes a second to import.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
-from activities.mutation import Mutation, MutationResult
+from activities.kube_annotations import (
+    CONFIG_HASH,
+    CONFIG_PATCHED_BY,
+    RESTARTED_BY,
+    ROLLED_BACK_BY,
+    config_hash,
+)
+from activities.kube_errors import kube_errors
+from activities.kube_models import (
+    ConfigPatch,
+    ConfigRef,
+    ConfigRollout,
+    ConfigValue,
+    ConfigVerification,
+    DeploymentRef,
+    PodDelete,
+    PodInfo,
+    PodList,
+    PodSelector,
+    RolloutHistory,
+    RolloutRestart,
+    RolloutStatus,
+    RolloutUndo,
+    RolloutWait,
+)
+from activities.mutation import MutationResult
+from activities.rollout_history import (
+    RecordedRevision,
+    current_revision,
+    history_of,
+    pod_template,
+    recorded_revisions,
+    undo_patch,
+    undo_target,
+)
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
-    from kubernetes.client.exceptions import ApiException
 
-RESTARTED_BY = "astra-ops/restarted-by"
-CONFIG_HASH = "astra-ops/config-hash"
-CONFIG_PATCHED_BY = "astra-ops/patched-by"
-ROLLED_BACK_BY = "astra-ops/rolled-back-by"
-REVISION = "deployment.kubernetes.io/revision"
-REVISION_HISTORY = "deployment.kubernetes.io/revision-history"
-CHANGE_CAUSE = "kubernetes.io/change-cause"
-TEMPLATE_HASH_LABEL = "pod-template-hash"
-# The Deployment controller's bookkeeping: kubectl rollout undo keeps the Deployment's own values
-# of these and takes every other annotation from the ReplicaSet it rolls back to.
-CONTROLLER_ANNOTATIONS = frozenset(
-    {
-        REVISION,
-        REVISION_HISTORY,
-        "deployment.kubernetes.io/desired-replicas",
-        "deployment.kubernetes.io/max-replicas",
-        "kubectl.kubernetes.io/last-applied-configuration",
-    }
-)
-DEFAULT_NAMESPACE = "astra"
-DEFAULT_CONFIG_MAP = "astra-config"
 _T = TypeVar("_T")
-
-
-# ----- models ---------------------------------------------------------------------------------
-
-
-class ConfigRef(BaseModel):
-    """One key of a ConfigMap."""
-
-    namespace: str = DEFAULT_NAMESPACE
-    name: str = DEFAULT_CONFIG_MAP
-    key: str
-
-
-class ConfigValue(BaseModel):
-    """A ConfigMap key's value (None when the key is absent) and the version it was read at."""
-
-    value: str | None
-    resource_version: str
-    config_hash: str
-    key: str = ""
-
-    def summary(self) -> str:
-        """One line for the step's record."""
-        name = self.key or "the key"
-        return f"{name} is not set" if self.value is None else f"{name}={self.value}"
-
-
-class ConfigPatch(Mutation):
-    """Set one ConfigMap key to a value."""
-
-    namespace: str = DEFAULT_NAMESPACE
-    name: str = DEFAULT_CONFIG_MAP
-    key: str
-    value: str
-    expected: str | None = Field(
-        default=None,
-        description="only change a key that holds this value (what the run wrote, when putting "
-        "an old value back); None changes whatever it holds",
-    )
-
-
-class DeploymentRef(BaseModel):
-    """A Deployment."""
-
-    namespace: str = DEFAULT_NAMESPACE
-    name: str
-
-
-class RolloutStatus(BaseModel):
-    """Where a Deployment's rollout stands, as ``kubectl rollout status`` judges it."""
-
-    name: str
-    generation: int
-    observed_generation: int
-    replicas: int = Field(description="desired replicas (spec.replicas)")
-    updated: int
-    ready: int
-    available: int
-    complete: bool
-    failed_reason: str | None = None
-    failed_message: str | None = None
-    restart_token: str | None = None
-    config_hash: str | None = None
-
-    def summary(self) -> str:
-        """One line for heartbeats and error messages."""
-        return (
-            f"generation {self.observed_generation}/{self.generation}, updated "
-            f"{self.updated}/{self.replicas}, ready {self.ready}, available {self.available}"
-        )
-
-
-class RolloutRestart(Mutation):
-    """Restart a Deployment's pods once per token, optionally recording a ConfigMap's hash."""
-
-    namespace: str = DEFAULT_NAMESPACE
-    name: str
-    config_map: str | None = None
-
-
-class RolloutWait(BaseModel):
-    """Wait for a Deployment's rollout to complete."""
-
-    namespace: str = DEFAULT_NAMESPACE
-    name: str
-    timeout_seconds: float = 600
-    poll_seconds: float = 1.0
-
-
-class Revision(BaseModel):
-    """One revision of a Deployment: the ReplicaSet that holds its pod template."""
-
-    revision: int
-    replica_set: str
-    created: datetime | None = None
-    template_hash: str
-    change_cause: str | None = None
-    images: list[str] = []
-
-
-class RolloutHistory(BaseModel):
-    """A Deployment's revisions, oldest first, as ``kubectl rollout history`` lists them."""
-
-    name: str
-    current_revision: int | None = None
-    revisions: list[Revision]
-
-    def summary(self) -> str:
-        newest = self.newest
-        if newest is None:
-            return f"{self.name}: no rollout history"
-        return (
-            f"{self.name}: {len(self.revisions)} revisions, current {self.current_revision}, "
-            f"newest {newest.revision}"
-        )
-
-    @property
-    def newest(self) -> Revision | None:
-        return self.revisions[-1] if self.revisions else None
-
-    @property
-    def previous(self) -> Revision | None:
-        """The revision ``kubectl rollout undo`` would go back to."""
-        return self.revisions[-2] if len(self.revisions) > 1 else None
-
-
-class RolloutUndo(Mutation):
-    """Put a Deployment back on an earlier revision's pod template (default: the previous)."""
-
-    namespace: str = DEFAULT_NAMESPACE
-    name: str
-    to_revision: int | None = Field(default=None, gt=0)
-
-
-class PodSelector(BaseModel):
-    """Pods in a namespace carrying all of these labels."""
-
-    namespace: str = DEFAULT_NAMESPACE
-    labels: dict[str, str]
-
-
-class PodInfo(BaseModel):
-    """What a runbook needs to know about one pod."""
-
-    name: str
-    phase: str
-    ready: bool
-    annotations: dict[str, str] = Field(default_factory=dict)
-    created: datetime | None = None
-
-
-class PodList(BaseModel):
-    """Pods, oldest first."""
-
-    pods: list[PodInfo]
-
-    def summary(self) -> str:
-        return f"{len(self.pods)} pods: {', '.join(p.name for p in self.pods) or 'none'}"
-
-
-class PodDelete(Mutation):
-    """Delete one pod (its controller replaces it)."""
-
-    namespace: str = DEFAULT_NAMESPACE
-    name: str
-
-
-class ConfigRollout(BaseModel):
-    """Which Deployment should be running which ConfigMap."""
-
-    namespace: str = DEFAULT_NAMESPACE
-    deployment: str
-    config_map: str = DEFAULT_CONFIG_MAP
-
-
-class ConfigVerification(BaseModel):
-    """Whether every pod of a Deployment runs the ConfigMap's current content."""
-
-    ok: bool
-    expected_hash: str
-    pods_total: int
-    pods_current: int
-    stale: list[str]
-
-    def summary(self) -> str:
-        stale = f"; stale: {', '.join(self.stale)}" if self.stale else ""
-        return (
-            f"{self.pods_current} of {self.pods_total} pods run config {self.expected_hash}{stale}"
-        )
 
 
 # ----- helpers --------------------------------------------------------------------------------
@@ -258,63 +78,6 @@ def unauthenticated_client(url: str) -> ApiClient:
     configuration = Configuration(host=url)
     configuration.proxy = None
     return ApiClient(configuration)
-
-
-def config_hash(data: dict[str, str] | None) -> str:
-    """The fingerprint of a ConfigMap's data stamped on pod templates: sha256 of sorted JSON."""
-    canonical = json.dumps(data or {}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def _status_reason(err: ApiException) -> str:
-    try:
-        body = json.loads(err.body or "{}")
-        return f"{body.get('reason', err.reason)}: {body.get('message', '')}".rstrip(": ")
-    except (TypeError, ValueError):
-        return str(err.reason)
-
-
-@contextmanager
-def _kube(action: str, target: str) -> Iterator[None]:
-    """Turn API errors into ApplicationErrors that say what failed and what to do about it."""
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
-
-    try:
-        yield
-    except ApiException as err:
-        why = _status_reason(err)
-        if err.status == 404:
-            raise ApplicationError(
-                f"cannot {action} {target}: it does not exist ({why}); check the name and "
-                "namespace in the runbook input",
-                type="KubernetesNotFound",
-                non_retryable=True,
-            ) from None
-        if err.status in (401, 403):
-            raise ApplicationError(
-                f"cannot {action} {target}: the API server refused our credentials ({why}); "
-                "grant astra-ops' ServiceAccount this verb in its RBAC Role",
-                type="KubernetesForbidden",
-                non_retryable=True,
-            ) from None
-        if err.status in (400, 422):
-            raise ApplicationError(
-                f"cannot {action} {target}: the API server rejected the request ({why}); "
-                "this is a bug in the runbook input or in astra-ops",
-                type="KubernetesInvalid",
-                non_retryable=True,
-            ) from None
-        # 409 (a concurrent write), 429 and 5xx: a retry reads fresh state and can succeed.
-        raise ApplicationError(
-            f"cannot {action} {target}: {err.status} {why}", type="KubernetesUnavailable"
-        ) from None
-    except HTTPError as err:
-        raise ApplicationError(
-            f"cannot {action} {target}: the Kubernetes API server is not reachable ({err}); is "
-            "the cluster up (or `astra-ops dev`'s sandbox running)?",
-            type="KubernetesUnavailable",
-        ) from None
 
 
 def _annotations_of_template(deployment: Any) -> dict[str, str]:
@@ -336,29 +99,6 @@ def _selector_text(selector: Any) -> str:
             }[expr.operator]
         )
     return ",".join(terms)
-
-
-@dataclass(frozen=True)
-class _Recorded:
-    """A revision with what undoing to it needs: its template and annotations, its old numbers."""
-
-    revision: Revision
-    template: dict[str, Any]
-    annotations: dict[str, str]
-    former: frozenset[int]
-
-
-def _revision_number(text: str | None) -> int | None:
-    return int(text) if text and text.isdigit() else None
-
-
-def _pod_template(api: ApiClient, template: Any) -> dict[str, Any]:
-    """A pod template as JSON, without the ``pod-template-hash`` label its ReplicaSet adds."""
-    body: dict[str, Any] = api.sanitize_for_serialization(template)  # type: ignore[no-untyped-call]
-    labels = (body.get("metadata") or {}).get("labels")
-    if labels:
-        labels.pop(TEMPLATE_HASH_LABEL, None)
-    return body
 
 
 def _pod_info(pod: Any) -> PodInfo:
@@ -416,6 +156,16 @@ def _rollout_status(deployment: Any) -> RolloutStatus:
     )
 
 
+def _require_token(activity_name: str, target: str, token: str) -> None:
+    if not token:
+        raise ApplicationError(
+            f"{activity_name} of {target} was called without an idempotency token; the step "
+            "runner must derive one from the workflow id and step",
+            type="ProgrammingError",
+            non_retryable=True,
+        )
+
+
 # ----- activities -----------------------------------------------------------------------------
 
 
@@ -429,7 +179,7 @@ class KubernetesActivities:
         self.apps = AppsV1Api(api)
 
     def _call(self, action: str, target: str, fn: Callable[[], _T]) -> _T:
-        with _kube(action, target):
+        with kube_errors(action, target):
             return fn()
 
     def _config_map(self, namespace: str, name: str) -> Any:
@@ -509,13 +259,7 @@ class KubernetesActivities:
     def rollout_restart(self, req: RolloutRestart) -> MutationResult:
         """Restart a Deployment once per token (and config hash), however often it is retried."""
         target = f"{req.namespace}/{req.name}"
-        if not req.token:
-            raise ApplicationError(
-                f"rollout_restart of {target} was called without an idempotency token; the step "
-                "runner must derive one from the workflow id and step",
-                type="ProgrammingError",
-                non_retryable=True,
-            )
+        _require_token("rollout_restart", target, req.token)
         stamp = {RESTARTED_BY: req.token}
         if req.config_map:
             stamp[CONFIG_HASH] = config_hash(self._config_map(req.namespace, req.config_map).data)
@@ -574,8 +318,8 @@ class KubernetesActivities:
             if activity.is_cancelled():
                 raise CancelledError(f"waiting for the rollout of {target} was cancelled")
 
-    def _recorded(self, deployment: Any) -> list[_Recorded]:
-        """The Deployment's revisions, oldest first: its ReplicaSets that carry a revision."""
+    def _revisions(self, deployment: Any) -> list[RecordedRevision]:
+        """The Deployment's revisions, oldest first, from the ReplicaSets its selector matches."""
         namespace, name = deployment.metadata.namespace, deployment.metadata.name
         selector = _selector_text(deployment.spec.selector)
         listed: Any = self._call(
@@ -583,53 +327,13 @@ class KubernetesActivities:
             f"{namespace}/{name}",
             lambda: self.apps.list_namespaced_replica_set(namespace, label_selector=selector),
         )
-        recorded = []
-        for replica_set in listed.items:
-            meta = replica_set.metadata
-            owned = any(
-                ref.controller and ref.uid == deployment.metadata.uid
-                for ref in meta.owner_references or []
-            )
-            annotations = dict(meta.annotations or {})
-            number = _revision_number(annotations.get(REVISION))
-            if not owned or number is None:
-                continue
-            template = replica_set.spec.template
-            containers = (template.spec.containers if template.spec is not None else None) or []
-            recorded.append(
-                _Recorded(
-                    revision=Revision(
-                        revision=number,
-                        replica_set=meta.name,
-                        created=meta.creation_timestamp,
-                        template_hash=(meta.labels or {}).get(TEMPLATE_HASH_LABEL, ""),
-                        change_cause=annotations.get(CHANGE_CAUSE),
-                        images=[c.image for c in containers],
-                    ),
-                    template=_pod_template(self.apps.api_client, template),
-                    annotations=annotations,
-                    former=frozenset(
-                        n
-                        for n in map(
-                            _revision_number, annotations.get(REVISION_HISTORY, "").split(",")
-                        )
-                        if n is not None
-                    ),
-                )
-            )
-        return sorted(recorded, key=lambda r: r.revision.revision)
+        return recorded_revisions(self.apps.api_client, deployment, listed.items)
 
     @activity.defn
     def rollout_history(self, req: DeploymentRef) -> RolloutHistory:
         """The Deployment's revisions, oldest first, like ``kubectl rollout history``."""
         deployment = self._deployment(req.namespace, req.name)
-        return RolloutHistory(
-            name=req.name,
-            current_revision=_revision_number(
-                (deployment.metadata.annotations or {}).get(REVISION)
-            ),
-            revisions=[r.revision for r in self._recorded(deployment)],
-        )
+        return history_of(req.name, deployment, self._revisions(deployment))
 
     @activity.defn
     def rollout_undo(self, req: RolloutUndo) -> MutationResult:
@@ -640,25 +344,18 @@ class KubernetesActivities:
         that already runs the target template is left alone.
         """
         target = f"{req.namespace}/{req.name}"
-        if not req.token:
-            raise ApplicationError(
-                f"rollout_undo of {target} was called without an idempotency token; the step "
-                "runner must derive one from the workflow id and step",
-                type="ProgrammingError",
-                non_retryable=True,
-            )
+        _require_token("rollout_undo", target, req.token)
         deployment = self._deployment(req.namespace, req.name)
-        annotations = dict(deployment.metadata.annotations or {})
-        if annotations.get(ROLLED_BACK_BY) == req.token:
+        if (deployment.metadata.annotations or {}).get(ROLLED_BACK_BY) == req.token:
             return MutationResult(
                 changed=False,
                 detail=f"{target} was already rolled back by {req.token}; not rolling back again",
             )
-        current = _revision_number(annotations.get(REVISION))
-        recorded = self._recorded(deployment)
-        goal = self._undo_target(req, recorded, current)
+        current = current_revision(deployment)
+        goal = undo_target(req, self._revisions(deployment), current)
         number = goal.revision.revision
-        if _pod_template(self.apps.api_client, deployment.spec.template) == goal.template:
+        template = pod_template(self.apps.api_client, deployment.spec.template)
+        if template == goal.template:
             return MutationResult(
                 changed=False, detail=f"{target} already runs the template of revision {number}"
             )
@@ -667,20 +364,7 @@ class KubernetesActivities:
                 changed=False,
                 detail=f"would roll back {target} from revision {current} to {number}",
             )
-        restored = {k: v for k, v in annotations.items() if k in CONTROLLER_ANNOTATIONS}
-        restored |= {k: v for k, v in goal.annotations.items() if k not in CONTROLLER_ANNOTATIONS}
-        restored[ROLLED_BACK_BY] = req.token
-        patch = [
-            # The version read above is a precondition: a concurrent change answers 409 and the
-            # retry decides again on fresh state.
-            {
-                "op": "replace",
-                "path": "/metadata/resourceVersion",
-                "value": deployment.metadata.resource_version,
-            },
-            {"op": "replace", "path": "/spec/template", "value": goal.template},
-            {"op": "add", "path": "/metadata/annotations", "value": restored},
-        ]
+        patch = undo_patch(deployment, goal, req.token)
         self._call(
             "roll back Deployment",
             target,
@@ -690,32 +374,6 @@ class KubernetesActivities:
         return MutationResult(
             changed=True,
             detail=f"rolled back {target} from revision {current} to {number} ({images})",
-        )
-
-    @staticmethod
-    def _undo_target(req: RolloutUndo, recorded: list[_Recorded], current: int | None) -> _Recorded:
-        target, wanted = f"{req.namespace}/{req.name}", req.to_revision
-        listed = ", ".join(str(r.revision.revision) for r in recorded) or "none"
-        if wanted is None:
-            older = [r for r in recorded if current is None or r.revision.revision < current]
-            if not older:
-                raise ApplicationError(
-                    f"{target} has no revision before {current} to roll back to (revisions: "
-                    f"{listed}); there is nothing to undo",
-                    type="NoPreviousRevision",
-                    non_retryable=True,
-                )
-            return older[-1]
-        for entry in recorded:
-            # A rolled-back-to ReplicaSet keeps its old numbers, so retrying an undo to revision
-            # N still finds it after it became N's successor.
-            if wanted == entry.revision.revision or wanted in entry.former:
-                return entry
-        raise ApplicationError(
-            f"revision {wanted} is not in the rollout history of {target} (revisions: {listed}); "
-            f"`kubectl -n {req.namespace} rollout history deployment {req.name}` lists them",
-            type="RevisionNotFound",
-            non_retryable=True,
         )
 
     @activity.defn
@@ -737,7 +395,7 @@ class KubernetesActivities:
 
         target = f"{req.namespace}/{req.name}"
         gone = MutationResult(changed=False, detail=f"pod {target} is already gone")
-        with _kube("delete pod", target):
+        with kube_errors("delete pod", target):
             try:
                 if req.dry_run:
                     self.core.read_namespaced_pod(req.name, req.namespace)

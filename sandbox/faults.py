@@ -21,7 +21,9 @@ from kubernetes.client import ApiClient, AppsV1Api
 from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, computed_field
 
-from activities.kubernetes import CHANGE_CAUSE, DeploymentRef, KubernetesActivities
+from activities.kube_annotations import CHANGE_CAUSE
+from activities.kube_models import DeploymentRef
+from activities.kubernetes import KubernetesActivities
 from activities.postgres import LlmCostRequest, query_llm_cost
 from sandbox.loadgen import (
     BadBuild,

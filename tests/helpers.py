@@ -6,7 +6,7 @@ from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowHandle
 
-from activities.kubernetes import CONFIG_HASH, config_hash
+from activities.kube_annotations import CONFIG_HASH, config_hash
 from runtime.identity import Signed, load_signer, new_signing_key_line, statement
 from tests.conftest_kube import KubeSandbox, eventually
 from workflows.models import Decision, RunbookRequest, RunbookResult, RunStatus, StepState

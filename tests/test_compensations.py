@@ -18,7 +18,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
-from activities.kubernetes import DeploymentRef, Revision, RolloutHistory
+from activities.kube_models import DeploymentRef, Revision, RolloutHistory
 from activities.postgres import (
     Count,
     FailureBreakdown,

@@ -26,21 +26,20 @@ from temporalio import activity
 from temporalio.testing import ActivityEnvironment
 
 import activities.kubernetes as kubernetes_activities
-from activities.kubernetes import (
+from activities.kube_models import (
     DEFAULT_CONFIG_MAP,
     DEFAULT_NAMESPACE,
     ConfigPatch,
     ConfigRef,
     ConfigRollout,
     DeploymentRef,
-    KubernetesActivities,
     PodDelete,
     PodSelector,
     RolloutRestart,
     RolloutUndo,
     RolloutWait,
-    unauthenticated_client,
 )
+from activities.kubernetes import KubernetesActivities, unauthenticated_client
 from activities.mutation import Mutation, MutationResult
 from runtime.settings import ENV_PREFIX, REPO_ROOT, Settings
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra

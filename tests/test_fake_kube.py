@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiException, AppsV1Api, CoreV1Api
 
+from activities.kube_annotations import REVISION, REVISION_HISTORY
 from sandbox.kube import template_hash
-from sandbox.kube.cluster import REVISION, REVISION_HISTORY
 from tests import conftest_kube
 from tests.conftest_kube import KubeSandbox, eventually
 

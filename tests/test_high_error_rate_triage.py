@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from activities.kubernetes import Revision, RolloutHistory
+from activities.kube_models import Revision, RolloutHistory
 from activities.postgres import Count, FailureBreakdown
 from workflows.high_error_rate import Cause, HighErrorRateRequest, diagnose
 

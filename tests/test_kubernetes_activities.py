@@ -9,20 +9,19 @@ from kubernetes.client import AppsV1Api
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.kubernetes import (
-    CONFIG_HASH,
+from activities.kube_annotations import CONFIG_HASH, config_hash
+from activities.kube_models import (
     ConfigPatch,
     ConfigRef,
     ConfigRollout,
     DeploymentRef,
-    KubernetesActivities,
     PodDelete,
     PodSelector,
     RolloutRestart,
     RolloutUndo,
     RolloutWait,
-    config_hash,
 )
+from activities.kubernetes import KubernetesActivities
 from tests import conftest_kube
 from tests.conftest_kube import KubeSandbox, eventually
 

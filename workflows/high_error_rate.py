@@ -37,15 +37,15 @@ from workflows.task_health import (
 )
 
 with workflow.unsafe.imports_passed_through():
-    from activities.kubernetes import (
+    from activities.kube_models import (
         DeploymentRef,
-        KubernetesActivities,
         PodSelector,
         RolloutHistory,
         RolloutRestart,
         RolloutUndo,
         RolloutWait,
     )
+    from activities.kubernetes import KubernetesActivities
     from activities.metrics import MetricsActivities
     from activities.mutation import MutationResult
     from activities.postgres import (

@@ -29,15 +29,15 @@ from workflows.models import (
 from workflows.runbook import Runbook, RunbookSpec
 
 with workflow.unsafe.imports_passed_through():
-    from activities.kubernetes import (
+    from activities.kube_models import (
         ConfigPatch,
         ConfigRef,
         ConfigRollout,
         DeploymentRef,
-        KubernetesActivities,
         RolloutRestart,
         RolloutWait,
     )
+    from activities.kubernetes import KubernetesActivities
 
 SHARD_COUNT_KEY = "TASK_SHARD_COUNT"
 

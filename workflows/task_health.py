@@ -24,7 +24,8 @@ from workflows.models import (
 from workflows.steps import StepRunner
 
 with workflow.unsafe.imports_passed_through():
-    from activities.kubernetes import ConfigPatch, ConfigRef, KubernetesActivities
+    from activities.kube_models import ConfigPatch, ConfigRef
+    from activities.kubernetes import KubernetesActivities
     from activities.mutation import MutationResult
 
 T = TypeVar("T")

@@ -23,7 +23,8 @@ from workflows.runbook import Runbook, RunbookSpec
 from workflows.task_health import TaskHealthRequest, wait_until
 
 with workflow.unsafe.imports_passed_through():
-    from activities.kubernetes import KubernetesActivities, PodDelete, PodSelector
+    from activities.kube_models import PodDelete, PodSelector
+    from activities.kubernetes import KubernetesActivities
     from activities.postgres import (
         LeasedTasksRequest,
         PostgresActivities,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from activities.kube_annotations import CHANGE_CAUSE
 from sandbox.kube.cluster import FakeCluster
 
 ASTRA_NAMESPACE = "astra"
@@ -20,7 +21,6 @@ DEPLOYMENTS: dict[str, int] = {
 }
 TLS_SERVICES = ("agent-service", "goal-service", "gateway")
 RELEASE = "1.0.0"
-CHANGE_CAUSE = "kubernetes.io/change-cause"
 ASTRA_CONFIG: dict[str, str] = {
     "TASK_SHARD_COUNT": "8",
     "DATABASE_URL": "postgresql://127.0.0.1:5432/astra_sandbox",

@@ -19,7 +19,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from sandbox.kube.cluster import RESOURCES, FakeCluster, KubeError, Resource
+from sandbox.kube.cluster import FakeCluster
+from sandbox.kube.objects import RESOURCES, KubeError, Resource
 
 _CORE_PREFIX = "/api/v1"
 _APPS_PREFIX = "/apis/apps/v1"

@@ -1,0 +1,202 @@
+"""The inputs and results of the Kubernetes activities: one pydantic model per activity input.
+
+Workflows build and read these, so this module imports no Kubernetes client; the activities that
+act on them are in ``activities/kubernetes.py``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from activities.mutation import Mutation
+
+DEFAULT_NAMESPACE = "astra"
+DEFAULT_CONFIG_MAP = "astra-config"
+
+
+class ConfigRef(BaseModel):
+    """One key of a ConfigMap."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str = DEFAULT_CONFIG_MAP
+    key: str
+
+
+class ConfigValue(BaseModel):
+    """A ConfigMap key's value (None when the key is absent) and the version it was read at."""
+
+    value: str | None
+    resource_version: str
+    config_hash: str
+    key: str = ""
+
+    def summary(self) -> str:
+        """One line for the step's record."""
+        name = self.key or "the key"
+        return f"{name} is not set" if self.value is None else f"{name}={self.value}"
+
+
+class ConfigPatch(Mutation):
+    """Set one ConfigMap key to a value."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str = DEFAULT_CONFIG_MAP
+    key: str
+    value: str
+    expected: str | None = Field(
+        default=None,
+        description="only change a key that holds this value (what the run wrote, when putting "
+        "an old value back); None changes whatever it holds",
+    )
+
+
+class DeploymentRef(BaseModel):
+    """A Deployment."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+
+
+class RolloutStatus(BaseModel):
+    """Where a Deployment's rollout stands, as ``kubectl rollout status`` judges it."""
+
+    name: str
+    generation: int
+    observed_generation: int
+    replicas: int = Field(description="desired replicas (spec.replicas)")
+    updated: int
+    ready: int
+    available: int
+    complete: bool
+    failed_reason: str | None = None
+    failed_message: str | None = None
+    restart_token: str | None = None
+    config_hash: str | None = None
+
+    def summary(self) -> str:
+        """One line for heartbeats and error messages."""
+        return (
+            f"generation {self.observed_generation}/{self.generation}, updated "
+            f"{self.updated}/{self.replicas}, ready {self.ready}, available {self.available}"
+        )
+
+
+class RolloutRestart(Mutation):
+    """Restart a Deployment's pods once per token, optionally recording a ConfigMap's hash."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+    config_map: str | None = None
+
+
+class RolloutWait(BaseModel):
+    """Wait for a Deployment's rollout to complete."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+    timeout_seconds: float = 600
+    poll_seconds: float = 1.0
+
+
+class Revision(BaseModel):
+    """One revision of a Deployment: the ReplicaSet that holds its pod template."""
+
+    revision: int
+    replica_set: str
+    created: datetime | None = None
+    template_hash: str
+    change_cause: str | None = None
+    images: list[str] = []
+
+
+class RolloutHistory(BaseModel):
+    """A Deployment's revisions, oldest first, as ``kubectl rollout history`` lists them."""
+
+    name: str
+    current_revision: int | None = None
+    revisions: list[Revision]
+
+    def summary(self) -> str:
+        newest = self.newest
+        if newest is None:
+            return f"{self.name}: no rollout history"
+        return (
+            f"{self.name}: {len(self.revisions)} revisions, current {self.current_revision}, "
+            f"newest {newest.revision}"
+        )
+
+    @property
+    def newest(self) -> Revision | None:
+        return self.revisions[-1] if self.revisions else None
+
+    @property
+    def previous(self) -> Revision | None:
+        """The revision ``kubectl rollout undo`` would go back to."""
+        return self.revisions[-2] if len(self.revisions) > 1 else None
+
+
+class RolloutUndo(Mutation):
+    """Put a Deployment back on an earlier revision's pod template (default: the previous)."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+    to_revision: int | None = Field(default=None, gt=0)
+
+
+class PodSelector(BaseModel):
+    """Pods in a namespace carrying all of these labels."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    labels: dict[str, str]
+
+
+class PodInfo(BaseModel):
+    """What a runbook needs to know about one pod."""
+
+    name: str
+    phase: str
+    ready: bool
+    annotations: dict[str, str] = Field(default_factory=dict)
+    created: datetime | None = None
+
+
+class PodList(BaseModel):
+    """Pods, oldest first."""
+
+    pods: list[PodInfo]
+
+    def summary(self) -> str:
+        return f"{len(self.pods)} pods: {', '.join(p.name for p in self.pods) or 'none'}"
+
+
+class PodDelete(Mutation):
+    """Delete one pod (its controller replaces it)."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+
+
+class ConfigRollout(BaseModel):
+    """Which Deployment should be running which ConfigMap."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    deployment: str
+    config_map: str = DEFAULT_CONFIG_MAP
+
+
+class ConfigVerification(BaseModel):
+    """Whether every pod of a Deployment runs the ConfigMap's current content."""
+
+    ok: bool
+    expected_hash: str
+    pods_total: int
+    pods_current: int
+    stale: list[str]
+
+    def summary(self) -> str:
+        stale = f"; stale: {', '.join(self.stale)}" if self.stale else ""
+        return (
+            f"{self.pods_current} of {self.pods_total} pods run config {self.expected_hash}{stale}"
+        )
