@@ -16,7 +16,9 @@ from pathlib import Path
 from runtime import search_attributes as sa
 from runtime.client import TemporalUnavailable, connect, dev_stack_marker
 from runtime.keys import new_key_line
+from runtime.migrations import MigrationError, upgrade
 from runtime.settings import ENV_PREFIX, Settings
+from sandbox.db import migrate as migrate_sandbox
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
 from starters.api import CODEC_PATH
 
@@ -105,6 +107,14 @@ async def run_dev(settings: Settings) -> int:
     settings = settings.model_copy(
         update={"temporal_address": address, "codec_key_file": keys, "dev_mode": True}
     )
+    try:
+        # The sandbox's database plays Astra's: its tables, then astra-ops's own beside them, as
+        # `astra-ops setup` puts them beside the real ones, before any worker needs them.
+        await migrate_sandbox(settings.database_url)
+        await upgrade(settings.database_url, settings.state_dsn)
+    except MigrationError as e:
+        print(f"astra-ops dev: {e}", flush=True)
+        return 1
     stack = Stack(settings)
     cluster = FakeCluster(rollout_seconds=settings.kube_rollout_seconds)
     seed_astra(cluster)
