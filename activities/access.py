@@ -208,42 +208,36 @@ class AccessActivities:
         """
         since = datetime.now(UTC) - timedelta(seconds=req.per_seconds)
         scope = f"{req.runbook}/{req.step}/{req.scope}"
-        async with await connect(self.state_dsn) as conn:
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS astra_ops_automatic_actions ("
-                " token text PRIMARY KEY, scope text NOT NULL,"
-                " at timestamptz NOT NULL DEFAULT now())"
-            )
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (scope,))
-                mine = await (
-                    await conn.execute(
-                        "SELECT 1 FROM astra_ops_automatic_actions WHERE token = %s", (req.token,)
-                    )
-                ).fetchone()
-                row = await (
-                    await conn.execute(
-                        "SELECT count(*) FROM astra_ops_automatic_actions"
-                        " WHERE scope = %s AND at > %s",
-                        (scope, since),
-                    )
-                ).fetchone()
-                used = int(row[0]) if row else 0
-                window = f"{req.limit} per {req.per_seconds:g}s for {req.scope}"
-                if mine:
-                    return AutomaticClaim(allowed=True, used=used, detail=f"{used} of {window}")
-                if used >= req.limit:
-                    return AutomaticClaim(
-                        allowed=False,
-                        used=used,
-                        detail=f"'{req.step}' already ran {used} times without a person "
-                        f"(limit {window})",
-                    )
+        # astra_ops_automatic_actions comes from astra-ops's migrations (`astra-ops setup`).
+        async with await connect(self.state_dsn) as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (scope,))
+            mine = await (
                 await conn.execute(
-                    "INSERT INTO astra_ops_automatic_actions (token, scope) VALUES (%s, %s)",
-                    (req.token, scope),
+                    "SELECT 1 FROM astra_ops_automatic_actions WHERE token = %s", (req.token,)
                 )
-                return AutomaticClaim(allowed=True, used=used + 1, detail=f"{used + 1} of {window}")
+            ).fetchone()
+            row = await (
+                await conn.execute(
+                    "SELECT count(*) FROM astra_ops_automatic_actions WHERE scope = %s AND at > %s",
+                    (scope, since),
+                )
+            ).fetchone()
+            used = int(row[0]) if row else 0
+            window = f"{req.limit} per {req.per_seconds:g}s for {req.scope}"
+            if mine:
+                return AutomaticClaim(allowed=True, used=used, detail=f"{used} of {window}")
+            if used >= req.limit:
+                return AutomaticClaim(
+                    allowed=False,
+                    used=used,
+                    detail=f"'{req.step}' already ran {used} times without a person "
+                    f"(limit {window})",
+                )
+            await conn.execute(
+                "INSERT INTO astra_ops_automatic_actions (token, scope) VALUES (%s, %s)",
+                (req.token, scope),
+            )
+            return AutomaticClaim(allowed=True, used=used + 1, detail=f"{used + 1} of {window}")
 
     @activity.defn
     async def broadcast_freeze(self, req: FreezeBroadcast) -> int:

@@ -27,6 +27,7 @@ from psycopg.conninfo import make_conninfo
 from temporalio.testing import ActivityEnvironment
 
 from activities.postgres import PostgresActivities, RequeueLostWorker
+from runtime.migrations import upgrade
 from sandbox.db import drop_database, migrate
 
 LOST = "astra-worker-lost"
@@ -79,6 +80,7 @@ async def main(tasks: int, batch_size: int, repeat: int) -> None:
     dsn = make_conninfo(ADMIN_DSN, dbname=name)
     await migrate(dsn)
     try:
+        await upgrade(dsn, dsn)
         await load(dsn, tasks)
         activities = PostgresActivities(dsn)
         env = ActivityEnvironment()

@@ -612,21 +612,35 @@ def dev() -> None:
 
 @app.command()
 def setup() -> None:
-    """Register astra-ops' search attributes on the configured Temporal namespace (once).
+    """Create or upgrade astra-ops' own tables and register its search attributes (idempotent).
 
-    Example: ASTRA_OPS_TEMPORAL_NAMESPACE=ops astra-ops setup
+    The tables go into the databases ASTRA_OPS_DATABASE_URL and ASTRA_OPS_STATE_DATABASE_URL name,
+    the search attributes onto the Temporal namespace. Run it on every release, before the new
+    workers start.
+
+    Example: ASTRA_OPS_DATABASE_URL=postgresql://astra_ops@db.astra/astra astra-ops setup
     """
 
-    async def register() -> None:
+    async def prepare() -> None:
         config = settings()
+        from runtime.migrations import MigrationError, describe, upgrade
         from runtime.search_attributes import register_search_attributes
 
+        try:
+            applied = await upgrade(config.database_url, config.state_dsn)
+        except MigrationError as e:
+            fail(str(e))
+        databases = sorted({describe(config.database_url), describe(config.state_dsn)})
+        say(
+            f"{' and '.join(databases)}: "
+            + (f"applied {', '.join(applied)}" if applied else "schema up to date")
+        )
         client = await connect(config)
         await register_search_attributes(client, config.temporal_namespace)
         say(f"search attributes registered on namespace {config.temporal_namespace}")
 
     with clear_errors():
-        asyncio.run(register())
+        asyncio.run(prepare())
 
 
 @app.command()

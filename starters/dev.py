@@ -18,7 +18,9 @@ from pydantic import SecretStr
 from runtime import search_attributes as sa
 from runtime.client import DevStack, TemporalUnavailable, connect, dev_stack_marker
 from runtime.keys import new_key_line
+from runtime.migrations import MigrationError, upgrade
 from runtime.settings import ENV_PREFIX, Settings
+from sandbox.db import migrate as migrate_sandbox
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
 from starters.api import CODEC_PATH
 
@@ -110,6 +112,14 @@ async def run_dev(settings: Settings) -> int:
         }
     )
     marker = dev_stack_marker(settings)
+    try:
+        # The sandbox's database plays Astra's: its tables, then astra-ops's own beside them, as
+        # `astra-ops setup` puts them beside the real ones, before any worker needs them.
+        await migrate_sandbox(settings.database_url)
+        await upgrade(settings.database_url, settings.state_dsn)
+    except MigrationError as e:
+        print(f"astra-ops dev: {e}", flush=True)
+        return 1
     stack = Stack(settings)
     cluster = FakeCluster(rollout_seconds=settings.kube_rollout_seconds)
     seed_astra(cluster)

@@ -1,7 +1,8 @@
 """`astra-ops sandbox`: break the simulated Astra on purpose, reset it, or run it.
 
 Faults are produced for real in the sandbox's PostgreSQL and Redis (the settings name them), so
-the runbooks, the alert rules and people on a game day all see the same thing.
+the runbooks, the alert rules and people on a game day all see the same thing. That is why every
+command runs only in dev mode, and `reset` only on a database that shows it is the sandbox's.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from rich.console import Console
 from urllib3.exceptions import HTTPError
 
 from activities.kubernetes import unauthenticated_client
+from runtime.migrations import MigrationError
 from runtime.settings import Settings, SettingsError, load_settings
 from sandbox import faults
 from sandbox.db import migrate, reset
 from sandbox.loadgen import LoadGenerator
 from sandbox.metrics import MetricsApp
 from sandbox.platform import ClusterView
+from starters.cli import dev_mode
 
 T = TypeVar("T")
 
@@ -49,10 +52,20 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _settings() -> Settings:
+    """The settings, in dev mode only: outside it the database and Redis they name may be
+    Astra's real ones, which these commands would fill with faults or empty."""
     try:
-        return load_settings()
+        settings = load_settings()
     except SettingsError as e:
         _fail(str(e))
+    if not dev_mode(settings):
+        _fail(
+            "`astra-ops sandbox` runs only in dev mode: it injects faults into and empties the "
+            "database and Redis that ASTRA_OPS_DATABASE_URL and ASTRA_OPS_REDIS_URL name. Run it "
+            "beside `astra-ops dev`, or set ASTRA_OPS_DEV_MODE=true for a sandbox of your own",
+            2,
+        )
+    return settings
 
 
 def _run(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
@@ -61,6 +74,8 @@ def _run(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(work)
     except ValueError as e:
         _fail(str(e), 2)
+    except MigrationError as e:
+        _fail(str(e))
     except psycopg.OperationalError as e:
         _fail(
             f"PostgreSQL is not reachable at {settings.database_url} ({e}); set "
@@ -213,11 +228,14 @@ def bad_rollout(
 
 @sandbox_app.command("reset")
 def reset_sandbox() -> None:
-    """Bring the schema up to date and empty the sandbox: tables, Redis keys, fault knobs."""
+    """Bring the schema up to date and empty the sandbox: tables, Redis keys, fault knobs.
+
+    Refused, changing nothing, for a database that exists and is not the sandbox's.
+    """
     settings = _settings()
 
     async def work() -> list[str]:
-        applied = await migrate(settings.database_url)
+        applied = await migrate(settings.database_url, only_sandbox=True)
         await reset(settings.database_url, settings.redis_url, settings.redis_key_prefix)
         return applied
 

@@ -7,13 +7,14 @@ ever flushes the shared Redis.
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
 from psycopg.conninfo import make_conninfo
 
-from sandbox.db import drop_database, migrate
+from runtime.migrations import upgrade
+from sandbox.db import create_database, drop_database, migrate
 from sandbox.faults import SandboxTarget
 
 PG_ADMIN_DSN = os.environ.get(
@@ -22,16 +23,34 @@ PG_ADMIN_DSN = os.environ.get(
 REDIS_URL = os.environ.get("ASTRA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+NewDatabase = Callable[[], Awaitable[str]]
+
+
 @pytest.fixture
-async def pg_dsn() -> AsyncIterator[str]:
-    """A DSN to a new database with the sandbox schema, dropped after the test."""
-    name = f"astra_test_{uuid.uuid4().hex}"
-    dsn = make_conninfo(PG_ADMIN_DSN, dbname=name)
-    await migrate(dsn)
+async def new_database() -> AsyncIterator[NewDatabase]:
+    """Makes empty databases (DSNs to them) on the test server; all are dropped after the test."""
+    names: list[str] = []
+
+    async def make() -> str:
+        names.append(f"astra_test_{uuid.uuid4().hex}")
+        await create_database(PG_ADMIN_DSN, names[-1])
+        return make_conninfo(PG_ADMIN_DSN, dbname=names[-1])
+
     try:
-        yield dsn
+        yield make
     finally:
-        await drop_database(PG_ADMIN_DSN, name)
+        for name in names:
+            await drop_database(PG_ADMIN_DSN, name)
+
+
+@pytest.fixture
+async def pg_dsn(new_database: NewDatabase) -> str:
+    """A DSN to a new database as the dev stack prepares it: the sandbox's schema, then
+    astra-ops's own tables beside it (what `astra-ops setup` does on a real database)."""
+    dsn = await new_database()
+    await migrate(dsn)
+    await upgrade(dsn, dsn)
+    return dsn
 
 
 @pytest.fixture

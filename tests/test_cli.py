@@ -17,9 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 import uvicorn
 from google.protobuf.duration_pb2 import Duration
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import SecretStr
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.api.workflowservice.v1 import RegisterNamespaceRequest
@@ -29,10 +31,12 @@ from typer.testing import CliRunner, Result
 
 from runtime import search_attributes as sa
 from runtime.client import DevStack
+from runtime.migrations import ASTRA, STATE, VERSIONS_TABLE, migrations
 from runtime.settings import Settings
 from starters.api import create_app
 from starters.cli import app
 from tests.conftest import TEMPORAL
+from tests.conftest_data import NewDatabase
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.helpers import awaiting_approval, handle_of, shard_count
 from tests.test_api import TOKENS
@@ -276,21 +280,51 @@ async def test_every_command_says_how_to_use_it_and_flags_read_as_flags(cli: Cli
     assert "--dry-run " in start and "--wait " in start
 
 
-async def test_setup_registers_search_attributes_once(cli: Cli, client: Client) -> None:
+async def test_setup_migrates_both_databases_and_registers_search_attributes_once(
+    cli: Cli, client: Client, new_database: NewDatabase
+) -> None:
     namespace = f"setup-{uuid.uuid4().hex[:8]}"
     await client.workflow_service.register_namespace(
         RegisterNamespaceRequest(
             namespace=namespace, workflow_execution_retention_period=Duration(seconds=86400)
         )
     )
-    in_namespace = Cli({**cli.env, "ASTRA_OPS_TEMPORAL_NAMESPACE": namespace})
-    for _ in range(2):  # the second run finds them all and changes nothing
-        result = await in_namespace("setup")
-        assert result.exit_code == 0, result.output
+    astra, state = await new_database(), await new_database()
+    in_namespace = Cli(
+        {
+            **cli.env,
+            "ASTRA_OPS_TEMPORAL_NAMESPACE": namespace,
+            "ASTRA_OPS_DATABASE_URL": astra,
+            "ASTRA_OPS_STATE_DATABASE_URL": state,
+        }
+    )
+    first = await in_namespace("setup")
+    assert first.exit_code == 0, first.output
+    assert "applied astra/0001_astra_ops_requeues" in first.stdout
+    second = await in_namespace("setup")  # finds everything there and changes nothing
+    assert second.exit_code == 0, second.output
+    assert "schema up to date" in second.stdout
+
     listed = await client.operator_service.list_search_attributes(
         ListSearchAttributesRequest(namespace=namespace)
     )
     assert {key.name for key in sa.ALL} <= set(listed.custom_attributes)
+    for dsn, kind in ((astra, ASTRA), (state, STATE)):
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            rows = await (
+                await conn.execute(f"SELECT version FROM {VERSIONS_TABLE} ORDER BY version")
+            ).fetchall()
+        assert [r[0] for r in rows] == [m.version for m in migrations(kind)]
+
+
+async def test_setup_says_which_database_it_could_not_migrate(
+    cli: Cli, new_database: NewDatabase
+) -> None:
+    missing = make_conninfo(await new_database(), dbname=f"astra_missing_{uuid.uuid4().hex}")
+    result = await Cli({**cli.env, "ASTRA_OPS_DATABASE_URL": missing})("setup")
+    assert result.exit_code == 1
+    assert f"could not bring database {conninfo_to_dict(missing)['dbname']} on " in result.stderr
+    assert "ASTRA_OPS_DATABASE_URL" in result.stderr
 
 
 async def test_print_signal_gives_the_stock_cli_a_signed_approval(

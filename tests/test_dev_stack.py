@@ -9,8 +9,11 @@ import socket
 from pathlib import Path
 
 import httpx
+import psycopg
 
+from runtime.migrations import ASTRA, STATE, VERSIONS_TABLE, migrations
 from starters.api import CODEC_PATH
+from tests.conftest_data import NewDatabase
 from tests.conftest_dev import ALICE, BOB, dev_stack_config, running
 from tests.conftest_kube import eventually
 
@@ -21,12 +24,18 @@ def listening(port: int) -> bool:
 
 
 async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
-    tmp_path: Path, pg_dsn: str, redis_prefix: str
+    tmp_path: Path, new_database: NewDatabase, redis_prefix: str
 ) -> None:
+    database = await new_database()  # empty: the stack migrates it as `astra-ops setup` would
     stack = dev_stack_config(
-        tmp_path / "state", tmp_path / "dev.log", pg_dsn, redis_prefix, "dev-stack-test"
+        tmp_path / "state", tmp_path / "dev.log", database, redis_prefix, "dev-stack-test"
     )
     async with running(stack) as proc, httpx.AsyncClient(base_url=stack.api, timeout=30) as http:
+        async with await psycopg.AsyncConnection.connect(database) as conn:
+            rows = await (
+                await conn.execute(f"SELECT version FROM {VERSIONS_TABLE} ORDER BY version")
+            ).fetchall()
+        assert [r[0] for r in rows] == [m.version for m in migrations(ASTRA) + migrations(STATE)]
         ui = (await http.get(f"{stack.ui}/api/v1/settings")).json()
         assert ui["Codec"]["Endpoint"] == stack.api + CODEC_PATH, "the UI decodes through the API"
         preflight = await http.options(

@@ -192,10 +192,6 @@ async def test_unattended_pod_deletions_past_the_budget_ask_a_person(
     # Three deletions in this pool within the hour already happened without a person.
     scope = "worker-lost/delete the worker's pod/astra/astra-worker"
     async with await psycopg.AsyncConnection.connect(astra_settings.state_dsn) as conn:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS astra_ops_automatic_actions ("
-            " token text PRIMARY KEY, scope text NOT NULL, at timestamptz NOT NULL DEFAULT now())"
-        )
         for _ in range(3):
             await conn.execute(
                 "INSERT INTO astra_ops_automatic_actions (token, scope) VALUES (%s, %s)",

@@ -1,4 +1,5 @@
-"""`astra-ops sandbox`: faults land in the real data plane, reset cleans it, serve plays Astra."""
+"""`astra-ops sandbox`: faults land in the real data plane, reset cleans it, serve plays Astra;
+outside dev mode, or on a database that is not the sandbox's, they refuse and change nothing."""
 
 from __future__ import annotations
 
@@ -8,24 +9,35 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
+import redis.asyncio as aioredis
+from psycopg.conninfo import conninfo_to_dict
 from typer.testing import CliRunner
 
+from runtime.client import dev_stack_marker
+from runtime.settings import Settings
 from sandbox.faults import SandboxTarget
-from starters.cli import app
+from starters.cli import app, sandbox_commands
+from tests.conftest_data import NewDatabase
 from tests.conftest_kube import KubeSandbox, eventually
 
 
 @pytest.fixture
-def env(data_plane: SandboxTarget) -> dict[str, str]:
-    """The sandbox CLI's settings for this test's data plane, as the environment gives them."""
+def env(data_plane: SandboxTarget, tmp_path: Path) -> dict[str, str]:
+    """The sandbox CLI's settings for this test's data plane, in dev mode, as the environment
+    gives them (a state directory of its own: a dev stack in this checkout changes nothing)."""
     return {
         "ASTRA_OPS_DATABASE_URL": data_plane.dsn,
         "ASTRA_OPS_REDIS_URL": data_plane.redis_url,
         "ASTRA_OPS_REDIS_KEY_PREFIX": data_plane.key_prefix,
+        "ASTRA_OPS_STATE_DIR": str(tmp_path),
+        "ASTRA_OPS_DEV_MODE": "true",
     }
 
 
@@ -116,3 +128,59 @@ async def test_bad_rollout_rolls_the_workers_to_a_bad_build(
 
     code, output = await asyncio.to_thread(sandbox, env, "fault", "bad-rollout")
     assert code == 1 and "ASTRA_OPS_KUBE_URL" in output
+
+
+def command_lines(group: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every command under ``group``, as typed after `astra-ops sandbox`."""
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from command_lines(command, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+async def test_every_sandbox_command_refuses_outside_dev_mode(
+    env: dict[str, str], data_plane: SandboxTarget, tmp_path: Path
+) -> None:
+    production = {**env, "ASTRA_OPS_DEV_MODE": "false"}
+    lines = sorted(command_lines(sandbox_commands()))
+    assert ("fault", "worker-lost") in lines and ("reset",) in lines
+    for line in lines:
+        code, output = await asyncio.to_thread(sandbox, production, *line)
+        assert code == 2, (line, output)
+        assert "runs only in dev mode" in output, (line, output)
+    async with await psycopg.AsyncConnection.connect(data_plane.dsn) as conn:
+        assert await (await conn.execute("SELECT count(*) FROM tasks")).fetchall() == [(0,)]
+
+    # The dev stack's marker beside the settings is dev mode too.
+    dev_stack_marker(Settings(state_dir=tmp_path)).touch()
+    code, output = await asyncio.to_thread(sandbox, production, "fault", "dead-letters")
+    assert code == 0, output
+
+
+async def test_reset_refuses_a_database_that_is_not_the_sandboxs_and_changes_nothing(
+    env: dict[str, str], new_database: NewDatabase, redis_client: aioredis.Redis
+) -> None:
+    astra = await new_database()  # Astra's real database, say: its tasks, no sandbox marker
+    async with await psycopg.AsyncConnection.connect(astra) as conn:
+        await conn.execute("CREATE TABLE tasks (id text PRIMARY KEY)")
+        await conn.execute("INSERT INTO tasks VALUES ('t-1'), ('t-2')")
+    heartbeat = f"{env['ASTRA_OPS_REDIS_KEY_PREFIX']}heartbeat:w-1"
+    await redis_client.set(heartbeat, "1")
+
+    code, output = await asyncio.to_thread(
+        sandbox, {**env, "ASTRA_OPS_DATABASE_URL": astra}, "reset"
+    )
+
+    name = conninfo_to_dict(astra)["dbname"]
+    assert code == 2, output
+    assert f"refusing to reset database {name} on " in output
+    assert "astra_sandbox_marker" in output and "nothing was changed" in output
+    async with await psycopg.AsyncConnection.connect(astra) as conn:
+        rows = await (await conn.execute("SELECT id FROM tasks ORDER BY id")).fetchall()
+        tables = await (
+            await conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        ).fetchall()
+    assert rows == [("t-1",), ("t-2",)]
+    assert tables == [("tasks",)]  # nothing was migrated into it either
+    assert await redis_client.get(heartbeat) == "1"

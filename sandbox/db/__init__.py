@@ -1,8 +1,9 @@
-"""The sandbox's PostgreSQL schema: numbered .sql migrations and the migrator that applies them.
+"""The sandbox's PostgreSQL schema: the simulated Astra's tables, as numbered .sql migrations.
 
-Migrations are plain SQL files named ``NNNN_what.sql`` shipped inside this package; the migrator
-applies the ones not yet recorded in ``schema_migrations``, in order, in one transaction, so a
-failed migration leaves the database as it was and running the migrator twice changes nothing.
+Only Astra's own tables are here; the tables astra-ops writes beside them come from its own
+migrations (``runtime.migrations``), applied by `astra-ops setup` on a real database and by the
+dev stack and the tests here. The same runner applies both, recording these in
+``schema_migrations``.
 """
 
 from importlib import resources
@@ -12,20 +13,32 @@ import redis.asyncio as aioredis
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from runtime.migrations import (
+    Migration,
+    MigrationError,
+    apply,
+    describe,
+    read_migrations,
+    reason,
+)
+
 # Any constant works; it only has to be the same for every migrator so that two processes that
 # start at once (``astra-ops dev`` and a test, say) apply each migration once, one after the other.
 _MIGRATION_LOCK = 0x61737472615F6462
 
 # Tables holding sandbox state, in an order TRUNCATE accepts; ``schema_migrations`` is not state.
-_STATE_TABLES = ("tasks", "workers", "llm_usage", "astra_ops_requeues")
+_STATE_TABLES = ("tasks", "workers", "llm_usage")
+# Only the sandbox's migrations create it: what `reset` asks of a database before emptying it.
+MARKER_TABLE = "astra_sandbox_marker"
 
 
-def migrations() -> list[tuple[str, str]]:
-    """Every migration shipped with the package as (version, SQL), in the order they apply."""
-    files = [f for f in resources.files(__package__).iterdir() if f.name.endswith(".sql")]
-    return [
-        (f.name.removesuffix(".sql"), f.read_text()) for f in sorted(files, key=lambda f: f.name)
-    ]
+class NotTheSandbox(ValueError):
+    """A database that is not the sandbox's was about to be emptied; nothing was changed."""
+
+
+def migrations() -> list[Migration]:
+    """Every migration shipped with the package, in the order they apply."""
+    return read_migrations(resources.files(__package__))
 
 
 def database_name(dsn: str) -> str:
@@ -60,39 +73,53 @@ async def drop_database(admin_dsn: str, name: str) -> None:
         )
 
 
-async def migrate(dsn: str, *, create_missing: bool = True) -> list[str]:
-    """Bring the database ``dsn`` names up to the latest schema; return the versions applied now.
+async def migrate(
+    dsn: str, *, create_missing: bool = True, only_sandbox: bool = False
+) -> list[str]:
+    """Bring the database ``dsn`` names up to the sandbox's schema; return the versions applied now.
 
     With ``create_missing`` the database is created first (through the server's ``postgres``
-    database) when it does not exist, so a fresh machine needs no manual step.
+    database) when it does not exist, so a fresh machine needs no manual step. With
+    ``only_sandbox`` a database that existed already must be the sandbox's (:func:`require_sandbox`)
+    before anything is migrated into it.
     """
+    created = False
     if create_missing:
-        await create_database(make_conninfo(dsn, dbname="postgres"), database_name(dsn))
-    applied_now: list[str] = []
-    async with await psycopg.AsyncConnection.connect(dsn) as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        try:
+            created = await create_database(
+                make_conninfo(dsn, dbname="postgres"), database_name(dsn)
+            )
+        except psycopg.Error as e:
+            raise MigrationError(
+                f"could not create {describe(dsn)} ({reason(e)}); is PostgreSQL running, and may "
+                "its user create databases? Or create it by hand"
+            ) from e
+    if only_sandbox and not created:
+        await require_sandbox(dsn)
+    return await apply(dsn, migrations(), table="schema_migrations", lock=_MIGRATION_LOCK)
+
+
+async def require_sandbox(dsn: str) -> None:
+    """Refuse, changing nothing, unless ``dsn`` names the sandbox's database."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        row = await (await conn.execute("SELECT to_regclass(%s)", (MARKER_TABLE,))).fetchone()
+    if row is None or row[0] is None:
+        raise NotTheSandbox(
+            f"refusing to reset {describe(dsn)}: it is not the sandbox's (it has no {MARKER_TABLE} "
+            "table, which only the sandbox's migrations create); nothing was changed. Point "
+            "ASTRA_OPS_DATABASE_URL at the sandbox's database (by default astra_sandbox); a "
+            "sandbox database made before the marker existed gets it from `astra-ops dev`"
         )
-        rows = await (await conn.execute("SELECT version FROM schema_migrations")).fetchall()
-        done = {row[0] for row in rows}
-        for version, text in migrations():
-            if version in done:
-                continue
-            # Without parameters psycopg sends the file as one simple query, so a migration may
-            # hold several statements.
-            await conn.execute(text.encode())
-            await conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
-            applied_now.append(version)
-    return applied_now
 
 
 async def reset(dsn: str, redis_url: str, key_prefix: str = "astra:") -> None:
     """Return the sandbox to a clean state: empty the contract tables and delete its Redis keys.
 
-    Only keys under ``key_prefix`` go, never the whole Redis, which other users may share.
+    Refused, before anything changes, for a database that is not the sandbox's. Only keys under
+    ``key_prefix`` go, never the whole Redis, which other users may share. astra-ops's own tables
+    beside Astra's keep their rows: those are keyed by run, so none can match a later run.
     """
+    await require_sandbox(dsn)
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         await conn.execute(
             sql.SQL("TRUNCATE {} RESTART IDENTITY").format(
