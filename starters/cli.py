@@ -70,7 +70,10 @@ Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    """One line on stderr, without the credentials a URL in it may carry."""
+    from runtime.redact import redact
+
+    print(f"error: {redact(message)}", file=sys.stderr)
     raise typer.Exit(code)
 
 

@@ -24,6 +24,7 @@ from urllib3.exceptions import HTTPError
 
 from activities.kubernetes import unauthenticated_client
 from runtime.migrations import MigrationError
+from runtime.redact import redact
 from runtime.settings import Settings, SettingsError, load_settings
 from sandbox import faults
 from sandbox.db import migrate, reset
@@ -47,7 +48,8 @@ Json = Annotated[bool, typer.Option("--json", help="Print what the fault did as 
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """One line; without any password a database or Redis URL in it carries."""
+    err.print(f"[red]error:[/red] {redact(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -241,7 +243,7 @@ def reset_sandbox() -> None:
 
     applied = _run(settings, work())
     out.print(
-        f"sandbox reset: {settings.database_url}"
+        f"sandbox reset: {redact(settings.database_url)}"
         + (f" (applied {', '.join(applied)})" if applied else "")
         + f", Redis keys {settings.redis_key_prefix}*",
         highlight=False,
