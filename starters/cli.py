@@ -218,7 +218,7 @@ def runbooks(
     ):
         say(f"{label}: {value}")
     say("steps:")
-    for number, step in enumerate(spec.steps, 1):
+    for number, step in enumerate(spec.steps_for(), 1):
         say(f"  {number}. {step}")
     say("approvals:")
     for line in approvals(access):

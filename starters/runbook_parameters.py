@@ -41,7 +41,7 @@ def _number(value: float) -> str:
     return f"{value:.15g}"
 
 
-def runbook_parameters(spec: RunbookSpec, access: RunbookAccess | None) -> list[Parameter]:
+def runbook_parameters(spec: RunbookSpec[Any], access: RunbookAccess | None) -> list[Parameter]:
     """Every parameter a start may set with ``--param``, in the model's order."""
     schema = spec.request.model_json_schema()
     required = set(schema.get("required", []))
@@ -74,7 +74,7 @@ def runbook_parameters(spec: RunbookSpec, access: RunbookAccess | None) -> list[
     return found
 
 
-def parameters(spec: RunbookSpec, access: RunbookAccess | None) -> list[str]:
+def parameters(spec: RunbookSpec[Any], access: RunbookAccess | None) -> list[str]:
     """One line per parameter: name, type, default, bounds, and what the access policy allows."""
     lines = []
     for p in runbook_parameters(spec, access):

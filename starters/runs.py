@@ -44,6 +44,7 @@ from starters.run_views import (
 )
 from workflows.approval import refusal, step_of
 from workflows.catalogue import RUNBOOKS
+from workflows.kill_switch import KillSwitch
 from workflows.models import (
     ApprovalSignal,
     CancelRequest,
@@ -125,7 +126,7 @@ def visibility_literal(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def runbook_spec(name: str) -> RunbookSpec:
+def runbook_spec(name: str) -> RunbookSpec[Any]:
     try:
         return RUNBOOKS[name].spec
     except KeyError:
@@ -522,7 +523,7 @@ class Runs:
         )
         handle = await self._call(
             self.client.start_workflow(
-                "kill-switch",
+                KillSwitch.run,
                 notice,
                 id=KILL_SWITCH_ID,
                 task_queue=self.task_queue,

@@ -105,7 +105,9 @@ SPEC = RunbookSpec(
     trigger=">5% task failures over 5min",
     rotation="kernel-sre",
     severity="SEV2",
-    steps=(
+    request=HighErrorRateRequest,
+    subject=lambda req: req.namespace,
+    steps=lambda req: [
         "measure the failure rate",
         "triage failures by class, worker and shard",
         "check the worker pool",
@@ -120,9 +122,8 @@ SPEC = RunbookSpec(
         "wait for the pool",
         "resume intake",
         "verify the rate stays under the threshold",
-    ),
-    request=HighErrorRateRequest,
-    subject=lambda req: req.namespace,
+        "pause intake again",
+    ],
 )
 
 
@@ -193,7 +194,7 @@ def diagnose(
     )
 
 
-@workflow.defn(name="high-error-rate")
+@workflow.defn(name=SPEC.name)
 class HighErrorRate(Runbook):
     spec = SPEC
 

@@ -51,31 +51,32 @@ class ShardScalingRequest(RunbookRequest):
     rollout_timeout_seconds: float = Field(default=600, gt=0, le=DAY)
 
 
+def steps(req: ShardScalingRequest) -> list[str]:
+    """The scheduler's steps before the workers', as the run takes them."""
+    deployments = (req.scheduler, req.workers)
+    return [
+        "read current shard count",
+        *(f"check {deployment} health" for deployment in deployments),
+        "approve scaling",
+        f"set {SHARD_COUNT_KEY}",
+        *(step for d in deployments for step in (f"restart {d}", f"wait for {d}")),
+        *(f"verify {deployment} runs the new config" for deployment in deployments),
+    ]
+
+
 SPEC = RunbookSpec(
     name="shard-scaling",
     title="Shard Scaling",
     trigger="Shard imbalance or scaling event",
     rotation="kernel-sre",
     severity="SEV3",
-    steps=(
-        "read current shard count",
-        "check astra-scheduler health",
-        "check astra-worker health",
-        "approve scaling",
-        "set TASK_SHARD_COUNT",
-        "restart astra-scheduler",
-        "wait for astra-scheduler",
-        "restart astra-worker",
-        "wait for astra-worker",
-        "verify astra-scheduler runs the new config",
-        "verify astra-worker runs the new config",
-    ),
     request=ShardScalingRequest,
     subject=lambda req: req.namespace,
+    steps=steps,
 )
 
 
-@workflow.defn(name="shard-scaling")
+@workflow.defn(name=SPEC.name)
 class ShardScaling(Runbook):
     spec = SPEC
 

@@ -98,10 +98,16 @@ def _describe(result: Any) -> str:
 
 
 class StepRunner:
-    def __init__(self, runbook: str, steps: list[str], rotation: str | None = None) -> None:
+    def __init__(
+        self,
+        runbook: str,
+        plan: Callable[[RunbookRequest], list[str]],
+        rotation: str | None = None,
+    ) -> None:
         self.runbook = runbook
+        self.plan = plan
         self.rotation = rotation
-        self.steps = {name: StepStatus(name=name) for name in steps}
+        self.steps: dict[str, StepStatus] = {}
         self.current: str | None = None
         self.request = RunbookRequest(requester="unknown")
         self.outcome: Outcome | None = None
@@ -123,6 +129,8 @@ class StepRunner:
         """Admit the request, then run the runbook's body; a person stopping it is an outcome,
         not a failure."""
         self.request = request
+        # Declared before the first await, so the first status query already shows them all.
+        self.steps = {name: StepStatus(name=name) for name in self.plan(request)}
         self.gate.requester = request.requester
         await self._admit(request)
         self._body = asyncio.create_task(self._unwound(body))
