@@ -315,7 +315,7 @@ class HighErrorRate(Runbook):
                 f"{diagnosis.evidence}; roll {req.worker_pool} back to revision "
                 f"{diagnosis.back_to}? {req.reason}",
             )
-            return await self.steps.act(  # type: ignore[no-any-return]
+            return await self.steps.act(
                 "roll back the last rollout",
                 KubernetesActivities.rollout_undo,
                 RolloutUndo(
@@ -326,7 +326,7 @@ class HighErrorRate(Runbook):
             "approve restarting the stuck pool",
             f"{diagnosis.evidence}; restart the pool? {req.reason}",
         )
-        return await self.steps.act(  # type: ignore[no-any-return]
+        return await self.steps.act(
             "restart the stuck pool",
             KubernetesActivities.rollout_restart,
             RolloutRestart(namespace=req.namespace, name=req.worker_pool),
