@@ -56,11 +56,11 @@ def steps(req: ShardScalingRequest) -> list[str]:
     deployments = (req.scheduler, req.workers)
     return [
         "read current shard count",
-        *(f"check {deployment} health" for deployment in deployments),
+        *(f"check {d} health" for d in deployments),
         "approve scaling",
         f"set {SHARD_COUNT_KEY}",
         *(step for d in deployments for step in (f"restart {d}", f"wait for {d}")),
-        *(f"verify {deployment} runs the new config" for deployment in deployments),
+        *(f"verify {d} runs the new config" for d in deployments),
     ]
 
 

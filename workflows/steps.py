@@ -112,6 +112,7 @@ class StepRunner:
     ) -> None:
         self.runbook = runbook
         self.plan = plan
+        """The steps a request's run may take (its catalogue entry's), declared when it starts."""
         self.rotation = rotation
         self.steps: dict[str, StepStatus] = {}
         self.current: str | None = None
