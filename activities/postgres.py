@@ -26,23 +26,6 @@ class LeasedTasksRequest(BaseModel):
     worker_id: str = Field(min_length=1)
 
 
-class LeasedTasks(BaseModel):
-    worker_id: str
-    task_ids: list[str]
-
-
-class RequeueTasks(Mutation):
-    worker_id: str = Field(min_length=1)
-    task_ids: list[str]
-
-
-class RequeueResult(MutationResult):
-    requeued: int
-    """Tasks put back to pending (in dry-run: that would be)."""
-    not_leased: int
-    """Given tasks left alone: finished, requeued already, or leased by another worker meanwhile."""
-
-
 class FailureRateRequest(BaseModel):
     window_seconds: float = Field(default=300.0, gt=0)
 
@@ -233,7 +216,7 @@ async def connect(dsn: str, *, autocommit: bool = False) -> psycopg.AsyncConnect
 async def query_failure_rate(
     conn: psycopg.AsyncConnection[Any], window_seconds: float
 ) -> FailureRate:
-    """The failure rate over a window, from the tasks table (shared with the SQL metrics source)."""
+    """The failure rate over a window, from the tasks table (what the SQL metrics source reads)."""
     row = await (
         await conn.execute(
             "SELECT count(*), count(*) FILTER (WHERE status = ANY(%s))"
@@ -287,60 +270,6 @@ class PostgresActivities:
 
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
-
-    @activity.defn
-    async def leased_tasks(self, req: LeasedTasksRequest) -> LeasedTasks:
-        """The tasks a worker holds (status running, leased by it): what a lost worker strands."""
-        async with await connect(self._dsn) as conn:
-            await self._require_worker(conn, req.worker_id)
-            rows = await (
-                await conn.execute(
-                    "SELECT id FROM tasks WHERE worker_id = %s AND status = 'running' ORDER BY id",
-                    (req.worker_id,),
-                )
-            ).fetchall()
-        return LeasedTasks(worker_id=req.worker_id, task_ids=[r[0] for r in rows])
-
-    @activity.defn
-    async def requeue_worker_tasks(self, req: RequeueTasks) -> RequeueResult:
-        """Put a lost worker's tasks back to pending so that live workers pick them up.
-
-        Only rows still running *and* still leased by that worker change, in a single UPDATE:
-        a task another worker finished or took over meanwhile is left alone, and a second run
-        finds nothing left to requeue.
-        """
-        async with await connect(self._dsn) as conn:
-            await self._require_worker(conn, req.worker_id)
-            params = (req.task_ids, req.worker_id)
-            if req.dry_run:
-                row = await (
-                    await conn.execute(
-                        "SELECT count(*) FROM tasks"
-                        " WHERE id = ANY(%s) AND worker_id = %s AND status = 'running'",
-                        params,
-                    )
-                ).fetchone()
-                would = int(row[0]) if row else 0
-                return RequeueResult(
-                    changed=False,
-                    detail=f"would requeue {would} of {len(req.task_ids)} tasks of {req.worker_id}",
-                    requeued=would,
-                    not_leased=len(req.task_ids) - would,
-                )
-            # rowcount rather than RETURNING: at 100k ids the ids coming back would cost memory
-            # and time for nothing, since the caller already holds them.
-            cur = await conn.execute(
-                "UPDATE tasks SET status = 'pending', worker_id = NULL, updated_at = now()"
-                " WHERE id = ANY(%s) AND worker_id = %s AND status = 'running'",
-                params,
-            )
-            requeued = cur.rowcount
-        return RequeueResult(
-            changed=requeued > 0,
-            detail=f"requeued {requeued} of {len(req.task_ids)} tasks of {req.worker_id}",
-            requeued=requeued,
-            not_leased=len(req.task_ids) - requeued,
-        )
 
     @activity.defn
     async def lease_summary(self, req: LeasedTasksRequest) -> LeaseSummary:
@@ -443,12 +372,6 @@ class PostgresActivities:
         return RequeueProgress(requeued=requeued, waiting=waiting)
 
     @activity.defn
-    async def task_failure_rate(self, req: FailureRateRequest) -> FailureRate:
-        """The share of tasks that failed among those that finished in the window."""
-        async with await connect(self._dsn) as conn:
-            return await query_failure_rate(conn, req.window_seconds)
-
-    @activity.defn
     async def failure_breakdown(self, req: FailureBreakdownRequest) -> FailureBreakdown:
         """Failed tasks in the window by error class, worker and shard: where to look first."""
         where = (
@@ -479,12 +402,6 @@ class PostgresActivities:
             by_worker=by_worker,
             by_shard=by_shard,
         )
-
-    @activity.defn
-    async def llm_cost(self, req: LlmCostRequest) -> CostComparison:
-        """The last window's LLM cost against the trailing average, and who drives it."""
-        async with await connect(self._dsn) as conn:
-            return await query_llm_cost(conn, req)
 
     @activity.defn
     async def requeue_dead_letters(self, req: RequeueDeadLetters) -> DeadLetterRequeueResult:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import uvicorn
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -325,8 +325,18 @@ def create_app(settings: Settings) -> FastAPI:
         return runbook_cards(policy)
 
     @app.get("/v1/runbooks/{name}", tags=["runbooks"])
-    async def show_runbook(name: str, _: User) -> RunbookCard:
-        return runbook_cards(policy, name)[0]
+    async def show_runbook(
+        name: str,
+        _: User,
+        param: Annotated[
+            list[str],
+            Query(description="k=v, repeatable: the card shows the steps of a start with these."),
+        ] = [],  # noqa: B006
+    ) -> RunbookCard:
+        pairs = [p.partition("=") for p in param]
+        if any(not key or not sep for key, sep, _ in pairs):
+            raise ApiError(422, "invalid", "param takes key=value")
+        return runbook_cards(policy, name, {key: value for key, _, value in pairs})[0]
 
     @app.post(
         "/v1/runbooks/{name}/runs",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json as jsonlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.error import HTTPError, URLError
@@ -59,11 +60,16 @@ class ApiRuns:
         """Nothing to release: every request is its own connection."""
 
     def _send(
-        self, method: str, path: str, body: Any, headers: dict[str, str], params: dict[str, str]
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        headers: dict[str, str],
+        params: Mapping[str, str | list[str]],
     ) -> tuple[int, bytes]:
         """One blocking request. The standard library's client, not httpx: each command is a
         new process, and httpx's import alone cost a fifth of a command's time."""
-        query = f"?{urlencode(params)}" if params else ""
+        query = f"?{urlencode(params, doseq=True)}" if params else ""
         request = Request(
             f"{self.url}{quote(path, safe='/:')}{query}",
             data=None if body is None else jsonlib.dumps(body).encode(),
@@ -87,7 +93,7 @@ class ApiRuns:
         *,
         json: Any = None,
         headers: dict[str, str] | None = None,
-        params: dict[str, str] | None = None,
+        params: Mapping[str, str | list[str]] | None = None,
     ) -> Any:
         try:
             status, raw = await asyncio.to_thread(
@@ -112,8 +118,10 @@ class ApiRuns:
     async def runbooks(self) -> list[RunbookCard]:
         return [RunbookCard.model_validate(c) for c in await self._call("GET", "/v1/runbooks")]
 
-    async def runbook(self, name: str) -> RunbookCard:
-        return RunbookCard.model_validate(await self._call("GET", f"/v1/runbooks/{name}"))
+    async def runbook(self, name: str, params: dict[str, str] | None = None) -> RunbookCard:
+        query = {"param": [f"{k}={v}" for k, v in (params or {}).items()]}
+        answer = await self._call("GET", f"/v1/runbooks/{name}", params=query)
+        return RunbookCard.model_validate(answer)
 
     async def start(
         self,

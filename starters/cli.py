@@ -190,19 +190,19 @@ def parse_params(params: list[str]) -> dict[str, str]:
     return parsed
 
 
-async def catalogue(name: str | None) -> list[RunbookCard]:
+async def catalogue(name: str | None, params: dict[str, str]) -> list[RunbookCard]:
     """The runbooks as the API describes them (its catalogue and policy are the ones that apply),
     or from this checkout's when no API is configured."""
     config = settings()
     if dev_stack(config) is not None or (not dev_mode(config) and config.api_token is not None):
         api = api_runs(config)
         assert api is not None
-        return [await api.runbook(name)] if name else await api.runbooks()
+        return [await api.runbook(name, params)] if name else await api.runbooks()
     # The catalogue brings the workflow definitions (and Temporal's workflow module).
     from runtime.access import load_policy
     from starters.runbook_cards import runbook_cards
 
-    return runbook_cards(load_policy(config.access_policy), name)
+    return runbook_cards(load_policy(config.access_policy), name, params)
 
 
 @app.command()
@@ -210,14 +210,21 @@ def runbooks(
     name: Annotated[
         str | None, typer.Argument(help="One runbook to show in full (default: all, briefly).")
     ] = None,
+    param: Annotated[
+        list[str],
+        typer.Option("--param", "-p", help="k=v: show the steps a start with these would take."),
+    ] = [],  # noqa: B006
     as_json: Json = False,
 ) -> None:
     """List the runbooks with their trigger, owner and parameters, or show one in full.
 
-    Example: astra-ops runbooks worker-lost
+    Example: astra-ops runbooks shard-scaling -p shards=12 -p scheduler=goal-service
     """
+    params = parse_params(param)
+    if params and name is None:
+        fail("--param needs a runbook: astra-ops runbooks NAME --param k=v", 2)
     with clear_errors():
-        cards = asyncio.run(catalogue(name))
+        cards = asyncio.run(catalogue(name, params))
     if as_json:
         emit_json([card.model_dump(mode="json") for card in cards])
         return

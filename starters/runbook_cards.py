@@ -8,9 +8,14 @@ same words.
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import ValidationError
+
 from runtime.access import ANYONE, AccessPolicy, RunbookAccess
-from starters.run_views import Parameter, RunbookCard, UnknownRunbook
+from starters.run_views import InvalidInput, Parameter, RunbookCard, UnknownRunbook
 from workflows.catalogue import RUNBOOKS
+from workflows.models import RunbookRequest
 from workflows.runbook import RunbookSpec
 
 CALLER_FIELDS = {"requester", "reason", "dry_run", "authorization"}
@@ -29,7 +34,7 @@ def _number(value: float) -> str:
     return f"{value:.15g}"
 
 
-def runbook_parameters(spec: RunbookSpec, access: RunbookAccess | None) -> list[Parameter]:
+def runbook_parameters(spec: RunbookSpec[Any], access: RunbookAccess | None) -> list[Parameter]:
     """Every parameter a start may set with ``--param``, in the model's order."""
     schema = spec.request.model_json_schema()
     required = set(schema.get("required", []))
@@ -77,15 +82,53 @@ def dry_runners(access: RunbookAccess | None) -> list[str]:
     return [ANYONE] if ANYONE in groups else groups
 
 
-def runbook_card(spec: RunbookSpec, access: RunbookAccess | None) -> RunbookCard:
-    """Everything people ask of a runbook before they start it, from the catalogue and policy."""
+def runbook_request(
+    spec: RunbookSpec[Any],
+    access: RunbookAccess | None,
+    params: dict[str, Any],
+    *,
+    requester: str,
+    reason: str = "",
+    dry_run: bool = False,
+) -> RunbookRequest:
+    """The request a start with these ``--param``s makes: the policy's defaults under them, the
+    model's validation and the policy's bounds over them."""
+    reserved = CALLER_FIELDS & params.keys()
+    if reserved:
+        raise InvalidInput(f"{', '.join(sorted(reserved))} cannot be passed as parameters")
+    try:
+        request: RunbookRequest = spec.request.model_validate(
+            {
+                **(access.defaults() if access else {}),
+                **params,
+                "requester": requester,
+                "reason": reason,
+                "dry_run": dry_run,
+            }
+        )
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in err.errors()
+        )
+        raise InvalidInput(f"bad parameters for {spec.name}: {problems}") from None
+    violations = access.violations(request.model_dump()) if access else []
+    if violations:
+        raise InvalidInput(f"bad parameters for {spec.name}: {'; '.join(violations)}")
+    return request
+
+
+def runbook_card(
+    spec: RunbookSpec[Any], access: RunbookAccess | None, request: RunbookRequest | None = None
+) -> RunbookCard:
+    """Everything people ask of a runbook before they start it, from the catalogue and policy;
+    its steps are those of ``request`` (default: every parameter at its default)."""
     return RunbookCard(
         name=spec.name,
         title=spec.title,
         trigger=spec.trigger,
         rotation=spec.rotation,
         severity=spec.severity,
-        steps=list(spec.steps),
+        steps=spec.steps_for(request),
         started_by=list(access.start) if access else [],
         dry_runs_by=dry_runners(access),
         cancelled_by=list(access.cancel) if access else [],
@@ -94,7 +137,7 @@ def runbook_card(spec: RunbookSpec, access: RunbookAccess | None) -> RunbookCard
     )
 
 
-def runbook_spec(name: str) -> RunbookSpec:
+def runbook_spec(name: str) -> RunbookSpec[Any]:
     try:
         return RUNBOOKS[name].spec
     except KeyError:
@@ -103,7 +146,13 @@ def runbook_spec(name: str) -> RunbookSpec:
         ) from None
 
 
-def runbook_cards(policy: AccessPolicy, name: str | None = None) -> list[RunbookCard]:
-    """Every runbook's card, or the one named."""
-    specs = [runbook_spec(name)] if name else [w.spec for w in RUNBOOKS.values()]
-    return [runbook_card(spec, policy.runbooks.get(spec.name)) for spec in specs]
+def runbook_cards(
+    policy: AccessPolicy, name: str | None = None, params: dict[str, Any] | None = None
+) -> list[RunbookCard]:
+    """Every runbook's card, or the one named; with ``params``, the steps a start with them
+    would take."""
+    if name is None:
+        return [runbook_card(w.spec, policy.runbooks.get(w.spec.name)) for w in RUNBOOKS.values()]
+    spec, access = runbook_spec(name), policy.runbooks.get(name)
+    request = runbook_request(spec, access, params, requester="you") if params else None
+    return [runbook_card(spec, access, request)]

@@ -41,6 +41,7 @@ from runtime.access import (
 from runtime.settings import REPO_ROOT
 from starters.runbook_cards import runbook_parameters
 from workflows.catalogue import RUNBOOKS
+from workflows.models import RunbookRequest
 from workflows.runbook import Runbook, RunbookSpec
 
 DOCS = REPO_ROOT / "docs" / "runbooks"
@@ -68,6 +69,8 @@ class StepCall:
     pattern: str
     kind: str
     activity: str | None
+    source: str
+    """The step's name as the code writes it."""
 
 
 @dataclass(frozen=True)
@@ -202,15 +205,18 @@ def step_calls(module: ModuleType) -> list[StepCall]:
                 continue
             pattern = _pattern(call.args[0], function, names)
             if pattern is not None:
-                found.append(StepCall(pattern, kind, activity))
+                found.append(StepCall(pattern, kind, activity, ast.unparse(call.args[0])))
     return found
 
 
-def runbook_steps(spec: RunbookSpec, module: ModuleType) -> list[Step]:
-    """The catalogue's steps in order, each with the kind and activities the code gives it."""
+def runbook_steps(
+    spec: RunbookSpec[Any], module: ModuleType, request: RunbookRequest | None = None
+) -> list[Step]:
+    """The catalogue's steps for ``request`` in order, each with the kind and activities the
+    code gives it."""
     calls = step_calls(module)
     steps = []
-    for name in spec.steps:
+    for name in spec.steps_for(request):
         matching = [c for c in calls if re.fullmatch(c.pattern, name)]
         # A step named literally is that step; a pattern (``f"check {deployment} health"``) only
         # stands in when no literal names it.
@@ -228,6 +234,13 @@ def runbook_steps(spec: RunbookSpec, module: ModuleType) -> list[Step]:
             )
         activities = tuple(dict.fromkeys(c.activity for c in matching if c.activity))
         steps.append(Step(name, kinds.pop(), activities))
+    for call in calls:
+        if not any(re.fullmatch(call.pattern, step.name) for step in steps):
+            raise RunbookDocsError(
+                f"{spec.name} ({module.__name__}): the code runs step {call.source}, which its "
+                "catalogue entry does not list; add it to the steps of its RunbookSpec, in the "
+                "order a run takes it"
+            )
     return steps
 
 
@@ -252,7 +265,7 @@ class Narrative:
     rollback: str
 
 
-def narrative(spec: RunbookSpec, module: ModuleType) -> Narrative:
+def narrative(spec: RunbookSpec[Any], module: ModuleType) -> Narrative:
     """The module docstring: its first line, the paragraphs that say why, and its rollback."""
     text = _markdown(inspect.cleandoc(module.__doc__ or ""))
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
@@ -309,7 +322,11 @@ class Page:
         self.policy = policy
         self.access: RunbookAccess = policy.runbook(spec.name)
         self.rules = [r for r in rules if r.get("labels", {}).get("runbook") == spec.name]
-        self.steps = runbook_steps(spec, self.module)
+        self.example = self._example_request()
+        # The steps of the start command the page shows.
+        request = spec.request.model_validate(self.example)
+        self.run_id = spec.workflow_id(request)
+        self.steps = runbook_steps(spec, self.module, request)
         self.story = narrative(spec, self.module)
         self.undo = compensations(self.module)
         if self.undo and self.story.rollback.lower().startswith("none"):
@@ -326,8 +343,6 @@ class Page:
         for step in self.steps:
             if step.kind == "approval":
                 self.access.approval(spec.name, step.name)
-        self.example = self._example_request()
-        self.run_id = spec.workflow_id(spec.request.model_validate(self.example))
 
     def _example_request(self) -> dict[str, Any]:
         """A start with the required parameters, from each one's ``examples``."""

@@ -12,7 +12,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from temporalio.client import (
     Client,
     RPCTimeoutOrCancelledError,
@@ -41,8 +41,9 @@ from starters.run_views import (
     StartedRun,
     UnknownRun,
 )
-from starters.runbook_cards import runbook_spec
+from starters.runbook_cards import runbook_request, runbook_spec
 from workflows.approval import refusal, step_of
+from workflows.kill_switch import KillSwitch
 from workflows.models import (
     ApprovalSignal,
     CancelRequest,
@@ -155,13 +156,6 @@ def _reason(err: BaseException) -> str:
     return str(message or cause or err)
 
 
-def _input_error(name: str, err: ValidationError) -> InvalidInput:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in err.errors()
-    )
-    return InvalidInput(f"bad parameters for {name}: {problems}")
-
-
 class Runs:
     """Start and steer runs as a caller the front end has identified.
 
@@ -215,24 +209,9 @@ class Runs:
         why = access.may_start(runbook, requester, dry_run, self.policy.members)
         if why is not None:
             raise NotAllowed(why)
-        reserved = {"requester", "dry_run", "reason", "authorization"} & params.keys()
-        if reserved:
-            raise InvalidInput(f"{', '.join(sorted(reserved))} cannot be passed as parameters")
-        try:
-            request = spec.request.model_validate(
-                {
-                    **access.defaults(),
-                    **params,
-                    "requester": requester,
-                    "reason": reason,
-                    "dry_run": dry_run,
-                }
-            )
-        except ValidationError as err:
-            raise _input_error(runbook, err) from None
-        violations = access.violations(request.model_dump())
-        if violations:
-            raise InvalidInput(f"bad parameters for {runbook}: {'; '.join(violations)}")
+        request = runbook_request(
+            spec, access, params, requester=requester, reason=reason, dry_run=dry_run
+        )
         if not dry_run:
             frozen = await self.frozen()
             if frozen is not None:
@@ -511,7 +490,7 @@ class Runs:
         )
         handle = await self._call(
             self.client.start_workflow(
-                "kill-switch",
+                KillSwitch.run,
                 notice,
                 id=KILL_SWITCH_ID,
                 task_queue=self.task_queue,

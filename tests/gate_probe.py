@@ -37,13 +37,13 @@ SPEC = RunbookSpec(
     trigger="tests",
     rotation="kernel-sre",
     severity="SEV3",
-    steps=(STEP, "change"),
     request=GateProbeRequest,
     subject=lambda req: req.subject,
+    steps=lambda req: [STEP, "change"],
 )
 
 
-@workflow.defn(name="gate-probe")
+@workflow.defn(name=SPEC.name)
 class GateProbe(Runbook):
     spec = SPEC
 

@@ -196,6 +196,16 @@ async def test_catalogue_lists_each_runbook_with_its_steps_and_parameters(
     assert shards["bounds"] == [">= 1", "<= 4096"] and shards["required"]
     one = await api.get("/v1/runbooks/shard-scaling", headers=auth("dave"))
     assert one.json() == scaling
+    custom = await api.get(
+        "/v1/runbooks/shard-scaling",
+        params={"param": ["shards=3", "scheduler=sched-b"]},
+        headers=auth("dave"),
+    )
+    assert "restart sched-b" in custom.json()["steps"]
+    bad = await api.get(
+        "/v1/runbooks/shard-scaling", params={"param": "shards"}, headers=auth("dave")
+    )
+    assert bad.status_code == 422 and bad.json()["error"]["message"] == "param takes key=value"
     unknown = await api.get("/v1/runbooks/nope", headers=auth("dave"))
     assert unknown.status_code == 404
     assert "no runbook named 'nope'" in unknown.json()["error"]["message"]

@@ -266,6 +266,13 @@ async def test_runbooks_catalogue(cli: Cli) -> None:
         assert line in one.stdout, (line, one.stdout)
     unknown = await cli("runbooks", "nope")
     assert unknown.exit_code == 1 and "no runbook named 'nope'" in unknown.stderr
+    # The steps a start with these parameters would take, named after them.
+    custom = await cli("runbooks", "shard-scaling", "-p", "shards=3", "-p", "scheduler=sched-b")
+    assert "restart sched-b" in custom.stdout and "restart astra-scheduler" not in custom.stdout
+    bad = await cli("runbooks", "shard-scaling", "-p", "shards=0")
+    assert bad.exit_code == 2 and "bad parameters for shard-scaling: shards" in bad.stderr
+    nameless = await cli("runbooks", "-p", "shards=3")
+    assert nameless.exit_code == 2 and "--param needs a runbook" in nameless.stderr
 
 
 async def test_every_command_says_how_to_use_it_and_flags_read_as_flags(cli: Cli) -> None:
@@ -397,8 +404,9 @@ async def test_beside_a_dev_stack_the_cli_goes_through_its_api_as_the_named_pers
     assert own.exit_code == 1 and "the requester cannot approve it" in own.stderr
     listed = await beside("ps", "--json", user="")  # a read needs no name
     assert run_id in [r["run_id"] for r in json.loads(listed.stdout)]
-    card = await beside("runbooks", "shard-scaling", user="")
-    assert "started by: kernel-sre" in card.stdout, card.output
+    card = await beside("runbooks", "shard-scaling", "-p", "shards=3", "-p", "workers=w-b", user="")
+    assert "started by: kernel-sre" in card.stdout, card.stderr
+    assert "restart w-b" in card.stdout and "restart astra-worker" not in card.stdout
     approved = await beside("approve", run_id, "--as", "bob", user="")
     assert approved.exit_code == 0, approved.output
     assert (await handle_of(client, run_id).result()).outcome.value == "done"

@@ -77,9 +77,20 @@ def test_an_approval_step_nobody_may_approve_stops_the_generator() -> None:
 
 
 def test_a_catalogue_step_no_code_runs_stops_the_generator() -> None:
-    phantom = replace(shard_scaling.SPEC, steps=(*shard_scaling.SPEC.steps, "drain the shards"))
+    phantom = replace(
+        shard_scaling.SPEC, steps=lambda req: [*shard_scaling.steps(req), "drain the shards"]
+    )
     with pytest.raises(RunbookDocsError, match=r"'drain the shards'.*no check/act/verify/approval"):
         runbook_steps(phantom, shard_scaling)
+
+
+def test_a_step_the_code_runs_but_the_catalogue_omits_stops_the_generator() -> None:
+    spec = high_error_rate.SPEC
+    omitted = replace(
+        spec, steps=lambda req: [s for s in spec.steps_for(req) if s != "pause intake again"]
+    )
+    with pytest.raises(RunbookDocsError, match="runs step 'pause intake again', which its"):
+        runbook_steps(omitted, high_error_rate)
 
 
 def test_a_docstring_without_its_rollback_stops_the_generator() -> None:

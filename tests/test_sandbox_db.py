@@ -10,7 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 from psycopg.conninfo import make_conninfo
 
-from activities.postgres import FailureRateRequest, LlmCostRequest, PostgresActivities
+from activities.metrics import SqlMetrics
+from activities.postgres import LlmCostRequest
 from sandbox.db import drop_database, migrate, migrations, reset
 from sandbox.faults import SandboxTarget, cost_spike, dead_letters, error_spike, worker_lost
 from sandbox.loadgen import Knobs, LoadConfig, LoadGenerator, SandboxKeys, write_knobs
@@ -167,9 +168,7 @@ async def test_worker_lost_fault_works_on_an_empty_sandbox(
 
 async def test_error_spike_fault_raises_the_failure_rate(data_plane: SandboxTarget) -> None:
     fault = await error_spike(data_plane, share=0.3, tasks=50, error="ToolError: crashed")
-    rate = await PostgresActivities(data_plane.dsn).task_failure_rate(
-        FailureRateRequest(window_seconds=300)
-    )
+    rate = await SqlMetrics(data_plane.dsn).failure_rate(window_seconds=300)
     assert (rate.total, rate.failed) == (50, len(fault.failed_task_ids)) == (50, 15)
 
 
@@ -177,7 +176,7 @@ async def test_cost_spike_fault_makes_the_window_cost_a_multiple_of_normal(
     data_plane: SandboxTarget,
 ) -> None:
     fault = await cost_spike(data_plane, multiplier=4, tenant="globex", agent_id="coder-1")
-    cost = await PostgresActivities(data_plane.dsn).llm_cost(LlmCostRequest())
+    cost = await SqlMetrics(data_plane.dsn).llm_cost(LlmCostRequest())
     assert fault.seeded_history_rows > 0
     assert cost.ratio == pytest.approx(4, rel=0.01)
     assert cost.top_tenants[0].key == "globex" and cost.top_agents[0].key == "coder-1"

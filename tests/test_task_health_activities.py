@@ -2,6 +2,7 @@
 
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -20,7 +21,8 @@ from activities.postgres import (
     LlmCostRequest,
     PostgresActivities,
     RequeueDeadLetters,
-    RequeueTasks,
+    RequeueLostWorker,
+    RequeueProgressRequest,
     TaskStatesRequest,
 )
 from activities.redis_store import (
@@ -88,13 +90,13 @@ async def test_unknown_worker_is_rejected_and_nothing_changes(
 ) -> None:
     await worker_lost(data_plane, worker_id=None)
     before = await table(data_plane.dsn)
+    now = datetime.now(UTC)
+    ghost = RequeueLostWorker(worker_id="astra-worker-9", leased_before=now, token="t")
     with pytest.raises(ApplicationError, match="unknown worker astra-worker-9") as err:
-        await env.run(
-            pg.requeue_worker_tasks, RequeueTasks(worker_id="astra-worker-9", task_ids=["x"])
-        )
+        await env.run(pg.requeue_lost_worker, ghost)
     assert err.value.non_retryable
     with pytest.raises(ApplicationError, match="no such row in workers"):
-        await env.run(pg.leased_tasks, LeasedTasksRequest(worker_id="astra-worker-9"))
+        await env.run(pg.lease_summary, LeasedTasksRequest(worker_id="astra-worker-9"))
     assert await table(data_plane.dsn) == before
 
 
@@ -112,15 +114,17 @@ async def test_requeue_twice_leaves_the_world_as_once_and_spares_finished_tasks(
             (finished,),
         )
         await conn.execute("UPDATE tasks SET worker_id = 'w-other' WHERE id = %s", (taken_over,))
-    leased = await env.run(pg.leased_tasks, LeasedTasksRequest(worker_id=fault.worker_id))
-    assert leased.task_ids == sorted(stranded)
-    request = RequeueTasks(worker_id=fault.worker_id, task_ids=fault.leased_task_ids, token="t")
+    leases = await env.run(pg.lease_summary, LeasedTasksRequest(worker_id=fault.worker_id))
+    assert (leases.count, leases.sample) == (2, sorted(stranded))
+    request = RequeueLostWorker(
+        worker_id=fault.worker_id, leased_before=leases.as_of, batch_size=1, token="t"
+    )
 
-    first = await env.run(pg.requeue_worker_tasks, request)
+    first = await env.run(pg.requeue_lost_worker, request)
     after_once = await table(data_plane.dsn)
-    second = await env.run(pg.requeue_worker_tasks, request)
+    second = await env.run(pg.requeue_lost_worker, request)
 
-    assert (first.changed, first.requeued, first.not_leased) == (True, 2, 2)
+    assert (first.changed, first.requeued, first.batches) == (True, 2, 2)
     assert (second.changed, second.requeued) == (False, 0)
     assert await table(data_plane.dsn) == after_once
     states = await env.run(pg.task_states, TaskStatesRequest(task_ids=fault.leased_task_ids))
@@ -129,6 +133,8 @@ async def test_requeue_twice_leaves_the_world_as_once_and_spares_finished_tasks(
         taken_over: ("running", "w-other"),
         **{i: ("pending", None) for i in stranded},
     }
+    progress = await env.run(pg.requeue_progress, RequeueProgressRequest(token="t"))
+    assert (progress.requeued, progress.waiting) == (2, 2)
 
 
 async def test_requeue_dry_run_counts_and_changes_nothing(
@@ -136,9 +142,10 @@ async def test_requeue_dry_run_counts_and_changes_nothing(
 ) -> None:
     fault = await worker_lost(data_plane, tasks_if_none=3)
     before = await table(data_plane.dsn)
+    leases = await env.run(pg.lease_summary, LeasedTasksRequest(worker_id=fault.worker_id))
     result = await env.run(
-        pg.requeue_worker_tasks,
-        RequeueTasks(worker_id=fault.worker_id, task_ids=fault.leased_task_ids, dry_run=True),
+        pg.requeue_lost_worker,
+        RequeueLostWorker(worker_id=fault.worker_id, leased_before=leases.as_of, dry_run=True),
     )
     assert (result.changed, result.requeued) == (False, 3)
     assert await table(data_plane.dsn) == before
@@ -242,7 +249,10 @@ async def test_failure_rate_and_breakdown_point_at_the_failing_worker_and_shard(
         worker_id="w-bad",
         shard=3,
     )
-    rate = await env.run(pg.task_failure_rate, FailureRateRequest(window_seconds=300))
+    rate = await env.run(
+        MetricsActivities(SqlMetrics(data_plane.dsn)).failure_rate,
+        FailureRateRequest(window_seconds=300),
+    )
     breakdown = await env.run(pg.failure_breakdown, FailureBreakdownRequest(window_seconds=300))
     assert (rate.total, rate.failed, rate.rate) == (40, 8, 0.2)
     assert [(c.key, c.count) for c in breakdown.by_error_class] == [("ToolError", 8)]
@@ -250,18 +260,17 @@ async def test_failure_rate_and_breakdown_point_at_the_failing_worker_and_shard(
     assert [(c.key, c.count) for c in breakdown.by_shard] == [("3", 8)]
 
 
-async def test_sql_metrics_source_agrees_with_the_postgres_activities(
-    env: ActivityEnvironment, pg: PostgresActivities, data_plane: SandboxTarget
+async def test_sql_metrics_source_measures_the_outcomes_and_spend_in_the_window(
+    env: ActivityEnvironment, data_plane: SandboxTarget
 ) -> None:
-    await error_spike(data_plane, share=0.5, tasks=10)
+    fault = await error_spike(data_plane, share=0.5, tasks=10)
     await cost_spike(data_plane, multiplier=3)
     source = metrics_source(data_plane.dsn, prometheus_url=None)
     assert isinstance(source, SqlMetrics)
     metrics = MetricsActivities(source)
-    rate = FailureRateRequest(window_seconds=300)
-    cost = LlmCostRequest(window_seconds=300)
-    assert await env.run(metrics.failure_rate, rate) == await env.run(pg.task_failure_rate, rate)
-    measured = await env.run(metrics.cost_comparison, cost)
+    rate = await env.run(metrics.failure_rate, FailureRateRequest(window_seconds=300))
+    assert (rate.total, rate.failed, rate.rate) == (10, len(fault.failed_task_ids), 0.5)
+    measured = await env.run(metrics.cost_comparison, LlmCostRequest(window_seconds=300))
     assert measured.ratio == pytest.approx(3, rel=0.01)
     assert measured.top_models[0].key == "gpt-4o"
 
@@ -309,7 +318,7 @@ async def test_prometheus_source_sends_the_windowed_promql_and_reads_vectors(
         (LlmCostRequest, {"window_seconds": 0}),
         (LlmCostRequest, {"window_seconds": 600, "baseline_seconds": 300}),
         (ReadDeadLetters, {"consumer": "c", "count": 0}),
-        (RequeueTasks, {"worker_id": "", "task_ids": []}),
+        (RequeueLostWorker, {"worker_id": "", "leased_before": "2026-01-01T00:00:00Z"}),
     ],
 )
 def test_bad_input_is_rejected_before_anything_runs(

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
+from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
@@ -42,6 +45,20 @@ def kube_api(settings: Settings) -> k8s.ApiClient:
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
     return k8s.ApiClient()
+
+
+def activities_of(*instances: object) -> list[Callable[..., Any]]:
+    """Every ``@activity.defn`` method of each instance, bound to it.
+
+    Registered from the classes, so a new activity cannot be forgotten; one that no workflow
+    calls any more shows up in tests/test_activity_registry.py instead of lingering.
+    """
+    return [
+        getattr(instance, name)
+        for instance in instances
+        for name, function in inspect.getmembers(type(instance), inspect.isfunction)
+        if activity._Definition.from_callable(function) is not None
+    ]
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -91,37 +108,7 @@ async def running_worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=[*RUNBOOKS.values(), KillSwitch],
-        activities=[
-            access.admit,
-            access.operators,
-            access.freeze_state,
-            access.request_approval,
-            access.claim_automatic_action,
-            access.broadcast_freeze,
-            kubernetes.read_config,
-            kubernetes.patch_config,
-            kubernetes.rollout_health,
-            kubernetes.rollout_restart,
-            kubernetes.wait_rollout,
-            kubernetes.rollout_history,
-            kubernetes.rollout_undo,
-            kubernetes.list_pods,
-            kubernetes.delete_pod,
-            kubernetes.verify_config,
-            notify.notify_rotation,
-            postgres.lease_summary,
-            postgres.requeue_lost_worker,
-            postgres.requeue_progress,
-            postgres.failure_breakdown,
-            postgres.requeue_dead_letters,
-            postgres.task_states,
-            redis.heartbeat_age,
-            redis.live_workers,
-            redis.read_dead_letters,
-            redis.ack_dead_letters,
-            metrics.failure_rate,
-            metrics.cost_comparison,
-        ],
+        activities=activities_of(access, kubernetes, notify, postgres, redis, metrics),
         activity_executor=executor,
         workflow_runner=workflow_runner(),
         graceful_shutdown_timeout=timedelta(seconds=30),

@@ -81,15 +81,15 @@ SPEC = RunbookSpec(
     trigger="Tasks reach dead_letter (max retries) and are published to astra:dead_letter",
     rotation="kernel-sre",
     severity="SEV3",
-    steps=(
+    request=DeadLetterRepairRequest,
+    subject=lambda req: req.group,
+    steps=lambda req: [
         "read dead letters",
         "approve handling the dead letters",
         "requeue retryable tasks",
         "acknowledge handled dead letters",
         "verify requeued tasks left dead_letter",
-    ),
-    request=DeadLetterRepairRequest,
-    subject=lambda req: req.group,
+    ],
 )
 
 
@@ -100,7 +100,7 @@ def by_class(entries: list[DeadLetter]) -> str:
     return ", ".join(f"{cls} ({n})" for cls, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-@workflow.defn(name="dead-letter-repair")
+@workflow.defn(name=SPEC.name)
 class DeadLetterRepair(Runbook):
     spec = SPEC
 

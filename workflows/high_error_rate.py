@@ -105,7 +105,9 @@ SPEC = RunbookSpec(
     trigger=">5% task failures over 5min",
     rotation="kernel-sre",
     severity="SEV2",
-    steps=(
+    request=HighErrorRateRequest,
+    subject=lambda req: req.namespace,
+    steps=lambda req: [
         "measure the failure rate",
         "triage failures by class, worker and shard",
         "check the worker pool",
@@ -120,9 +122,8 @@ SPEC = RunbookSpec(
         "wait for the pool",
         "resume intake",
         "verify the rate stays under the threshold",
-    ),
-    request=HighErrorRateRequest,
-    subject=lambda req: req.namespace,
+        "pause intake again",
+    ],
 )
 
 
@@ -193,7 +194,7 @@ def diagnose(
     )
 
 
-@workflow.defn(name="high-error-rate")
+@workflow.defn(name=SPEC.name)
 class HighErrorRate(Runbook):
     spec = SPEC
 
@@ -314,7 +315,7 @@ class HighErrorRate(Runbook):
                 f"{diagnosis.evidence}; roll {req.worker_pool} back to revision "
                 f"{diagnosis.back_to}? {req.reason}",
             )
-            return await self.steps.act(  # type: ignore[no-any-return]
+            return await self.steps.act(
                 "roll back the last rollout",
                 KubernetesActivities.rollout_undo,
                 RolloutUndo(
@@ -325,7 +326,7 @@ class HighErrorRate(Runbook):
             "approve restarting the stuck pool",
             f"{diagnosis.evidence}; restart the pool? {req.reason}",
         )
-        return await self.steps.act(  # type: ignore[no-any-return]
+        return await self.steps.act(
             "restart the stuck pool",
             KubernetesActivities.rollout_restart,
             RolloutRestart(namespace=req.namespace, name=req.worker_pool),

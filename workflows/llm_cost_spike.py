@@ -78,7 +78,9 @@ SPEC = RunbookSpec(
     trigger="Cost >2x daily average",
     rotation=ROTATION,
     severity="SEV3",
-    steps=(
+    request=LlmCostSpikeRequest,
+    subject=lambda req: req.namespace,
+    steps=lambda req: [
         "compare cost with the daily average",
         "read the budget guard",
         "approve the budget guard",
@@ -87,9 +89,7 @@ SPEC = RunbookSpec(
         "verify cost falls under the threshold",
         "approve lifting the budget guard",
         "lift the budget guard",
-    ),
-    request=LlmCostSpikeRequest,
-    subject=lambda req: req.namespace,
+    ],
 )
 
 
@@ -117,7 +117,7 @@ def ranking(cost: CostComparison) -> str:
     )
 
 
-@workflow.defn(name="llm-cost-spike")
+@workflow.defn(name=SPEC.name)
 class LlmCostSpike(Runbook):
     spec = SPEC
 

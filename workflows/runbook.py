@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 from temporalio import workflow
 
@@ -22,31 +22,45 @@ from workflows.models import (
 )
 from workflows.steps import StepRunner
 
+R = TypeVar("R", bound=RunbookRequest)
+
 
 @dataclass(frozen=True)
-class RunbookSpec:
+class RunbookSpec(Generic[R]):
     """A runbook's catalogue entry: what starts it, who owns it, what it will do."""
 
     name: str
+    """The name people type, and the workflow type (``@workflow.defn(name=SPEC.name)``)."""
     title: str
     trigger: str
     rotation: str
     severity: str
-    steps: tuple[str, ...]
-    request: type[RunbookRequest]
-    subject: Callable[[Any], str]
+    request: type[R]
+    subject: Callable[[R], str]
+    steps: Callable[[R], list[str]]
+    """The steps a run of the request may take, in order; names built from the request here
+    once, so a run's status and the catalogue show the same steps."""
 
-    def workflow_id(self, request: RunbookRequest) -> str:
+    def workflow_id(self, request: R) -> str:
         return f"{self.name}/{self.subject(request)}"
+
+    def steps_for(self, request: R | None = None) -> list[str]:
+        """The steps a run of ``request`` may take, in order (a run skips those it does not
+        need); without a request, those of one with every parameter at its default."""
+        if request is None:
+            # Unvalidated: a parameter without a default stays unset, so the generic list can
+            # name steps only after parameters that have one.
+            request = cast(R, self.request.model_construct(requester=""))
+        return self.steps(request)
 
 
 class Runbook:
     """Base of every runbook workflow class; subclasses set ``spec`` and write ``run``."""
 
-    spec: RunbookSpec
+    spec: RunbookSpec[Any]
 
     def __init__(self) -> None:
-        self.steps = StepRunner(self.spec.name, list(self.spec.steps), self.spec.rotation)
+        self.steps = StepRunner(self.spec.name, self.spec.steps_for, self.spec.rotation)
 
     @workflow.signal
     def approve(self, signal: ApprovalSignal) -> None:

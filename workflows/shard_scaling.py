@@ -51,31 +51,32 @@ class ShardScalingRequest(RunbookRequest):
     rollout_timeout_seconds: float = Field(default=600, gt=0, le=DAY)
 
 
+def steps(req: ShardScalingRequest) -> list[str]:
+    """The scheduler's steps before the workers', as the run takes them."""
+    deployments = (req.scheduler, req.workers)
+    return [
+        "read current shard count",
+        *(f"check {d} health" for d in deployments),
+        "approve scaling",
+        f"set {SHARD_COUNT_KEY}",
+        *(step for d in deployments for step in (f"restart {d}", f"wait for {d}")),
+        *(f"verify {d} runs the new config" for d in deployments),
+    ]
+
+
 SPEC = RunbookSpec(
     name="shard-scaling",
     title="Shard Scaling",
     trigger="Shard imbalance or scaling event",
     rotation="kernel-sre",
     severity="SEV3",
-    steps=(
-        "read current shard count",
-        "check astra-scheduler health",
-        "check astra-worker health",
-        "approve scaling",
-        "set TASK_SHARD_COUNT",
-        "restart astra-scheduler",
-        "wait for astra-scheduler",
-        "restart astra-worker",
-        "wait for astra-worker",
-        "verify astra-scheduler runs the new config",
-        "verify astra-worker runs the new config",
-    ),
     request=ShardScalingRequest,
     subject=lambda req: req.namespace,
+    steps=steps,
 )
 
 
-@workflow.defn(name="shard-scaling")
+@workflow.defn(name=SPEC.name)
 class ShardScaling(Runbook):
     spec = SPEC
 
@@ -90,13 +91,14 @@ class ShardScaling(Runbook):
             KubernetesActivities.read_config,
             ConfigRef(namespace=req.namespace, name=req.config_map, key=SHARD_COUNT_KEY),
         )
-        if current.value is None:
+        before = current.value
+        if before is None:
             raise self.steps.fail(
                 "read current shard count",
                 f"{req.namespace}/{req.config_map} has no {SHARD_COUNT_KEY}; "
                 "set it by hand before scaling",
             )
-        if current.value == target:
+        if before == target:
             return self.steps.finish(
                 Outcome.NO_CHANGE, f"already at {target} shards; nothing to do"
             )
@@ -115,14 +117,16 @@ class ShardScaling(Runbook):
                     "scaling now would mix shard counts; fix the rollout first",
                 )
 
-        change = f"{SHARD_COUNT_KEY} {current.value} -> {target}"
+        change = f"{SHARD_COUNT_KEY} {before} -> {target}"
         await self.steps.approval("approve scaling", f"{change}: {req.reason}")
 
         async def roll_back() -> None:
-            await self._apply(req, current.value, "roll back: ", expected=target)
+            await self._apply(req, before, "roll back: ", expected=target)
 
         async with self.steps.compensating("restore the old shard count", roll_back):
             await self._apply(req, target, "")
+            if req.dry_run:
+                return self.steps.finish(Outcome.DONE, f"dry-run: would change {change}")
             pods = 0
             for deployment in (req.scheduler, req.workers):
                 name = f"verify {deployment} runs the new config"
@@ -133,16 +137,13 @@ class ShardScaling(Runbook):
                         namespace=req.namespace, deployment=deployment, config_map=req.config_map
                     ),
                 )
-                if check is not None and not check.ok:
+                if not check.ok:
                     raise self.steps.fail(
                         name,
                         f"{len(check.stale)} of {check.pods_total} {deployment} pods run a stale "
                         f"config: {', '.join(check.stale)}",
                     )
-                pods += check.pods_total if check is not None else 0
-
-        if req.dry_run:
-            return self.steps.finish(Outcome.DONE, f"dry-run: would change {change}")
+                pods += check.pods_total
         return self.steps.finish(
             Outcome.DONE,
             f"{change}; {req.scheduler} then {req.workers} restarted, {pods} pods verified",

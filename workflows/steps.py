@@ -10,12 +10,13 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.types import MethodAsyncSingleParam, MethodSyncSingleParam
 
 from runtime import search_attributes as sa
 from runtime.redact import redact
@@ -45,7 +46,12 @@ with workflow.unsafe.imports_passed_through():
     from activities.mutation import Mutation
     from activities.notify import NotifyActivities, RotationNotice
 
-T = TypeVar("T")
+A = TypeVar("A")
+"""An activity's argument."""
+M = TypeVar("M", bound=Mutation)
+"""A mutating activity's argument."""
+R = TypeVar("R")
+"""An activity's result."""
 
 DEFAULT_TIMEOUT = timedelta(minutes=2)
 DEFAULT_RETRY = RetryPolicy(
@@ -98,10 +104,17 @@ def _describe(result: Any) -> str:
 
 
 class StepRunner:
-    def __init__(self, runbook: str, steps: list[str], rotation: str | None = None) -> None:
+    def __init__(
+        self,
+        runbook: str,
+        plan: Callable[[RunbookRequest], list[str]],
+        rotation: str | None = None,
+    ) -> None:
         self.runbook = runbook
+        self.plan = plan
+        """The steps a request's run may take (its catalogue entry's), declared when it starts."""
         self.rotation = rotation
-        self.steps = {name: StepStatus(name=name) for name in steps}
+        self.steps: dict[str, StepStatus] = {}
         self.current: str | None = None
         self.request = RunbookRequest(requester="unknown")
         self.outcome: Outcome | None = None
@@ -123,6 +136,8 @@ class StepRunner:
         """Admit the request, then run the runbook's body; a person stopping it is an outcome,
         not a failure."""
         self.request = request
+        # Declared before the first await, so the first status query already shows them all.
+        self.steps = {name: StepStatus(name=name) for name in self.plan(request)}
         self.gate.requester = request.requester
         await self._admit(request)
         self._body = asyncio.create_task(self._unwound(body))
@@ -333,11 +348,75 @@ class StepRunner:
 
     # -- the kinds of step -------------------------------------------------------------------
 
-    async def check(self, name: str, activity: Callable[..., Any], arg: Any, **opts: Any) -> Any:
-        """A read-only step: runs in dry-run too, because its answer drives what comes next."""
-        return await self._step(name, activity, arg, **opts)
+    # Each kind is typed as ``workflow.execute_activity_method`` is: an activity method (async
+    # or not) of one argument, the argument it takes, and what it returns; so mypy checks what
+    # a runbook passes to a step and how it uses the answer.
 
-    async def act(self, name: str, activity: Callable[..., Any], arg: Mutation, **opts: Any) -> Any:
+    @overload
+    async def check(
+        self,
+        name: str,
+        activity: MethodAsyncSingleParam[Any, A, R],
+        arg: A,
+        *,
+        start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
+        heartbeat_timeout: timedelta | None = None,
+    ) -> R: ...
+
+    @overload
+    async def check(
+        self,
+        name: str,
+        activity: MethodSyncSingleParam[Any, A, R],
+        arg: A,
+        *,
+        start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
+        heartbeat_timeout: timedelta | None = None,
+    ) -> R: ...
+
+    async def check(
+        self,
+        name: str,
+        activity: Callable[..., Any],
+        arg: Any,
+        *,
+        start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
+        heartbeat_timeout: timedelta | None = None,
+    ) -> Any:
+        """A read-only step: runs in dry-run too, because its answer drives what comes next."""
+        return await self._step(name, activity, arg, start_to_close_timeout, heartbeat_timeout)
+
+    @overload
+    async def act(
+        self,
+        name: str,
+        activity: MethodAsyncSingleParam[Any, M, R],
+        arg: M,
+        *,
+        start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
+        heartbeat_timeout: timedelta | None = None,
+    ) -> R: ...
+
+    @overload
+    async def act(
+        self,
+        name: str,
+        activity: MethodSyncSingleParam[Any, M, R],
+        arg: M,
+        *,
+        start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
+        heartbeat_timeout: timedelta | None = None,
+    ) -> R: ...
+
+    async def act(
+        self,
+        name: str,
+        activity: Callable[..., Any],
+        arg: Mutation,
+        *,
+        start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
+        heartbeat_timeout: timedelta | None = None,
+    ) -> Any:
         """A mutating step, told to only report in dry-run, with a token that makes retries safe.
 
         While the kill switch is on it waits before it starts (a dry-run changes nothing, so it
@@ -352,15 +431,50 @@ class StepRunner:
                 "token": f"{info.workflow_id}/{info.run_id}/{name}",
             }
         )
-        return await self._step(name, activity, arg, **opts)
+        return await self._step(name, activity, arg, start_to_close_timeout, heartbeat_timeout)
 
-    async def verify(self, name: str, activity: Callable[..., Any], arg: Any, **opts: Any) -> Any:
-        """Confirm the world reached the goal; in dry-run nothing changed, so there is nothing to
-        confirm and the step is skipped (returns None)."""
+    @overload
+    async def verify(
+        self,
+        name: str,
+        activity: MethodAsyncSingleParam[Any, A, R],
+        arg: A,
+        *,
+        start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
+        heartbeat_timeout: timedelta | None = None,
+    ) -> R: ...
+
+    @overload
+    async def verify(
+        self,
+        name: str,
+        activity: MethodSyncSingleParam[Any, A, R],
+        arg: A,
+        *,
+        start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
+        heartbeat_timeout: timedelta | None = None,
+    ) -> R: ...
+
+    async def verify(
+        self,
+        name: str,
+        activity: Callable[..., Any],
+        arg: Any,
+        *,
+        start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
+        heartbeat_timeout: timedelta | None = None,
+    ) -> Any:
+        """Confirm the world reached the goal.
+
+        A dry-run changed nothing, so it has nothing to confirm: a runbook finishes before its
+        verify steps (they show as skipped), and one that verifies in a dry-run has a bug.
+        """
         if self.request.dry_run:
-            self._mark(name, StepState.SKIPPED, "dry-run: nothing changed to verify")
-            return None
-        return await self._step(name, activity, arg, **opts)
+            raise AssertionError(
+                f"step '{name}' verifies in a dry-run, which changed nothing to verify; the "
+                "runbook must finish before its verify steps when request.dry_run is set"
+            )
+        return await self._step(name, activity, arg, start_to_close_timeout, heartbeat_timeout)
 
     async def approval(self, name: str, reason: str = "") -> None:
         """Wait for the people the access policy names for this step (dry-run: skipped)."""
@@ -447,13 +561,25 @@ class StepRunner:
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    async def _step(self, name: str, activity: Callable[..., Any], arg: Any, **opts: Any) -> Any:
-        opts.setdefault("start_to_close_timeout", DEFAULT_TIMEOUT)
-        opts.setdefault("retry_policy", DEFAULT_RETRY)
+    async def _step(
+        self,
+        name: str,
+        activity: Callable[..., Any],
+        arg: Any,
+        start_to_close_timeout: timedelta,
+        heartbeat_timeout: timedelta | None,
+    ) -> Any:
         summary = f"{name} (dry-run)" if self.request.dry_run else name
         self._start(name, StepState.RUNNING)
         try:
-            result = await workflow.execute_activity(activity, arg, summary=summary, **opts)
+            result = await workflow.execute_activity(
+                activity,
+                arg,
+                start_to_close_timeout=start_to_close_timeout,
+                heartbeat_timeout=heartbeat_timeout,
+                retry_policy=DEFAULT_RETRY,
+                summary=summary,
+            )
         except ActivityError as err:
             why = self._cancelled_note() if is_cancelled_exception(err) else failure_message(err)
             self._mark(name, StepState.FAILED, why)

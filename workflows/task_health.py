@@ -67,7 +67,7 @@ class Knob:
 
     async def read(self, step: str) -> str | None:
         value = await self.steps.check(step, KubernetesActivities.read_config, self.ref)
-        return value.value  # type: ignore[no-any-return]
+        return value.value
 
     async def set(
         self, step: str, value: str | None, *, expected: str | None = None
@@ -84,7 +84,7 @@ class Knob:
             value=value or "",
             expected=expected,
         )
-        return await self.steps.act(step, KubernetesActivities.patch_config, patch)  # type: ignore[no-any-return]
+        return await self.steps.act(step, KubernetesActivities.patch_config, patch)
 
 
 async def wait_until(

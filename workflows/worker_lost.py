@@ -62,7 +62,9 @@ SPEC = RunbookSpec(
     trigger="Heartbeat lost >30s",
     rotation="agent-platform",
     severity="SEV3",
-    steps=(
+    request=WorkerLostRequest,
+    subject=lambda req: req.worker_id,
+    steps=lambda req: [
         "confirm the heartbeat is lost",
         "check the worker's pod",
         "check the rest of the pool",
@@ -73,13 +75,11 @@ SPEC = RunbookSpec(
         "delete the worker's pod",
         "verify a replacement heartbeats",
         "verify the requeued tasks are picked up",
-    ),
-    request=WorkerLostRequest,
-    subject=lambda req: req.worker_id,
+    ],
 )
 
 
-@workflow.defn(name="worker-lost")
+@workflow.defn(name=SPEC.name)
 class WorkerLost(Runbook):
     spec = SPEC
 

@@ -1,0 +1,57 @@
+"""The worker registers every activity its activity classes define, and some workflow calls each.
+
+Registrations are derived from the classes (``workers.worker.activities_of``), so none can be
+forgotten; this test is what makes a dead one show up, and a workflow calling an activity no
+worker registers (its run would wait forever for a worker that has it).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import pkgutil
+
+from temporalio import activity
+from temporalio.worker import Worker
+
+import workflows
+
+
+def called_by_workflows() -> dict[str, str]:
+    """Activity name -> a workflow module that refers to it (``SomeActivities.method``)."""
+    called: dict[str, str] = {}
+    for info in pkgutil.iter_modules(workflows.__path__):
+        module = importlib.import_module(f"{workflows.__name__}.{info.name}")
+        names = vars(module)
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
+                continue
+            owner = names.get(node.value.id)
+            method = getattr(owner, node.attr, None) if inspect.isclass(owner) else None
+            definition = activity._Definition.from_callable(method) if callable(method) else None
+            if definition is not None and definition.name is not None:
+                called.setdefault(definition.name, module.__name__)
+    return called
+
+
+def registered(worker: Worker) -> set[str | None]:
+    return {activity._Definition.must_from_callable(f).name for f in worker.config()["activities"]}
+
+
+async def test_every_registered_activity_is_called_by_a_workflow_and_every_call_registered(
+    worker: Worker,
+) -> None:
+    names = registered(worker)
+    called = called_by_workflows()
+    assert len(names) == len(worker.config()["activities"]), "two activities share a name"
+    unused = names - set(called)
+    assert not unused, (
+        f"registered, but no module of workflows/ calls {sorted(map(str, unused))}: remove the "
+        "activity (and its tests), or call it from the runbook that needs it"
+    )
+    unregistered = {name: where for name, where in called.items() if name not in names}
+    assert not unregistered, (
+        f"workflows call activities the worker does not register: {unregistered}; give their "
+        "class's instance to activities_of in workers/worker.py"
+    )
