@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runtime.errors import ConfigError
@@ -99,6 +99,23 @@ class Settings(BaseSettings):
         default=None, description="A Slack-compatible incoming webhook; the URL is a credential."
     )
 
+    # Incident communication beside the chat webhook; each receiver left unset is skipped.
+    status_page_url: str = Field(
+        default="https://api.statuspage.io", description="A Statuspage-compatible API (v1)."
+    )
+    status_page_id: str | None = Field(default=None, min_length=1)
+    status_page_api_key: SecretStr | None = None
+    status_page_components: str | None = Field(
+        default=None,
+        description="Astra components shown on the status page: 'component:id[,...]', where id "
+        "is the status page's component id; others are not shown.",
+    )
+    pagerduty_events_url: str = "https://events.pagerduty.com"
+    pagerduty_routing_keys: SecretStr | None = Field(
+        default=None,
+        description="PagerDuty Events v2 integration keys: 'rotation:key[,rotation:key...]'.",
+    )
+
     @field_validator("temporal_address")
     @classmethod
     def _host_port(cls, value: str) -> str:
@@ -121,6 +138,29 @@ class Settings(BaseSettings):
             raise ValueError(f"file {value} does not exist")
         return value
 
+    @field_validator("status_page_components")
+    @classmethod
+    def _component_pairs(cls, value: str | None) -> str | None:
+        if value is not None:
+            pairs(value, "component:id")
+        return value
+
+    @field_validator("pagerduty_routing_keys")
+    @classmethod
+    def _routing_key_pairs(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            pairs(value.get_secret_value(), "rotation:key")
+        return value
+
+    @model_validator(mode="after")
+    def _status_page_whole(self) -> Self:
+        if (self.status_page_id is None) != (self.status_page_api_key is None):
+            raise ValueError(
+                f"{ENV_PREFIX}STATUS_PAGE_ID and {ENV_PREFIX}STATUS_PAGE_API_KEY go together: "
+                "set both to update a status page, or neither"
+            )
+        return self
+
     @property
     def state_dsn(self) -> str:
         return self.state_database_url or self.database_url
@@ -142,6 +182,18 @@ class Settings(BaseSettings):
         return pairs
 
 
+def pairs(text: str, shape: str) -> dict[str, str]:
+    """``'name:value[,name:value...]'`` as a dict. A malformed entry is named by its position,
+    never quoted: the values may be keys."""
+    parsed: dict[str, str] = {}
+    for number, item in enumerate(text.split(","), start=1):
+        name, sep, value = item.strip().partition(":")
+        if not sep or not name or not value:
+            raise ValueError(f"entry {number} is not '{shape}'")
+        parsed[name] = value
+    return parsed
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings, turning pydantic's report into one line per bad setting."""
     env_file = os.environ.get(f"{ENV_PREFIX}SETTINGS_FILE")
@@ -150,8 +202,11 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(_env_file=env_file, **overrides)
     except ValidationError as err:
+        # A check across settings (no 'loc') names its settings itself.
         lines = [
             f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            if e["loc"]
+            else e["msg"]
             for e in err.errors()
         ]
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
