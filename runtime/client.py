@@ -25,24 +25,32 @@ class TemporalUnavailable(Exception):
 
 
 def data_converter(settings: Settings) -> DataConverter:
-    """pydantic v2 models on the wire, sealed by the AES-GCM codec.
+    """:func:`plain_data_converter`, sealed by the AES-GCM codec.
 
-    Failure messages and stack traces go through the codec too: an error quotes whatever it was
-    handed (a URL, a row), and the stock failure converter would store that in plaintext.
-    Histories written without it still decode: the converter reads either form.
+    Histories written without the codec still decode: the converter reads either form.
     """
-    from temporalio.contrib.pydantic import pydantic_data_converter
-    from temporalio.converter import DefaultFailureConverterWithEncodedAttributes
-
     from runtime.codec import load_codec
 
     codec = load_codec(
         settings.codec_keys.get_secret_value() if settings.codec_keys else None,
         settings.codec_key_file or dev_key_file(settings),
     )
+    return dataclasses.replace(plain_data_converter(), payload_codec=codec)
+
+
+def plain_data_converter() -> DataConverter:
+    """pydantic v2 models on the wire; failures with their message and stack trace encoded.
+
+    Failure messages and stack traces are payloads, so the codec seals them too: an error quotes
+    whatever it was handed (a URL, a row), and the stock failure converter would store that in
+    plaintext. Without a codec this is what stored histories are recorded and replayed with
+    (tests/histories): the codec only wraps payloads and has no part in determinism.
+    """
+    from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.converter import DefaultFailureConverterWithEncodedAttributes
+
     return dataclasses.replace(
         pydantic_data_converter,
-        payload_codec=codec,
         failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
     )
 

@@ -8,6 +8,7 @@ ever flushes the shared Redis.
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
@@ -43,21 +44,25 @@ async def new_database() -> AsyncIterator[NewDatabase]:
             await drop_database(PG_ADMIN_DSN, name)
 
 
-@pytest.fixture
-async def pg_dsn(new_database: NewDatabase) -> str:
-    """A DSN to a new database as the dev stack prepares it: the sandbox's schema, then
-    astra-ops's own tables beside it (what `astra-ops setup` does on a real database)."""
-    dsn = await new_database()
+async def migrated(dsn: str) -> str:
+    """The database as the dev stack prepares it: the sandbox's schema, then astra-ops's own
+    tables beside it (what `astra-ops setup` does on a real database)."""
     await migrate(dsn)
     await upgrade(dsn, dsn)
     return dsn
 
 
 @pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    """A key prefix no other test uses, in place of ``astra:``; its keys are deleted afterwards."""
-    prefix = f"astra_test_{uuid.uuid4().hex}:"
-    yield prefix
+async def pg_dsn(new_database: NewDatabase) -> str:
+    """A DSN to a new, migrated database."""
+    return await migrated(await new_database())
+
+
+def new_prefix() -> str:
+    return f"astra_test_{uuid.uuid4().hex}:"
+
+
+async def delete_prefix(prefix: str) -> None:
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
         keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
@@ -65,6 +70,28 @@ async def redis_prefix() -> AsyncIterator[str]:
             await client.unlink(*keys)
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A key prefix no other test uses, in place of ``astra:``; its keys are deleted afterwards."""
+    prefix = new_prefix()
+    yield prefix
+    await delete_prefix(prefix)
+
+
+@asynccontextmanager
+async def own_data_plane() -> AsyncIterator[SandboxTarget]:
+    """A data plane of its own outside a test (tests/histories/record.py): a new migrated
+    database and a new Redis key prefix, both removed afterwards."""
+    name, prefix = f"astra_test_{uuid.uuid4().hex}", new_prefix()
+    await create_database(PG_ADMIN_DSN, name)
+    try:
+        dsn = await migrated(make_conninfo(PG_ADMIN_DSN, dbname=name))
+        yield SandboxTarget(dsn=dsn, redis_url=REDIS_URL, key_prefix=prefix)
+    finally:
+        await delete_prefix(prefix)
+        await drop_database(PG_ADMIN_DSN, name)
 
 
 @pytest.fixture

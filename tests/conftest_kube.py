@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -34,8 +35,8 @@ class KubeSandbox:
         return self.server.url
 
 
-@pytest.fixture
-def kube() -> Iterator[KubeSandbox]:
+@contextmanager
+def kube_sandbox() -> Iterator[KubeSandbox]:
     """A running sandbox seeded with Astra's objects; rollouts take ~0.2 s."""
     cluster = FakeCluster(rollout_seconds=TEST_ROLLOUT_SECONDS)
     seed_astra(cluster)
@@ -48,6 +49,12 @@ def kube() -> Iterator[KubeSandbox]:
     finally:
         api.close()  # type: ignore[no-untyped-call]
         server.stop_blocking()
+
+
+@pytest.fixture
+def kube() -> Iterator[KubeSandbox]:
+    with kube_sandbox() as sandbox:
+        yield sandbox
 
 
 async def eventually(

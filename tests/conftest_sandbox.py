@@ -59,18 +59,20 @@ class RunningAstra:
             return await (await conn.execute(sql.encode(), params or None)).fetchall()
 
 
-@pytest.fixture
-async def astra(data_plane: SandboxTarget, kube: KubeSandbox) -> AsyncIterator[RunningAstra]:
-    api = unauthenticated_client(kube.url)
+@contextlib.asynccontextmanager
+async def running_astra(target: SandboxTarget, kube_url: str) -> AsyncIterator[RunningAstra]:
+    """Astra played on ``target`` and the sandbox cluster at ``kube_url``, ticking until the
+    block ends."""
+    api = unauthenticated_client(kube_url)
     generator = LoadGenerator(
-        data_plane.dsn,
-        data_plane.redis_url,
+        target.dsn,
+        target.redis_url,
         [],
         LoadConfig(seed=7, retry_delay_seconds=0.5),
-        key_prefix=data_plane.key_prefix,
+        key_prefix=target.key_prefix,
         cluster=ClusterView(api),
     )
-    running = RunningAstra(target=data_plane, generator=generator, tick_lock=asyncio.Lock())
+    running = RunningAstra(target=target, generator=generator, tick_lock=asyncio.Lock())
 
     stop = asyncio.Event()
 
@@ -93,6 +95,12 @@ async def astra(data_plane: SandboxTarget, kube: KubeSandbox) -> AsyncIterator[R
         await asyncio.wait_for(task, timeout=30)
         await generator.aclose()
         api.close()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+async def astra(data_plane: SandboxTarget, kube: KubeSandbox) -> AsyncIterator[RunningAstra]:
+    async with running_astra(data_plane, kube.url) as running:
+        yield running
 
 
 @pytest.fixture

@@ -6,17 +6,17 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.access import AccessActivities, Trust
@@ -75,6 +75,24 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     )
 
 
+class WorkflowOptions(TypedDict):
+    workflows: Sequence[type]
+    workflow_runner: WorkflowRunner
+    workflow_failure_exception_types: Sequence[type[BaseException]]
+
+
+def workflow_options() -> WorkflowOptions:
+    """What runs workflow code, and how: shared by the worker and the replayer
+    (tests/test_replay.py), so a stored history replays exactly as the worker would run it."""
+    return WorkflowOptions(
+        workflows=[*RUNBOOKS.values(), KillSwitch],
+        workflow_runner=workflow_runner(),
+        # A bug in workflow code fails its run (compensations first, see workflows/errors.py)
+        # instead of retrying a workflow task forever; a non-determinism error still does not.
+        workflow_failure_exception_types=CODE_ERRORS,
+    )
+
+
 def trust(settings: Settings) -> Trust:
     """The keys runs check signatures with; outside dev mode there must be some."""
     file = settings.trusted_keys_file
@@ -107,14 +125,10 @@ async def running_worker(
     worker = Worker(
         client,
         task_queue=task_queue or settings.task_queue,
-        workflows=[*RUNBOOKS.values(), KillSwitch],
         activities=activities_of(access, kubernetes, notify, postgres, redis, metrics),
         activity_executor=executor,
-        workflow_runner=workflow_runner(),
         graceful_shutdown_timeout=timedelta(seconds=30),
-        # A bug in workflow code fails its run (compensations first, see workflows/errors.py)
-        # instead of retrying a workflow task forever; a non-determinism error still does not.
-        workflow_failure_exception_types=CODE_ERRORS,
+        **workflow_options(),
     )
     try:
         async with worker:

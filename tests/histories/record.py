@@ -1,127 +1,125 @@
-"""Record the Shard Scaling histories that tests/test_replay.py replays.
+"""Record the histories tests/test_replay.py replays: every scenario in scenarios.py.
 
-Run it when a released workflow changes on purpose (behind ``workflow.patched``), so the stored
-histories cover both the old and the new code path:
+    .venv/bin/python -m tests.histories.record [--only NAME ...]
 
-    .venv/bin/python -m tests.histories.record
+``--only`` takes scenario names or their beginnings (``worker-lost`` records all of its).
 
-Histories are recorded with the plain pydantic converter (no codec), so replaying them needs no
-key; the codec only wraps payloads and has no part in determinism.
+Run it when a released workflow changes on purpose (behind ``workflow.patched``). First move the
+stored files it would replace into ``released/<the commit they were recorded at>/``: runs in
+flight from the release before still follow the old code path, and those files keep guarding it.
+
+Each scenario gets a stage of its own: a sandbox cluster, a migrated database, a Redis prefix,
+Astra played on them by the load generator, and the production worker composition
+(``workers.worker.running_worker``) on a task queue of its own; all on one Temporal dev server.
+It needs the sandbox's PostgreSQL and Redis, as the tests do. Histories are recorded with the
+codec-less converter (``runtime.client.plain_data_converter``), so replaying them needs no key.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import contextlib
 import json
 import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.contrib.pydantic import pydantic_data_converter
+import yaml
+from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
-from activities.access import AccessActivities, Trust
-from activities.kubernetes import KubernetesActivities, unauthenticated_client
-from activities.notify import NotifyActivities
 from runtime import search_attributes as sa
-from runtime.identity import parse_trusted_keys
-from runtime.settings import REPO_ROOT
-from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
-from tests.helpers import (
-    TEST_SIGNER,
-    awaiting_approval,
-    signed_decision,
-    signed_start,
-    wait_for_step,
-)
-from workflows.models import ApprovalSignal, Decision, StepState
-from workflows.shard_scaling import ShardScaling, ShardScalingRequest
+from runtime.access import load_policy
+from runtime.client import plain_data_converter
+from runtime.settings import REPO_ROOT, Settings
+from starters.runs import Runs
+from tests.conftest_data import own_data_plane
+from tests.conftest_kube import kube_sandbox
+from tests.conftest_sandbox import running_astra
+from tests.helpers import TEST_SIGNER
+from tests.histories.scenarios import SCENARIOS, Scenario, Stage, WrongBranch
+from workers.worker import running_worker
 
 HERE = Path(__file__).parent
-QUEUE = "record-histories"
 
 
-async def scenario(client: Client, cluster: FakeCluster, name: str) -> str:
-    namespace = f"astra-{name}"
-    seed_astra(cluster, namespace=namespace)
-    request = ShardScalingRequest(
-        requester="alice", reason=f"recorded: {name}", shards=12, namespace=namespace,
-        dry_run=name == "dry-run",
-    )  # fmt: skip
-    if name == "no-change":
-        request = request.model_copy(update={"shards": 8})
-    if name == "rollback":
-        cluster.patch(
-            "deployments", namespace, "astra-worker", {"spec": {"progressDeadlineSeconds": 1}}
-        )
-        cluster.stall("astra-worker")
-    workflow_id = f"shard-scaling/{namespace}"
-    handle = await client.start_workflow(
-        ShardScaling.run, signed_start(request, workflow_id), id=workflow_id, task_queue=QUEUE
-    )
-    bob = Decision(approver="bob", step="approve scaling")
-    if name in ("approved", "rejected", "rollback"):
-        await awaiting_approval(handle, "approve scaling")
-    if name == "approved":
-        await handle.signal(ShardScaling.approve, ApprovalSignal(approver="carol"))  # refused
-        await handle.execute_update(ShardScaling.decide, await signed_decision(handle, bob))
-    elif name == "rejected":
-        no = await signed_decision(handle, bob.model_copy(update={"decision": "reject"}))
-        await handle.signal(
-            ShardScaling.reject,
-            ApprovalSignal(approver="bob", step=no.step, authorization=no.authorization),
-        )
-    elif name == "rollback":
-        await handle.execute_update(ShardScaling.decide, await signed_decision(handle, bob))
-        await wait_for_step(handle, "wait for astra-worker", StepState.FAILED)
-        cluster.unstall("astra-worker")
-    with contextlib.suppress(WorkflowFailureError):  # the rollback scenario fails by design
-        await handle.result()
-    history = await handle.fetch_history()
-    # The run's id is kept beside its events: signatures in history name it, so a replay under
-    # another id would (rightly) refuse the start.
-    stored = {"workflowId": handle.id, **json.loads(history.to_json())}
-    (HERE / f"shard-scaling-{name}.json").write_text(json.dumps(stored, indent=2))
-    return name
+@asynccontextmanager
+async def staged(
+    client: Client, executor: ThreadPoolExecutor, scenario: Scenario
+) -> AsyncIterator[Stage]:
+    with kube_sandbox() as kube, tempfile.TemporaryDirectory() as folder:
+        policy = REPO_ROOT / "deploy" / "access-policy.yaml"
+        if scenario.policy is not None:
+            edited = yaml.safe_load(policy.read_text())
+            scenario.policy(edited)
+            policy = Path(folder) / "access-policy.yaml"
+            policy.write_text(yaml.safe_dump(edited))
+        async with own_data_plane() as target, running_astra(target, kube.url) as astra:
+            settings = Settings(
+                kube_url=kube.url,
+                database_url=target.dsn,
+                redis_url=target.redis_url,
+                redis_key_prefix=target.key_prefix,
+                task_queue=f"record-{scenario.name}",
+                access_policy=policy,
+                trusted_keys=TEST_SIGNER.public_line(),
+                chat_webhook_url=None,
+            )
+            runs = Runs(client, settings.task_queue, load_policy(policy), TEST_SIGNER)
+            async with running_worker(client, settings, executor):
+                yield Stage(client, runs, kube, astra, settings)
 
 
-async def main() -> None:
+def history_file(history: dict[str, object]) -> str:
+    """One event a line: small, and a re-recording's diff reads event by event."""
+    events = history.pop("events")
+    assert isinstance(events, list)
+    head = json.dumps(history)[:-1]
+    lines = ",\n".join(json.dumps(event, separators=(",", ":")) for event in events)
+    return f'{head}, "events": [\n{lines}\n]}}\n'
+
+
+async def record(client: Client, executor: ThreadPoolExecutor, scenario: Scenario) -> None:
+    began = time.monotonic()
+    async with staged(client, executor, scenario) as stage:
+        handles = await scenario.play(stage)
+    if len(handles) != len(scenario.stored):
+        raise WrongBranch(f"{scenario.name} played {len(handles)} runs, stores {scenario.stored}")
+    for name, handle in zip(scenario.stored, handles, strict=True):
+        history = await handle.fetch_history()
+        # The run's id is kept beside its events: signatures in history name it, so a replay
+        # under another id would (rightly) refuse the start.
+        stored = {"workflowId": handle.id, **json.loads(history.to_json())}
+        path = HERE / f"{name}.json"
+        path.write_text(history_file(stored))
+        print(f"{name}: {path.stat().st_size:,} bytes, {time.monotonic() - began:.1f}s")
+
+
+async def main(only: list[str]) -> None:
+    chosen = [s for s in SCENARIOS.values() if not only or s.name.startswith(tuple(only))]
+    if not chosen:
+        sys.exit(f"no scenario matches {' or '.join(only)}; they are: {', '.join(SCENARIOS)}")
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
-        data_converter=pydantic_data_converter,
+        data_converter=plain_data_converter(),
         search_attributes=sa.ALL,
         dev_server_log_level="error",
     )
-    cluster = FakeCluster(rollout_seconds=0.2)
-    server = FakeKubeServer(cluster)
-    await server.start()
-    kubernetes = KubernetesActivities(unauthenticated_client(server.url))
-    policy = REPO_ROOT / "deploy" / "access-policy.yaml"
-    trust = Trust(dev_mode=False, keys=parse_trusted_keys(TEST_SIGNER.public_line()))
-    access = AccessActivities(policy, trust, env.client, NotifyActivities(policy), "")
     try:
         with ThreadPoolExecutor(8) as executor:
-            async with Worker(
-                env.client,
-                task_queue=QUEUE,
-                workflows=[ShardScaling],
-                activities=[
-                    access.admit, access.request_approval, kubernetes.read_config,
-                    kubernetes.patch_config,
-                    kubernetes.rollout_health, kubernetes.rollout_restart,
-                    kubernetes.wait_rollout, kubernetes.verify_config,
-                ],
-                activity_executor=executor,
-            ):  # fmt: skip
-                for name in ("approved", "rejected", "dry-run", "no-change", "rollback"):
-                    print("recorded", await scenario(env.client, cluster, name))
+            # One at a time: the kill switch tells every open run, so runs of other scenarios
+            # would hear it and store its signals.
+            for scenario in chosen:
+                await record(env.client, executor, scenario)
     finally:
-        await server.stop()
         await env.shutdown()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", default=[], metavar="NAME")
+    asyncio.run(main(parser.parse_args().only))

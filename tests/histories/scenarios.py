@@ -1,0 +1,591 @@
+"""The runs tests/histories stores: for every runbook, each branch that changes what it commands.
+
+A branch is a different sequence of commands (activities, timers, signals, updates, how the run
+ends): approved, rejected, dry-run and no change for every runbook; rolled back, cancelled,
+timed out, escalated and frozen where the step runner or the approval gate takes them; and the
+runbook's own turns (which remedy, which approval, a pod already gone). Each scenario plays one
+against the real worker and the sandbox (``record.py`` sets the stage), with short polls and
+timeouts as inputs so the stored histories stay small, and checks the run ended the way the
+branch says: a run that went elsewhere is not recorded under the branch's name.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import redis.asyncio as aioredis
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+
+from activities.access import KILL_SWITCH_ID
+from activities.metrics import SqlMetrics
+from runtime.settings import Settings
+from sandbox.faults import bad_rollout, cost_spike, dead_letters, error_spike, worker_lost
+from sandbox.loadgen import Knobs, SandboxKeys, write_knobs
+from starters.runs import Runs
+from tests.conftest_kube import KubeSandbox, eventually
+from tests.conftest_sandbox import TICK_SECONDS, RunningAstra, worker_pods
+from tests.helpers import handle_of, status, wait_for_step
+from workflows.kill_switch import KillSwitch
+from workflows.models import (
+    ApprovalSignal,
+    Decision,
+    FreezeNotice,
+    Outcome,
+    RunbookResult,
+    StepState,
+)
+
+Handle = WorkflowHandle[Any, Any]
+
+
+class WrongBranch(Exception):
+    """The run did not take the branch its scenario is named for; nothing is stored."""
+
+
+@dataclass
+class Stage:
+    """One scenario's world: its own sandbox cluster, data plane and worker task queue."""
+
+    client: Client
+    runs: Runs
+    kube: KubeSandbox
+    astra: RunningAstra
+    settings: Settings
+
+    async def start(
+        self, runbook: str, params: dict[str, Any], *, requester: str, dry_run: bool = False
+    ) -> Handle:
+        """Start as the API does: validated against the policy, signed."""
+        started = await self.runs.start(
+            runbook, params, requester=requester, reason="recorded", dry_run=dry_run
+        )
+        return handle_of(self.client, started.run_id)
+
+    async def pending(self, handle: Handle, step: str) -> None:
+        async def waiting() -> bool:
+            return any(p.step == step for p in (await status(handle)).pending_approvals)
+
+        await eventually(waiting, timeout=30, interval=0.05, message=f"approval of '{step}'")
+
+    async def decide(
+        self, handle: Handle, step: str, approver: str, verdict: str = "approve"
+    ) -> None:
+        await self.pending(handle, step)
+        decision = Decision(approver=approver, step=step, decision=verdict)
+        await self.runs.decide(handle.id, decision)
+
+    async def ends(self, handle: Handle, outcome: Outcome, *, saying: str = "") -> Handle:
+        result: RunbookResult = await handle.result()
+        if result.outcome != outcome or saying not in result.summary:
+            raise WrongBranch(
+                f"{handle.id} ended {result.outcome}: {result.summary}; the scenario expects "
+                f"{outcome}" + (f" saying '{saying}'" if saying else "")
+            )
+        return handle
+
+    async def fails(self, handle: Handle, step: str) -> Handle:
+        try:
+            result = await handle.result()
+        except WorkflowFailureError as failure:
+            if f"failed at step '{step}'" in str(failure.cause):
+                return handle
+            raise WrongBranch(f"{handle.id} failed otherwise: {failure.cause}") from failure
+        raise WrongBranch(f"{handle.id} ended {result.outcome}; expected to fail at '{step}'")
+
+
+Play = Callable[[Stage], Awaitable[list[Handle]]]
+"""Plays a scenario; the runs whose histories are stored (each under its workflow type)."""
+PolicyEdit = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    workflow: str
+    branch: str
+    play: Play
+    policy: PolicyEdit | None = None
+    """A change to the example access policy this scenario's worker and front end read."""
+    also: tuple[str, ...] = ()
+    """Other workflows whose runs the scenario stores, after its own, in the order played."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.workflow}-{self.branch}"
+
+    @property
+    def stored(self) -> list[str]:
+        """The names of the histories it stores."""
+        return [f"{workflow}-{self.branch}" for workflow in (self.workflow, *self.also)]
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def scenario(
+    workflow: str, branch: str, policy: PolicyEdit | None = None, also: tuple[str, ...] = ()
+) -> Callable[[Play], Play]:
+    def register(play: Play) -> Play:
+        recorded = Scenario(workflow, branch, play, policy, also)
+        SCENARIOS[recorded.name] = recorded
+        return play
+
+    return register
+
+
+# -- Shard Scaling: the step runner's and the gate's own branches are recorded here -----------
+
+SCALE = {"shards": 12}  # the sandbox's astra-config has 8
+APPROVE_SCALING = "approve scaling"
+
+
+@scenario("shard-scaling", "approved")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("shard-scaling", SCALE, requester="alice")
+    await stage.pending(handle, APPROVE_SCALING)
+    await handle.signal("approve", ApprovalSignal(approver="carol"))  # refused: not kernel-sre
+    await stage.decide(handle, APPROVE_SCALING, "bob")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+@scenario("shard-scaling", "rejected")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("shard-scaling", SCALE, requester="alice")
+    await stage.pending(handle, APPROVE_SCALING)
+    # Through the signal the stock `temporal workflow signal` sends, signed as the CLI prints it.
+    no = Decision(approver="bob", step=APPROVE_SCALING, decision="reject")
+    said = await stage.runs.signed_signal(handle.id, no)
+    await handle.signal("reject", ApprovalSignal.model_validate(said["input"]))
+    return [await stage.ends(handle, Outcome.REJECTED)]
+
+
+@scenario("shard-scaling", "dry-run")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("shard-scaling", SCALE, requester="alice", dry_run=True)
+    return [await stage.ends(handle, Outcome.DONE, saying="dry-run")]
+
+
+@scenario("shard-scaling", "no-change")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("shard-scaling", {"shards": 8}, requester="alice")
+    return [await stage.ends(handle, Outcome.NO_CHANGE)]
+
+
+@scenario("shard-scaling", "rolled-back")
+async def _(stage: Stage) -> list[Handle]:
+    cluster = stage.kube.cluster
+    cluster.patch("deployments", "astra", "astra-worker", {"spec": {"progressDeadlineSeconds": 1}})
+    cluster.stall("astra-worker")
+    handle = await stage.start("shard-scaling", SCALE, requester="alice")
+    await stage.decide(handle, APPROVE_SCALING, "bob")
+    await wait_for_step(handle, "wait for astra-worker", StepState.FAILED, within=30)
+    cluster.unstall("astra-worker")  # the fault clears; the rollback's restart can finish
+    return [await stage.fails(handle, "wait for astra-worker")]
+
+
+@scenario("shard-scaling", "cancelled")
+async def _(stage: Stage) -> list[Handle]:
+    stage.kube.cluster.stall("astra-worker")
+    handle = await stage.start("shard-scaling", SCALE, requester="alice")
+    await stage.decide(handle, APPROVE_SCALING, "bob")
+    await wait_for_step(handle, "wait for astra-worker", StepState.RUNNING, within=30)
+    await stage.runs.cancel(handle.id, "bob", "recorded")
+    await wait_for_step(handle, "roll back: set TASK_SHARD_COUNT", StepState.DONE, within=30)
+    stage.kube.cluster.unstall("astra-worker")
+    return [await stage.ends(handle, Outcome.CANCELLED, saying="rolled back")]
+
+
+@scenario("shard-scaling", "timed-out")
+async def _(stage: Stage) -> list[Handle]:
+    params = {**SCALE, "approval_timeout_seconds": 1}
+    handle = await stage.start("shard-scaling", params, requester="alice")
+    return [await stage.ends(handle, Outcome.ABORTED, saying="no decision")]
+
+
+def escalate_scaling(policy: dict[str, Any]) -> None:
+    """No example rule escalates; a deployment's policy may, and runs in flight then wait on it."""
+    policy["runbooks"]["shard-scaling"]["approvals"][APPROVE_SCALING] = {
+        "groups": ["kernel-sre"],
+        "on_timeout": "escalate",
+        "escalate_to": ["agent-platform"],
+    }
+
+
+@scenario("shard-scaling", "escalated", policy=escalate_scaling)
+async def _(stage: Stage) -> list[Handle]:
+    params = {**SCALE, "approval_timeout_seconds": 1}
+    handle = await stage.start("shard-scaling", params, requester="alice")
+
+    async def escalated() -> bool:
+        pending = (await status(handle)).pending_approvals
+        return bool(pending) and "carol" in pending[0].members
+
+    await eventually(escalated, timeout=30, interval=0.05, message="escalation")
+    await stage.decide(handle, APPROVE_SCALING, "carol")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+@scenario("shard-scaling", "frozen", also=("kill-switch",))
+async def _(stage: Stage) -> list[Handle]:
+    """A run held by the kill switch before its first change, and the switch: both stored."""
+    handle = await stage.start("shard-scaling", SCALE, requester="alice")
+    await stage.pending(handle, APPROVE_SCALING)
+    await stage.runs.freeze("alice", "recorded")
+    switch = stage.client.get_workflow_handle(KILL_SWITCH_ID)
+
+    async def both_rounds_out() -> bool:
+        # The freeze's second round goes out before the unfreeze: the switch's usual history.
+        history = await switch.fetch_history()
+        return (
+            sum(e.HasField("activity_task_completed_event_attributes") for e in history.events) >= 3
+        )
+
+    await eventually(both_rounds_out, timeout=30, interval=0.1, message="both freeze rounds")
+    await stage.decide(handle, APPROVE_SCALING, "bob")
+    await wait_for_step(handle, "set TASK_SHARD_COUNT", StepState.FROZEN, within=30)
+    await stage.runs.unfreeze("bob", "recorded")
+    await switch.result()
+    return [await stage.ends(handle, Outcome.DONE), switch]
+
+
+@scenario("kill-switch", "refused")
+async def _(stage: Stage) -> list[Handle]:
+    """A freeze straight to Temporal by someone who is not an operator, unsigned."""
+    switch = await stage.client.start_workflow(
+        KillSwitch.run,
+        FreezeNotice(actor="carol", reason="recorded"),
+        id=KILL_SWITCH_ID,
+        task_queue=stage.settings.task_queue,
+    )
+    said = await switch.result()
+    if not said.startswith("freeze refused"):
+        raise WrongBranch(f"the kill switch said: {said}")
+    return [switch]
+
+
+# -- Worker Lost ----------------------------------------------------------------------------
+
+WORKER_LOST = {"poll_seconds": 0.2, "verify_timeout_seconds": 20}
+STUCK_POOL = "approve replacing workers of a stuck pool"
+
+
+async def lose_a_worker(stage: Stage, **params: Any) -> dict[str, Any]:
+    async with stage.astra.between_ticks():
+        fault = await worker_lost(stage.astra.target)
+    return {**WORKER_LOST, "worker_id": fault.worker_id, **params}
+
+
+@scenario("worker-lost", "approved")
+async def _(stage: Stage) -> list[Handle]:
+    # One of three lost is more than a 20 % share: a stuck pool, so Agent Platform decides.
+    params = await lose_a_worker(stage, stuck_pool_share=0.2)
+    handle = await stage.start("worker-lost", params, requester="alice")
+    await stage.decide(handle, STUCK_POOL, "carol")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+@scenario("worker-lost", "rejected")
+async def _(stage: Stage) -> list[Handle]:
+    params = await lose_a_worker(stage, stuck_pool_share=0.2)
+    handle = await stage.start("worker-lost", params, requester="alice")
+    await stage.decide(handle, STUCK_POOL, "carol", "reject")
+    return [await stage.ends(handle, Outcome.REJECTED)]
+
+
+@scenario("worker-lost", "dry-run")
+async def _(stage: Stage) -> list[Handle]:
+    params = await lose_a_worker(stage)
+    handle = await stage.start("worker-lost", params, requester="alice", dry_run=True)
+    return [await stage.ends(handle, Outcome.DONE, saying="dry-run")]
+
+
+@scenario("worker-lost", "no-change")
+async def _(stage: Stage) -> list[Handle]:
+    alive = sorted(worker_pods(stage.kube))[0]
+    handle = await stage.start(
+        "worker-lost", {**WORKER_LOST, "worker_id": alive}, requester="alice"
+    )
+    return [await stage.ends(handle, Outcome.NO_CHANGE)]
+
+
+@scenario("worker-lost", "unattended")
+async def _(stage: Stage) -> list[Handle]:
+    """One lost worker of a healthy pool: within the budget of deletions without a person."""
+    handle = await stage.start("worker-lost", await lose_a_worker(stage), requester="alice")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+@scenario("worker-lost", "over-budget")
+async def _(stage: Stage) -> list[Handle]:
+    """Three pods of this pool were deleted without a person within the hour: the fourth asks."""
+    params = await lose_a_worker(stage)
+    scope = "worker-lost/delete the worker's pod/astra/astra-worker"
+    async with await psycopg.AsyncConnection.connect(stage.settings.state_dsn) as conn:
+        for _ in range(3):
+            await conn.execute(
+                "INSERT INTO astra_ops_automatic_actions (token, scope) VALUES (%s, %s)",
+                (uuid.uuid4().hex, scope),
+            )
+        await conn.commit()
+    handle = await stage.start("worker-lost", params, requester="alice")
+    await stage.decide(handle, "approve deleting more pods than the automatic limit", "carol")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+@scenario("worker-lost", "pod-gone")
+async def _(stage: Stage) -> list[Handle]:
+    """The lost worker's pod is already gone: requeue only, nothing to delete or replace."""
+    params = await lose_a_worker(stage)
+    stage.kube.cluster.delete("pods", "astra", params["worker_id"])
+    await eventually(
+        lambda: params["worker_id"] not in worker_pods(stage.kube), message="the pod gone"
+    )
+    handle = await stage.start("worker-lost", params, requester="alice")
+    return [await stage.ends(handle, Outcome.DONE, saying="had no pod left")]
+
+
+# -- High Error Rate -------------------------------------------------------------------------
+
+WINDOW = 3.0
+HIGH_ERROR_RATE = {
+    "window_seconds": WINDOW,
+    "settle_seconds": 1,
+    "poll_seconds": 0.2,
+    "verify_timeout_seconds": 20,
+}
+PAUSE = "approve pausing intake"
+RESTART = "approve restarting the stuck pool"
+
+
+async def stick_the_pool(stage: Stage) -> None:
+    async with stage.astra.between_ticks():
+        await error_spike(
+            stage.astra.target, share=0.5, window_seconds=WINDOW, tasks=40, stuck_pool=True
+        )
+
+
+@scenario("high-error-rate", "approved")
+async def _(stage: Stage) -> list[Handle]:
+    """A stuck pool: intake paused, the pool restarted, the rate recovers."""
+    await stick_the_pool(stage)
+    handle = await stage.start("high-error-rate", HIGH_ERROR_RATE, requester="erin")
+    await stage.decide(handle, PAUSE, "alice")
+    await stage.decide(handle, RESTART, "carol")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+@scenario("high-error-rate", "rejected")
+async def _(stage: Stage) -> list[Handle]:
+    await stick_the_pool(stage)
+    handle = await stage.start("high-error-rate", HIGH_ERROR_RATE, requester="erin")
+    await stage.decide(handle, PAUSE, "bob", "reject")
+    return [await stage.ends(handle, Outcome.REJECTED)]
+
+
+@scenario("high-error-rate", "rolled-back")
+async def _(stage: Stage) -> list[Handle]:
+    """The remedy is rejected after intake was paused: intake resumes."""
+    await stick_the_pool(stage)
+    handle = await stage.start("high-error-rate", HIGH_ERROR_RATE, requester="erin")
+    await stage.decide(handle, PAUSE, "bob")
+    await stage.decide(handle, RESTART, "carol", "reject")
+    return [await stage.ends(handle, Outcome.ROLLED_BACK)]
+
+
+@scenario("high-error-rate", "dry-run")
+async def _(stage: Stage) -> list[Handle]:
+    await stick_the_pool(stage)
+    handle = await stage.start("high-error-rate", HIGH_ERROR_RATE, requester="erin", dry_run=True)
+    return [await stage.ends(handle, Outcome.DONE, saying="dry-run")]
+
+
+@scenario("high-error-rate", "no-change")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("high-error-rate", HIGH_ERROR_RATE, requester="erin")
+    return [await stage.ends(handle, Outcome.NO_CHANGE)]
+
+
+@scenario("high-error-rate", "bad-rollout")
+async def _(stage: Stage) -> list[Handle]:
+    """The failures come from a recent rollout's pods: it is rolled back."""
+    fault = await bad_rollout(stage.astra.target, stage.kube.api)
+
+    async def failing() -> bool:
+        rate = await SqlMetrics(stage.astra.target.dsn).failure_rate(WINDOW)
+        pods = stage.kube.cluster.pods("astra", {"app": "astra-worker"})
+        return rate.rate > 0.2 and {p["spec"]["containers"][0]["image"] for p in pods} == {
+            fault.image
+        }
+
+    await eventually(failing, timeout=30, interval=0.1, message="the bad build failing tasks")
+    params = {**HIGH_ERROR_RATE, "recent_rollout_seconds": 120}
+    handle = await stage.start("high-error-rate", params, requester="erin")
+    await stage.decide(handle, PAUSE, "alice")
+    await stage.decide(handle, "approve rolling back the last rollout", "carol")
+    return [await stage.ends(handle, Outcome.DONE, saying="from revision 2 to 1")]
+
+
+@scenario("high-error-rate", "cause-unknown")
+async def _(stage: Stage) -> list[Handle]:
+    """The failures came from a worker no longer in the pool and no rollout explains them:
+    intake stays paused for a person."""
+    async with stage.astra.between_ticks():
+        await error_spike(
+            stage.astra.target, window_seconds=WINDOW, tasks=40, worker_id="astra-worker-gone"
+        )
+        # Then they stop: what triage finds is only the failures of the gone worker.
+        target = stage.astra.target
+        redis = aioredis.Redis.from_url(target.redis_url)
+        try:
+            await write_knobs(redis, SandboxKeys(target.key_prefix), Knobs())
+        finally:
+            await redis.aclose()
+    handle = await stage.start("high-error-rate", HIGH_ERROR_RATE, requester="erin")
+    await stage.decide(handle, PAUSE, "alice")
+    return [await stage.ends(handle, Outcome.DONE, saying="The cause is elsewhere")]
+
+
+@scenario("high-error-rate", "not-recovered")
+async def _(stage: Stage) -> list[Handle]:
+    """Every worker keeps failing, new pods too: after the restart the rate does not settle,
+    and intake is paused again."""
+    async with stage.astra.between_ticks():
+        await error_spike(stage.astra.target, share=0.5, window_seconds=WINDOW, tasks=40)
+    params = {**HIGH_ERROR_RATE, "verify_timeout_seconds": 2}
+    handle = await stage.start("high-error-rate", params, requester="erin")
+    await stage.decide(handle, PAUSE, "alice")
+    await stage.decide(handle, RESTART, "carol")
+    return [await stage.fails(handle, "verify the rate stays under the threshold")]
+
+
+# -- LLM Cost Spike --------------------------------------------------------------------------
+
+BASELINE = 3600.0
+LLM_COST_SPIKE = {
+    "window_seconds": WINDOW,
+    "baseline_seconds": BASELINE,
+    "route_to": "gpt-4o-mini",
+    "poll_seconds": 0.2,
+    "verify_timeout_seconds": 20,
+}
+GUARD = "approve the budget guard"
+LIFT = "approve lifting the budget guard"
+
+
+async def spike(stage: Stage) -> None:
+    """An hour of normal spend at the load generator's tick rate, then coder-1 spends 10x."""
+    astra = stage.astra
+    async with astra.between_ticks():
+        await astra.generator.seed_history(days=BASELINE / 86_400, step_interval=TICK_SECONDS)
+        await cost_spike(
+            astra.target, multiplier=10, window_seconds=WINDOW, baseline_seconds=BASELINE
+        )
+
+
+@scenario("llm-cost-spike", "approved")
+async def _(stage: Stage) -> list[Handle]:
+    """The guard is approved, the cost falls, lifting it is approved."""
+    await spike(stage)
+    handle = await stage.start("llm-cost-spike", LLM_COST_SPIKE, requester="alice")
+    await stage.decide(handle, GUARD, "carol")
+    await stage.decide(handle, LIFT, "carol")
+    return [await stage.ends(handle, Outcome.DONE, saying="guard lifted")]
+
+
+@scenario("llm-cost-spike", "rejected")
+async def _(stage: Stage) -> list[Handle]:
+    await spike(stage)
+    handle = await stage.start("llm-cost-spike", LLM_COST_SPIKE, requester="alice")
+    await stage.decide(handle, GUARD, "carol", "reject")
+    return [await stage.ends(handle, Outcome.REJECTED)]
+
+
+@scenario("llm-cost-spike", "guard-kept")
+async def _(stage: Stage) -> list[Handle]:
+    """Lifting the guard is rejected: the run ends done, the guard stays on."""
+    await spike(stage)
+    handle = await stage.start("llm-cost-spike", LLM_COST_SPIKE, requester="alice")
+    await stage.decide(handle, GUARD, "carol")
+    await stage.decide(handle, LIFT, "carol", "reject")
+    return [await stage.ends(handle, Outcome.DONE, saying="guard kept")]
+
+
+@scenario("llm-cost-spike", "dry-run")
+async def _(stage: Stage) -> list[Handle]:
+    await spike(stage)
+    handle = await stage.start("llm-cost-spike", LLM_COST_SPIKE, requester="alice", dry_run=True)
+    return [await stage.ends(handle, Outcome.DONE, saying="dry-run")]
+
+
+@scenario("llm-cost-spike", "no-change")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("llm-cost-spike", LLM_COST_SPIKE, requester="alice")
+    return [await stage.ends(handle, Outcome.NO_CHANGE)]
+
+
+@scenario("llm-cost-spike", "still-high")
+async def _(stage: Stage) -> list[Handle]:
+    """The spike's spend is still in the window when the short wait ends: the run fails with the
+    guard on."""
+    await spike(stage)
+    params = {**LLM_COST_SPIKE, "poll_seconds": 0.2, "verify_timeout_seconds": 0.4}
+    handle = await stage.start("llm-cost-spike", params, requester="alice")
+    await stage.decide(handle, GUARD, "carol")
+    return [await stage.fails(handle, "verify cost falls under the threshold")]
+
+
+# -- Dead-letter Repair ----------------------------------------------------------------------
+
+HANDLE = "approve handling the dead letters"
+
+
+async def publish(stage: Stage, retryable_share: float = 0.5) -> None:
+    """Six dead letters; by default three retryable (requeued in batches of two) and three not."""
+    async with stage.astra.between_ticks():
+        await dead_letters(stage.astra.target, count=6, retryable_share=retryable_share)
+
+
+def repair(branch: str, **params: Any) -> dict[str, Any]:
+    return {"group": f"recorded-{branch}", "batch_size": 2, **params}
+
+
+@scenario("dead-letter-repair", "approved")
+async def _(stage: Stage) -> list[Handle]:
+    await publish(stage)
+    handle = await stage.start("dead-letter-repair", repair("approved"), requester="alice")
+    await stage.decide(handle, HANDLE, "bob")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+@scenario("dead-letter-repair", "rejected")
+async def _(stage: Stage) -> list[Handle]:
+    await publish(stage)
+    handle = await stage.start("dead-letter-repair", repair("rejected"), requester="alice")
+    await stage.decide(handle, HANDLE, "bob", "reject")
+    return [await stage.ends(handle, Outcome.REJECTED)]
+
+
+@scenario("dead-letter-repair", "dry-run")
+async def _(stage: Stage) -> list[Handle]:
+    await publish(stage)
+    params = repair("dry-run")
+    handle = await stage.start("dead-letter-repair", params, requester="alice", dry_run=True)
+    return [await stage.ends(handle, Outcome.DONE, saying="dry-run")]
+
+
+@scenario("dead-letter-repair", "no-change")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("dead-letter-repair", repair("no-change"), requester="alice")
+    return [await stage.ends(handle, Outcome.NO_CHANGE)]
+
+
+@scenario("dead-letter-repair", "nothing-retryable")
+async def _(stage: Stage) -> list[Handle]:
+    """No entry is of a retryable class: acknowledged and reported, nothing requeued."""
+    await publish(stage, retryable_share=0)
+    handle = await stage.start("dead-letter-repair", repair("nothing-retryable"), requester="alice")
+    await stage.decide(handle, HANDLE, "bob")
+    return [await stage.ends(handle, Outcome.DONE, saying="requeued 0 of 0")]
