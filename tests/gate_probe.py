@@ -22,7 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.notify import NotifyActivities
     from runtime.access import ApprovalPolicy
     from runtime.settings import REPO_ROOT, Settings
-    from workers.worker import workflow_runner
+    from workers.worker import workflow_options
 
 STEP = "approve change"
 
@@ -73,13 +73,14 @@ async def probe_worker(
 ) -> AsyncIterator[Worker]:
     notify = NotifyActivities(policy, settings.chat_webhook_url)
     access = AccessActivities(policy, trust, client, notify, settings.state_dsn)
+    options = workflow_options()  # the probe's workflow, run as the worker runs runbooks
+    options["workflows"] = [GateProbe]
     with ThreadPoolExecutor(max_workers=4) as executor:
         async with Worker(
             client,
             task_queue=task_queue,
-            workflows=[GateProbe],
             activities=[access.admit, access.request_approval, access.freeze_state],
             activity_executor=executor,
-            workflow_runner=workflow_runner(),
+            **options,
         ) as worker:
             yield worker

@@ -33,7 +33,7 @@ from runtime.redact import redact_logs
 from runtime.settings import REPO_ROOT, Settings, SettingsError, load_settings
 from tests.delivery_probe import DeliveryProbe, ProbeMessages
 from tests.receivers import Receiver
-from workers.worker import workflow_runner
+from workers.worker import workflow_options
 
 CANARY = f"CANARY{uuid.uuid4().hex}"
 """In every credential: the webhook's path, the status page key, the routing key."""
@@ -427,12 +427,13 @@ async def test_temporal_retries_an_outage_and_each_receiver_gets_each_message_on
     pager.fail_next(2, 429)
     messages = ProbeMessages(chat=chat_message(), status=status_update(), page=page_event())
 
+    options = workflow_options()
+    options["workflows"] = [DeliveryProbe]
     async with Worker(
         client,
         task_queue=task_queue,
-        workflows=[DeliveryProbe],
         activities=[comms.post_to_channel, comms.update_status_page, comms.page],
-        workflow_runner=workflow_runner(),
+        **options,
     ):
         first = await client.start_workflow(
             DeliveryProbe.run, messages, id=f"delivery-probe/{uuid.uuid4()}", task_queue=task_queue
