@@ -268,7 +268,10 @@ async def _(stage: Stage) -> list[Handle]:
 
 # -- Worker Lost ----------------------------------------------------------------------------
 
-WORKER_LOST = {"poll_seconds": 0.2, "verify_timeout_seconds": 20}
+POLL = {"poll_seconds": 0.2}
+"""How often the task-health runbooks measure recovery: a few probes per run, not hundreds."""
+
+WORKER_LOST = {**POLL, "verify_timeout_seconds": 20}
 STUCK_POOL = "approve replacing workers of a stuck pool"
 
 
@@ -353,7 +356,7 @@ WINDOW = 3.0
 HIGH_ERROR_RATE = {
     "window_seconds": WINDOW,
     "settle_seconds": 1,
-    "poll_seconds": 0.2,
+    **POLL,
     "verify_timeout_seconds": 20,
 }
 PAUSE = "approve pausing intake"
@@ -468,7 +471,7 @@ LLM_COST_SPIKE = {
     "window_seconds": WINDOW,
     "baseline_seconds": BASELINE,
     "route_to": "gpt-4o-mini",
-    "poll_seconds": 0.2,
+    **POLL,
     "verify_timeout_seconds": 20,
 }
 GUARD = "approve the budget guard"
@@ -531,7 +534,7 @@ async def _(stage: Stage) -> list[Handle]:
     """The spike's spend is still in the window when the short wait ends: the run fails with the
     guard on."""
     await spike(stage)
-    params = {**LLM_COST_SPIKE, "poll_seconds": 0.2, "verify_timeout_seconds": 0.4}
+    params = {**LLM_COST_SPIKE, "verify_timeout_seconds": 0.4}
     handle = await stage.start("llm-cost-spike", params, requester="alice")
     await stage.decide(handle, GUARD, "carol")
     return [await stage.fails(handle, "verify cost falls under the threshold")]
