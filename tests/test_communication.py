@@ -31,6 +31,7 @@ from activities.communication import (
 from activities.postgres import connect
 from runtime.redact import redact_logs
 from runtime.settings import REPO_ROOT, Settings, SettingsError, load_settings
+from tests.conftest_data import NewDatabase
 from tests.delivery_probe import DeliveryProbe, ProbeMessages
 from tests.receivers import Receiver
 from workers.worker import workflow_options
@@ -389,10 +390,11 @@ async def test_unconfigured_receivers_are_a_result_not_an_error(
 
 
 async def test_without_the_ledger_nothing_is_sent(
-    env: ActivityEnvironment, pg_dsn: str, chat_receiver: Receiver
+    env: ActivityEnvironment, new_database: NewDatabase, chat_receiver: Receiver
 ) -> None:
     url = SecretStr(f"{chat_receiver.url}/services/T000/B000/{CANARY}")
-    comms = CommunicationActivities(pg_dsn, chat=ChatWebhook(url))
+    # A database astra-ops's migrations never reached.
+    comms = CommunicationActivities(await new_database(), chat=ChatWebhook(url))
 
     with pytest.raises(ApplicationError, match="apply astra-ops's state migrations") as raised:
         await env.run(comms.post_to_channel, chat_message())
