@@ -745,8 +745,7 @@ incident_app = typer.Typer(
 app.add_typer(incident_app, name="incident")
 items_app = typer.Typer(
     help="An incident's action items (Remediation Review).\n\n"
-    'Example: astra-ops incident action add 4f2a9c "add a replica alert" --owner bob '
-    "--due 2026-12-01",
+    "Example: astra-ops incident action complete 4f2a9c1e0b7d3a5c6e8f item-1",
     no_args_is_help=True,
 )
 incident_app.add_typer(items_app, name="action")
@@ -1068,7 +1067,7 @@ def item_add(
 ) -> None:
     """Add an action item with its owner and due date.
 
-    Example: astra-ops incident action add 4f2a9c "add a replica alert" --owner bob --due 2026-12-01
+    Example: astra-ops incident action add "$INCIDENT" "lag alert" --owner bob --due 2026-12-01
     """
     due_at = due if due.tzinfo else due.replace(tzinfo=UTC)
     act_on(incident_id, "add_item", user, as_json, text=text, person=owner, due=due_at)
@@ -1128,7 +1127,8 @@ class SandboxGroup(typer.core.TyperGroup):
 app.add_typer(
     typer.Typer(
         cls=SandboxGroup,
-        help="The simulated Astra: inject faults, reset it, run it.",
+        help="The simulated Astra: inject faults, reset it, run it.\n\n"
+        "Example: astra-ops sandbox fault worker-lost",
         no_args_is_help=True,
     ),
     name="sandbox",
