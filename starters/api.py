@@ -61,6 +61,8 @@ from workflows.models import (
 RETRY_AFTER_SECONDS = 5
 # The Temporal UI's codec endpoint is the API's URL plus this path (it appends /decode, /encode).
 CODEC_PATH = "/codec"
+# Where Alertmanager posts (deploy/alertmanager/alertmanager.yml's webhook URL).
+ALERTS_PATH = "/v1/alerts/alertmanager"
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +488,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def get_run(run_id: str, _: User) -> RunView:
         return await (await runs()).view(run_id)
 
-    @app.post("/v1/alerts/alertmanager", status_code=202, tags=["alerts"])
+    @app.post(ALERTS_PATH, status_code=202, tags=["alerts"])
     async def alertmanager(
         notification: AlertNotification, by: Annotated[str, Depends(sender)]
     ) -> AlertsDelivered:
