@@ -30,8 +30,7 @@ from schemathesis.specs.openapi.checks import (
 from runtime.settings import Settings
 from starters.api import ALERTS_PATH, create_app
 from tests.conftest import OwnTemporal
-from tests.test_api import TOKENS, asgi
-from tests.test_incident_intake import ALERT_SENDERS, ALERTMANAGER
+from tests.test_api import ALERT_SENDERS, ALERTMANAGER, TOKENS, asgi
 from workers.worker import running_worker
 from workflows.catalogue import RUNBOOKS
 

@@ -42,7 +42,7 @@ from tests.conftest import TEMPORAL
 from tests.conftest_data import NewDatabase
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.helpers import awaiting_approval, handle_of, shard_count
-from tests.test_api import TOKENS
+from tests.test_api import ALERT_SENDERS, TOKENS
 from workers.worker import running_worker
 
 
@@ -61,8 +61,8 @@ class Cli:
 
 @pytest.fixture
 async def api_url(settings: Settings) -> AsyncIterator[str]:
-    """The API, served on a free loopback port for the CLI to call."""
-    app_settings = settings.model_copy(update={"api_tokens": SecretStr(TOKENS)})
+    """The API, served on a free loopback port for the CLI (and Alertmanager) to call."""
+    app_settings = settings.model_copy(update={"api_tokens": SecretStr(TOKENS), **ALERT_SENDERS})
     server = uvicorn.Server(
         uvicorn.Config(create_app(app_settings), host="127.0.0.1", port=0, log_level="warning")
     )

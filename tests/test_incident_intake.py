@@ -28,15 +28,10 @@ from starters.api import create_app
 from starters.incidents import incident_from_alerts
 from tests.conftest_kube import eventually
 from tests.incident_stub import IncidentStub, Received
-from tests.test_api import TOKENS, asgi, auth
+from tests.test_api import ALERT_SENDERS, ALERTMANAGER, TOKENS, asgi, auth
 from workflows.incident_models import AlertNotification, Severity, incident_id_for_group
 
 RECORDED = REPO_ROOT / "tests" / "alertmanager"
-ALERTMANAGER = {"Authorization": "Bearer am-token"}
-ALERT_SENDERS = {
-    "alertmanager_tokens": SecretStr("am-token:alertmanager"),
-    "alertmanager_basic_auth": SecretStr("alertmanager:am-password"),
-}
 
 
 def recorded(status: str, worker: str) -> dict[str, Any]:
