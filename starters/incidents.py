@@ -5,9 +5,9 @@ One Alertmanager group is one incident. Its workflow id derives from the group k
 firing notification is a signal-with-start: while the incident is open (``USE_EXISTING``) a
 repeat, a retry or a concurrent delivery only signals it; the first one also starts it, with the
 notification in its input. So the workflow sees each notification as the ``alerts`` signal, the
-first one included, and takes a repeat as a repeat. Once the incident has closed, a group that
-fires again opens a new incident under the same id (the latest run is the one shown); a
-``resolved`` notification never opens one.
+first one included (handled before its run method starts), and takes a repeat as a repeat. Once
+the incident has closed, a group that fires again opens a new incident under the same id (the
+latest run is the one shown); a ``resolved`` notification never opens one.
 """
 
 from __future__ import annotations

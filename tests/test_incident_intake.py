@@ -13,7 +13,7 @@ import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
@@ -23,13 +23,19 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from runtime import search_attributes as sa
+from runtime.identity import Act
 from runtime.settings import REPO_ROOT, Settings
 from starters.api import create_app
-from starters.incidents import incident_from_alerts
+from starters.incidents import act_of, incident_from_alerts
 from tests.conftest_kube import eventually
 from tests.incident_stub import IncidentStub, Received
 from tests.test_api import ALERT_SENDERS, ALERTMANAGER, TOKENS, asgi, auth
-from workflows.incident_models import AlertNotification, Severity, incident_id_for_group
+from workflows.incident_models import (
+    ActionKind,
+    AlertNotification,
+    Severity,
+    incident_id_for_group,
+)
 
 RECORDED = REPO_ROOT / "tests" / "alertmanager"
 
@@ -389,3 +395,19 @@ async def test_a_closed_incident_takes_no_action_and_its_group_may_open_a_new_on
         return await runs_of(client, incident) == 2
 
     await eventually(both, timeout=10, message="the group's second incident is visible")
+
+
+def test_every_action_is_signed_as_an_act_the_statement_knows() -> None:
+    assert {act_of(kind) for kind in ActionKind} <= set(get_args(Act))
+
+
+async def test_alertmanager_is_told_to_retry_while_temporal_is_down(
+    api_settings: Settings, worker_name: str
+) -> None:
+    dead = api_settings.model_copy(update={"temporal_address": "127.0.0.1:1"})
+    async with asgi(create_app(dead)) as api:
+        answer = await api.post(
+            "/v1/alerts/alertmanager", json=recorded("firing", worker_name), headers=ALERTMANAGER
+        )
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert "Temporal is not reachable" in answer.json()["error"]["message"]
