@@ -25,7 +25,27 @@ from pydantic import BaseModel, Field
 
 from runtime.errors import ConfigError
 
-Act = Literal["start", "decision", "cancel", "freeze", "unfreeze"]
+Act = Literal[
+    "start",
+    "decision",
+    "cancel",
+    "freeze",
+    "unfreeze",
+    # An incident's opening and each action (``incident.<ActionKind>``).
+    "incident.open",
+    "incident.acknowledge",
+    "incident.command",
+    "incident.severity",
+    "incident.note",
+    "incident.runbook",
+    "incident.contain",
+    "incident.remediate",
+    "incident.resolve",
+    "incident.reopen",
+    "incident.add_item",
+    "incident.complete_item",
+    "incident.drop_item",
+]
 
 # How long a signed statement stays valid: long enough for `--print-signal` to be pasted into the
 # stock CLI, short enough that a leaked one is soon useless.

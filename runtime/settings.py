@@ -8,11 +8,19 @@ so a misconfigured worker never starts half-working.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runtime.errors import ConfigError
@@ -47,6 +55,17 @@ class Settings(BaseSettings):
     user: str | None = None
     api_tokens: SecretStr | None = Field(
         default=None, description="Bearer tokens for the HTTP API: 'token:user[,token:user...]'."
+    )
+
+    # The alert intake (POST /v1/alerts/alertmanager) knows Alertmanager by what its
+    # `http_config` sends: a bearer token or basic auth. The name is who opens the incident.
+    alertmanager_tokens: SecretStr | None = Field(
+        default=None,
+        description="Bearer tokens of alert senders: 'token:name[,token:name...]'.",
+    )
+    alertmanager_basic_auth: SecretStr | None = Field(
+        default=None,
+        description="Basic-auth credentials of alert senders: 'name:password[,...]'.",
     )
 
     # Proven identity (outside dev mode): the API signs what people do with its private key;
@@ -152,6 +171,14 @@ class Settings(BaseSettings):
             pairs(value.get_secret_value(), "rotation:key")
         return value
 
+    @field_validator("alertmanager_tokens", "alertmanager_basic_auth")
+    @classmethod
+    def _sender_pairs(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None:
+            shape = "token:name" if info.field_name == "alertmanager_tokens" else "name:password"
+            pairs(value.get_secret_value(), shape)
+        return value
+
     @model_validator(mode="after")
     def _status_page_whole(self) -> Self:
         if (self.status_page_id is None) != (self.status_page_api_key is None):
@@ -180,6 +207,30 @@ class Settings(BaseSettings):
                 )
             pairs[token] = user
         return pairs
+
+    @property
+    def alert_senders(self) -> AlertSenders:
+        """Who may post alerts, by the credentials Alertmanager sends. Not cached: a copy of
+        these settings with other senders (``model_copy``) must not answer with these."""
+        return AlertSenders(
+            tokens=pairs(self.alertmanager_tokens.get_secret_value(), "token:name")
+            if self.alertmanager_tokens
+            else {},
+            passwords=pairs(self.alertmanager_basic_auth.get_secret_value(), "name:password")
+            if self.alertmanager_basic_auth
+            else {},
+        )
+
+
+@dataclass(frozen=True)
+class AlertSenders:
+    tokens: dict[str, str]
+    """bearer token -> sender"""
+    passwords: dict[str, str]
+    """sender -> basic-auth password"""
+
+    def __bool__(self) -> bool:
+        return bool(self.tokens or self.passwords)
 
 
 def pairs(text: str, shape: str) -> dict[str, str]:

@@ -5,6 +5,9 @@ stays encrypted while the people allowed to read it can.
 """
 
 import asyncio
+import base64
+import binascii
+import hmac
 import ipaddress
 import logging
 from collections.abc import Mapping
@@ -27,7 +30,9 @@ from runtime.codec import UndecryptablePayload
 from runtime.identity import Signer, load_signer_file
 from runtime.keys import CodecKeyError
 from runtime.redact import redact, redact_logs
-from runtime.settings import Settings, SettingsError
+from runtime.settings import AlertSenders, Settings, SettingsError
+from starters.incident_views import AlertsDelivered, IncidentSummary, IncidentView, OpenedIncident
+from starters.incidents import Incidents
 from starters.run_views import (
     OpenRunConflict,
     RunbookCard,
@@ -38,6 +43,13 @@ from starters.run_views import (
 )
 from starters.runbook_cards import runbook_cards
 from starters.runs import TEMPORAL_ERRORS, Runs, temporal_error
+from workflows.incident_models import (
+    ActionKind,
+    ActionRequest,
+    AlertNotification,
+    IncidentRequest,
+    Severity,
+)
 from workflows.models import (
     MAX_COMMENT,
     MAX_STEP,
@@ -49,14 +61,18 @@ from workflows.models import (
 RETRY_AFTER_SECONDS = 5
 # The Temporal UI's codec endpoint is the API's URL plus this path (it appends /decode, /encode).
 CODEC_PATH = "/codec"
+# Where Alertmanager posts (deploy/alertmanager/alertmanager.yml's webhook URL).
+ALERTS_PATH = "/v1/alerts/alertmanager"
 
 log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
 STATUS_OF = {"invalid": 422, "not_found": 404, "forbidden": 403, "conflict": 409}
@@ -169,6 +185,53 @@ class Message(BaseModel):
     message: str
 
 
+ALERT_CHALLENGE = {
+    "WWW-Authenticate": 'Bearer realm="astra-ops alerts", Basic realm="astra-ops alerts"'
+}
+
+
+def alert_sender(senders: AlertSenders, authorization: str | None) -> str:
+    """Who posts an alert, by what Alertmanager's ``http_config`` sends: a bearer token, or
+    basic auth. Every comparison takes the same time, whatever matched."""
+    if not senders:
+        raise ApiError(
+            401,
+            "unauthenticated",
+            "this API takes no alerts: set ASTRA_OPS_ALERTMANAGER_TOKENS or "
+            "ASTRA_OPS_ALERTMANAGER_BASIC_AUTH, and the same credentials in Alertmanager's "
+            "http_config",
+            ALERT_CHALLENGE,
+        )
+    scheme, _, credentials = (authorization or "").partition(" ")
+    given = credentials.strip().encode()
+    sender = None
+    if scheme.lower() == "bearer":
+        for token, name in senders.tokens.items():
+            if hmac.compare_digest(token.encode(), given):
+                sender = name
+    elif scheme.lower() == "basic":
+        try:
+            name, _, password = base64.b64decode(given, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            name, password = "", ""
+        expected = senders.passwords.get(name)
+        # Compared even for an unknown name, so the time taken does not tell names apart.
+        matches = hmac.compare_digest((expected or "\0").encode(), password.encode())
+        if matches and expected is not None:
+            sender = name
+    else:
+        raise ApiError(
+            401,
+            "unauthenticated",
+            "send Authorization: Bearer <token> or Basic <credentials>, as Alertmanager's "
+            "http_config sets them",
+            ALERT_CHALLENGE,
+        )
+    if sender is None:
+        raise ApiError(401, "unauthenticated", "unknown alert sender credentials", ALERT_CHALLENGE)
+    return sender
+
+
 def signer_of(settings: Settings) -> Signer | None:
     """The API's signing key; outside dev mode it must have one, or nobody could prove anything."""
     if settings.signing_key_file is not None:
@@ -185,6 +248,7 @@ def create_app(settings: Settings) -> FastAPI:
     policy: AccessPolicy = load_policy(settings.access_policy)
     signer = signer_of(settings)
     tokens = settings.token_identities
+    senders = settings.alert_senders
     codec = data_converter(settings).payload_codec
     assert codec is not None
     connection: dict[str, Runs] = {}
@@ -197,6 +261,9 @@ def create_app(settings: Settings) -> FastAPI:
                 client = await connect(settings)
                 connection["runs"] = Runs(client, settings.task_queue, policy, signer)
             return connection["runs"]
+
+    async def incidents() -> Incidents:
+        return Incidents(await runs())
 
     def identity(authorization: Annotated[str | None, Header()] = None) -> str:
         scheme, _, token = (authorization or "").partition(" ")
@@ -238,6 +305,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     User = Annotated[str, Depends(identity)]
 
+    def sender(authorization: Annotated[str | None, Header()] = None) -> str:
+        return alert_sender(senders, authorization)
+
     redact_logs()  # errors it logs may quote Temporal's or a client's URLs
     app = FastAPI(
         title="astra-ops",
@@ -255,7 +325,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-        return error_response(err.status, err.code, err.message)
+        return error_response(err.status, err.code, err.message, headers=err.headers)
 
     def _said(err: RunError | TemporalUnavailable) -> JSONResponse:
         if isinstance(err, RunError):
@@ -417,6 +487,60 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/runs/{run_id:path}", tags=["runs"])
     async def get_run(run_id: str, _: User) -> RunView:
         return await (await runs()).view(run_id)
+
+    @app.post(ALERTS_PATH, status_code=202, tags=["alerts"])
+    async def alertmanager(
+        notification: AlertNotification, by: Annotated[str, Depends(sender)]
+    ) -> AlertsDelivered:
+        """Alertmanager's webhook (payload version 4). One alert group is one incident: the
+        first notification opens it, later ones (more alerts, `resolved`) reach it; repeats and
+        retries change nothing. Authenticated by the bearer token or basic auth of
+        Alertmanager's `http_config`."""
+        return await (await incidents()).open_from_alerts(notification, by)
+
+    @app.post(
+        "/v1/incidents",
+        status_code=201,
+        tags=["incidents"],
+        responses={200: {"model": OpenedIncident, "description": "Opened earlier with this key"}},
+    )
+    async def open_incident(
+        body: IncidentRequest,
+        user: User,
+        response: Response,
+        idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    ) -> OpenedIncident:
+        """Open an incident by hand; a retry with the same Idempotency-Key returns it (200)."""
+        opened = await (await incidents()).open(
+            body, opened_by=user, idempotency_key=idempotency_key
+        )
+        if opened.existing:
+            response.status_code = 200
+        return opened
+
+    @app.get("/v1/incidents", tags=["incidents"])
+    async def list_incidents(
+        _: User,
+        open_only: Annotated[bool, Query(alias="open", description="Only open ones.")] = False,
+        severity: Severity | None = None,
+    ) -> list[IncidentSummary]:
+        """Incidents, newest first."""
+        return await (await incidents()).list_incidents(open_only=open_only, severity=severity)
+
+    @app.post("/v1/incidents/{incident_id:path}/actions/{kind}", tags=["incidents"])
+    async def act(
+        incident_id: str, kind: ActionKind, user: User, body: ActionRequest | None = None
+    ) -> Message:
+        """Acknowledge, take command, change severity, note, start a runbook, mark contained or
+        remediated, resolve, reopen, add, complete or drop an action item. The incident
+        validates it; a refused action changes nothing."""
+        said = await (await incidents()).act(incident_id, kind, body or ActionRequest(), actor=user)
+        return Message(message=said)
+
+    @app.get("/v1/incidents/{incident_id:path}", tags=["incidents"])
+    async def show_incident(incident_id: str, _: User) -> IncidentView:
+        """The incident: severity, stage, commander, alerts, runbooks, action items, timeline."""
+        return await (await incidents()).show(incident_id)
 
     async def transcode(request: Request, decode: bool) -> JSONResponse:
         try:

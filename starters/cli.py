@@ -12,6 +12,7 @@ import shlex
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeAlias, TypeVar
 
@@ -24,13 +25,18 @@ from starters.run_views import RunbookCard, RunError, RunView
 from workflows.models import Decision
 
 if TYPE_CHECKING:
+    from temporalio.client import Client
+
     # typer's own copy of click, whose types its group methods take.
     from typer._click import Command, Context
 
-    from starters.api_client import ApiRuns
+    from starters.api_client import ApiClient, ApiIncidents, ApiRuns
+    from starters.incidents import Incidents
     from starters.runs import Runs
 
 T = TypeVar("T")
+Steer = TypeVar("Steer")
+ApiT = TypeVar("ApiT", bound="ApiClient")
 FOLLOW_POLL_SECONDS = 0.5
 
 app = typer.Typer(
@@ -94,6 +100,7 @@ def settings() -> Settings:
 
 
 AnyRuns: TypeAlias = "Runs | ApiRuns"
+AnyIncidents: TypeAlias = "Incidents | ApiIncidents"
 
 
 def dev_mode(config: Settings) -> bool:
@@ -114,32 +121,30 @@ def caller(config: Settings, user: str | None) -> str:
     return ""
 
 
-def dev_api(stack: DevStack, name: str, acts: bool) -> ApiRuns:
+def dev_api(stack: DevStack, name: str, acts: bool, kind: type[ApiT]) -> ApiT:
     """The dev stack's API as ``name`` (its dev token); a read needs no name."""
-    from starters.api_client import ApiRuns
-
     if not name:
         if acts or not stack.tokens:
             fail("say who you are: --as NAME (or set ASTRA_OPS_USER)", 2)
-        return ApiRuns(stack.api_url, next(iter(stack.tokens.values())))
+        return kind(stack.api_url, next(iter(stack.tokens.values())))
     if name not in stack.tokens:
         fail(
             f"{name} has no token in this dev stack; it knows {', '.join(sorted(stack.tokens))} "
             "(ASTRA_OPS_API_TOKENS of `astra-ops dev`)",
             2,
         )
-    return ApiRuns(stack.api_url, stack.tokens[name])
+    return kind(stack.api_url, stack.tokens[name])
 
 
-def api_runs(config: Settings, user: str | None = None, *, acts: bool = False) -> ApiRuns | None:
+def api_of(
+    kind: type[ApiT], config: Settings, user: str | None = None, *, acts: bool = False
+) -> ApiT | None:
     """The API this command goes through: the running dev stack's, as ``--as`` names; outside
     dev mode the configured one, as the token's owner. None: dev mode set without a dev stack,
     where the CLI talks to Temporal itself."""
-    from starters.api_client import ApiRuns
-
     stack = dev_stack(config)
     if stack is not None:
-        return dev_api(stack, caller(config, user), acts)
+        return dev_api(stack, caller(config, user), acts, kind)
     if dev_mode(config):
         return None
     caller(config, user)  # refuses --as
@@ -148,7 +153,40 @@ def api_runs(config: Settings, user: str | None = None, *, acts: bool = False) -
             "outside dev mode the CLI goes through the API: set ASTRA_OPS_API_URL and "
             "ASTRA_OPS_API_TOKEN (or run `astra-ops dev` for a local stack)"
         )
-    return ApiRuns(config.api_url, config.api_token.get_secret_value())
+    return kind(config.api_url, config.api_token.get_secret_value())
+
+
+def api_runs(config: Settings, user: str | None = None, *, acts: bool = False) -> ApiRuns | None:
+    from starters.api_client import ApiRuns
+
+    return api_of(ApiRuns, config, user, acts=acts)
+
+
+def steer(
+    remote: Callable[[Settings], Steer | None],
+    local: Callable[[Client, Settings], Steer],
+    action: Callable[[Steer, Settings], Awaitable[T]],
+) -> T:
+    """Run ``action`` through the API (``remote``: beside `astra-ops dev`, and everywhere
+    outside dev mode) or, in dev mode without a dev stack, against Temporal itself (``local``)."""
+
+    async def main() -> T:
+        config = settings()
+        api = remote(config)
+        if api is not None:
+            return await action(api, config)
+        return await action(local(await connect(config), config), config)
+
+    with clear_errors():
+        return asyncio.run(main())
+
+
+def local_runs(client: Client, config: Settings) -> Runs:
+    """Runs against Temporal itself; only this path loads the Temporal client."""
+    from runtime.access import load_policy
+    from starters.runs import Runs
+
+    return Runs(client, config.task_queue, load_policy(config.access_policy))
 
 
 def with_runs(
@@ -157,23 +195,37 @@ def with_runs(
     *,
     acts: bool = False,
 ) -> T:
-    """Run ``action`` through the API (beside `astra-ops dev`, and everywhere outside dev mode)
-    or, in dev mode without a dev stack, against Temporal itself. ``acts``: the command changes
-    something, so it needs to know who you are."""
+    """Run ``action`` on the runs, through the API or in dev mode against Temporal (``steer``).
+    ``acts``: the command changes something, so it needs to know who you are."""
 
-    async def main() -> T:
-        config = settings()
-        api = api_runs(config, user, acts=acts)
-        if api is not None:
-            return await action(api, config)
-        from runtime.access import load_policy
-        from starters.runs import Runs  # the Temporal client: only this path needs it
+    def remote(config: Settings) -> AnyRuns | None:
+        return api_runs(config, user, acts=acts)
 
-        policy = load_policy(config.access_policy)
-        return await action(Runs(await connect(config), config.task_queue, policy), config)
+    def local(client: Client, config: Settings) -> AnyRuns:
+        return local_runs(client, config)
 
-    with clear_errors():
-        return asyncio.run(main())
+    return steer(remote, local, action)
+
+
+def with_incidents(
+    action: Callable[[AnyIncidents, Settings], Awaitable[T]],
+    user: str | None = None,
+    *,
+    acts: bool = False,
+) -> T:
+    """Run ``action`` on the incidents, as ``with_runs`` on the runs."""
+
+    def remote(config: Settings) -> AnyIncidents | None:
+        from starters.api_client import ApiIncidents
+
+        return api_of(ApiIncidents, config, user, acts=acts)
+
+    def local(client: Client, config: Settings) -> AnyIncidents:
+        from starters.incidents import Incidents
+
+        return Incidents(local_runs(client, config))
+
+    return steer(remote, local, action)
 
 
 def emit_json(data: Any) -> None:
@@ -683,6 +735,374 @@ def keygen(
     say(f"# public, for the workers' ASTRA_OPS_TRUSTED_KEYS: {public}")
 
 
+# -- incidents ---------------------------------------------------------------------------------
+
+incident_app = typer.Typer(
+    help="Incidents: open, watch and steer them (acknowledge, command, severity, notes, "
+    "runbooks, stages, action items).\n\nExample: astra-ops incident list --open",
+    no_args_is_help=True,
+)
+app.add_typer(incident_app, name="incident")
+items_app = typer.Typer(
+    help="An incident's action items (Remediation Review).\n\n"
+    "Example: astra-ops incident action complete 4f2a9c1e0b7d3a5c6e8f item-1",
+    no_args_is_help=True,
+)
+incident_app.add_typer(items_app, name="action")
+
+IncidentId = Annotated[
+    str, typer.Argument(help="The incident, as `incident list` shows it (`incident/` optional).")
+]
+Note = Annotated[str, typer.Option("--note", help="A note for the timeline.")]
+Why = Annotated[str, typer.Option("--reason", help="Why; recorded on the timeline.")]
+DATES = ["%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"]
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from workflows.incident_models import IncidentState
+
+M = TypeVar("M", bound="BaseModel")
+
+
+def model_of(model: type[M], **values: Any) -> M:
+    """The request a command's options make, or one line naming what is wrong with them."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        fail(
+            "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in err.errors()
+            ),
+            2,
+        )
+
+
+def act_on(incident_id: str, kind: str, user: str | None, as_json: bool, **fields: Any) -> None:
+    """Send one action to an incident as the person this command runs as."""
+    from workflows.incident_models import ActionKind, ActionRequest
+
+    request = model_of(ActionRequest, **fields)
+
+    async def action(incidents: AnyIncidents, config: Settings) -> None:
+        said = await incidents.act(
+            incident_id, ActionKind(kind), request, actor=caller(config, user)
+        )
+        if as_json:
+            emit_json({"message": said})
+        else:
+            say(said)
+
+    with_incidents(action, user, acts=True)
+
+
+@incident_app.command("list")
+def incident_list(
+    open_only: Annotated[bool, typer.Option("--open", help="Only open incidents.")] = False,
+    severity: Annotated[
+        str | None, typer.Option(help="Only this severity: SEV1, SEV2 or SEV3.")
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """List incidents, newest first: severity, stage, title, who opened them.
+
+    Example: astra-ops incident list --open --severity SEV1
+    """
+    from workflows.incident_models import Severity
+
+    level = None
+    if severity is not None:
+        try:
+            level = Severity(severity.upper())
+        except ValueError:
+            fail(f"--severity takes SEV1, SEV2 or SEV3, not {severity!r}", 2)
+
+    async def action(incidents: AnyIncidents, _: Settings) -> None:
+        listed = await incidents.list_incidents(open_only=open_only, severity=level)
+        if as_json:
+            emit_json([i.model_dump(mode="json") for i in listed])
+            return
+        rows = [
+            [
+                i.incident_id,
+                i.severity or "",
+                i.stage or "",
+                i.state,
+                f"{i.opened_at:%m-%d %H:%M}" if i.opened_at else "",
+                i.opened_by,
+                i.title,
+            ]
+            for i in listed
+        ]
+        say(table(["incident", "sev", "stage", "state", "opened", "by", "title"], rows))
+
+    with_incidents(action)
+
+
+def print_incident(state: IncidentState) -> None:
+    say(f"{state.incident_id}  {state.severity.value}  {state.stage.value}")
+    say(state.title)
+    for label, value in (
+        ("opened", f"{state.opened_at:%Y-%m-%d %H:%M:%S}Z by {state.opened_by}"),
+        ("rotation", state.rotation),
+        ("components", ", ".join(state.components)),
+        ("commander", state.commander or "nobody yet"),
+        ("acknowledged by", state.acknowledged_by or "nobody yet"),
+        ("alerts firing", str(state.firing)),
+        ("tags", ", ".join(state.tags)),
+        ("user-visible", "yes" if state.user_visible else ""),
+        ("postmortem", state.postmortem or ""),
+    ):
+        if value:
+            say(f"{label}: {value}")
+    if state.runs:
+        say("runbooks:")
+        rows = [[r.run_id, r.runbook, r.started_by, r.outcome or "running"] for r in state.runs]
+        say(table(["run", "runbook", "by", "outcome"], rows))
+    if state.items:
+        say("action items:")
+        rows = [[i.id, i.state, i.owner, f"{i.due:%Y-%m-%d}", i.text] for i in state.items]
+        say(table(["item", "state", "owner", "due", "text"], rows))
+    say("timeline:")
+    rows = [[f"{e.at:%m-%d %H:%M:%S}", e.kind, e.actor, e.text] for e in state.timeline]
+    say(table(["at", "what", "who", ""], rows))
+
+
+@incident_app.command("show")
+def incident_show(incident_id: IncidentId, as_json: Json = False) -> None:
+    """Show an incident: severity, stage, commander, runbooks, action items and its timeline.
+
+    Example: astra-ops incident show incident/4f2a9c1e0b7d3a5c6e8f
+    """
+
+    async def action(incidents: AnyIncidents, _: Settings) -> None:
+        view = await incidents.show(incident_id)
+        if as_json:
+            emit_json(view.model_dump(mode="json", by_alias=True))
+        elif view.incident is not None:
+            print_incident(view.incident)
+            if view.state != "running":
+                say(f"({view.state})")
+        else:
+            say(f"{view.incident_id}  {view.severity or ''}  {view.stage or ''}  {view.state}")
+            say(view.title)
+            say(view.unanswered or "")
+
+    with_incidents(action)
+
+
+@incident_app.command("open")
+def incident_open(
+    title: Annotated[str, typer.Option(help="What is wrong, in one line.")],
+    severity: Annotated[str, typer.Option(help="SEV1, SEV2 or SEV3 (see the README).")],
+    component: Annotated[
+        list[str],
+        typer.Option("--component", "-c", help="An affected component, repeatable (workers)."),
+    ] = [],  # noqa: B006
+    tag: Annotated[
+        list[str], typer.Option("--tag", help="A tag, repeatable (auth, data-exposure).")
+    ] = [],  # noqa: B006
+    user_visible: Annotated[
+        bool, typer.Option("--user-visible", help="Users see it: the status page says so.")
+    ] = False,
+    reason: Annotated[str, typer.Option(help="What you see; on the timeline.")] = "",
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Open at most one incident for this key, however often.")
+    ] = None,
+    user: As = None,
+    as_json: Json = False,
+) -> None:
+    """Open an incident by hand (an alert group opens its own).
+
+    Example: astra-ops incident open --severity SEV2 --title "task failures at 9%" -c tasks
+    """
+    from workflows.incident_models import IncidentRequest
+
+    request = model_of(
+        IncidentRequest,
+        title=title,
+        severity=severity.upper(),
+        components=component,
+        tags=tag,
+        user_visible=user_visible,
+        reason=reason,
+    )
+
+    async def action(incidents: AnyIncidents, config: Settings) -> None:
+        opened = await incidents.open(
+            request, opened_by=caller(config, user), idempotency_key=idempotency_key
+        )
+        if as_json:
+            emit_json(opened.model_dump(mode="json"))
+            return
+        verb = "was opened earlier with this key" if opened.existing else "opened"
+        say(f"{opened.incident_id} {verb}; `astra-ops incident show {opened.incident_id}`")
+
+    with_incidents(action, user, acts=True)
+
+
+@incident_app.command("ack")
+def incident_ack(
+    incident_id: IncidentId, note: Note = "", user: As = None, as_json: Json = False
+) -> None:
+    """Acknowledge the incident: you are on it, and the escalation stops.
+
+    Example: astra-ops incident ack 4f2a9c1e0b7d3a5c6e8f
+    """
+    act_on(incident_id, "acknowledge", user, as_json, text=note)
+
+
+@incident_app.command("command")
+def incident_command(
+    incident_id: IncidentId,
+    person: Annotated[
+        str | None, typer.Option(help="Nominate this person (default: take it yourself).")
+    ] = None,
+    note: Note = "",
+    user: As = None,
+    as_json: Json = False,
+) -> None:
+    """Take the incident commander role, or nominate someone.
+
+    Example: astra-ops incident command 4f2a9c1e0b7d3a5c6e8f --person bob
+    """
+    act_on(incident_id, "command", user, as_json, person=person, text=note)
+
+
+@incident_app.command("severity")
+def incident_severity(
+    incident_id: IncidentId,
+    severity: Annotated[str, typer.Argument(help="SEV1, SEV2 or SEV3.")],
+    reason: Annotated[str, typer.Option(help="Why it changes; required.")],
+    user: As = None,
+    as_json: Json = False,
+) -> None:
+    """Change the incident's severity, saying why.
+
+    Example: astra-ops incident severity 4f2a9c1e0b7d3a5c6e8f SEV1 --reason "all regions"
+    """
+    act_on(incident_id, "severity", user, as_json, severity=severity.upper(), text=reason)
+
+
+@incident_app.command("note")
+def incident_note(
+    incident_id: IncidentId,
+    text: Annotated[str, typer.Argument(help="The note.")],
+    user: As = None,
+    as_json: Json = False,
+) -> None:
+    """Add a note to the incident's timeline.
+
+    Example: astra-ops incident note 4f2a9c1e0b7d3a5c6e8f "replica lag back to 0"
+    """
+    act_on(incident_id, "note", user, as_json, text=text)
+
+
+@incident_app.command("runbook")
+def incident_runbook(
+    incident_id: IncidentId,
+    runbook: Annotated[str, typer.Argument(help="Runbook name (see `astra-ops runbooks`).")],
+    param: Annotated[list[str], typer.Option("--param", "-p", help="k=v, repeatable.")] = [],  # noqa: B006
+    reason: Annotated[str, typer.Option(help="Why this runbook; shown to approvers.")] = "",
+    user: As = None,
+    as_json: Json = False,
+) -> None:
+    """Start a runbook as part of the incident; its steps and outcome join the timeline.
+
+    Example: astra-ops incident runbook 4f2a9c1e0b7d3a5c6e8f worker-lost -p worker_id=astra-worker-7
+    """
+    act_on(
+        incident_id, "runbook", user, as_json, runbook=runbook, params=parse_params(param),
+        text=reason,
+    )  # fmt: skip
+
+
+def _stage_command(kind: str, summary: str, example: str) -> None:
+    def command(
+        incident_id: IncidentId, note: Note = "", user: As = None, as_json: Json = False
+    ) -> None:
+        act_on(incident_id, kind, user, as_json, text=note)
+
+    command.__doc__ = f"{summary}\n\nExample: astra-ops incident {example}\n"
+    incident_app.command(kind)(command)
+
+
+_stage_command("contain", "Mark the incident contained.", "contain 4f2a9c1e0b7d3a5c6e8f")
+_stage_command(
+    "remediate",
+    "Mark the incident remediated.",
+    'remediate 4f2a9c1e0b7d3a5c6e8f --note "failover done"',
+)
+_stage_command(
+    "resolve",
+    "Resolve the incident: the postmortem draft is written, the review begins.",
+    'resolve 4f2a9c1e0b7d3a5c6e8f --note "error rate normal for 30 min"',
+)
+
+
+@incident_app.command("reopen")
+def incident_reopen(
+    incident_id: IncidentId,
+    reason: Annotated[str, typer.Option(help="Why it is back; required.")],
+    user: As = None,
+    as_json: Json = False,
+) -> None:
+    """Reopen a resolved incident (back to triage), saying why.
+
+    Example: astra-ops incident reopen 4f2a9c1e0b7d3a5c6e8f --reason "failures are back"
+    """
+    act_on(incident_id, "reopen", user, as_json, text=reason)
+
+
+@items_app.command("add")
+def item_add(
+    incident_id: IncidentId,
+    text: Annotated[str, typer.Argument(help="What must be done.")],
+    owner: Annotated[str, typer.Option(help="Who does it.")],
+    due: Annotated[datetime, typer.Option(formats=DATES, help="When it is due (UTC).")],
+    user: As = None,
+    as_json: Json = False,
+) -> None:
+    """Add an action item with its owner and due date.
+
+    Example: astra-ops incident action add "$INCIDENT" "lag alert" --owner bob --due 2026-12-01
+    """
+    due_at = due if due.tzinfo else due.replace(tzinfo=UTC)
+    act_on(incident_id, "add_item", user, as_json, text=text, person=owner, due=due_at)
+
+
+@items_app.command("complete")
+def item_complete(
+    incident_id: IncidentId,
+    item: Annotated[str, typer.Argument(help="The item, as `incident show` lists it.")],
+    note: Note = "",
+    user: As = None,
+    as_json: Json = False,
+) -> None:
+    """Mark an action item done.
+
+    Example: astra-ops incident action complete 4f2a9c1e0b7d3a5c6e8f item-1
+    """
+    act_on(incident_id, "complete_item", user, as_json, item=item, text=note)
+
+
+@items_app.command("drop")
+def item_drop(
+    incident_id: IncidentId,
+    item: Annotated[str, typer.Argument(help="The item, as `incident show` lists it.")],
+    reason: Annotated[str, typer.Option(help="Why it will not be done; required.")],
+    user: As = None,
+    as_json: Json = False,
+) -> None:
+    """Drop an action item, saying why.
+
+    Example: astra-ops incident action drop 4f2a9c1e0b7d3a5c6e8f item-2 --reason "superseded"
+    """
+    act_on(incident_id, "drop_item", user, as_json, item=item, text=reason)
+
+
 @cache
 def sandbox_commands() -> typer.core.TyperGroup:
     from starters.sandbox_cli import sandbox_app
@@ -707,7 +1127,8 @@ class SandboxGroup(typer.core.TyperGroup):
 app.add_typer(
     typer.Typer(
         cls=SandboxGroup,
-        help="The simulated Astra: inject faults, reset it, run it.",
+        help="The simulated Astra: inject faults, reset it, run it.\n\n"
+        "Example: astra-ops sandbox fault worker-lost",
         no_args_is_help=True,
     ),
     name="sandbox",

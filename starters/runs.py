@@ -9,13 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from temporalio.client import (
     Client,
     RPCTimeoutOrCancelledError,
+    WorkflowExecution,
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowQueryFailedError,
@@ -23,6 +25,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.access import KILL_SWITCH_ID
@@ -36,6 +39,7 @@ from starters.run_views import (
     InvalidInput,
     NotAllowed,
     OpenRunConflict,
+    RunError,
     RunSummary,
     RunView,
     StartedRun,
@@ -58,6 +62,7 @@ from workflows.models import (
 # A run whose worker is gone does not answer queries; say so instead of hanging the caller.
 QUERY_TIMEOUT = timedelta(seconds=5)
 UPDATE_TIMEOUT = timedelta(seconds=15)
+T = TypeVar("T")
 
 
 STATES = {
@@ -149,11 +154,59 @@ def _describe_params(params: Any) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
 
 
-def _reason(err: BaseException) -> str:
+def reason_of(err: BaseException) -> str:
     """The message a person needs from a query or update failure, not the SDK's wrapping."""
     cause = err.__cause__ or getattr(err, "cause", None)
     message = getattr(cause, "message", None) or getattr(err, "message", None)
     return str(message or cause or err)
+
+
+async def call(awaitable: Awaitable[T], run_id: str | None = None) -> T:
+    """Await a Temporal request, saying its failure as the front ends say it."""
+    try:
+        return await awaitable
+    except TEMPORAL_ERRORS as err:
+        raise temporal_error(err, run_id) from None
+
+
+async def listed(client: Client, query: str, limit: int) -> AsyncIterator[WorkflowExecution]:
+    """The executions a visibility query finds, newest first."""
+    try:
+        async for execution in client.list_workflows(query, limit=limit):
+            yield execution
+    except TEMPORAL_ERRORS as err:
+        raise temporal_error(err) from None
+
+
+def refused(err: WorkflowUpdateFailedError) -> RunError:
+    """A validator's refusal: "you may not" when it raised ``PermissionError`` (the person may
+    never do this), else "not now"."""
+    cause = err.cause
+    if isinstance(cause, ApplicationError) and cause.type == "PermissionError":
+        return NotAllowed(reason_of(err))
+    return DecisionRefused(reason_of(err))
+
+
+async def send_update(
+    handle: WorkflowHandle[Any, Any], name: str, arg: BaseModel, what: str
+) -> str:
+    """Run an update on ``what`` (``run x``, ``incident y``) and return what it says."""
+    try:
+        said: str = await handle.execute_update(
+            name, arg, result_type=str, rpc_timeout=UPDATE_TIMEOUT
+        )
+    except WorkflowUpdateFailedError as err:
+        raise refused(err) from None
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise DecisionRefused(f"{what} closed before the request reached it") from None
+        if err.status == RPCStatusCode.DEADLINE_EXCEEDED:
+            raise DecisionRefused(
+                f"{what} did not take the request within "
+                f"{UPDATE_TIMEOUT.total_seconds():g}s; is a worker running? Nothing changed"
+            ) from None
+        raise
+    return said
 
 
 class Runs:
@@ -183,7 +236,7 @@ class Runs:
             raise NotAllowed(f"{user} is not in the access policy; ask an admin to add them")
         return user
 
-    def _vouch(self, said: Statement) -> Signed | None:
+    def vouch(self, said: Statement) -> Signed | None:
         """The API's signature over what the caller did; None in dev mode, where names count."""
         return self.signer.sign(said) if self.signer is not None else None
 
@@ -243,7 +296,7 @@ class Runs:
         ]
         if key is not None:
             attributes.append(SearchAttributePair(sa.IDEMPOTENCY_KEY, key))
-        handle = await self._call(
+        handle = await call(
             self.client.start_workflow(
                 runbook,
                 signed,
@@ -262,7 +315,7 @@ class Runs:
                 static_details=f"started by {requester}: {reason or 'no reason given'}",
             )
         )
-        memo = await (await self._call(handle.describe())).memo()
+        memo = await (await call(handle.describe())).memo()
         if memo.get("request_id") == request_id:
             return StartedRun(run_id=workflow_id, runbook=runbook, existing=False)
         if memo.get("requester") != requester or memo.get("body") != body:
@@ -275,15 +328,15 @@ class Runs:
             )
         return StartedRun(run_id=workflow_id, runbook=runbook, existing=True)
 
-    async def _run_with_key(self, key: str) -> tuple[str, dict[str, Any]] | None:
+    async def _run_with_key(self, key: str) -> tuple[str, Mapping[str, Any]] | None:
         query = f"{sa.IDEMPOTENCY_KEY.name} = {visibility_literal(key)}"
-        async for execution in self._call_iter(query, limit=1):
+        async for execution in listed(self.client, query, limit=1):
             return execution.id, await execution.memo()
         return None
 
     async def view(self, run_id: str) -> RunView:
         handle = self._handle(run_id)
-        desc = await self._call(handle.describe(), run_id)
+        desc = await call(handle.describe(), run_id)
         state = STATES.get(desc.status, "unknown") if desc.status else "unknown"
         status: RunStatus | None = None
         result: RunbookResult | None = None
@@ -317,7 +370,7 @@ class Runs:
         if awaiting_approval:
             query += f" AND {sa.AWAITING_APPROVAL.name} = true AND ExecutionStatus = 'Running'"
         runs = []
-        async for execution in self._call_iter(query, limit):
+        async for execution in listed(self.client, query, limit):
             attrs = execution.typed_search_attributes
             state = STATES.get(execution.status, "unknown") if execution.status else "?"
             runs.append(
@@ -347,9 +400,10 @@ class Runs:
     async def _running(self, run_id: str) -> tuple[WorkflowHandle[Any, RunbookResult], str]:
         """The open run's handle and Temporal run id; refuse a closed run."""
         handle = self._handle(run_id)
-        desc = await self._call(handle.describe(), run_id)
+        desc = await call(handle.describe(), run_id)
         if desc.status != WorkflowExecutionStatus.RUNNING:
-            raise DecisionRefused(f"run {run_id} is already {STATES.get(desc.status, 'closed')}")
+            state = STATES.get(desc.status, "closed") if desc.status else "closed"
+            raise DecisionRefused(f"run {run_id} is already {state}")
         return handle, desc.run_id
 
     async def _status(self, handle: WorkflowHandle[Any, RunbookResult]) -> RunStatus:
@@ -359,7 +413,7 @@ class Runs:
             )
         except (WorkflowQueryFailedError, RPCError) as err:
             raise DecisionRefused(
-                f"run {handle.id} does not answer ({_reason(err)}); is a worker running?"
+                f"run {handle.id} does not answer ({reason_of(err)}); is a worker running?"
             ) from None
         return status
 
@@ -377,7 +431,7 @@ class Runs:
         return decision.model_copy(
             update={
                 "step": step,
-                "authorization": self._vouch(
+                "authorization": self.vouch(
                     statement(
                         "decision",
                         approver,
@@ -423,38 +477,21 @@ class Runs:
         request = CancelRequest(
             actor=actor,
             reason=reason,
-            authorization=self._vouch(
+            authorization=self.vouch(
                 statement("cancel", actor, run_id, reason, run_id=temporal_run)
             ),
         )
         return await self._update(run_id, "cancel", request)
 
     async def _update(self, run_id: str, name: str, arg: BaseModel) -> str:
-        try:
-            said: str = await self._handle(run_id).execute_update(
-                name, arg, result_type=str, rpc_timeout=UPDATE_TIMEOUT
-            )
-        except WorkflowUpdateFailedError as err:
-            raise DecisionRefused(_reason(err)) from None
-        except RPCError as err:
-            if err.status == RPCStatusCode.NOT_FOUND:
-                raise DecisionRefused(
-                    f"run {run_id} closed before the request reached it"
-                ) from None
-            if err.status == RPCStatusCode.DEADLINE_EXCEEDED:
-                raise DecisionRefused(
-                    f"run {run_id} did not take the request within "
-                    f"{UPDATE_TIMEOUT.total_seconds():g}s; is a worker running? Nothing changed"
-                ) from None
-            raise
-        return said
+        return await send_update(self._handle(run_id), name, arg, f"run {run_id}")
 
     # -- the kill switch -------------------------------------------------------------------
 
     async def frozen(self) -> FreezeNotice | None:
         handle = self.client.get_workflow_handle(KILL_SWITCH_ID)
         try:
-            desc = await self._call(handle.describe(), KILL_SWITCH_ID)
+            desc = await call(handle.describe(), KILL_SWITCH_ID)
         except UnknownRun:
             return None
         if desc.status != WorkflowExecutionStatus.RUNNING:
@@ -486,9 +523,9 @@ class Runs:
         notice = FreezeNotice(
             actor=actor,
             reason=reason,
-            authorization=self._vouch(statement("freeze", actor, KILL_SWITCH_ID, reason)),
+            authorization=self.vouch(statement("freeze", actor, KILL_SWITCH_ID, reason)),
         )
-        handle = await self._call(
+        handle = await call(
             self.client.start_workflow(
                 KillSwitch.run,
                 notice,
@@ -500,7 +537,7 @@ class Runs:
                 static_details=reason,
             )
         )
-        memo = await (await self._call(handle.describe())).memo()
+        memo = await (await call(handle.describe())).memo()
         if memo.get("actor") != actor or memo.get("reason") != reason:
             raise DecisionRefused(f"already frozen by {memo.get('actor')}: {memo.get('reason')}")
         return f"frozen by {actor}: no mutating step starts in any run until `astra-ops unfreeze`"
@@ -509,7 +546,7 @@ class Runs:
         actor = self._operator(user)
         handle = self.client.get_workflow_handle(KILL_SWITCH_ID)
         try:
-            desc = await self._call(handle.describe(), KILL_SWITCH_ID)
+            desc = await call(handle.describe(), KILL_SWITCH_ID)
         except UnknownRun:
             desc = None
         if desc is None or desc.status != WorkflowExecutionStatus.RUNNING:
@@ -517,7 +554,7 @@ class Runs:
         notice = FreezeNotice(
             actor=actor,
             reason=reason,
-            authorization=self._vouch(
+            authorization=self.vouch(
                 statement("unfreeze", actor, KILL_SWITCH_ID, reason, run_id=desc.run_id)
             ),
         )
@@ -525,16 +562,3 @@ class Runs:
 
     def _handle(self, run_id: str) -> WorkflowHandle[Any, RunbookResult]:
         return self.client.get_workflow_handle(run_id, result_type=RunbookResult)
-
-    async def _call(self, awaitable: Any, run_id: str | None = None) -> Any:
-        try:
-            return await awaitable
-        except TEMPORAL_ERRORS as err:
-            raise temporal_error(err, run_id) from None
-
-    async def _call_iter(self, query: str, limit: int) -> Any:
-        try:
-            async for execution in self.client.list_workflows(query, limit=limit):
-                yield execution
-        except TEMPORAL_ERRORS as err:
-            raise temporal_error(err) from None

@@ -19,6 +19,12 @@ from tests.conftest_kube import KubeSandbox
 from tests.helpers import awaiting_approval, handle_of, shard_count
 
 TOKENS = "t-alice:alice,t-bob:bob,t-carol:carol,t-erin:erin,t-dave:dave,t-mallory:mallory"
+ALERT_SENDERS = {
+    "alertmanager_tokens": SecretStr("am-token:alertmanager"),
+    "alertmanager_basic_auth": SecretStr("alertmanager:am-password"),
+}
+"""Who may post alerts: Alertmanager, by bearer token or basic auth."""
+ALERTMANAGER = {"Authorization": "Bearer am-token"}
 
 
 def asgi(app: FastAPI) -> httpx.AsyncClient:

@@ -28,9 +28,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from runtime.settings import Settings
-from starters.api import create_app
+from starters.api import ALERTS_PATH, create_app
 from tests.conftest import OwnTemporal
-from tests.test_api import TOKENS, asgi
+from tests.test_api import ALERT_SENDERS, ALERTMANAGER, TOKENS, asgi
 from workers.worker import running_worker
 from workflows.catalogue import RUNBOOKS
 
@@ -48,7 +48,11 @@ async def test_no_request_gets_a_server_error_and_every_refusal_says_why(
     own_temporal: OwnTemporal, settings: Settings
 ) -> None:
     ours = settings.model_copy(
-        update={"temporal_address": own_temporal.address, "api_tokens": SecretStr(TOKENS)}
+        update={
+            "temporal_address": own_temporal.address,
+            "api_tokens": SecretStr(TOKENS),
+            **ALERT_SENDERS,
+        }
     )
     app = create_app(ours)
     schema = schemathesis.openapi.from_dict(app.openapi())
@@ -71,6 +75,8 @@ async def fuzz(app: FastAPI, schema: Any, starts: Any, loop: asyncio.AbstractEve
             headers = dict(request["headers"])
             if user is not None:  # else whatever was generated, mostly refused as unknown
                 headers["Authorization"] = f"Bearer t-{user}"
+                if case.path == ALERTS_PATH:  # Alertmanager, not a person, posts alerts
+                    headers.update(ALERTMANAGER)
             body = request.get("data")
             response = await api.request(
                 request["method"],

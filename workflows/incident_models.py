@@ -99,8 +99,8 @@ class AlertNotification(BaseModel):
     alerts: Annotated[list[Alert], Field(min_length=1, max_length=1_000)]
 
 
-class IncidentOpen(BaseModel):
-    """What an incident workflow starts with: from an alert group, or opened by a person."""
+class IncidentRequest(BaseModel):
+    """What a person says about an incident they open (the API's body, the CLI's options)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -112,9 +112,14 @@ class IncidentOpen(BaseModel):
     """``auth`` and ``data-exposure`` bring in security (seed: stakeholders)."""
     user_visible: bool = False
     """Seed: the status page is updated only when the incident is user-visible."""
+    reason: Text = ""
+
+
+class IncidentOpen(IncidentRequest):
+    """What an incident workflow starts with: from an alert group, or opened by a person."""
+
     opened_by: PersonName
     """A person, or ``alertmanager`` for an alert group."""
-    reason: Text = ""
     notification: AlertNotification | None = None
     """The notification that opened it (alert groups only)."""
     authorization: Signed | None = None
@@ -141,13 +146,12 @@ class ActionKind(StrEnum):
     DROP_ITEM = "drop_item"
 
 
-class IncidentAction(BaseModel):
-    """One thing a person does to an incident. Each kind is its own update (named as the kind)
-    with a validator: a refused action changes nothing and leaves no trace in history."""
+class ActionRequest(BaseModel):
+    """What a person says with an action (the API's body, the CLI's arguments); who they are
+    comes from their credentials."""
 
     model_config = ConfigDict(extra="forbid")
 
-    actor: PersonName
     text: Text = ""
     """The note, or why (a severity change, a drop, a reopen need one)."""
     person: PersonName | None = None
@@ -162,6 +166,34 @@ class IncidentAction(BaseModel):
     """``complete_item`` / ``drop_item``: the item's id."""
     due: datetime | None = None
     """``add_item``: when it is due."""
+
+    def missing(self, kind: ActionKind) -> list[str]:
+        """The fields this kind of action needs and lacks: the front ends refuse such an action
+        before it is signed or sent (naming the fields), the validators refuse it too."""
+        return [name for name in NEEDS.get(kind, ()) if _blank(getattr(self, name))]
+
+
+NEEDS: dict[ActionKind, tuple[str, ...]] = {
+    ActionKind.SEVERITY: ("severity", "text"),
+    ActionKind.NOTE: ("text",),
+    ActionKind.RUNBOOK: ("runbook",),
+    ActionKind.REOPEN: ("text",),
+    ActionKind.ADD_ITEM: ("text", "person", "due"),
+    ActionKind.COMPLETE_ITEM: ("item",),
+    ActionKind.DROP_ITEM: ("item", "text"),
+}
+"""What each kind of action must say: a severity change, a reopen and a drop say why."""
+
+
+def _blank(value: object) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+class IncidentAction(ActionRequest):
+    """One thing a person does to an incident. Each kind is its own update (named as the kind)
+    with a validator: a refused action changes nothing and leaves no trace in history."""
+
+    actor: PersonName
     authorization: Signed | None = None
     """Outside dev mode: the API's signed statement (act ``incident.<kind>``, actor, this
     incident's workflow id and run id, :func:`signed_payload`)."""
