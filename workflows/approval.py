@@ -15,7 +15,8 @@ flood of junk signals cannot grow the run's state or its ``status`` answer witho
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -53,6 +54,21 @@ class RunbookStopped(Exception):
         super().__init__(summary)
         self.outcome = outcome
         self.summary = summary
+
+
+@contextmanager
+def on_exit(cleanup: Callable[[], None]) -> Iterator[None]:
+    """Run ``cleanup`` however the block ends, as ``finally`` would, except when the worker
+    evicts the run from its cache (``GeneratorExit``): the run goes on from its history
+    elsewhere, and workflow calls outside the workflow's event loop would only raise."""
+    try:
+        yield
+    except GeneratorExit:
+        raise
+    except BaseException:
+        cleanup()
+        raise
+    cleanup()
 
 
 def _cut(text: str | None, limit: int) -> str:
@@ -274,7 +290,13 @@ class ApprovalGate:
             reason=reason,
         )
         on_open()
-        try:
+
+        def closed() -> None:
+            del self.pending[step]
+            self.refused.pop(NO_STEP, None)
+            self._on_change()
+
+        with on_exit(closed):
             if len(opened.members) < policy.required:
                 raise RunbookStopped(
                     Outcome.ABORTED,
@@ -311,10 +333,6 @@ class ApprovalGate:
                     + (f": {record.comment}" if record.comment else ""),
                 )
             return list(self.pending[step].approvers)
-        finally:
-            del self.pending[step]
-            self.refused.pop(NO_STEP, None)
-            self._on_change()
 
     async def _request(self, step: str, reason: str, *, escalate_to: str | None) -> Approvers:
         info = workflow.info()

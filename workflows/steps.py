@@ -20,7 +20,7 @@ from temporalio.types import MethodAsyncSingleParam, MethodSyncSingleParam
 
 from runtime import search_attributes as sa
 from runtime.redact import redact
-from workflows.approval import ApprovalGate, RunbookStopped, operator_refusal, proven
+from workflows.approval import ApprovalGate, RunbookStopped, on_exit, operator_refusal, proven
 from workflows.errors import CODE_ERRORS
 from workflows.models import (
     MAX_COMMENT,
@@ -506,19 +506,21 @@ class StepRunner:
             workflow.upsert_search_attributes([sa.AWAITING_APPROVAL.value_set(True)])
             self._show()
 
+        def closed() -> None:
+            workflow.upsert_search_attributes([sa.AWAITING_APPROVAL.value_set(False)])
+
         self._start(name, StepState.RUNNING)
         try:
-            approvers = await self.gate.wait(
-                name,
-                reason or self.request.reason,
-                timedelta(seconds=self.request.approval_timeout_seconds),
-                on_open=opened,
-            )
+            with on_exit(closed):
+                approvers = await self.gate.wait(
+                    name,
+                    reason or self.request.reason,
+                    timedelta(seconds=self.request.approval_timeout_seconds),
+                    on_open=opened,
+                )
         except RunbookStopped as stop:
             self._mark(name, StepState.FAILED, stop.summary)
             raise
-        finally:
-            workflow.upsert_search_attributes([sa.AWAITING_APPROVAL.value_set(False)])
         self._mark(name, StepState.DONE, f"approved by {', '.join(approvers)}")
 
     def skip(self, name: str, why: str) -> None:
