@@ -25,7 +25,29 @@ from pydantic import BaseModel, Field
 
 from runtime.errors import ConfigError
 
-Act = Literal["start", "decision", "cancel", "freeze", "unfreeze"]
+Act = Literal[
+    "start",
+    "decision",
+    "cancel",
+    "freeze",
+    "unfreeze",
+    # The incident's: opening one, the alert intake's notifications, and each person's action
+    # (``incident.<ActionKind>``; tests/test_incident_rules.py keeps the two lists in step).
+    "incident.open",
+    "incident.alerts",
+    "incident.acknowledge",
+    "incident.command",
+    "incident.severity",
+    "incident.note",
+    "incident.runbook",
+    "incident.contain",
+    "incident.remediate",
+    "incident.resolve",
+    "incident.reopen",
+    "incident.add_item",
+    "incident.complete_item",
+    "incident.drop_item",
+]
 
 # How long a signed statement stays valid: long enough for `--print-signal` to be pasted into the
 # stock CLI, short enough that a leaked one is soon useless.
