@@ -890,12 +890,22 @@ class Incident:
         self._check(ActionKind.DROP_ITEM, action)
 
     def _check(self, kind: ActionKind, action: IncidentAction) -> None:
+        if self.admission is None:
+            return  # judged in ``_act``, once the policy is known
         why = refusal(kind, action, self.carry, self.admission, workflow.now())
         if why is not None:
             raise ValueError(why)
 
     async def _act(self, kind: ActionKind, action: IncidentAction) -> str:
         """Apply a validated action; say what it did."""
+        if self.admission is None:
+            # It came with the run's first moments, before the policy was read: it waits for
+            # it, then meets the same rules. A refusal now fails it without changing anything.
+            await workflow.wait_condition(lambda: self.admission is not None)
+            assert self.admission is not None
+            why = refusal(kind, action, self.carry, self.admission, workflow.now())
+            if why is not None:
+                raise ApplicationError(why, type="ActionRefused", non_retryable=True)
         if kind == ActionKind.RUNBOOK:
             return await self._start_runbook(action)
         done = self._apply(kind, action)

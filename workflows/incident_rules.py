@@ -80,13 +80,11 @@ def refusal(
     kind: ActionKind,
     action: IncidentAction,
     carry: IncidentCarry,
-    admission: IncidentAdmission | None,
+    admission: IncidentAdmission,
     now: datetime,
 ) -> str | None:
     """Why this action must be refused, or None if it may be applied."""
     state = carry.state
-    if admission is None:
-        return "the incident is still opening; try again in a moment"
     if state.stage == Stage.CLOSED:
         return "the incident is closed"
     why = proven(
