@@ -172,12 +172,14 @@ def notification(group: str, *alerts: dict[str, Any], status: str = "firing") ->
     """An Alertmanager webhook payload (version 4) for ``alerts``: each a dict with
     ``fingerprint``, ``labels`` and optionally ``status`` and ``annotations``."""
     now = datetime.now(UTC).isoformat()
+    shared = set.intersection(*(set(a["labels"].items()) for a in alerts))
     return AlertNotification.model_validate(
         {
             "version": "4",
             "groupKey": group,
             "status": status,
             "receiver": "astra-ops",
+            "commonLabels": dict(shared),
             "alerts": [
                 {
                     "status": a.get("status", "firing"),

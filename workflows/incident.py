@@ -63,6 +63,7 @@ from workflows.incident_models import (
     TimelineEntry,
 )
 from workflows.incident_rules import (
+    MAX_RUN_IDS,
     MAX_RUNBOOKS,
     MOVES,
     RESOLVED,
@@ -142,6 +143,7 @@ class Incident:
                 tags=list(opened.tags),
             )
         )
+        self.carry.run_ids = [*self.carry.run_ids, info.run_id][-MAX_RUN_IDS:]
         self.admission: IncidentAdmission | None = None
         self._wake = False
         self._early: list[AlertNotification] = []
@@ -160,7 +162,8 @@ class Incident:
 
     @workflow.run
     async def run(self, opened: IncidentOpen) -> IncidentState:
-        labels = opened.notification.common_labels if opened.notification else {}
+        alerts = opened.notification
+        labels = {**alerts.alerts[0].labels, **alerts.common_labels} if alerts else {}
         self.admission = await workflow.execute_local_activity_method(
             IncidentActivities.admit_incident,
             IncidentAdmissionRequest(

@@ -306,6 +306,9 @@ class IncidentCarry(BaseModel):
     """Runbooks started for the incident (bounded)."""
     resolutions: int = 0
     """Times it was resolved (a reopened incident is resolved again, with a new draft)."""
+    run_ids: list[str] = []
+    """The runs of this incident, latest last (bounded): an action signed for one that
+    continued as new is delivered to the next, and still counts."""
 
 
 IncidentOpen.model_rebuild()

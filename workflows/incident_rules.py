@@ -15,6 +15,7 @@ from datetime import datetime
 
 from temporalio import workflow
 
+from runtime.identity import Signed
 from workflows.approval import proven
 from workflows.incident_models import (
     ActionKind,
@@ -67,6 +68,18 @@ def act_name(kind: ActionKind) -> str:
     return f"incident.{kind.value}"
 
 
+MAX_RUN_IDS = 20
+
+
+def run_signed_for(signed: Signed | None, carry: IncidentCarry) -> str | None:
+    """The run a statement names when it is one of this incident's runs (Temporal hands an
+    action sent to a run that continued as new to the next one); else None, the current run,
+    which another incident's statement then fails to match."""
+    if signed is not None and signed.statement.run_id in carry.run_ids:
+        return signed.statement.run_id
+    return None
+
+
 def needs_commander(state: IncidentState) -> bool:
     """Seed: nominate an incident commander for SEV1/2."""
     return (
@@ -93,6 +106,7 @@ def refusal(
         act=act_name(kind),
         actor=action.actor,
         payload=action.signed_payload(),
+        run_id=run_signed_for(action.authorization, carry),
     )
     if why is not None:
         return why
