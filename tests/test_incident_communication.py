@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 import psycopg
+from pydantic import SecretStr
 
 from tests.conftest_incident import Desk, incident_worker, kinds, state
 from tests.conftest_kube import eventually
@@ -152,3 +153,23 @@ async def test_a_sustained_sev1_tells_the_product_owner_and_a_tag_tells_security
     assert any("@heidi (security)" in t for t in texts)
     assert sum("@grace (product owner)" in t for t in texts) == 1
     assert "stakeholder" not in kinds(quiet)
+
+
+async def test_a_page_that_reaches_nobody_is_on_the_timeline(desk: Desk) -> None:
+    unset = {"status_page_id": None, "status_page_api_key": None}
+    desk.settings = desk.settings.model_copy(
+        update={"pagerduty_routing_keys": SecretStr("agent-platform:Ragent"), **unset}
+    )
+    async with incident_worker(desk):
+        handle = await desk.open(components=["scheduler"], user_visible=True)
+        skipped = await desk.until(
+            handle, lambda s: kinds(s).count("delivery_skipped") == 2, "both noted"
+        )
+
+    assert sorted(e.text for e in skipped.timeline if e.kind == "delivery_skipped") == [
+        "the page to alice (primary) went nowhere: no PagerDuty routing key for kernel-sre: add "
+        "'kernel-sre:<integration key>' to ASTRA_OPS_PAGERDUTY_ROUTING_KEYS",
+        "the status page update went nowhere: no status page: set ASTRA_OPS_STATUS_PAGE_ID and "
+        "ASTRA_OPS_STATUS_PAGE_API_KEY to update one",
+    ]
+    assert desk.pages() == [] and desk.status_page.requests == []

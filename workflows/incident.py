@@ -228,7 +228,7 @@ class Incident:
             f"opened by {opened.opened_by} ({state.severity.meaning}); rotation "
             f"{admission.rotation_title}. `astra-ops incident show {state.incident_id}`",
         )
-        self._tell_public("opened", "We are investigating this issue.")
+        self._tell_public("opened")
         if state.severity == Severity.SEV1:
             self._sev1_began()
         if needs_commander(state):
@@ -483,8 +483,9 @@ class Incident:
         """A message to the incident channel."""
         self._send(chat(self.state, self._event(event), what, text))
 
-    def _tell_public(self, event: str, body: str) -> None:
-        """Seed: update the status page (if configured) when user-visible."""
+    def _tell_public(self, event: str, body: str = "") -> None:
+        """Seed: update the status page (if configured) when user-visible. What the public reads
+        is the stage's standard words, never a person's note."""
         if self.state.user_visible:
             self._send(status_page(self.state, self._event(event), "the status page update", body))
 
@@ -508,11 +509,23 @@ class Incident:
                     f"{result.attempts - 1} failed attempts",
                     SYSTEM,
                 )
+            elif result.outcome == DeliveryOutcome.NOT_CONFIGURED:
+                self._unconfigured(outgoing, result.detail)
         # Not in a ``finally``: a run evicted from the worker's cache closes these coroutines,
         # and workflow calls then are not allowed.
         self.carry.outbox = [o for o in self.carry.outbox if f"{o.channel}/{o.event_key}" != key]
         self._sending.discard(key)
         self._changed()
+
+    def _unconfigured(self, outgoing: Outgoing, detail: str) -> None:
+        """Every page that reached nobody is on the timeline (a person was not woken); of other
+        messages, the first per receiver."""
+        page = outgoing.channel == "pager" and outgoing.body.get("action") == "trigger"
+        if outgoing.channel in self.carry.unconfigured and not page:
+            return
+        if outgoing.channel not in self.carry.unconfigured:
+            self.carry.unconfigured.append(outgoing.channel)
+        self._timeline("delivery_skipped", f"{outgoing.what} went nowhere: {detail}", SYSTEM)
 
     def _delivery(self, outgoing: Outgoing) -> Awaitable[DeliveryResult]:
         options: dict[str, Any] = {
@@ -959,7 +972,7 @@ class Incident:
             "the severity change",
             f"{before.value} → {severity.value} by {actor}: {reason}",
         )
-        self._tell_public("severity", f"Impact reassessed: {severity.meaning}.")
+        self._tell_public("severity", "We have reassessed the impact of this issue.")
         if severity == Severity.SEV1:
             self._sev1_began()
         else:
@@ -1022,11 +1035,12 @@ class Incident:
         state, before = self.state, self.state.stage
         state.stage = stage
         self._timeline("stage", f"{stage.value} (from {before.value}): {why}", actor)
+        said = f"resolved by {actor}: {why}" if stage == Stage.POSTMORTEM else why
         self._say(
-            f"stage-{stage.value}", f"the {stage.value} message", f"stage {stage.value}: {why}"
+            f"stage-{stage.value}", f"the {stage.value} message", f"stage {stage.value}: {said}"
         )
         if stage not in (Stage.REVIEW, Stage.CLOSED):
-            self._tell_public(f"stage-{stage.value}", why)
+            self._tell_public(f"stage-{stage.value}")
         if stage == Stage.POSTMORTEM:
             self.carry.resolutions += 1
             state.resolved_at = workflow.now()

@@ -31,6 +31,13 @@ PUBLIC_STATUS: dict[Stage, IncidentStatus] = {
     Stage.REVIEW: "resolved",
     Stage.CLOSED: "resolved",
 }
+PUBLIC_BODY: dict[IncidentStatus, str] = {
+    "investigating": "We are investigating this issue.",
+    "identified": "The issue has been identified and a fix is being implemented.",
+    "monitoring": "A fix has been implemented and we are monitoring the results.",
+    "resolved": "This incident has been resolved.",
+}
+"""What the public reads at each status: people's notes and reasons are for the channel."""
 COMPONENT_STATUS: dict[Severity, ComponentStatus] = {
     Severity.SEV1: "major_outage",
     Severity.SEV2: "partial_outage",
@@ -63,10 +70,11 @@ def chat(state: IncidentState, event_key: str, what: str, text: str) -> Outgoing
     )
 
 
-def status_page(state: IncidentState, event_key: str, what: str, body: str) -> Outgoing:
-    """The public view: the stage's status, and each component's by severity (operational once
-    resolved)."""
+def status_page(state: IncidentState, event_key: str, what: str, body: str = "") -> Outgoing:
+    """The public view: the stage's status and its words (or ``body``), and each component's
+    status by severity (operational once resolved)."""
     status = PUBLIC_STATUS[state.stage]
+    body = body or PUBLIC_BODY[status]
     component: ComponentStatus = (
         "operational" if status == "resolved" else COMPONENT_STATUS[state.severity]
     )

@@ -306,6 +306,8 @@ class IncidentCarry(BaseModel):
     """Runbooks started for the incident (bounded)."""
     resolutions: int = 0
     """Times it was resolved (a reopened incident is resolved again, with a new draft)."""
+    unconfigured: list[str] = []
+    """Receivers found unconfigured (said once on the timeline, pages each time)."""
     run_ids: list[str] = []
     """The runs of this incident, latest last (bounded): an action signed for one that
     continued as new is delivered to the next, and still counts."""
