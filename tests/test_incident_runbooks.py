@@ -14,7 +14,7 @@ from sandbox.faults import worker_lost
 from tests.conftest_incident import Desk, incident_worker, kinds, notification
 from tests.conftest_kube import KubeSandbox
 from tests.conftest_sandbox import RunningAstra, decide, worker_pods
-from tests.helpers import shard_count, status
+from tests.helpers import shard_count, status, wait_for_step
 from workflows.incident_models import ActionKind, IncidentState, Severity
 from workflows.models import Outcome, StepState
 
@@ -36,16 +36,22 @@ def lost_worker_alert(group: str, worker_id: str) -> Any:
     )
 
 
+def on_astra(desk: Desk, astra: RunningAstra) -> None:
+    """Point the desk's worker at the test's simulated Astra."""
+    target = astra.target
+    desk.settings = desk.settings.model_copy(
+        update={
+            "database_url": target.dsn,
+            "redis_url": target.redis_url,
+            "redis_key_prefix": target.key_prefix,
+        }
+    )
+
+
 async def test_an_alert_naming_a_runbook_starts_it_as_the_incidents_child(
     desk: Desk, astra: RunningAstra, kube: KubeSandbox
 ) -> None:
-    desk.settings = desk.settings.model_copy(
-        update={
-            "database_url": astra.target.dsn,
-            "redis_url": astra.target.redis_url,
-            "redis_key_prefix": astra.target.key_prefix,
-        }
-    )
+    on_astra(desk, astra)
     async with astra.between_ticks():
         fault = await worker_lost(astra.target)
     alert = lost_worker_alert('{}:{alertname="AstraWorkerLost"}', fault.worker_id)
@@ -85,6 +91,37 @@ async def test_an_alert_naming_a_runbook_starts_it_as_the_incidents_child(
         < kinds(done).index("runbook_outcome")
     )
     assert any(f"{run.run_id}: done" in t for t in desk.chat_texts())
+
+
+async def test_an_incidents_runbook_may_be_approved_by_anyone_eligible(
+    desk: Desk, astra: RunningAstra, kube: KubeSandbox
+) -> None:
+    on_astra(desk, astra)
+    async with astra.between_ticks():
+        fault = await worker_lost(astra.target)
+        other = sorted(worker_pods(kube) - {fault.worker_id})[0]
+        await worker_lost(astra.target, worker_id=other)
+    alert = lost_worker_alert('{}:{alertname="AstraWorkerLost"}', fault.worker_id)
+    async with incident_worker(desk):
+        handle = await desk.open(
+            "Worker pool stuck", Severity.SEV2, opened_by="alertmanager", notification=alert
+        )
+        await desk.until(handle, lambda s: bool(s.runs), "the runbook started")
+        child = desk.client.get_workflow_handle(f"worker-lost/{fault.worker_id}")
+        step = "approve replacing workers of a stuck pool"
+        await wait_for_step(child, step, StepState.AWAITING_APPROVAL, within=30)
+        [pending] = (await status(child)).pending_approvals
+        await decide(child, step, "erin")
+        done = await desk.until(
+            handle, lambda s: s.runs[0].outcome is not None, "the outcome", timeout=90
+        )
+
+    # Two of three workers lost: a stuck pool. The incident asked, so nobody is the requester
+    # whom four eyes would exclude: all of Agent Platform may approve.
+    assert pending.members == ["carol", "erin"]
+    assert done.runs[0].outcome == Outcome.DONE.value
+    approval = {s.name: s for s in done.runs[0].steps}[step]
+    assert approval.detail == "approved by erin"
 
 
 async def test_an_alert_whose_runbook_is_left_to_people_is_proposed_not_started(
