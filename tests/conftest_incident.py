@@ -18,6 +18,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from runtime.identity import statement
@@ -112,8 +113,18 @@ class Desk:
             run_id=run_id,
         )
         signed = action.model_copy(update={"authorization": TEST_SIGNER.sign(said)})
-        done: str = await handle.execute_update(kind.value, signed, result_type=str)
-        return done
+        retries = 2
+        while True:
+            try:
+                done: str = await handle.execute_update(kind.value, signed, result_type=str)
+                return done
+            except RPCError as err:
+                # The workflow task that carried the update also continued as new, and the
+                # server failed it (UnhandledCommand); sent again, the update reaches the next
+                # run (the API must retry so too).
+                if err.status != RPCStatusCode.FAILED_PRECONDITION or not retries:
+                    raise
+                retries -= 1
 
     async def alert(
         self, handle: WorkflowHandle[Any, Any], notification: AlertNotification

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Coroutine
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
@@ -236,7 +236,10 @@ class Incident:
         tagged = sorted(SECURITY_TAGS & set(state.tags))
         if tagged:
             self._tell_stakeholders(
-                "security", admission.security, f"the incident is tagged {', '.join(tagged)}"
+                "security",
+                "security",
+                admission.security,
+                f"the incident is tagged {', '.join(tagged)}",
             )
         self._page_next()
 
@@ -380,14 +383,14 @@ class Incident:
             carry.next_page_at = workflow.now() + timedelta(seconds=timeout)
         self._changed()
 
-    def _close_pages(self, how: str) -> None:
-        """Acknowledge or resolve every page still open at the pager."""
+    def _close_pages(self, how: Literal["acknowledge", "resolve"]) -> None:
+        """Acknowledge or resolve every page still open at the pager (once each)."""
         for record in self.carry.pages:
-            if record.closed == "resolve" or record.closed == how:
+            if record.closed in (how, "resolve"):
                 continue
-            record.closed = "acknowledge" if how == "acknowledge" else "resolve"
-            key = f"{'ack' if how == 'acknowledge' else 'resolve'}:{record.target}"
-            self._send(page(self.state, key, record.closed, record.target, record.person))
+            record.closed = how
+            key = f"{how}:{record.target}"
+            self._send(page(self.state, key, how, record.target, record.person))
 
     def _ask_for_commander(self) -> None:
         carry, admission = self.carry, self.admission
@@ -431,15 +434,13 @@ class Incident:
         owner = self.admission.product_owner
         self._tell_stakeholders(
             f"product-owner:{self.carry.sev1_periods}",
+            "product owner",
             [owner] if owner else [],
             f"SEV1 for more than {_duration(self.admission.sustained_sev1_seconds)} "
             "(a sustained SEV1)",
-            role="product owner",
         )
 
-    def _tell_stakeholders(
-        self, event: str, people: list[str], why: str, role: str = "security"
-    ) -> None:
+    def _tell_stakeholders(self, event: str, role: str, people: list[str], why: str) -> None:
         if not people:
             self._timeline("stakeholder", f"no {role} in the access policy to tell: {why}", SYSTEM)
             return
