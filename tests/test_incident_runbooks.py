@@ -4,6 +4,7 @@ apply as always, and its steps and outcome come back to the incident."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -177,6 +178,10 @@ async def test_a_person_starts_a_runbook_for_the_incident_and_its_approvals_appl
         done: IncidentState = await desk.until(
             handle, lambda s: s.runs[0].outcome is not None, "the outcome", timeout=60
         )
+        await desk.act(handle, ActionKind.ACKNOWLEDGE, "alice")
+        for kind in (ActionKind.CONTAIN, ActionKind.REMEDIATE, ActionKind.RESOLVE):
+            await desk.act(handle, kind, "alice", text="rebalanced")
+        drafted = await desk.until(handle, lambda s: s.postmortem is not None, "the draft")
 
     assert "bad parameters for shard-scaling: shards" in str(bad.value.cause)
     assert said == f"started shard-scaling/{namespace}"
@@ -188,3 +193,8 @@ async def test_a_person_starts_a_runbook_for_the_incident_and_its_approvals_appl
     assert f"shard-scaling/{namespace} · approve scaling: done — approved by bob" in [
         e.text for e in done.timeline
     ]
+    assert drafted.postmortem is not None
+    draft = Path(drafted.postmortem).read_text()
+    assert f"### shard-scaling: `shard-scaling/{namespace}`" in draft
+    assert "- Outcome: **done**" in draft
+    assert "  - approve scaling: done — approved by bob" in draft
