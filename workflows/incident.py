@@ -674,10 +674,14 @@ class Incident:
         words = ["astra-ops incident runbook", state.incident_id, runbook]
         words += [f"--param {k}={v}" for k, v in sorted(plan.params.items())]
         command = f"`{' '.join(words)}`"
+        why = (
+            "the incident is resolved, so it is not started on its own"
+            if plan.on_alert == "start"
+            else "the policy leaves starting it to a person"
+        )
         self._timeline(
             "runbook_proposed",
-            f"{name} names {runbook} for {plan.subject}; the policy leaves starting it to a "
-            f"person: {command}",
+            f"{name} names {runbook} for {plan.subject}; {why}: {command}",
             SYSTEM,
         )
         self._say("proposal", f"the proposal of {runbook}", f"{name}: proposed {command}")
