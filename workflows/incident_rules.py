@@ -165,6 +165,8 @@ def _specific(
                 return f"{action.person} is not in the access policy and cannot own an item"
             if action.due is None:
                 return "an action item needs a due date"
+            if action.due.tzinfo is None:
+                return "the due date needs a time zone (for example 2026-12-01T12:00:00Z)"
             if action.due <= now:
                 return f"the due date {action.due:%Y-%m-%d %H:%M}Z is in the past"
         case ActionKind.COMPLETE_ITEM | ActionKind.DROP_ITEM:
