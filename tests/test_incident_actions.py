@@ -192,3 +192,19 @@ async def test_resolution_drafts_the_postmortem_and_the_review_closes_when_items
         any(f"stage {s}:" in t for t in desk.chat_texts())
         for s in ("triage", "contain", "remediate", "postmortem", "remediation_review", "closed")
     )
+
+
+async def test_dev_mode_trusts_names_but_not_past_the_policy(desk: Desk) -> None:
+    desk.settings = desk.settings.model_copy(update={"dev_mode": True})
+    async with incident_worker(desk):
+        handle = await desk.open(signed=False, components=["workers"])
+        said = await handle.execute_update(
+            ActionKind.ACKNOWLEDGE.value, IncidentAction(actor="erin"), result_type=str
+        )
+        with pytest.raises(WorkflowUpdateFailedError) as outsider:
+            await handle.execute_update(
+                ActionKind.NOTE.value, IncidentAction(actor="dave", text="hi"), result_type=str
+            )
+
+    assert said == "acknowledged by erin; escalation stopped"
+    assert "dave may not act on this incident" in str(outsider.value.cause)
