@@ -41,6 +41,9 @@ class Trust(BaseModel):
 
 class AdmissionRequest(BaseModel):
     runbook: str
+    parent_workflow_id: str | None = None
+    """The workflow that started this run as its child (Temporal's record), if any."""
+    parent_run_id: str | None = None
 
 
 class Admission(BaseModel):
@@ -50,6 +53,9 @@ class Admission(BaseModel):
     """The people of every group the runbook's rules name (and ``anyone``)."""
     operators: list[str]
     freeze: FreezeNotice | None = None
+    parent_type: str | None = None
+    """The parent's workflow type as Temporal describes it: a run started by an incident
+    trusts the incident's checks only if the parent really is one."""
 
 
 class Operators(BaseModel):
@@ -134,7 +140,19 @@ class AccessActivities:
             members={g: policy.members([g]) for g in groups},
             operators=policy.operator_members(),
             freeze=await self.freeze_state(),
+            parent_type=await self._workflow_type(req.parent_workflow_id, req.parent_run_id),
         )
+
+    async def _workflow_type(self, workflow_id: str | None, run_id: str | None) -> str | None:
+        if workflow_id is None:
+            return None
+        try:
+            desc = await self.client.get_workflow_handle(workflow_id, run_id=run_id).describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+        return desc.workflow_type
 
     @activity.defn
     async def operators(self) -> Operators:

@@ -1,5 +1,7 @@
 """The one access policy: who exists, which on-call group each person is in, and per runbook who
-may start, approve and cancel it, which thresholds a request may set, and how much it may do alone.
+may start, approve and cancel it, which thresholds a request may set, and how much it may do alone;
+and for incidents, which rotation owns which components, who is paged in what order, who may act,
+and who else is told (the operations wiki's rotations, escalation matrix and stakeholders).
 
 ``deploy/access-policy.yaml`` is the only place these rules are written. The API and the CLI read
 it to refuse early with a clear message; runs read it through an activity (so what they were told
@@ -120,6 +122,10 @@ class RunbookAccess(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     start: list[str] = Field(min_length=1)
+    on_alert: Literal["start", "propose"] = "propose"
+    """What an incident does when one of its alerts names this runbook: start it on its own
+    (with the incident as requester; its approvals still apply), or propose it on the timeline
+    for a person to start."""
     dry_run: list[str] = []
     """Who may start dry runs besides those who may start real ones."""
     cancel: list[str] = []
@@ -178,6 +184,99 @@ class RunbookAccess(BaseModel):
         )
 
 
+WEEK_SECONDS = 7 * 86_400
+
+
+class Escalation(BaseModel):
+    """Who is paged, in order, while nobody acknowledges (the wiki's escalation matrix)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    primary: str
+    secondary: str
+    manager: str
+
+    def levels(self) -> list[tuple[str, str]]:
+        """(target, person), in the order they are paged."""
+        return [("primary", self.primary), ("secondary", self.secondary), ("manager", self.manager)]
+
+
+class Rotation(BaseModel):
+    """An on-call rotation: the components it owns and how it is paged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    components: list[str] = Field(min_length=1)
+    """Astra components in lower case with hyphens (``state-manager``, ``llm-routing``)."""
+    escalation: Escalation
+    ack_timeout_seconds: float = Field(default=300, gt=0, le=WEEK_SECONDS)
+    """Without an acknowledgement this long after a page, the next level is paged."""
+
+
+class IncidentPolicy(BaseModel):
+    """Who opens and works incidents, who is paged and told, and when."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    open: list[str] = Field(min_length=1)
+    """Groups who may open an incident by hand (may be ``anyone``)."""
+    alert_sender: str = Field(default="alertmanager", min_length=1)
+    """The identity the alert intake opens incidents and sends alerts as."""
+    respond: list[str] = []
+    """Groups who may act on every incident; the incident's own rotation, its escalation chain
+    and the operators always may."""
+    rotations: dict[str, Rotation] = Field(min_length=1)
+    """By access-policy group: the group is the rotation."""
+    default_rotation: str
+    """Owns incidents whose components and alerts name no rotation."""
+    commander_request_interval_seconds: float = Field(default=600, gt=0, le=WEEK_SECONDS)
+    """SEV1/SEV2: how often the rotation is asked again until someone takes command."""
+    sustained_sev1_seconds: float = Field(default=3_600, gt=0, le=WEEK_SECONDS)
+    """A SEV1 this long is "sustained": the product owner is told (wiki: stakeholders)."""
+    product_owner: str | None = None
+    security: list[str] = []
+    """Told when an incident is tagged ``auth`` or ``data-exposure``."""
+    item_reminder_seconds: float = Field(default=86_400, gt=0, le=30 * 86_400)
+    """An open action item's owner is reminded this long before it is due."""
+    continue_as_new_after_events: int = Field(default=10_000, ge=50, le=50_000)
+    """An incident's run carries its state into a fresh one past this many history events."""
+
+    @model_validator(mode="after")
+    def _rotations_consistent(self) -> Self:
+        if self.default_rotation not in self.rotations:
+            raise ValueError(
+                f"default_rotation {self.default_rotation!r} is not one of the rotations "
+                f"({', '.join(self.rotations)})"
+            )
+        owner: dict[str, str] = {}
+        for name, rotation in self.rotations.items():
+            for component in rotation.components:
+                if component != component.lower() or " " in component:
+                    raise ValueError(
+                        f"rotations.{name}: component {component!r} must be lower case with "
+                        "hyphens (as incidents and alerts name it)"
+                    )
+                if component in owner:
+                    raise ValueError(
+                        f"component {component!r} is in both rotations {owner[component]} and "
+                        f"{name}; give each component one owner"
+                    )
+                owner[component] = name
+        return self
+
+    def rotation_for(self, components: list[str], hint: str | None = None) -> str:
+        """The rotation owning the first component it knows; else ``hint`` (an alert's
+        ``rotation`` label) when it is a rotation; else the default."""
+        for component in components:
+            key = component.strip().lower().replace(" ", "-")
+            for name, rotation in self.rotations.items():
+                if key in rotation.components:
+                    return name
+        if hint is not None and hint in self.rotations:
+            return hint
+        return self.default_rotation
+
+
 class AccessPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -187,16 +286,47 @@ class AccessPolicy(BaseModel):
     operators: list[str] = []
     """Groups whose members may freeze and unfreeze every mutating step (the kill switch)."""
     runbooks: dict[str, RunbookAccess] = {}
+    incidents: IncidentPolicy | None = None
+    """None: no incident may open (the intake and ``incident open`` say so)."""
 
     @model_validator(mode="after")
     def _groups_exist(self) -> Self:
         named = set(self.operators)
         for access in self.runbooks.values():
             named |= access.groups()
+        if self.incidents is not None:
+            named |= {*self.incidents.open, *self.incidents.respond, *self.incidents.rotations}
         unknown = sorted(named - set(self.groups) - {ANYONE})
         if unknown:
             raise ValueError(f"unknown groups {unknown}; define them under `groups`")
+        if self.incidents is not None:
+            self._incident_people_known(self.incidents)
         return self
+
+    def _incident_people_known(self, incidents: IncidentPolicy) -> None:
+        for name, rotation in incidents.rotations.items():
+            members = self.members([name])
+            for target, person in rotation.escalation.levels():
+                if target != "manager" and person not in members:
+                    raise ValueError(
+                        f"incidents.rotations.{name}.escalation.{target}: {person} is not a "
+                        f"member of {name}; add them to groups.{name}.members"
+                    )
+                if not self.known(person):
+                    raise ValueError(
+                        f"incidents.rotations.{name}.escalation.{target}: {person} is not in "
+                        "the access policy; add them to a group"
+                    )
+        for field, people in (
+            ("product_owner", [incidents.product_owner] if incidents.product_owner else []),
+            ("security", incidents.security),
+        ):
+            unknown = [p for p in people if not self.known(p)]
+            if unknown:
+                raise ValueError(
+                    f"incidents.{field}: {', '.join(unknown)} not in the access policy; add them "
+                    "to `users` or a group"
+                )
 
     def known(self, user: str) -> bool:
         return user in self.everyone()
@@ -223,6 +353,22 @@ class AccessPolicy(BaseModel):
 
     def operator_members(self) -> list[str]:
         return self.members(self.operators)
+
+    def incident_policy(self) -> IncidentPolicy:
+        if self.incidents is None:
+            raise AccessPolicyError(
+                "the access policy has no `incidents` section: nobody may open an incident until "
+                "it names the rotations, their escalation and who may open and act"
+            )
+        return self.incidents
+
+    def incident_responders(self, rotation: str) -> list[str]:
+        """Who may act on an incident of ``rotation``: its group, its escalation chain, the
+        operators and the groups the policy lets respond to every incident."""
+        incidents = self.incident_policy()
+        chain = [person for _, person in incidents.rotations[rotation].escalation.levels()]
+        groups = [rotation, *incidents.respond, *self.operators]
+        return sorted({*self.members(groups), *chain})
 
     def is_operator(self, user: str) -> bool:
         return user in self.operator_members()

@@ -31,8 +31,10 @@ Act = Literal[
     "cancel",
     "freeze",
     "unfreeze",
-    # An incident's opening and each action (``incident.<ActionKind>``).
+    # The incident's: opening one, the alert intake's notifications, and each person's action
+    # (``incident.<ActionKind>``; tests/test_incident_rules.py keeps the two lists in step).
     "incident.open",
+    "incident.alerts",
     "incident.acknowledge",
     "incident.command",
     "incident.severity",

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
         "is the status page's component id; others are not shown.",
     )
     pagerduty_events_url: str = "https://events.pagerduty.com"
+    postmortem_dir: Path | None = Field(
+        default=None,
+        description="Where incidents write their postmortem drafts (Markdown); default: "
+        "STATE_DIR/postmortems.",
+    )
     pagerduty_routing_keys: SecretStr | None = Field(
         default=None,
         description="PagerDuty Events v2 integration keys: 'rotation:key[,rotation:key...]'.",
@@ -191,6 +196,10 @@ class Settings(BaseSettings):
     @property
     def state_dsn(self) -> str:
         return self.state_database_url or self.database_url
+
+    @property
+    def postmortems(self) -> Path:
+        return self.postmortem_dir or self.state_dir / "postmortems"
 
     @cached_property
     def token_identities(self) -> dict[str, str]:

@@ -20,6 +20,8 @@ from temporalio.worker import Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.access import AccessActivities, Trust
+from activities.communication import CommunicationActivities
+from activities.incident import IncidentActivities
 from activities.kubernetes import KubernetesActivities, unauthenticated_client
 from activities.metrics import MetricsActivities, metrics_source
 from activities.notify import NotifyActivities
@@ -31,6 +33,7 @@ from runtime.redact import redact_logs
 from runtime.settings import Settings, SettingsError
 from workflows.catalogue import RUNBOOKS
 from workflows.errors import CODE_ERRORS
+from workflows.incident import Incident
 from workflows.kill_switch import KillSwitch
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     return SandboxedWorkflowRunner(
         restrictions=SandboxRestrictions.default.with_passthrough_modules(
             "workflows.models",
+            "workflows.incident_models",
             "workflows.runbook",
             "workflows.steps",
             "workflows.approval",
@@ -97,7 +101,7 @@ def workflow_options() -> WorkflowOptions:
     """What runs workflow code, and how: shared by the worker and the replayer
     (tests/test_replay.py), so a stored history replays exactly as the worker would run it."""
     return WorkflowOptions(
-        workflows=[*RUNBOOKS.values(), KillSwitch],
+        workflows=[*RUNBOOKS.values(), KillSwitch, Incident],
         workflow_runner=workflow_runner(),
         # A bug in workflow code fails its run (compensations first, see workflows/errors.py)
         # instead of retrying a workflow task forever; a non-determinism error still does not.
@@ -128,16 +132,19 @@ async def running_worker(
     kubernetes_api = kube_api(settings)
     kubernetes = KubernetesActivities(kubernetes_api)
     notify = NotifyActivities(settings.access_policy, settings.chat_webhook_url)
-    access = AccessActivities(
-        settings.access_policy, trust(settings), client, notify, settings.state_dsn
-    )
+    identity = trust(settings)
+    access = AccessActivities(settings.access_policy, identity, client, notify, settings.state_dsn)
+    incident = IncidentActivities(settings.access_policy, identity, settings.postmortems)
+    communication = CommunicationActivities.from_settings(settings)
     postgres = PostgresActivities(settings.database_url)
     redis = RedisActivities(settings.redis_url, key_prefix=settings.redis_key_prefix)
     metrics = MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url))
     worker = Worker(
         client,
         task_queue=task_queue or settings.task_queue,
-        activities=activities_of(access, kubernetes, notify, postgres, redis, metrics),
+        activities=activities_of(
+            access, kubernetes, notify, postgres, redis, metrics, incident, communication
+        ),
         activity_executor=executor,
         graceful_shutdown_timeout=timedelta(seconds=30),
         **workflow_options(),

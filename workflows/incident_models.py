@@ -15,10 +15,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from runtime.identity import Signed
-from workflows.models import PersonName, Text
+from workflows.models import PersonName, StepStatus, Text
 
 INCIDENT_WORKFLOW = "incident"
 """The workflow type; its id is ``incident/...``."""
@@ -97,6 +97,13 @@ class AlertNotification(BaseModel):
     external_url: Annotated[str, Field(max_length=2_048)] = Field(default="", alias="externalURL")
     truncated_alerts: int = Field(default=0, ge=0, alias="truncatedAlerts")
     alerts: Annotated[list[Alert], Field(min_length=1, max_length=1_000)]
+    authorization: Signed | None = None
+    """Outside dev mode, on the ``alerts`` signal: the API's signed statement that the alert
+    sender (the policy's ``alert_sender``) sent exactly this (act ``incident.alerts``, this
+    incident's workflow id, run id "", :func:`signed_payload`). An unsigned one is ignored."""
+
+    def signed_payload(self) -> str:
+        return signed_payload(self)
 
 
 class IncidentRequest(BaseModel):
@@ -124,7 +131,10 @@ class IncidentOpen(IncidentRequest):
     """The notification that opened it (alert groups only)."""
     authorization: Signed | None = None
     """Outside dev mode: the API's signed statement that ``opened_by`` opened exactly this
-    (act ``incident.open``, see :func:`signed_payload`)."""
+    (act ``incident.open``, this incident's workflow id, run id "", :func:`signed_payload`)."""
+    carried: IncidentCarry | None = None
+    """Set by the incident itself when it continues as new: everything it knew. Honoured only
+    in a continued run (Temporal says which), so a start cannot smuggle state in."""
 
     def signed_payload(self) -> str:
         return signed_payload(self)
@@ -203,9 +213,10 @@ class IncidentAction(ActionRequest):
 
 
 def signed_payload(model: BaseModel) -> str:
-    """A model as a signature covers it: every field but the signature itself."""
+    """A model as a signature covers it: every field but the signature itself (and the state an
+    incident carries into its next run, which no person signs)."""
     return json.dumps(
-        model.model_dump(mode="json", exclude={"authorization"}),
+        model.model_dump(mode="json", exclude={"authorization", "carried"}),
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -235,6 +246,12 @@ class LinkedRun(BaseModel):
     started_by: str
     outcome: str | None = None
     """None while it runs; then the runbook's outcome."""
+    summary: str = ""
+    """The runbook's own summary of how it ended (or why it failed)."""
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    steps: list[StepStatus] = []
+    """Its steps as it finished them: approvals say who approved."""
 
 
 class IncidentState(BaseModel):
@@ -259,3 +276,73 @@ class IncidentState(BaseModel):
     timeline: list[TimelineEntry] = []
     postmortem: str | None = None
     """Where the postmortem draft was written, once it was."""
+    timeline_omitted: int = 0
+    """Entries past MAX_TIMELINE, counted instead of kept."""
+    resolved_at: datetime | None = None
+    """When it was last resolved (the end of the impact window)."""
+    refused_alerts: int = 0
+    """``alerts`` signals ignored because nobody proved who sent them."""
+
+
+MAX_TIMELINE = 5_000
+"""Entries an incident keeps; alert repeats add none, so only a pathological one gets there."""
+
+
+class PageRecord(BaseModel):
+    """One level of the escalation, paged."""
+
+    target: str
+    """primary, secondary or manager."""
+    person: str
+    at: datetime
+    closed: Literal["acknowledge", "resolve"] | None = None
+    """The last event that closed the page at the pager."""
+
+
+class Outgoing(BaseModel):
+    """A message the incident decided to send and has not yet seen delivered; it is sent again
+    after a restart or a continue-as-new, and the delivery ledger makes that safe."""
+
+    channel: Literal["chat", "status page", "pager"]
+    event_key: str
+    what: str
+    """How the timeline names it when it fails or arrives late."""
+    body: dict[str, JsonValue]
+    """The adapter's request (ChatMessage, StatusPageUpdate or PageEvent) as JSON."""
+
+
+class IncidentCarry(BaseModel):
+    """Everything an incident run knows that its state does not show: what continue-as-new
+    carries into the next run. Deadlines are absolute, so timers resume where they were."""
+
+    state: IncidentState
+    events: int = 0
+    """Message-worthy events so far: each message's event key is numbered from it, never from
+    the clock."""
+    pages: list[PageRecord] = []
+    next_page_at: datetime | None = None
+    commander_requests: int = 0
+    next_commander_request_at: datetime | None = None
+    sev1_since: datetime | None = None
+    sev1_periods: int = 0
+    product_owner_told: int = 0
+    """The SEV1 period the product owner was last told about."""
+    item_notices: list[str] = []
+    """``<item>:reminder`` / ``<item>:overdue`` already sent."""
+    considered: list[str] = []
+    """Alert fingerprints whose runbook was started or proposed."""
+    runbook_queue: list[Alert] = []
+    """Alerts naming a runbook, not yet started or proposed."""
+    outbox: list[Outgoing] = []
+    runbook_starts: int = 0
+    """Runbooks started for the incident (bounded)."""
+    resolutions: int = 0
+    """Times it was resolved (a reopened incident is resolved again, with a new draft)."""
+    unconfigured: list[str] = []
+    """Receivers found unconfigured (said once on the timeline, pages each time)."""
+    run_ids: list[str] = []
+    """The runs of this incident, latest last (bounded): an action signed for one that
+    continued as new is delivered to the next, and still counts."""
+
+
+IncidentOpen.model_rebuild()

@@ -22,6 +22,7 @@ from runtime import search_attributes as sa
 from runtime.redact import redact
 from workflows.approval import ApprovalGate, RunbookStopped, on_exit, operator_refusal, proven
 from workflows.errors import CODE_ERRORS
+from workflows.incident_models import INCIDENT_WORKFLOW
 from workflows.models import (
     MAX_COMMENT,
     MAX_NAME,
@@ -195,7 +196,12 @@ class StepRunner:
         The API refuses these before starting anything; this is the check a start that bypassed
         the API (straight to Temporal) cannot skip.
         """
-        admit = AdmissionRequest(runbook=self.runbook)
+        parent = workflow.info().parent
+        admit = AdmissionRequest(
+            runbook=self.runbook,
+            parent_workflow_id=parent.workflow_id if parent else None,
+            parent_run_id=parent.run_id if parent else None,
+        )
         # A local activity: it reads a file and asks Temporal one question, and is every run's
         # first step, so it costs no activity task round trip. Runs begun as an activity replay so.
         if workflow.patched(LEANER_RUNNER):
@@ -220,16 +226,19 @@ class StepRunner:
         for signal, notice in self._early:
             self.on_freeze_signal(signal, notice)
         self._early.clear()
-        why = proven(
-            request.authorization,
-            admission.trust,
-            act="start",
-            actor=request.requester,
-            payload=request.signed_payload(),
-            run_id="",
-        ) or admission.access.may_start(
-            self.runbook, request.requester, request.dry_run, self._members
-        )
+        if parent is not None and admission.parent_type == INCIDENT_WORKFLOW:
+            why = self._incident_start_refusal(request, admission, parent.workflow_id)
+        else:
+            why = proven(
+                request.authorization,
+                admission.trust,
+                act="start",
+                actor=request.requester,
+                payload=request.signed_payload(),
+                run_id="",
+            ) or admission.access.may_start(
+                self.runbook, request.requester, request.dry_run, self._members
+            )
         violations = admission.access.violations(request.model_dump())
         if why is None and violations:
             why = "; ".join(violations)
@@ -239,6 +248,25 @@ class StepRunner:
                 f"{self.runbook} refused: {why}", type="RunRefused", non_retryable=True
             )
         self._show()
+
+    def _incident_start_refusal(
+        self, request: RunbookRequest, admission: Admission, incident: str
+    ) -> str | None:
+        """A start by an incident: Temporal records the parent (a client cannot forge it), the
+        admission checked that the parent is an incident, and the incident checked who asked.
+        The incident itself as requester (an alert's runbook) needs the policy's ``on_alert:
+        start``; a person who asked through the incident needs the right to start it."""
+        if request.requester != incident:
+            return admission.access.may_start(
+                self.runbook, request.requester, request.dry_run, self._members
+            )
+        if admission.access.on_alert != "start":
+            return (
+                f"the access policy does not let an incident start {self.runbook} on its own "
+                f"(runbooks.{self.runbook}.on_alert: {admission.access.on_alert}); a person "
+                "may start it from the incident"
+            )
+        return None
 
     def _members(self, groups: list[str]) -> list[str]:
         assert self.admission is not None
