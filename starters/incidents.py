@@ -146,6 +146,10 @@ class Incidents:
         """Hand an Alertmanager notification to its group's incident, opening it if needed.
         ``sender`` is who the intake authenticated (not a person of the access policy)."""
         incident = incident_id_for_group(notification.group_key)
+        # The incident takes a notification only with the API's word that the authenticated
+        # sender sent exactly it; a signal straight to Temporal proves nothing.
+        said = statement("incident.alerts", sender, incident, notification.signed_payload())
+        notification = notification.model_copy(update={"authorization": self.runs.vouch(said)})
         if notification.status == "resolved":
             return await self._resolved(incident, notification)
         opened = incident_from_alerts(notification, sender)
