@@ -200,7 +200,7 @@ async def test_unattended_pod_deletions_past_the_budget_ask_a_person(
             )
         await conn.commit()
     request = WorkerLostRequest(
-        requester="alice", worker_id=fault.worker_id, poll_seconds=0.2, verify_timeout_seconds=20
+        requester="alice", worker_id=fault.worker_id, verify_timeout_seconds=20
     )
     handle = await start(client, WorkerLost, request, task_queue)
     step = "approve deleting more pods than the automatic limit"

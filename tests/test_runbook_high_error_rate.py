@@ -62,7 +62,6 @@ def request(**overrides: object) -> HighErrorRateRequest:
             "requester": "erin",
             "window_seconds": WINDOW,
             "settle_seconds": 1,
-            "poll_seconds": 0.2,
             "verify_timeout_seconds": 20,
             **overrides,
         }

@@ -47,7 +47,6 @@ def request(**overrides: object) -> LlmCostSpikeRequest:
             "window_seconds": WINDOW,
             "baseline_seconds": BASELINE,
             "route_to": "gpt-4o-mini",
-            "poll_seconds": 0.2,
             "verify_timeout_seconds": 20,
             **overrides,
         }

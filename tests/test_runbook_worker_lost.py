@@ -26,7 +26,6 @@ def request(fault: WorkerLostFault, **overrides: object) -> WorkerLostRequest:
         {
             "requester": "alice",
             "worker_id": fault.worker_id,
-            "poll_seconds": 0.2,
             "verify_timeout_seconds": 20,
             **overrides,
         }
