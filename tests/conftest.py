@@ -31,7 +31,7 @@ from tests.conftest_kube import KubeSandbox, eventually, kube
 from tests.helpers import TEST_SIGNER, TEST_SIGNING_KEY
 from workers.worker import running_worker
 
-pytest_plugins = ["tests.conftest_data", "tests.conftest_sandbox", "tests.receivers"]
+pytest_plugins = ["tests.conftest_data", "tests.conftest_sandbox", "tests.receivers", "tests.stubs"]
 __all__ = ["eventually", "kube"]
 
 TEMPORAL = Path(sys.executable).parent / "temporal"

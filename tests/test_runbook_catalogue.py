@@ -17,8 +17,8 @@ from temporalio.client import Client
 
 from sandbox.faults import cost_spike, dead_letters, error_spike, worker_lost
 from starters.runbook_cards import runbook_card
-from tests.conftest_sandbox import TICK_SECONDS, RunningAstra, start
-from tests.helpers import status
+from tests.conftest_sandbox import TICK_SECONDS, RunningAstra
+from tests.helpers import start, status
 from workflows.catalogue import RUNBOOKS
 from workflows.models import Outcome, StepState
 from workflows.shard_scaling import ShardScalingRequest
