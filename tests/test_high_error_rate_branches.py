@@ -117,7 +117,7 @@ def request(**params: object) -> HighErrorRateRequest:
     return HighErrorRateRequest.model_validate(
         {
             "requester": "erin",
-            "settle_seconds": 1,
+            "settle_seconds": 0.1,
             "verify_timeout_seconds": 10,
             **params,
         }
@@ -274,7 +274,7 @@ async def test_a_rate_that_does_not_stay_down_pauses_intake_again_and_fails(
 
     message = str(failed.value.cause)
     assert f"failed at step '{VERIFY}'" in message
-    assert "the failure rate did not stay under 5.0% for 1s (last: 40.0% of 100)" in message
+    assert "the failure rate did not stay under 5.0% for 0.1s (last: 40.0% of 100)" in message
     assert "intake of TimeoutError is paused again" in message
     assert stubs.called()[-1] == PATCH
     assert intake(stubs) == [("TimeoutError", None), ("", "TimeoutError"), ("TimeoutError", None)]

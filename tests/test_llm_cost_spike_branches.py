@@ -149,7 +149,7 @@ async def test_a_lift_not_approved_keeps_the_guard(
     client: Client, task_queue: str, stubs: Stubs, decided: str
 ) -> None:
     spending(stubs)
-    handle = await start(client, LlmCostSpike, request(approval_timeout_seconds=3), task_queue)
+    handle = await start(client, LlmCostSpike, request(approval_timeout_seconds=1.5), task_queue)
     await decide(handle, GUARD, "carol")
     if decided == "reject":
         await decide(handle, LIFT, "erin", "reject")
@@ -159,7 +159,7 @@ async def test_a_lift_not_approved_keeps_the_guard(
     kept = (
         f"step '{LIFT}' rejected by erin"
         if decided == "reject"
-        else f"no decision on step '{LIFT}' within 0:00:03; aborted safely"
+        else f"no decision on step '{LIFT}' within 0:00:01.500000; aborted safely"
     )
     assert result.summary.endswith(f"cost back to 1.5x; guard kept: {kept}")
     assert stubs.called() == [COST, READ, PATCH, TELL, COST]
