@@ -96,6 +96,12 @@ def runbook_request(
     reserved = CALLER_FIELDS & params.keys()
     if reserved:
         raise InvalidInput(f"{', '.join(sorted(reserved))} cannot be passed as parameters")
+    retired = spec.request.retired & params.keys()
+    if retired:
+        raise InvalidInput(
+            f"{', '.join(sorted(retired))}: no longer a parameter of {spec.name}; leave it out "
+            f"(`astra-ops runbooks {spec.name}` lists its parameters)"
+        )
     try:
         request: RunbookRequest = spec.request.model_validate(
             {

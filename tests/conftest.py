@@ -36,10 +36,15 @@ pytest_plugins = [
     "tests.conftest_sandbox",
     "tests.receivers",
     "tests.conftest_incident",
+    "tests.stubs",
 ]
 __all__ = ["eventually", "kube"]
 
 TEMPORAL = Path(sys.executable).parent / "temporal"
+# The dev server fires a timer up to a second late by default (it shifts timers into batches).
+# Tests wait on short durable timers (approval deadlines, recovery probes, activity retries), so
+# they are fired when due.
+DEV_SERVER_ARGS = ["--dynamic-config-value", 'history.timerProcessorMaxTimeShift="10ms"']
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +74,7 @@ async def temporal(codec_keys: str) -> AsyncIterator[WorkflowEnvironment]:
         data_converter=converter,
         search_attributes=sa.ALL,
         dev_server_log_level="error",
+        dev_server_extra_args=DEV_SERVER_ARGS,
     )
     try:
         yield env
@@ -100,6 +106,7 @@ async def own_temporal(tmp_path: Path, codec_keys: str) -> AsyncIterator[OwnTemp
         data_converter=data_converter(Settings(codec_keys=codec_keys)),
         search_attributes=sa.ALL,
         dev_server_log_level="error",
+        dev_server_extra_args=DEV_SERVER_ARGS,
     )
     try:
         yield OwnTemporal(env, files)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.kubernetes import unauthenticated_client
@@ -26,10 +25,7 @@ from sandbox.faults import SandboxTarget
 from sandbox.loadgen import LoadConfig, LoadGenerator
 from sandbox.platform import ClusterView
 from tests.conftest_kube import KubeSandbox, eventually
-from tests.helpers import signed_decision, signed_start
 from workers.worker import running_worker
-from workflows.models import Decision, RunbookRequest, RunbookResult, RunStatus
-from workflows.runbook import Runbook
 
 TICK_SECONDS = 0.1
 
@@ -134,32 +130,3 @@ def config_value(kube: KubeSandbox, key: str) -> str | None:
     assert config is not None
     value: str | None = config["data"].get(key)
     return value
-
-
-async def start(
-    client: Client, runbook: type[Runbook], request: RunbookRequest, task_queue: str
-) -> WorkflowHandle[Any, RunbookResult]:
-    """Start a run under a fresh id (the subject alone repeats across tests), signed as the API
-    would sign it."""
-    workflow_id = f"{runbook.spec.workflow_id(request)}/{uuid.uuid4().hex[:8]}"
-    return await client.start_workflow(
-        runbook.spec.name,
-        signed_start(request, workflow_id),
-        id=workflow_id,
-        task_queue=task_queue,
-        result_type=RunbookResult,
-    )
-
-
-async def decide(
-    handle: WorkflowHandle[Any, RunbookResult], step: str, approver: str, verdict: str = "approve"
-) -> None:
-    """Wait for ``step`` to await approval, then decide it as ``approver`` through the update."""
-
-    async def pending() -> bool:
-        status = await handle.query("status", result_type=RunStatus)
-        return any(p.step == step for p in status.pending_approvals)
-
-    await eventually(pending, timeout=20, interval=0.05, message=f"approval of '{step}'")
-    decision = Decision(approver=approver, step=step, decision=verdict)
-    await handle.execute_update("decide", await signed_decision(handle, decision), result_type=str)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowHandle
@@ -10,6 +11,7 @@ from activities.kube_annotations import CONFIG_HASH, config_hash
 from runtime.identity import Signed, load_signer, new_signing_key_line, statement
 from tests.conftest_kube import KubeSandbox, eventually
 from workflows.models import Decision, RunbookRequest, RunbookResult, RunStatus, StepState
+from workflows.runbook import Runbook
 
 # The API's signing key for this test session: the `settings` fixture trusts its public half, and
 # tests that start or decide without the API sign as the API would.
@@ -88,3 +90,31 @@ async def awaiting_approval(handle: WorkflowHandle[Any, Any], step: str) -> None
 
 def handle_of(client: Client, run_id: str) -> WorkflowHandle[Any, RunbookResult]:
     return client.get_workflow_handle(run_id, result_type=RunbookResult)
+
+
+async def start(
+    client: Client, runbook: type[Runbook], request: RunbookRequest, task_queue: str
+) -> WorkflowHandle[Any, RunbookResult]:
+    """Start a run under a fresh id (the subject alone repeats across tests), signed as the API
+    would sign it."""
+    workflow_id = f"{runbook.spec.workflow_id(request)}/{uuid.uuid4().hex[:8]}"
+    return await client.start_workflow(
+        runbook.spec.name,
+        signed_start(request, workflow_id),
+        id=workflow_id,
+        task_queue=task_queue,
+        result_type=RunbookResult,
+    )
+
+
+async def decide(
+    handle: WorkflowHandle[Any, RunbookResult], step: str, approver: str, verdict: str = "approve"
+) -> None:
+    """Wait for ``step`` to await approval, then decide it as ``approver`` through the update."""
+
+    async def pending() -> bool:
+        return any(p.step == step for p in (await status(handle)).pending_approvals)
+
+    await eventually(pending, timeout=20, interval=0.05, message=f"approval of '{step}'")
+    decision = Decision(approver=approver, step=step, decision=verdict)
+    await handle.execute_update("decide", await signed_decision(handle, decision), result_type=str)

@@ -81,7 +81,6 @@ async def test_failing_webhook_url_is_nowhere_in_plaintext(
         "window_seconds": WINDOW,
         "baseline_seconds": BASELINE,
         "route_to": "gpt-4o-mini",
-        "poll_seconds": 0.2,
         "verify_timeout_seconds": 20,
     }
     with ThreadPoolExecutor(max_workers=8) as executor:

@@ -1,37 +1,40 @@
 """Compensations run whatever stops a run, bugs included, and never overwrite someone else's change.
 
 The production worker, the real dev server and the sandbox cluster. Where a test needs triage to
-see a cause the sandbox cannot produce on demand, same-named fake activities answer the reads;
-every write still goes to the sandbox.
+see a cause the sandbox cannot produce on demand, stubs (tests/stubs.py) answer the reads; every
+write still goes to the sandbox.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
-from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
-from activities.kube_models import DeploymentRef, Revision, RolloutHistory
-from activities.postgres import (
-    Count,
-    FailureBreakdown,
-    FailureBreakdownRequest,
-    FailureRate,
-    FailureRateRequest,
-)
+from activities.kube_models import Revision, RolloutHistory
+from activities.kubernetes import KubernetesActivities
+from activities.metrics import MetricsActivities
+from activities.postgres import Count, FailureBreakdown, FailureRate, PostgresActivities
 from runtime.astra_config import INTAKE_PAUSED_KEY
 from starters.runs import Runs
 from tests.conftest import ChatReceiver
 from tests.conftest_kube import KubeSandbox
-from tests.conftest_sandbox import config_value, decide, start
-from tests.helpers import awaiting_approval, handle_of, shard_count, status, wait_for_step
+from tests.conftest_sandbox import config_value
+from tests.helpers import (
+    awaiting_approval,
+    decide,
+    handle_of,
+    shard_count,
+    start,
+    status,
+    wait_for_step,
+)
+from tests.stubs import Stubs
 from workflows.high_error_rate import HighErrorRate, HighErrorRateRequest
 from workflows.models import Decision, Outcome, StepState
 
@@ -77,49 +80,9 @@ async def test_roll_back_keeps_a_shard_count_someone_else_set_and_says_so(
     assert len(told) == 1 and "ROLLBACK INCOMPLETE" in told[0] and "'16'" in told[0]
 
 
-# ----- High Error Rate, with triage answered by fakes -------------------------------------------
+# ----- High Error Rate, with triage answered by stubs --------------------------------------------
 
 FAILING_POD = "astra-worker-bad-7d9f-x1"
-
-
-@activity.defn
-async def failure_rate(req: FailureRateRequest) -> FailureRate:
-    return FailureRate(window_seconds=req.window_seconds, total=100, failed=50, rate=0.5)
-
-
-@activity.defn
-async def failure_breakdown(req: FailureBreakdownRequest) -> FailureBreakdown:
-    return FailureBreakdown(
-        window_seconds=req.window_seconds,
-        failed=50,
-        by_error_class=[Count(key="TimeoutError", count=50)],
-        by_worker=[Count(key=FAILING_POD, count=50)],
-        by_shard=[],
-    )
-
-
-def history_with_previous_revision(
-    previous: int,
-) -> Callable[[DeploymentRef], Awaitable[RolloutHistory]]:
-    """A rollout history whose new revision's pods fail, going back to ``previous``."""
-
-    @activity.defn
-    async def rollout_history(req: DeploymentRef) -> RolloutHistory:
-        return RolloutHistory(
-            name=req.name,
-            current_revision=previous + 1,
-            revisions=[
-                Revision(revision=previous, replica_set="astra-worker-good", template_hash="g"),
-                Revision(
-                    revision=previous + 1,
-                    replica_set="astra-worker-bad",
-                    created=datetime.now(UTC),
-                    template_hash="b",
-                ),
-            ],
-        )
-
-    return rollout_history
 
 
 @pytest.fixture
@@ -132,16 +95,44 @@ async def triage_faked(
     client: Client, worker: Worker, previous_revision: int
 ) -> AsyncIterator[str]:
     """The production worker's composition on a task queue of its own, with triage's reads
-    answered by the fakes above (an activity's name is its function's); the task queue."""
-    fakes: list[Callable[..., Any]] = [
-        failure_rate,
-        failure_breakdown,
-        history_with_previous_revision(previous_revision),
-    ]
-    faked = {f.__name__ for f in fakes}
+    answered by stubs: failures on the pods of a fresh revision, going back to
+    ``previous_revision``. The task queue."""
+    stubs = Stubs()
+    stubs.answer(
+        MetricsActivities.failure_rate,
+        FailureRate(window_seconds=60, total=100, failed=50, rate=0.5),
+    )
+    stubs.answer(
+        PostgresActivities.failure_breakdown,
+        FailureBreakdown(
+            window_seconds=60,
+            failed=50,
+            by_error_class=[Count(key="TimeoutError", count=50)],
+            by_worker=[Count(key=FAILING_POD, count=50)],
+            by_shard=[],
+        ),
+    )
+    stubs.answer(
+        KubernetesActivities.rollout_history,
+        RolloutHistory(
+            name="astra-worker",
+            current_revision=previous_revision + 1,
+            revisions=[
+                Revision(
+                    revision=previous_revision, replica_set="astra-worker-good", template_hash="g"
+                ),
+                Revision(
+                    revision=previous_revision + 1,
+                    replica_set="astra-worker-bad",
+                    created=datetime.now(UTC),
+                    template_hash="b",
+                ),
+            ],
+        ),
+    )
     config = worker.config()
     config["task_queue"] = f"faked-{uuid.uuid4().hex[:8]}"
-    config["activities"] = [a for a in config["activities"] if a.__name__ not in faked] + fakes
+    config["activities"] = stubs.standing_in(config["activities"])
     async with Worker(**config):
         yield config["task_queue"]
 

@@ -19,8 +19,8 @@ from sandbox.faults import worker_lost
 from starters.run_views import DecisionRefused, InvalidInput, NotAllowed
 from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox, eventually
-from tests.conftest_sandbox import RunningAstra, decide, start, worker_pods
-from tests.helpers import awaiting_approval, handle_of, shard_count, status
+from tests.conftest_sandbox import RunningAstra, worker_pods
+from tests.helpers import awaiting_approval, decide, handle_of, shard_count, start, status
 from workflows.catalogue import RUNBOOKS
 from workflows.models import Decision, Outcome, StepState
 from workflows.worker_lost import WorkerLost, WorkerLostRequest
@@ -200,7 +200,7 @@ async def test_unattended_pod_deletions_past_the_budget_ask_a_person(
             )
         await conn.commit()
     request = WorkerLostRequest(
-        requester="alice", worker_id=fault.worker_id, poll_seconds=0.2, verify_timeout_seconds=20
+        requester="alice", worker_id=fault.worker_id, verify_timeout_seconds=20
     )
     handle = await start(client, WorkerLost, request, task_queue)
     step = "approve deleting more pods than the automatic limit"

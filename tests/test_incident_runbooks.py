@@ -14,8 +14,8 @@ from runtime import search_attributes as sa
 from sandbox.faults import worker_lost
 from tests.conftest_incident import Desk, incident_worker, kinds, notification
 from tests.conftest_kube import KubeSandbox
-from tests.conftest_sandbox import RunningAstra, decide, worker_pods
-from tests.helpers import shard_count, status, wait_for_step
+from tests.conftest_sandbox import RunningAstra, worker_pods
+from tests.helpers import decide, shard_count, status, wait_for_step
 from workflows.incident_models import ActionKind, IncidentState, Severity
 from workflows.models import Outcome, StepState
 

@@ -10,6 +10,7 @@ worker and the accepted cases share one worker per runbook.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import types
@@ -26,14 +27,17 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from runtime.access import load_policy
+from runtime.identity import digest, statement
 from runtime.settings import REPO_ROOT, Settings
 from starters.run_views import InvalidInput
+from starters.runbook_cards import runbook_request
 from starters.runs import Runs
 from tests.conftest_kube import eventually
 from tests.helpers import TEST_SIGNER, handle_of, status
 from workers.worker import running_worker
 from workflows.catalogue import RUNBOOKS
 from workflows.models import Decision, RunbookRequest
+from workflows.worker_lost import WorkerLostRequest
 
 POLICY = load_policy(REPO_ROOT / "deploy" / "access-policy.yaml")
 REQUESTER = "alice"  # may start every runbook; every approval has someone else to decide it
@@ -230,3 +234,35 @@ async def test_a_history_whose_input_does_not_decode_fails_instead_of_looping(
 
     assert "rollout_timeout_seconds" in str(failure.value.cause)
     assert (await handle.describe()).status == WorkflowExecutionStatus.FAILED
+
+
+def test_a_run_started_with_a_since_retired_parameter_still_decodes_under_its_signature() -> None:
+    """``poll_seconds`` left the task-health runbooks' inputs: runs started before still carry
+    it, signed. Their history must decode, and the start's signature still cover the request."""
+    today = WorkerLostRequest(requester=REQUESTER, worker_id="astra-worker-7")
+    signed_then = json.dumps(
+        {**today.model_dump(mode="json", exclude={"authorization"}), "poll_seconds": 0.2},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    said = statement("start", REQUESTER, "worker-lost/astra-worker-7", signed_then)
+    stored = {
+        **json.loads(signed_then),
+        "authorization": TEST_SIGNER.sign(said).model_dump(mode="json"),
+    }
+
+    decoded = WorkerLostRequest.model_validate_json(json.dumps(stored))
+
+    assert "poll_seconds" not in decoded.model_dump()
+    assert decoded.signed_payload() == signed_then
+    assert decoded.authorization is not None
+    assert decoded.authorization.statement.digest == digest(decoded.signed_payload())
+
+
+def test_a_new_start_naming_a_retired_parameter_is_refused() -> None:
+    spec = RUNBOOKS["worker-lost"].spec
+    with pytest.raises(InvalidInput, match="poll_seconds: no longer a parameter of worker-lost"):
+        runbook_request(
+            spec, POLICY.runbook("worker-lost"), {"worker_id": "w-1", "poll_seconds": 1},
+            requester=REQUESTER,
+        )  # fmt: skip

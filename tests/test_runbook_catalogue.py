@@ -17,8 +17,8 @@ from temporalio.client import Client
 
 from sandbox.faults import cost_spike, dead_letters, error_spike, worker_lost
 from starters.runbook_cards import runbook_card
-from tests.conftest_sandbox import TICK_SECONDS, RunningAstra, start
-from tests.helpers import status
+from tests.conftest_sandbox import TICK_SECONDS, RunningAstra
+from tests.helpers import start, status
 from workflows.catalogue import RUNBOOKS
 from workflows.models import Outcome, StepState
 from workflows.shard_scaling import ShardScalingRequest
@@ -34,13 +34,13 @@ async def scaling(astra: RunningAstra) -> dict[str, Any]:
 async def lost_worker(astra: RunningAstra) -> dict[str, Any]:
     async with astra.between_ticks():
         fault = await worker_lost(astra.target)
-    return {"worker_id": fault.worker_id, "poll_seconds": 0.2, "verify_timeout_seconds": 20}
+    return {"worker_id": fault.worker_id}
 
 
 async def stuck_pool(astra: RunningAstra) -> dict[str, Any]:
     async with astra.between_ticks():
         await error_spike(astra.target, share=0.5, window_seconds=3, tasks=40, stuck_pool=True)
-    return {"window_seconds": 3, "settle_seconds": 1, "poll_seconds": 0.2}
+    return {"window_seconds": 3, "settle_seconds": 1}
 
 
 async def spend_spike(astra: RunningAstra) -> dict[str, Any]:

@@ -263,7 +263,6 @@ class HighErrorRate(Runbook):
             ),
             lambda r: bool(r.rate <= req.threshold),
             settle=req.settle_seconds,
-            every=req.poll_seconds,
             within=req.verify_timeout_seconds,
         )
         if not held:

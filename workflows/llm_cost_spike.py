@@ -19,7 +19,7 @@ from temporalio import workflow
 
 from runtime.astra_config import BUDGET_GUARD_KEY, BudgetGuard
 from workflows.approval import RunbookStopped
-from workflows.models import DAY, HOUR, Outcome, RunbookResult, matching
+from workflows.models import DAY, Outcome, RunbookResult, matching
 from workflows.runbook import Runbook, RunbookSpec
 from workflows.task_health import Knob, TaskHealthRequest, wait_until
 
@@ -58,7 +58,6 @@ class LlmCostSpikeRequest(TaskHealthRequest):
     route_to: ModelName | None = Field(
         default=None, description="route guarded agents to this cheaper model; unset caps them"
     )
-    poll_seconds: float = Field(default=30, gt=0, le=HOUR)
 
     @model_validator(mode="after")
     def _baseline_spans_window(self) -> Self:
@@ -175,7 +174,6 @@ class LlmCostSpike(Runbook):
                 "verify cost falls under the threshold", MetricsActivities.cost_comparison, request
             ),
             lambda c: c.ratio is not None and c.ratio <= req.multiplier,
-            every=req.poll_seconds,
             within=req.verify_timeout_seconds,
         )
         if after.ratio is None or after.ratio > req.multiplier:

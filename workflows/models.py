@@ -10,9 +10,17 @@ import re
 from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # Workers pass runtime.identity through their sandbox (workers/worker.py `workflow_runner`):
@@ -99,6 +107,13 @@ class RunbookRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    retired: ClassVar[frozenset[str]] = frozenset()
+    """Parameters the runbook no longer takes. Runs started before one was removed still carry
+    it in their input, under their start's signature: decoding their history keeps it aside,
+    unused, so the signature still verifies. A new start that names one is refused
+    (``starters.runbook_cards.runbook_request``)."""
+    _carried: dict[str, Any] = PrivateAttr(default_factory=dict)
+
     requester: PersonName
     reason: Text = ""
     dry_run: bool = False
@@ -106,10 +121,21 @@ class RunbookRequest(BaseModel):
     authorization: Signed | None = None
     """Outside dev mode: the API's signed statement that ``requester`` started exactly this."""
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _carry_retired(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        carried = {}
+        if cls.retired and isinstance(data, dict):
+            carried = {name: data[name] for name in cls.retired if name in data}
+            data = {name: value for name, value in data.items() if name not in carried}
+        request = handler(data)
+        request._carried = carried
+        return request
+
     def signed_payload(self) -> str:
         """The request as a signature covers it: every field but the signature itself."""
         return json.dumps(
-            self.model_dump(mode="json", exclude={"authorization"}),
+            {**self.model_dump(mode="json", exclude={"authorization"}), **self._carried},
             sort_keys=True,
             separators=(",", ":"),
         )

@@ -18,9 +18,9 @@ from datetime import timedelta
 from pydantic import Field
 from temporalio import workflow
 
-from workflows.models import DAY, HOUR, KubernetesName, Outcome, RunbookResult
+from workflows.models import DAY, KubernetesName, Outcome, RunbookResult
 from workflows.runbook import Runbook, RunbookSpec
-from workflows.task_health import TaskHealthRequest, wait_until
+from workflows.task_health import PROBES, TaskHealthRequest, wait_until
 
 with workflow.unsafe.imports_passed_through():
     from activities.kube_models import PodDelete, PodSelector
@@ -52,8 +52,13 @@ class WorkerLostRequest(TaskHealthRequest):
         "and replacing pods then needs approval",
     )
     requeue_batch_size: int = Field(default=5_000, gt=0, le=100_000)
-    poll_seconds: float = Field(default=5, gt=0, le=HOUR)
-    verify_timeout_seconds: float = Field(default=300, gt=0, le=DAY)
+    verify_timeout_seconds: float = Field(
+        default=300,
+        gt=0,
+        le=DAY,
+        description="how long a replacement's heartbeat and the pickup of the requeued tasks "
+        f"may take before the run fails; each is measured {PROBES} times over this wait",
+    )
 
 
 SPEC = RunbookSpec(
@@ -176,7 +181,6 @@ class WorkerLost(Runbook):
                     LiveWorkersRequest(threshold_seconds=threshold),
                 ),
                 lambda now_live: any(w not in pool for w in now_live),
-                every=req.poll_seconds,
                 within=req.verify_timeout_seconds,
             )
             newcomers = [w for w in replacement if w not in pool]
@@ -194,7 +198,6 @@ class WorkerLost(Runbook):
                 RequeueProgressRequest(token=requeue.token),
             ),
             lambda p: p.waiting == 0,
-            every=req.poll_seconds,
             within=req.verify_timeout_seconds,
         )
         if progress.waiting:

@@ -268,10 +268,7 @@ async def _(stage: Stage) -> list[Handle]:
 
 # -- Worker Lost ----------------------------------------------------------------------------
 
-POLL = {"poll_seconds": 0.2}
-"""How often the task-health runbooks measure recovery: a few probes per run, not hundreds."""
-
-WORKER_LOST = {**POLL, "verify_timeout_seconds": 20}
+WORKER_LOST = {"verify_timeout_seconds": 20}
 STUCK_POOL = "approve replacing workers of a stuck pool"
 
 
@@ -356,7 +353,6 @@ WINDOW = 3.0
 HIGH_ERROR_RATE = {
     "window_seconds": WINDOW,
     "settle_seconds": 1,
-    **POLL,
     "verify_timeout_seconds": 20,
 }
 PAUSE = "approve pausing intake"
@@ -471,7 +467,6 @@ LLM_COST_SPIKE = {
     "window_seconds": WINDOW,
     "baseline_seconds": BASELINE,
     "route_to": "gpt-4o-mini",
-    **POLL,
     "verify_timeout_seconds": 20,
 }
 GUARD = "approve the budget guard"
