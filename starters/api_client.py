@@ -18,7 +18,6 @@ from urllib.parse import quote, urlencode
 from urllib.request import Request, urlopen
 
 from runtime.client import TemporalUnavailable
-from starters.incident_views import IncidentSummary, IncidentView, OpenedIncident
 from starters.run_views import (
     DecisionRefused,
     InvalidInput,
@@ -29,12 +28,6 @@ from starters.run_views import (
     RunView,
     StartedRun,
     UnknownRun,
-)
-from workflows.incident_models import (
-    ActionKind,
-    ActionRequest,
-    IncidentRequest,
-    Severity,
 )
 from workflows.models import Decision, FreezeNotice, PendingApproval
 
@@ -196,40 +189,4 @@ class ApiRuns(ApiClient):
 
     async def unfreeze(self, user: str, reason: str = "") -> str:
         answer = await self._call("POST", "/v1/unfreeze", json={"reason": reason})
-        return str(answer["message"])
-
-
-class ApiIncidents(ApiClient):
-    """``starters.incidents.Incidents`` through the API."""
-
-    async def open(
-        self, request: IncidentRequest, *, opened_by: str = "", idempotency_key: str | None = None
-    ) -> OpenedIncident:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        answer = await self._call(
-            "POST", "/v1/incidents", json=request.model_dump(mode="json"), headers=headers
-        )
-        return OpenedIncident.model_validate(answer)
-
-    async def list_incidents(
-        self, *, open_only: bool = False, severity: Severity | None = None, limit: int = 50
-    ) -> list[IncidentSummary]:
-        params = {"open": str(open_only).lower()}
-        if severity is not None:
-            params["severity"] = severity.value
-        answer = await self._call("GET", "/v1/incidents", params=params)
-        return [IncidentSummary.model_validate(i) for i in answer][:limit]
-
-    async def show(self, incident_id: str) -> IncidentView:
-        return IncidentView.model_validate(await self._call("GET", f"/v1/incidents/{incident_id}"))
-
-    async def act(
-        self, incident_id: str, kind: ActionKind, request: ActionRequest, *, actor: str = ""
-    ) -> str:
-        """The API acts as the token's owner: ``actor`` is not sent."""
-        answer = await self._call(
-            "POST",
-            f"/v1/incidents/{incident_id}/actions/{kind.value}",
-            json=request.model_dump(mode="json"),
-        )
         return str(answer["message"])

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     # typer's own copy of click, whose types its group methods take.
     from typer._click import Command, Context
 
-    from starters.api_client import ApiClient, ApiIncidents, ApiRuns
+    from starters.api_client import ApiClient, ApiRuns
+    from starters.api_incidents import ApiIncidents
     from starters.incidents import Incidents
     from starters.runs import Runs
 
@@ -216,7 +217,7 @@ def with_incidents(
     """Run ``action`` on the incidents, as ``with_runs`` on the runs."""
 
     def remote(config: Settings) -> AnyIncidents | None:
-        from starters.api_client import ApiIncidents
+        from starters.api_incidents import ApiIncidents
 
         return api_of(ApiIncidents, config, user, acts=acts)
 
