@@ -181,8 +181,9 @@ async def test_cost_that_does_not_fall_fails_the_run_and_keeps_the_guard(
     assert "cost still 6.0x the daily average after 1s with the guard on" in message
     assert "the guard stays on: look for spenders it does not cover" in message
     assert guard_writes(stubs) == [(CODER_1_GUARDED, None)]
-    steps = {s.name: s.state for s in (await status(handle)).steps}
-    assert steps[LIFT] == StepState.PENDING  # never asked: the guard stays
+    lift = {s.name: s for s in (await status(handle)).steps}[LIFT]  # never asked: the guard stays
+    assert lift.state == StepState.SKIPPED
+    assert lift.detail == f"not reached: the run failed at '{VERIFY}'"
 
 
 async def test_dry_run_only_reports(client: Client, task_queue: str, stubs: Stubs) -> None:

@@ -145,9 +145,11 @@ async def test_an_unhealthy_deployment_fails_before_asking_anyone(
     assert "astra-worker is not healthy (1/3 ready, ProgressDeadlineExceeded)" in message
     assert "fix the rollout first" in message
     assert stubs.called() == READS
-    steps = {s.name: s.state for s in (await status(handle)).steps}
-    assert steps["check astra-worker health"] == StepState.FAILED
-    assert steps[APPROVAL] == StepState.PENDING  # never reached
+    steps = {s.name: s for s in (await status(handle)).steps}
+    assert steps["check astra-worker health"].state == StepState.FAILED
+    never = steps[APPROVAL]
+    assert never.state == StepState.SKIPPED
+    assert never.detail == "not reached: the run failed at 'check astra-worker health'"
 
 
 async def test_rejected_scale_changes_nothing(

@@ -175,6 +175,7 @@ class StepRunner:
         except (ActivityError, StepFailed) as err:
             if is_cancelled_exception(err):
                 raise  # the run is being cancelled; the compensations have run
+            self._close_pending(f"not reached: the run failed at '{self.failed_step}'")
             raise ApplicationError(
                 f"{self.runbook} failed at step '{self.failed_step}': {failure_message(err)}"
                 + self.rollback_note,
@@ -182,6 +183,7 @@ class StepRunner:
                 non_retryable=True,
             ) from err
         except CODE_ERRORS as err:
+            self._close_pending("not reached: the run stopped on a bug in astra-ops")
             raise ApplicationError(
                 f"{self.runbook} failed at step '{self.failed_step or self.current}': unexpected "
                 f"{type(err).__name__} in the runbook's code: {failure_message(err)}"
@@ -374,12 +376,17 @@ class StepRunner:
             summary=f"count unattended '{step}' on {scope}",
         )
 
-    def finish(self, outcome: Outcome, summary: str) -> RunbookResult:
-        unused = "not needed" if outcome in (Outcome.DONE, Outcome.NO_CHANGE) else "not reached"
+    def _close_pending(self, why: str) -> None:
+        """Steps the run will never take say so, rather than stay ``pending``."""
         for step in self.steps.values():
             if step.state == StepState.PENDING:
                 step.state = StepState.SKIPPED
-                step.detail = step.detail or unused
+                step.detail = step.detail or why
+        self._show()
+
+    def finish(self, outcome: Outcome, summary: str) -> RunbookResult:
+        done = outcome in (Outcome.DONE, Outcome.NO_CHANGE)
+        self._close_pending("not needed" if done else "not reached")
         self.outcome, self.summary, self.current = outcome, summary, None
         workflow.upsert_search_attributes([sa.OUTCOME.value_set(outcome.value)])
         self._show()
