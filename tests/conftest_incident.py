@@ -206,6 +206,24 @@ def notification(group: str, *alerts: dict[str, Any], status: str = "firing") ->
     )
 
 
+def lost_worker_alert(group: str, worker_id: str) -> AlertNotification:
+    """Alertmanager's notification that ``worker_id`` was lost, naming the worker-lost runbook."""
+    return notification(
+        group,
+        {
+            "fingerprint": f"fp-{worker_id}",
+            "labels": {
+                "alertname": "AstraWorkerLost",
+                "severity": "SEV3",
+                "rotation": "agent-platform",
+                "runbook": "worker-lost",
+                "worker_id": worker_id,
+            },
+            "annotations": {"summary": f"Worker {worker_id} has not heartbeat for 2m"},
+        },
+    )
+
+
 def incident_settings(
     settings: Settings,
     state_dsn: str,

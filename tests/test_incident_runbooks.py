@@ -12,29 +12,12 @@ from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 
 from runtime import search_attributes as sa
 from sandbox.faults import worker_lost
-from tests.conftest_incident import Desk, incident_worker, kinds, notification
+from tests.conftest_incident import Desk, incident_worker, kinds, lost_worker_alert
 from tests.conftest_kube import KubeSandbox
 from tests.conftest_sandbox import RunningAstra, worker_pods
 from tests.helpers import decide, shard_count, status, wait_for_step
 from workflows.incident_models import ActionKind, IncidentState, Severity
 from workflows.models import Outcome, StepState
-
-
-def lost_worker_alert(group: str, worker_id: str) -> Any:
-    return notification(
-        group,
-        {
-            "fingerprint": f"fp-{worker_id}",
-            "labels": {
-                "alertname": "AstraWorkerLost",
-                "severity": "SEV3",
-                "rotation": "agent-platform",
-                "runbook": "worker-lost",
-                "worker_id": worker_id,
-            },
-            "annotations": {"summary": f"Worker {worker_id} has not heartbeat for 2m"},
-        },
-    )
 
 
 def on_astra(desk: Desk, astra: RunningAstra) -> None:

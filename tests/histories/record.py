@@ -9,7 +9,8 @@ stored files it would replace into ``released/<the commit they were recorded at>
 flight from the release before still follow the old code path, and those files keep guarding it.
 
 Each scenario gets a stage of its own: a sandbox cluster, a migrated database, a Redis prefix,
-Astra played on them by the load generator, and the production worker composition
+Astra played on them by the load generator, the incident's receivers (chat, status page, pager)
+recording what they are sent, and the production worker composition
 (``workers.worker.running_worker``) on a task queue of its own; all on one Temporal dev server.
 It needs the sandbox's PostgreSQL and Redis, as the tests do. Histories are recorded with the
 codec-less converter (``runtime.client.plain_data_converter``), so replaying them needs no key.
@@ -29,7 +30,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import yaml
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from runtime import search_attributes as sa
@@ -38,10 +39,12 @@ from runtime.client import plain_data_converter
 from runtime.settings import REPO_ROOT, Settings
 from starters.runs import Runs
 from tests.conftest_data import own_data_plane
+from tests.conftest_incident import Desk, incident_settings
 from tests.conftest_kube import kube_sandbox
 from tests.conftest_sandbox import running_astra
 from tests.helpers import TEST_SIGNER
 from tests.histories.scenarios import SCENARIOS, Scenario, Stage, WrongBranch
+from tests.receivers import Receiver, pagerduty_answer, slack_answer, statuspage_answer
 from workers.worker import running_worker
 
 HERE = Path(__file__).parent
@@ -51,13 +54,20 @@ HERE = Path(__file__).parent
 async def staged(
     client: Client, executor: ThreadPoolExecutor, scenario: Scenario
 ) -> AsyncIterator[Stage]:
-    with kube_sandbox() as kube, tempfile.TemporaryDirectory() as folder:
-        policy = REPO_ROOT / "deploy" / "access-policy.yaml"
+    """Incidents still open when the scenario's runs are stored are terminated: the dev server
+    keeps no timers for a task queue nobody polls any more."""
+    with (
+        kube_sandbox() as kube,
+        tempfile.TemporaryDirectory() as folder,
+        Receiver(slack_answer) as chat,
+        Receiver(statuspage_answer) as status_page,
+        Receiver(pagerduty_answer) as pager,
+    ):
+        edited = yaml.safe_load((REPO_ROOT / "deploy" / "access-policy.yaml").read_text())
         if scenario.policy is not None:
-            edited = yaml.safe_load(policy.read_text())
             scenario.policy(edited)
-            policy = Path(folder) / "access-policy.yaml"
-            policy.write_text(yaml.safe_dump(edited))
+        policy = Path(folder) / "access-policy.yaml"
+        policy.write_text(yaml.safe_dump(edited))
         async with own_data_plane() as target, running_astra(target, kube.url) as astra:
             settings = Settings(
                 kube_url=kube.url,
@@ -67,11 +77,18 @@ async def staged(
                 task_queue=f"record-{scenario.name}",
                 access_policy=policy,
                 trusted_keys=TEST_SIGNER.public_line(),
-                chat_webhook_url=None,
             )
+            settings = incident_settings(
+                settings, target.dsn, policy, Path(folder) / "postmortems", chat, status_page, pager
+            )
+            desk = Desk(client, settings.task_queue, settings, policy, chat, status_page, pager)
             runs = Runs(client, settings.task_queue, load_policy(policy), TEST_SIGNER)
             async with running_worker(client, settings, executor):
-                yield Stage(client, runs, kube, astra, settings)
+                yield Stage(client, runs, kube, astra, settings, desk)
+            for workflow_id in desk.opened:
+                handle = client.get_workflow_handle(workflow_id)
+                if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+                    await handle.terminate("recorded")
 
 
 def history_file(history: dict[str, object]) -> str:
@@ -87,10 +104,13 @@ async def record(client: Client, executor: ThreadPoolExecutor, scenario: Scenari
     began = time.monotonic()
     async with staged(client, executor, scenario) as stage:
         handles = await scenario.play(stage)
-    if len(handles) != len(scenario.stored):
-        raise WrongBranch(f"{scenario.name} played {len(handles)} runs, stores {scenario.stored}")
-    for name, handle in zip(scenario.stored, handles, strict=True):
-        history = await handle.fetch_history()
+        if len(handles) != len(scenario.stored):
+            raise WrongBranch(
+                f"{scenario.name} played {len(handles)} runs, stores {scenario.stored}"
+            )
+        # While the worker runs: a run still open (an incident) is stored as it stands.
+        histories = [await handle.fetch_history() for handle in handles]
+    for name, handle, history in zip(scenario.stored, handles, histories, strict=True):
         # The run's id is kept beside its events: signatures in history name it, so a replay
         # under another id would (rightly) refuse the start.
         stored = {"workflowId": handle.id, **json.loads(history.to_json())}

@@ -3,10 +3,12 @@
 A branch is a different sequence of commands (activities, timers, signals, updates, how the run
 ends): approved, rejected, dry-run and no change for every runbook; rolled back, cancelled,
 timed out, escalated and frozen where the step runner or the approval gate takes them; and the
-runbook's own turns (which remedy, which approval, a pod already gone). Each scenario plays one
-against the real worker and the sandbox (``record.py`` sets the stage), with short polls and
-timeouts as inputs so the stored histories stay small, and checks the run ended the way the
-branch says: a run that went elsewhere is not recorded under the branch's name.
+runbook's own turns (which remedy, which approval, a pod already gone). The incident's are its
+lifecycle, its escalation, a runbook it starts for an alert, and its continuing as new. Each
+scenario plays one against the real worker and the sandbox (``record.py`` sets the stage), with
+short waits and timeouts as inputs (for incidents, as policy timings) so the stored histories stay
+small, and checks the run ended the way the branch says: a run that went elsewhere is not recorded
+under the branch's name.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -26,9 +29,12 @@ from runtime.settings import Settings
 from sandbox.faults import bad_rollout, cost_spike, dead_letters, error_spike, worker_lost
 from sandbox.loadgen import Knobs, SandboxKeys, write_knobs
 from starters.runs import Runs
+from tests.conftest_incident import Desk, kinds, lost_worker_alert, notification
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.conftest_sandbox import TICK_SECONDS, RunningAstra, worker_pods
 from tests.helpers import handle_of, status, wait_for_step
+from workflows.incident_models import ActionKind, IncidentState, Severity
+from workflows.incident_models import Stage as Phase
 from workflows.kill_switch import KillSwitch
 from workflows.models import (
     ApprovalSignal,
@@ -55,6 +61,8 @@ class Stage:
     kube: KubeSandbox
     astra: RunningAstra
     settings: Settings
+    desk: Desk
+    """Opens incidents and acts on them as the API does; its receivers record what they took."""
 
     async def start(
         self, runbook: str, params: dict[str, Any], *, requester: str, dry_run: bool = False
@@ -453,7 +461,8 @@ async def _(stage: Stage) -> list[Handle]:
     and intake is paused again."""
     async with stage.astra.between_ticks():
         await error_spike(stage.astra.target, share=0.5, window_seconds=WINDOW, tasks=40)
-    params = {**HIGH_ERROR_RATE, "verify_timeout_seconds": 2}
+    # A wait is probed 60 times whatever its length: a short one keeps the failed wait's probes few.
+    params = {**HIGH_ERROR_RATE, "settle_seconds": 0.1, "verify_timeout_seconds": 0.2}
     handle = await stage.start("high-error-rate", params, requester="erin")
     await stage.decide(handle, PAUSE, "alice")
     await stage.decide(handle, RESTART, "carol")
@@ -529,7 +538,8 @@ async def _(stage: Stage) -> list[Handle]:
     """The spike's spend is still in the window when the short wait ends: the run fails with the
     guard on."""
     await spike(stage)
-    params = {**LLM_COST_SPIKE, "verify_timeout_seconds": 0.4}
+    # A wait is probed 60 times whatever its length: a short one keeps the failed wait's probes few.
+    params = {**LLM_COST_SPIKE, "verify_timeout_seconds": 0.1}
     handle = await stage.start("llm-cost-spike", params, requester="alice")
     await stage.decide(handle, GUARD, "carol")
     return [await stage.fails(handle, "verify cost falls under the threshold")]
@@ -587,3 +597,123 @@ async def _(stage: Stage) -> list[Handle]:
     handle = await stage.start("dead-letter-repair", repair("nothing-retryable"), requester="alice")
     await stage.decide(handle, HANDLE, "bob")
     return [await stage.ends(handle, Outcome.DONE, saying="requeued 0 of 0")]
+
+
+# -- Incident --------------------------------------------------------------------------------
+
+HIGH_ERROR_RATE_GROUP = '{}:{alertname="AstraHighErrorRate"}'
+
+
+def error_rate_alert(status: str = "firing") -> dict[str, Any]:
+    return {
+        "fingerprint": "fp-shard-1",
+        "status": status,
+        "labels": {"alertname": "AstraHighErrorRate", "severity": "SEV2", "shard": "1"},
+        "annotations": {"summary": "7% of task outcomes failed on shard 1"},
+    }
+
+
+async def settled(handle: Handle) -> Handle:
+    """An incident that stays open is stored once nothing is in flight (no message, runbook or
+    workflow task): its history then ends where the scenario left it, every time."""
+
+    async def quiet() -> bool:
+        described = (await handle.describe()).raw_description
+        return not (
+            described.pending_activities
+            or described.pending_children
+            or described.HasField("pending_workflow_task")
+        )
+
+    await eventually(quiet, timeout=30, interval=0.1, message=f"{handle.id} settled")
+    return handle
+
+
+@scenario("incident", "closed")
+async def _(stage: Stage) -> list[Handle]:
+    """Opened by Alertmanager, acknowledged, commanded, contained when its alert group resolves,
+    remediated, resolved (the postmortem drafted), reviewed with one item done: closed."""
+    desk = stage.desk
+    desk.policy()
+    handle = await desk.open(
+        "High error rate",
+        Severity.SEV2,
+        opened_by="alertmanager",
+        notification=notification(HIGH_ERROR_RATE_GROUP, error_rate_alert()),
+    )
+    await desk.act(handle, ActionKind.ACKNOWLEDGE, "alice")
+    await desk.act(handle, ActionKind.COMMAND, "bob")
+    resolved = notification(HIGH_ERROR_RATE_GROUP, error_rate_alert("resolved"), status="resolved")
+    await desk.alert(handle, resolved)
+    await desk.until(handle, lambda s: s.stage == Phase.CONTAIN, "contained")
+    await desk.act(handle, ActionKind.REMEDIATE, "bob", text="bad build rolled back")
+    await desk.act(handle, ActionKind.RESOLVE, "bob", text="healthy for 30 min")
+    await desk.until(handle, lambda s: s.stage == Phase.REVIEW, "the postmortem drafted")
+    due = datetime.now(UTC) + timedelta(days=3)
+    await desk.act(
+        handle, ActionKind.ADD_ITEM, "bob", text="alert on the build", person="carol", due=due
+    )
+    await desk.act(handle, ActionKind.COMPLETE_ITEM, "carol", item="item-1")
+    closed: IncidentState = await handle.result()
+    if closed.stage != Phase.CLOSED or closed.postmortem is None:
+        raise WrongBranch(f"{handle.id} ended in stage {closed.stage}")
+    return [handle]
+
+
+@scenario("incident", "escalated")
+async def _(stage: Stage) -> list[Handle]:
+    """Opened by a person; nobody acknowledges, so the secondary and the manager are paged, and
+    the manager acknowledges."""
+    desk = stage.desk
+    desk.policy(ack_timeout_seconds=1)
+    handle = await desk.open("Scheduler lost its leader", components=["scheduler"])
+    await desk.until(handle, lambda s: kinds(s).count("page") == 3, "every level paged")
+    await desk.act(handle, ActionKind.ACKNOWLEDGE, "frank", text="on it")
+    return [await settled(handle)]
+
+
+@scenario("incident", "alert-runbook", also=("worker-lost",))
+async def _(stage: Stage) -> list[Handle]:
+    """An alert names worker-lost, which the policy lets an incident start on its own: the run
+    is the incident's child, and its outcome comes back to the timeline. Both are stored."""
+    desk = stage.desk
+    desk.policy()
+    async with stage.astra.between_ticks():
+        fault = await worker_lost(stage.astra.target)
+    alert = lost_worker_alert('{}:{alertname="AstraWorkerLost"}', fault.worker_id)
+    handle = await desk.open(
+        "Worker lost", Severity.SEV3, opened_by="alertmanager", notification=alert
+    )
+    done = await desk.until(
+        handle,
+        lambda s: bool(s.runs) and s.runs[0].outcome is not None,
+        "the runbook's outcome",
+        timeout=90,
+    )
+    [run] = done.runs
+    if run.outcome != Outcome.DONE.value:
+        raise WrongBranch(f"{run.run_id} ended {run.outcome}")
+    return [await settled(handle), stage.client.get_workflow_handle(run.run_id)]
+
+
+@scenario("incident", "continued")
+async def _(stage: Stage) -> list[Handle]:
+    """Notes grow the history past the policy's limit: the run continues as new. The first run,
+    ending in the continue-as-new, is stored."""
+    desk = stage.desk
+    desk.policy(continue_as_new_after_events=50)
+    handle = await desk.open("Actors restart in a loop", components=["actors"])
+    first = (await handle.describe()).run_id
+    await desk.act(handle, ActionKind.ACKNOWLEDGE, "alice")
+    notes = 0
+
+    async def continued() -> bool:
+        nonlocal notes
+        if (await handle.describe()).run_id != first:
+            return True
+        notes += 1
+        await desk.act(handle, ActionKind.NOTE, "alice", text=f"note {notes}")
+        return False
+
+    await eventually(continued, timeout=30, interval=0, message="the incident continued as new")
+    return [stage.client.get_workflow_handle(handle.id, run_id=first)]
