@@ -47,3 +47,26 @@ class WaitForSignal:
     @workflow.run
     async def run(self) -> None:
         await workflow.wait_condition(lambda: self.released)
+
+
+@workflow.defn
+class Mailbox:
+    """Take signals until released: the least an incident that hears of its alert group does,
+    with no validation, no signature check, no state and no timeline."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.released = False
+
+    @workflow.signal
+    def post(self, _: object) -> None:
+        self.received += 1
+
+    @workflow.signal
+    def release(self) -> None:
+        self.released = True
+
+    @workflow.run
+    async def run(self) -> int:
+        await workflow.wait_condition(lambda: self.released)
+        return self.received

@@ -1,12 +1,14 @@
 """The sandbox's Prometheus exposition: the metrics Astra exports and the alert rules watch.
 
 Rendered on each scrape from PostgreSQL and Redis, so the numbers are the sandbox's real state
-(a lost worker's heartbeat really ages) and the SQL and Prometheus metric sources agree.
+(a lost worker's heartbeat really ages) and the SQL and Prometheus metric sources agree. Given the
+pool Astra runs (its worker pods), a worker's heartbeat age is exported while its pod exists, as
+Astra's is: a worker the worker-lost runbook replaced stops being reported, and its alert resolves.
 """
 
 import math
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
 
 import psycopg
@@ -36,8 +38,11 @@ def _number(value: float) -> str:
     return "+Inf" if math.isinf(value) else repr(float(value))
 
 
-async def render_metrics(dsn: str, redis_url: str, key_prefix: str = "astra:") -> str:
-    """The exposition text of heartbeat age per worker, tasks by status and LLM cost."""
+async def render_metrics(
+    dsn: str, redis_url: str, key_prefix: str = "astra:", pool: Collection[str] | None = None
+) -> str:
+    """The exposition text of heartbeat age per worker (of ``pool`` only, when given), tasks by
+    status and LLM cost."""
     keys = AstraKeys(key_prefix)
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         workers = [r[0] for r in await (await conn.execute("SELECT id FROM workers")).fetchall()]
@@ -67,7 +72,8 @@ async def render_metrics(dsn: str, redis_url: str, key_prefix: str = "astra:") -
         " (+Inf: registered but never heartbeat, or its key is gone).",
         "# TYPE astra_worker_heartbeat_age_seconds gauge",
     ]
-    for worker in sorted(set(workers) | set(last_seen)):
+    known = set(workers) | set(last_seen)
+    for worker in sorted(known if pool is None else known & set(pool)):
         age = max(0.0, (now_ms - last_seen[worker]) / 1000) if worker in last_seen else math.inf
         lines.append(
             f"astra_worker_heartbeat_age_seconds{_labels(worker_id=worker)} {_number(age)}"
@@ -89,12 +95,20 @@ async def render_metrics(dsn: str, redis_url: str, key_prefix: str = "astra:") -
 
 
 class MetricsApp:
-    """A minimal ASGI app serving ``render_metrics`` on GET (mount it at ``/metrics``)."""
+    """A minimal ASGI app serving ``render_metrics`` on GET (mount it at ``/metrics``); ``pool``
+    says which workers run now (the load generator's view of the cluster)."""
 
-    def __init__(self, dsn: str, redis_url: str, key_prefix: str = "astra:") -> None:
+    def __init__(
+        self,
+        dsn: str,
+        redis_url: str,
+        key_prefix: str = "astra:",
+        pool: Callable[[], Collection[str]] | None = None,
+    ) -> None:
         self._dsn = dsn
         self._redis_url = redis_url
         self._key_prefix = key_prefix
+        self._pool = pool
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,7 +116,8 @@ class MetricsApp:
         if scope["method"] not in ("GET", "HEAD"):
             await self._respond(send, 405, b"method not allowed\n", "text/plain")
             return
-        body = await render_metrics(self._dsn, self._redis_url, self._key_prefix)
+        pool = self._pool() if self._pool is not None else None
+        body = await render_metrics(self._dsn, self._redis_url, self._key_prefix, pool)
         payload = b"" if scope["method"] == "HEAD" else body.encode()
         await self._respond(send, 200, payload, CONTENT_TYPE)
 

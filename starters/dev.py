@@ -16,13 +16,14 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from runtime import search_attributes as sa
+from runtime.access import load_policy
 from runtime.client import DevStack, TemporalUnavailable, connect, dev_stack_marker
 from runtime.keys import new_key_line
 from runtime.migrations import MigrationError, upgrade
 from runtime.settings import ENV_PREFIX, Settings
 from sandbox.db import migrate as migrate_sandbox
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
-from starters.api import CODEC_PATH
+from starters.api import ALERTS_PATH, CODEC_PATH
 
 # Dev-only bearer tokens for the example access policy's people, so the README walk-through can
 # call the API as alice and as bob. Real deployments set ASTRA_OPS_API_TOKENS from a secret.
@@ -30,6 +31,9 @@ DEV_TOKENS = (
     "alice-dev-token:alice,bob-dev-token:bob,carol-dev-token:carol,erin-dev-token:erin,"
     "dave-dev-token:dave"
 )
+# Dev-only bearer token of the alert sender, so an Alertmanager on this machine can post to the
+# stack's alert webhook. Real deployments set ASTRA_OPS_ALERTMANAGER_TOKENS from a secret.
+DEV_ALERT_TOKEN = "alertmanager-dev-token"
 STOP_GRACE_SECONDS = 20
 
 
@@ -91,17 +95,38 @@ async def wait_for_temporal(settings: Settings, proc: asyncio.subprocess.Process
             await asyncio.sleep(0.5)
 
 
+def alert_sender_setting(settings: Settings) -> dict[str, str]:
+    """The dev alert sender's token, unless the alert senders' credentials are set."""
+    if settings.alertmanager_tokens or settings.alertmanager_basic_auth:
+        return {}
+    incidents = load_policy(settings.access_policy).incidents
+    sender = incidents.alert_sender if incidents else "alertmanager"
+    return {"ALERTMANAGER_TOKENS": f"{DEV_ALERT_TOKEN}:{sender}"}
+
+
+def alert_webhook_help(alert_senders: dict[str, str]) -> str:
+    """How to point an Alertmanager at the stack, for the banner."""
+    if not alert_senders:
+        return f"(senders authenticated as {ENV_PREFIX}ALERTMANAGER_TOKENS / _BASIC_AUTH say)"
+    return (
+        "(an Alertmanager: deploy/alertmanager/alertmanager.yml with this url and "
+        f"http_config.authorization.credentials: {DEV_ALERT_TOKEN})"
+    )
+
+
 async def run_dev(settings: Settings) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     address = f"127.0.0.1:{settings.temporal_port}"
     keys = codec_key_file(settings)
     tokens = settings.api_tokens.get_secret_value() if settings.api_tokens else DEV_TOKENS
+    alert_senders = alert_sender_setting(settings)
     common = {
         "TEMPORAL_ADDRESS": address,
         "CODEC_KEY_FILE": str(keys),
         "DEV_MODE": "true",
         "UI_ORIGINS": f"http://127.0.0.1:{settings.ui_port},http://localhost:{settings.ui_port}",
         "API_TOKENS": tokens,
+        **alert_senders,
     }
     settings = settings.model_copy(
         update={
@@ -174,6 +199,8 @@ async def run_dev(settings: Settings) -> int:
             f"  sandbox Astra   {settings.database_url}, {settings.redis_url} "
             f"(keys {settings.redis_key_prefix}*)\n"
             f"  /metrics        http://127.0.0.1:{settings.sandbox_metrics_port}/metrics\n"
+            f"  alert webhook   {settings.api_url}{ALERTS_PATH}\n"
+            f"                  {alert_webhook_help(alert_senders)}\n"
             f"  worker          task queue {settings.task_queue}\n"
             "DEV MODE: names are trusted as given (`--as`, dev tokens); no identity is proven.\n"
             "  Keep it on loopback; production runs the API with a signing key (README).\n"

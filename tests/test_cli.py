@@ -20,7 +20,6 @@ from pathlib import Path
 import psycopg
 import pytest
 import typer
-import uvicorn
 from google.protobuf.duration_pb2 import Duration
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import SecretStr
@@ -42,6 +41,7 @@ from tests.conftest import TEMPORAL
 from tests.conftest_data import NewDatabase
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.helpers import awaiting_approval, handle_of, shard_count
+from tests.monitoring import on_loopback
 from tests.test_api import ALERT_SENDERS, TOKENS
 from workers.worker import running_worker
 
@@ -63,21 +63,8 @@ class Cli:
 async def api_url(settings: Settings) -> AsyncIterator[str]:
     """The API, served on a free loopback port for the CLI (and Alertmanager) to call."""
     app_settings = settings.model_copy(update={"api_tokens": SecretStr(TOKENS), **ALERT_SENDERS})
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(app_settings), host="127.0.0.1", port=0, log_level="warning")
-    )
-    serving = asyncio.create_task(server.serve())
-    await eventually(lambda: _started(server), timeout=10, message="the API is serving")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await serving
-
-
-async def _started(server: uvicorn.Server) -> bool:
-    return server.started
+    async with on_loopback(create_app(app_settings)) as url:
+        yield url
 
 
 @pytest.fixture

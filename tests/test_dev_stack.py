@@ -12,7 +12,8 @@ import httpx
 import psycopg
 
 from runtime.migrations import ASTRA, STATE, VERSIONS_TABLE, migrations
-from starters.api import CODEC_PATH
+from starters.api import ALERTS_PATH, CODEC_PATH
+from starters.dev import DEV_ALERT_TOKEN
 from tests.conftest_data import NewDatabase
 from tests.conftest_dev import ALICE, BOB, dev_stack_config, running
 from tests.conftest_kube import eventually
@@ -47,6 +48,12 @@ async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
             },
         )
         assert preflight.status_code == 200, preflight.text
+        # The stack's alert sender is known, so an Alertmanager reaches the intake's validation.
+        stranger = await http.post(ALERTS_PATH, json={})
+        assert stranger.status_code == 401, stranger.text
+        sender = {"Authorization": f"Bearer {DEV_ALERT_TOKEN}"}
+        malformed = await http.post(ALERTS_PATH, json={}, headers=sender)
+        assert malformed.status_code == 422, malformed.text
         started = await http.post(
             "/v1/runbooks/shard-scaling/runs",
             json={"params": {"shards": 12}, "reason": "dev stack test"},
@@ -65,6 +72,7 @@ async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
         output = stack.log.read_text()
         assert proc.returncode == 0, output
         assert "astra-ops dev is up" in output
+        assert f"alert webhook   {stack.api}{ALERTS_PATH}" in output
         for port in stack.ports.values():
             assert not listening(port), f"port {port} still open after Ctrl-C"
     assert (tmp_path / "state" / "temporal.db").exists()

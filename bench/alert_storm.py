@@ -1,0 +1,257 @@
+"""An alert storm: Alertmanager notifications posted to the API's webhook as fast as it takes them,
+beside bare signal-with-start of the same count on the same dev server, in the same bench run.
+
+The notifications (version 4, bearer-authenticated as Alertmanager) fall in ``--groups`` alert
+groups; each group's are repeats and changes of the same few alerts, as a flapping group sends.
+The API runs in its own process (`astra-ops api`, outside dev mode: it signs what it hands the
+incident) and the production worker in this one. The limit is the same count of
+signal-with-start calls straight to Temporal from here, on a workflow that only counts signals:
+no HTTP, no authentication, no validation, no signature, no incident.
+
+Printed: notifications per second, incidents opened (one per group, however many notifications
+and however concurrent), and the seconds from a group's first POST (or call) to its workflow's
+first completed task, the workflow running, read from the server's history; the ratio of the
+storm's rate to the limit's. Alerts name no runbook, so no runbook runs: this measures the
+intake, not the sandbox.
+
+    .venv/bin/python bench/alert_storm.py [--notifications 10000] [--groups 100] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from bare_workflow import Mailbox
+from harness import cache_bytecode, dev_server, free_port, sandbox_cluster, wait_until_listening
+from psycopg.conninfo import make_conninfo
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.worker import Worker
+
+from runtime.identity import load_signer, new_signing_key_line
+from runtime.keys import new_key_line
+from runtime.migrations import upgrade
+from runtime.settings import ENV_PREFIX, Settings
+from sandbox.db import drop_database, migrate
+from starters.api import ALERTS_PATH
+from workers.worker import running_worker
+from workflows.incident_models import INCIDENT_WORKFLOW, incident_id_for_group
+
+QUEUE = "bench-alert-storm"
+BARE_QUEUE = f"{QUEUE}-bare"
+TOKEN = "bench-alertmanager-token"
+ALERTS_PER_GROUP = 3
+ADMIN_DSN = os.environ.get(
+    "ASTRA_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def notifications(count: int, groups: int, run: str) -> list[dict[str, Any]]:
+    """``count`` webhook payloads, round-robin over ``groups`` groups."""
+    now = datetime.now(UTC).isoformat()
+    payloads = []
+    for i in range(count):
+        group, alert = i % groups, (i // groups) % ALERTS_PER_GROUP
+        labels = {
+            "alertname": "AstraBenchStorm",
+            "group": f"{run}-{group}",
+            "instance": f"astra-{alert}",
+            "severity": "SEV3",
+            "component": "workers",
+        }
+        payloads.append(
+            {
+                "version": "4",
+                "groupKey": f'{{}}:{{alertname="AstraBenchStorm", group="{run}-{group}"}}',
+                "status": "firing",
+                "receiver": "astra-ops",
+                "groupLabels": {"alertname": "AstraBenchStorm", "group": f"{run}-{group}"},
+                "commonLabels": {k: v for k, v in labels.items() if k != "instance"},
+                "alerts": [
+                    {
+                        "status": "firing",
+                        "fingerprint": f"{run}-{group}-{alert}",
+                        "labels": labels,
+                        "annotations": {"summary": f"bench group {group} is storming"},
+                        "startsAt": now,
+                    }
+                ],
+            }
+        )
+    return payloads
+
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def storm(
+    payloads: list[dict[str, Any]], concurrency: int, send: Send
+) -> tuple[float, dict[str, float]]:
+    """Send every payload, ``concurrency`` at a time: seconds taken, and the wall-clock time
+    each group's first send began."""
+    first: dict[str, float] = {}
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    for payload in payloads:
+        queue.put_nowait(payload)
+
+    async def sender() -> None:
+        while not queue.empty():
+            payload = queue.get_nowait()
+            first.setdefault(payload["groupKey"], time.time())
+            await send(payload)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(sender() for _ in range(concurrency)))
+    return time.perf_counter() - started, first
+
+
+async def running_after(client: Client, workflow_id: str, since: float) -> float:
+    """Seconds from ``since`` (wall clock) to the workflow's first completed task."""
+    async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+            return event.event_time.ToDatetime(UTC).timestamp() - since
+    raise LookupError(f"{workflow_id} never completed a workflow task")
+
+
+async def latencies(client: Client, ids: dict[str, str], first: dict[str, float]) -> list[float]:
+    return sorted(await asyncio.gather(*(running_after(client, ids[g], first[g]) for g in first)))
+
+
+def line(label: str, count: int, seconds: float, waits: list[float]) -> str:
+    p99 = waits[min(len(waits) - 1, round(0.99 * (len(waits) - 1)))]
+    return (
+        f"{label:<26} {count / seconds:8.0f} /s   ({count} in {seconds:.2f} s)   "
+        f"to running: p50 {statistics.median(waits):.3f} s  p99 {p99:.3f} s"
+    )
+
+
+async def main(count: int, groups: int, concurrency: int) -> None:
+    cache_bytecode()
+    keys = new_key_line("bench")
+    signing = new_signing_key_line("bench-api")
+    signer = load_signer(signing)
+    env = await dev_server(keys)
+    database = f"astra_bench_{uuid.uuid4().hex[:8]}"
+    dsn = make_conninfo(ADMIN_DSN, dbname=database)
+    await migrate(dsn)
+    await upgrade(dsn, dsn)
+    run = uuid.uuid4().hex[:6]
+    stack = AsyncExitStack()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            # The worker's Kubernetes client needs a cluster, though no runbook runs here.
+            kube_url, _ = await stack.enter_async_context(sandbox_cluster())
+            key_file = Path(tmp) / "signing.key"
+            key_file.write_text(signing)
+            settings = Settings(
+                temporal_address=env.client.service_client.config.target_host,
+                codec_keys=keys,
+                kube_url=kube_url,
+                task_queue=QUEUE,
+                database_url=dsn,
+                signing_key_file=key_file,
+                trusted_keys=signer.public_line(),
+                postmortem_dir=Path(tmp) / "postmortems",
+            )
+            port = free_port()
+            api = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "starters.cli",
+                "api",
+                env={
+                    **os.environ,
+                    f"{ENV_PREFIX}TEMPORAL_ADDRESS": settings.temporal_address,
+                    f"{ENV_PREFIX}CODEC_KEYS": keys,
+                    f"{ENV_PREFIX}TASK_QUEUE": QUEUE,
+                    f"{ENV_PREFIX}DATABASE_URL": dsn,
+                    f"{ENV_PREFIX}SIGNING_KEY_FILE": str(key_file),
+                    f"{ENV_PREFIX}TRUSTED_KEYS": signer.public_line(),
+                    f"{ENV_PREFIX}API_PORT": str(port),
+                    f"{ENV_PREFIX}ALERTMANAGER_TOKENS": f"{TOKEN}:alertmanager",
+                },
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            try:
+                await wait_until_listening(port)
+                with ThreadPoolExecutor(16) as executor:
+                    async with (
+                        running_worker(env.client, settings, executor),
+                        Worker(env.client, task_queue=BARE_QUEUE, workflows=[Mailbox]),
+                        httpx.AsyncClient(
+                            base_url=f"http://127.0.0.1:{port}",
+                            headers={"Authorization": f"Bearer {TOKEN}"},
+                            limits=httpx.Limits(max_connections=concurrency),
+                            timeout=60,
+                        ) as http,
+                    ):
+                        await report(env.client, http, count, groups, concurrency, run)
+            finally:
+                api.terminate()
+                await api.wait()
+    finally:
+        await stack.aclose()
+        await env.shutdown()
+        await drop_database(ADMIN_DSN, database)
+
+
+async def report(
+    client: Client, http: httpx.AsyncClient, count: int, groups: int, concurrency: int, run: str
+) -> None:
+    payloads = notifications(count, groups, run)
+
+    async def post(payload: dict[str, Any]) -> None:
+        answer = await http.post(ALERTS_PATH, json=payload)
+        if not answer.is_success:
+            raise RuntimeError(f"the webhook answered {answer.status_code}: {answer.text}")
+
+    seconds, first = await storm(payloads, concurrency, post)
+    incidents = {g: incident_id_for_group(g) for g in first}
+    waits = await latencies(client, incidents, first)
+    opened = await client.count_workflows(f"WorkflowType = '{INCIDENT_WORKFLOW}'")
+
+    mailboxes = {g: f"mailbox/{incident_id_for_group(g)}" for g in first}
+
+    async def signal_with_start(payload: dict[str, Any]) -> None:
+        await client.start_workflow(
+            Mailbox.run,
+            id=mailboxes[payload["groupKey"]],
+            task_queue=BARE_QUEUE,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            start_signal="post",
+            start_signal_args=[payload],
+        )
+
+    bare_seconds, bare_first = await storm(payloads, concurrency, signal_with_start)
+    bare_waits = await latencies(client, mailboxes, bare_first)
+
+    print(f"{count} notifications over {groups} groups, {concurrency} at a time")
+    print(line("alert webhook (API)", count, seconds, waits))
+    print(f"{'incidents opened':<26} {opened.count:8d}")
+    print(line("bare signal-with-start", count, bare_seconds, bare_waits))
+    print(f"{'ratio (webhook / bare)':<26} {bare_seconds / seconds:8.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--notifications", type=int, default=10_000)
+    parser.add_argument("--groups", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    asyncio.run(main(args.notifications, args.groups, args.concurrency))
