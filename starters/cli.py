@@ -867,7 +867,11 @@ def print_incident(state: IncidentState) -> None:
         rows = [[i.id, i.state, i.owner, f"{i.due:%Y-%m-%d}", i.text] for i in state.items]
         say(table(["item", "state", "owner", "due", "text"], rows))
     say("timeline:")
-    rows = [[f"{e.at:%m-%d %H:%M:%S}", e.kind, e.actor, e.text] for e in state.timeline]
+    # In time order, as the postmortem: a runbook's steps join the timeline when it ends.
+    rows = [
+        [f"{e.at:%m-%d %H:%M:%S}", e.kind, e.actor, e.text]
+        for e in sorted(state.timeline, key=lambda e: e.at)
+    ]
     say(table(["at", "what", "who", ""], rows))
 
 
