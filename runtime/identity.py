@@ -32,7 +32,7 @@ Act = Literal[
     "freeze",
     "unfreeze",
     # The incident's: opening one, the alert intake's notifications, and each person's action
-    # (``incident.<ActionKind>``; tests/test_incident_rules.py keeps the two lists in step).
+    # (``incident.<ActionKind>``; tests/test_incident_policy.py keeps the two lists in step).
     "incident.open",
     "incident.alerts",
     "incident.acknowledge",
