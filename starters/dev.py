@@ -95,6 +95,28 @@ async def wait_for_temporal(settings: Settings, proc: asyncio.subprocess.Process
             await asyncio.sleep(0.5)
 
 
+async def wait_for_api(settings: Settings, proc: asyncio.subprocess.Process) -> None:
+    """Until the API accepts connections: the CLI beside the stack goes through it, so the stack
+    is not up (nor its marker written) before."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        if proc.returncode is not None:
+            raise TemporalUnavailable(
+                f"the API exited with code {proc.returncode}; is port {settings.api_port} taken?"
+            )
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", settings.api_port)
+            writer.close()
+            await writer.wait_closed()
+            return
+        except OSError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TemporalUnavailable(
+                    f"the API did not listen on port {settings.api_port} within 60 s"
+                ) from None
+            await asyncio.sleep(0.2)
+
+
 def alert_sender_setting(settings: Settings) -> dict[str, str]:
     """The dev alert sender's token, unless the alert senders' credentials are set."""
     if settings.alertmanager_tokens or settings.alertmanager_basic_auth:
@@ -184,6 +206,7 @@ async def run_dev(settings: Settings) -> int:
         await stack.spawn("api", *me, "api", env=child_env)
         # Migrates the sandbox database first, then plays Astra's workers and serves /metrics.
         await stack.spawn("sandbox", *me, "sandbox", "serve", env=child_env)
+        await wait_for_api(settings, stack.children["api"])
         # The CLI run from this directory now goes through this stack's API, as `--as NAME`.
         DevStack(
             api_url=settings.api_url,

@@ -73,9 +73,11 @@ def dev_stack_config(
 
 @asynccontextmanager
 async def running(stack: DevStack) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Start `astra-ops dev` and wait until its API says Temporal answers; kill its whole
-    process group afterwards, whatever state it is in."""
+    """Start `astra-ops dev` and wait until it says it is up, when its API must answer at once
+    (a person types a command as soon as they read it); kill its whole process group
+    afterwards, whatever state it is in."""
     stack.log.parent.mkdir(parents=True, exist_ok=True)
+    before = stack.log.stat().st_size if stack.log.exists() else 0  # an earlier start's lines
     with stack.log.open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "starters.cli", "dev",
@@ -84,19 +86,19 @@ async def running(stack: DevStack) -> AsyncIterator[asyncio.subprocess.Process]:
     try:
         async with httpx.AsyncClient(base_url=stack.api, timeout=30) as http:
 
-            async def ready() -> bool:
+            async def up() -> bool:
                 if proc.returncode is not None:
                     raise AssertionError(
                         f"astra-ops dev exited with {proc.returncode}; see {stack.log}"
                     )
-                try:
-                    return (await http.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
+                with stack.log.open("rb") as log:
+                    log.seek(before)
+                    return b"astra-ops dev is up" in log.read()
 
             await eventually(
-                ready, timeout=STARTUP_SECONDS, interval=0.2, message="astra-ops dev ready"
+                up, timeout=STARTUP_SECONDS, interval=0.1, message="astra-ops dev says it is up"
             )
+            assert (await http.get("/readyz")).status_code == 200, "up, but the API is not"
         yield proc
     finally:
         if proc.returncode is None:
