@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -13,10 +16,11 @@ from activities.kube_models import ConfigValue, ConfigVerification, RolloutStatu
 from activities.kubernetes import KubernetesActivities as K8s
 from activities.mutation import MutationResult
 from activities.notify import NotifyActivities
+from runtime.identity import statement
 from tests.conftest_kube import eventually
-from tests.helpers import decide, start, status
+from tests.helpers import TEST_SIGNER, decide, start, status
 from tests.stubs import POLICY, Stubs, name_of, stubbed_worker
-from workflows.models import Outcome, StepState
+from workflows.models import Outcome, RunbookResult, StepState
 from workflows.shard_scaling import ShardScaling, ShardScalingRequest
 
 SCHEDULER, WORKERS = "astra-scheduler", "astra-worker"
@@ -288,3 +292,27 @@ async def test_a_rollback_that_meets_someone_elses_count_keeps_it_and_tells_the_
     assert stubs.called() == READS + SCALE + [name_of(K8s.verify_config), patch, notify]
     (told,) = stubs.args(NotifyActivities.notify_rotation)
     assert told.rotation == "kernel-sre" and "ROLLBACK INCOMPLETE" in told.text
+
+
+async def test_a_start_is_judged_when_temporal_took_it_not_when_a_busy_worker_gets_to_it(
+    client: Client, task_queue: str
+) -> None:
+    # The API's statement is good for a moment only; the run waits in the task queue beyond it,
+    # as behind a backlog of thousands of starts.
+    req = request(dry_run=True)
+    workflow_id = f"{ShardScaling.spec.workflow_id(req)}/{uuid.uuid4().hex[:8]}"
+    said = statement("start", req.requester, workflow_id, req.signed_payload())
+    expires = datetime.now(UTC) + timedelta(seconds=1)
+    signed = req.model_copy(
+        update={"authorization": TEST_SIGNER.sign(said.model_copy(update={"expires_at": expires}))}
+    )
+    handle = await client.start_workflow(
+        ShardScaling.spec.name, signed, id=workflow_id, task_queue=task_queue,
+        result_type=RunbookResult,
+    )  # fmt: skip
+    await asyncio.sleep((expires - datetime.now(UTC)).total_seconds() + 0.5)  # time must pass
+    answers = Stubs()
+    healthy_at_eight(answers)
+    async with stubbed_worker(client, task_queue, answers):
+        result = await handle.result()
+    assert result.outcome == Outcome.DONE and result.dry_run, result.summary

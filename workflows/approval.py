@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 
@@ -87,10 +87,13 @@ def proven(
     payload: str = "",
     workflow_id: str | None = None,
     run_id: str | None = None,
+    at: datetime | None = None,
 ) -> str | None:
     """Why a claimed act by ``actor`` is not proven, or None. Dev mode believes names.
 
     The statement must be genuine, current, and about exactly this act on exactly this run.
+    ``at``: when the act reached Temporal, if not now. A start is judged at the run's start
+    time, which the server sets: a worker with a backlog may take its first task long after.
     """
     if trust.dev_mode:
         return None
@@ -100,7 +103,7 @@ def proven(
             "`astra-ops ... --print-signal`, names alone prove nothing outside dev mode"
         )
     info = workflow.info()
-    why = verify(signed, trust.keys, workflow.now())
+    why = verify(signed, trust.keys, at or workflow.now())
     if why is not None:
         return why
     said = signed.statement

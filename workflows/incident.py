@@ -198,6 +198,7 @@ class Incident:
             actor=opened.opened_by,
             payload=opened.signed_payload(),
             run_id="",
+            at=workflow.info().workflow_start_time,
         )
         if why is not None:
             return why

@@ -238,6 +238,7 @@ class StepRunner:
                 actor=request.requester,
                 payload=request.signed_payload(),
                 run_id="",
+                at=workflow.info().workflow_start_time,
             ) or admission.access.may_start(
                 self.runbook, request.requester, request.dry_run, self._members
             )
