@@ -21,8 +21,13 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.notify import NotifyActivities
 from activities.postgres import connect
 from runtime import search_attributes as sa
-from runtime.access import AccessPolicy, AccessPolicyError, ApprovalPolicy, RunbookAccess
-from runtime.access import load_policy as read_policy
+from runtime.access import (
+    AccessPolicy,
+    AccessPolicyError,
+    ApprovalPolicy,
+    PolicyFile,
+    RunbookAccess,
+)
 from workflows.models import FreezeNotice
 
 log = logging.getLogger(__name__)
@@ -117,23 +122,11 @@ class AccessActivities:
         self.client = client
         self.notify = notify
         self.state_dsn = state_dsn
-        self._read: tuple[tuple[int, int], AccessPolicy] | None = None
+        self._policy_file = PolicyFile(policy_path)
 
     def _policy(self) -> AccessPolicy:
-        """The policy as the file says now: every run's admission reads it, so an edit applies
-        to the next run without a restart; parsed again only when the file changed (parsing
-        was half of an admission's time)."""
         try:
-            stat = self.policy_path.stat()
-            version = (stat.st_mtime_ns, stat.st_size)
-            if self._read is None or self._read[0] != version:
-                self._read = (version, read_policy(self.policy_path))
-            return self._read[1]
-        except FileNotFoundError:
-            raise ApplicationError(
-                f"access policy {self.policy_path} does not exist; set ASTRA_OPS_ACCESS_POLICY",
-                non_retryable=True,
-            ) from None
+            return self._policy_file.read()
         except AccessPolicyError as err:
             raise ApplicationError(str(err), non_retryable=True) from None
 

@@ -20,7 +20,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.access import Trust
 from activities.postmortem import render
-from runtime.access import AccessPolicy, AccessPolicyError, load_policy
+from runtime.access import AccessPolicy, AccessPolicyError, PolicyFile
 from starters.run_views import RunError
 from starters.runbook_cards import CALLER_FIELDS, runbook_request, runbook_spec
 from workflows.incident_models import IncidentState
@@ -111,10 +111,11 @@ class IncidentActivities:
         self.policy_path = policy_path
         self.trust = trust
         self.postmortem_dir = postmortem_dir
+        self._policy_file = PolicyFile(policy_path)
 
     def _policy(self) -> AccessPolicy:
         try:
-            return load_policy(self.policy_path)
+            return self._policy_file.read()
         except AccessPolicyError as err:
             raise ApplicationError(str(err), non_retryable=True) from None
 

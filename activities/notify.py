@@ -18,7 +18,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.mutation import Mutation, MutationResult
-from runtime.access import AccessPolicyError, load_policy
+from runtime.access import AccessPolicyError, PolicyFile
 from runtime.redact import MASK
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,12 @@ class NotifyActivities:
     def __init__(self, policy_path: Path, chat_webhook_url: SecretStr | None = None) -> None:
         self.policy_path = policy_path
         self.chat_webhook_url = chat_webhook_url
+        self._policy_file = PolicyFile(policy_path)
 
     def _members(self, groups: list[str]) -> list[str]:
         """The people of these groups, as the access policy says now."""
         try:
-            policy = load_policy(self.policy_path)
+            policy = self._policy_file.read()
         except AccessPolicyError as err:
             raise ApplicationError(str(err), non_retryable=True) from None
         unknown = [g for g in groups if g not in policy.groups]

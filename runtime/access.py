@@ -374,6 +374,26 @@ class AccessPolicy(BaseModel):
         return user in self.operator_members()
 
 
+class PolicyFile:
+    """The access policy as its file says now, parsed again only when the file changed: the
+    activities read it on every admission and notice, so an edit applies to the next run
+    without a restart, and parsing was half of an admission's time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._read: tuple[tuple[int, int], AccessPolicy] | None = None
+
+    def read(self) -> AccessPolicy:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return load_policy(self.path)  # says the file does not exist, and what to set
+        version = (stat.st_mtime_ns, stat.st_size)
+        if self._read is None or self._read[0] != version:
+            self._read = (version, load_policy(self.path))
+        return self._read[1]
+
+
 def load_policy(path: Path) -> AccessPolicy:
     try:
         raw = yaml.safe_load(path.read_text())
