@@ -94,6 +94,9 @@ class RunbookPlan(BaseModel):
     on_alert: Literal["start", "propose"] = "propose"
     params: dict[str, str] = {}
     """What a person would pass as ``--param`` to start it."""
+    choose: list[str] = []
+    """Required parameters the alert does not give: only a person can start it, choosing them
+    (``params`` holds ``<name>`` for each)."""
 
 
 class PostmortemRequest(BaseModel):
@@ -164,7 +167,7 @@ class IncidentActivities:
 
         From an alert, the runbook's required parameters (its subject) come from the alert's
         labels of the same names, and nothing else does: a scrape's ``namespace`` or ``job``
-        label must not steer a runbook.
+        label must not steer a runbook. Those the labels lack are left to a person.
         """
         try:
             spec = runbook_spec(req.runbook)
@@ -180,10 +183,13 @@ class IncidentActivities:
             ]
             missing = [name for name in required if name not in req.labels]
             if missing:
+                # A choice the alert cannot make (Shard Scaling's new count): a person makes it.
                 return RunbookPlan(
                     runbook=req.runbook,
-                    refused=f"the alert has no label {', '.join(missing)}, which {req.runbook} "
-                    "needs as its subject; fix the alert rule's labels",
+                    title=spec.title,
+                    severity=spec.severity,
+                    params={n: req.labels.get(n, f"<{n}>") for n in required},
+                    choose=missing,
                 )
             params = {name: req.labels[name] for name in required}
         try:

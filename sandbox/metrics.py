@@ -42,7 +42,7 @@ async def render_metrics(
     dsn: str, redis_url: str, key_prefix: str = "astra:", pool: Collection[str] | None = None
 ) -> str:
     """The exposition text of heartbeat age per worker (of ``pool`` only, when given), tasks by
-    status and LLM cost."""
+    status, the backlog of each shard and LLM cost."""
     keys = AstraKeys(key_prefix)
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         workers = [r[0] for r in await (await conn.execute("SELECT id FROM workers")).fetchall()]
@@ -51,6 +51,15 @@ async def render_metrics(
                 await conn.execute("SELECT status, count(*) FROM tasks GROUP BY status")
             ).fetchall()
         )
+        backlog = await (
+            await conn.execute(
+                # Every shard up to the highest one used, so an idle shard reads 0 rather
+                # than vanishing (a hot shard beside idle ones is the imbalance to see).
+                "SELECT s, count(t.id) FROM generate_series(0, (SELECT max(shard) FROM tasks)) s"
+                " LEFT JOIN tasks t ON t.shard = s AND t.status IN ('pending', 'running')"
+                " GROUP BY s ORDER BY s"
+            )
+        ).fetchall()
         costs = await (
             await conn.execute(
                 "SELECT tenant, agent_id, model, sum(cost_usd) FROM llm_usage"
@@ -83,6 +92,11 @@ async def render_metrics(
         "# TYPE astra_tasks_total gauge",
     ]
     lines += [f"astra_tasks_total{_labels(status=s)} {int(by_status.get(s, 0))}" for s in STATUSES]
+    lines += [
+        "# HELP astra_shard_backlog Tasks waiting or running, by scheduler shard.",
+        "# TYPE astra_shard_backlog gauge",
+    ]
+    lines += [f"astra_shard_backlog{_labels(shard=str(s))} {int(n)}" for s, n in backlog]
     lines += [
         "# HELP astra_llm_cost_usd_total LLM spend in US dollars.",
         "# TYPE astra_llm_cost_usd_total counter",

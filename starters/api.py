@@ -265,7 +265,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def incidents() -> Incidents:
         return Incidents(await runs())
 
-    def identity(authorization: Annotated[str | None, Header()] = None) -> str:
+    # Dependencies that do no I/O are coroutines: FastAPI runs a plain function in a thread,
+    # a hop per request that an alert storm pays thousands of times.
+    async def identity(authorization: Annotated[str | None, Header()] = None) -> str:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "unauthenticated", "send Authorization: Bearer <token>")
@@ -276,7 +278,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(403, "forbidden", f"{user} is not in the access policy")
         return user
 
-    def codec_identity(
+    async def codec_identity(
         request: Request, authorization: Annotated[str | None, Header()] = None
     ) -> str:
         """The codec decrypts history for whoever calls it. Outside dev mode that takes the same
@@ -284,7 +286,7 @@ def create_app(settings: Settings) -> FastAPI:
         loopback client, and (from a browser) a page served from loopback, so that no other
         site open in the same browser can have history decrypted."""
         if not settings.dev_mode:
-            return identity(authorization)
+            return await identity(authorization)
         client = request.client.host if request.client else None
         if not is_loopback(client):
             raise ApiError(
@@ -305,7 +307,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     User = Annotated[str, Depends(identity)]
 
-    def sender(authorization: Annotated[str | None, Header()] = None) -> str:
+    async def sender(authorization: Annotated[str | None, Header()] = None) -> str:
         return alert_sender(senders, authorization)
 
     redact_logs()  # errors it logs may quote Temporal's or a client's URLs

@@ -12,7 +12,7 @@ from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 
 from runtime import search_attributes as sa
 from sandbox.faults import worker_lost
-from tests.conftest_incident import Desk, incident_worker, kinds, lost_worker_alert
+from tests.conftest_incident import Desk, incident_worker, kinds, lost_worker_alert, notification
 from tests.conftest_kube import KubeSandbox
 from tests.conftest_sandbox import RunningAstra, worker_pods
 from tests.helpers import decide, shard_count, status, wait_for_step
@@ -129,6 +129,39 @@ async def test_an_alert_whose_runbook_is_left_to_people_is_proposed_not_started(
     assert entry.text == (
         "AstraWorkerLost names worker-lost for astra-worker-zz9; the policy leaves starting it "
         f"to a person: {command}"
+    )
+    assert any(command in t for t in desk.chat_texts())
+
+
+async def test_an_alert_that_cannot_choose_a_runbooks_input_proposes_it_for_a_person(
+    desk: Desk,
+) -> None:
+    """The shard-imbalance rule names Shard Scaling, but the new shard count is a person's
+    choice: whatever the policy allows, the incident proposes the command and starts nothing."""
+    desk.policy(runbooks={"shard-scaling": {"on_alert": "start"}})
+    labels = {
+        "alertname": "AstraShardImbalance",
+        "severity": "SEV3",
+        "rotation": "kernel-sre",
+        "runbook": "shard-scaling",
+        "component": "scheduler",
+    }
+    alert = notification(
+        '{}:{alertname="AstraShardImbalance"}', {"fingerprint": "fp-shards", "labels": labels}
+    )
+    async with incident_worker(desk):
+        handle = await desk.open(
+            "Shard imbalance", Severity.SEV3, opened_by="alertmanager", notification=alert
+        )
+        proposed = await desk.until(
+            handle, lambda s: "runbook_proposed" in kinds(s), "the proposal"
+        )
+
+    assert proposed.runs == []
+    [entry] = [e for e in proposed.timeline if e.kind == "runbook_proposed"]
+    command = f"`astra-ops incident runbook {handle.id} shard-scaling --param shards=<shards>`"
+    assert entry.text == (
+        f"AstraShardImbalance names shard-scaling; a person chooses shards: {command}"
     )
     assert any(command in t for t in desk.chat_texts())
 

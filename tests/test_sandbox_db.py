@@ -217,3 +217,30 @@ async def test_metrics_endpoint_exports_heartbeats_task_outcomes_and_cost(
     )
     assert 'astra_tasks_total{status="running"} 2' in lines
     assert any(line.startswith("astra_llm_cost_usd_total{tenant=") for line in lines)
+
+
+async def test_metrics_export_each_shards_backlog_an_idle_shard_as_zero(
+    data_plane: SandboxTarget,
+) -> None:
+    """The shard-imbalance rule compares the busiest shard with the mean: a shard with nothing
+    waiting must read 0, not vanish from the mean."""
+    async with await psycopg.AsyncConnection.connect(data_plane.dsn) as conn:
+        for shard, status, count in [(0, "pending", 3), (0, "running", 1), (2, "pending", 1)]:
+            for _ in range(count):
+                await conn.execute(
+                    "INSERT INTO tasks (id, goal_id, shard, status) VALUES (%s, %s, %s, %s)",
+                    (str(uuid.uuid4()), str(uuid.uuid4()), shard, status),
+                )
+        await conn.execute(
+            "INSERT INTO tasks (id, goal_id, shard, status) VALUES (%s, %s, 3, 'succeeded')",
+            (str(uuid.uuid4()), str(uuid.uuid4())),
+        )
+    app = MetricsApp(data_plane.dsn, REDIS_URL, data_plane.key_prefix)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        lines = (await c.get("/metrics")).text.splitlines()
+    assert [line for line in lines if line.startswith("astra_shard_backlog{")] == [
+        'astra_shard_backlog{shard="0"} 4',
+        'astra_shard_backlog{shard="1"} 0',
+        'astra_shard_backlog{shard="2"} 1',
+        'astra_shard_backlog{shard="3"} 0',
+    ]

@@ -667,24 +667,24 @@ class Incident:
         if plan.refused is not None:
             self._timeline("runbook", f"{runbook} for {name} cannot start: {plan.refused}", SYSTEM)
             return
-        if any(run.run_id == plan.workflow_id for run in state.runs):
+        if plan.choose:
+            what, why = runbook, f"a person chooses {', '.join(plan.choose)}"
+        elif any(run.run_id == plan.workflow_id for run in state.runs):
             return
-        if plan.on_alert == "start" and state.stage not in RESOLVED:
+        elif plan.on_alert == "start" and state.stage not in RESOLVED:
             await self._start_child(plan, f"{state.incident_id} (alert {name})")
             return
+        else:
+            what = f"{runbook} for {plan.subject}"
+            why = (
+                "the incident is resolved, so it is not started on its own"
+                if plan.on_alert == "start"
+                else "the policy leaves starting it to a person"
+            )
         words = ["astra-ops incident runbook", state.incident_id, runbook]
         words += [f"--param {k}={v}" for k, v in sorted(plan.params.items())]
         command = f"`{' '.join(words)}`"
-        why = (
-            "the incident is resolved, so it is not started on its own"
-            if plan.on_alert == "start"
-            else "the policy leaves starting it to a person"
-        )
-        self._timeline(
-            "runbook_proposed",
-            f"{name} names {runbook} for {plan.subject}; {why}: {command}",
-            SYSTEM,
-        )
+        self._timeline("runbook_proposed", f"{name} names {what}; {why}: {command}", SYSTEM)
         self._say("proposal", f"the proposal of {runbook}", f"{name}: proposed {command}")
 
     async def _plan(self, request: RunbookPlanRequest) -> RunbookPlan:
