@@ -41,6 +41,15 @@ class AstraKeys:
         """The stream Astra publishes a task to when it exhausts its retries."""
         return f"{self.prefix}dead_letter"
 
+    @property
+    def data_marker(self) -> str:
+        """A key written once when Astra's Redis is provisioned and never deleted by Astra.
+
+        It replicates and persists like the streams do, so when Redis answers without it, Redis
+        lost its data: a flush, a restart without persistence, or an empty node promoted.
+        """
+        return f"{self.prefix}data_marker"
+
 
 def error_class(message: str) -> str:
     """The class of an Astra error message: the text before its first ':' ("TimeoutError")."""

@@ -1,8 +1,10 @@
-"""The containment knobs astra-ops sets in Astra's ``astra-config`` ConfigMap, and their format.
+"""The keys astra-ops reads and sets in Astra's ``astra-config`` ConfigMap, and their format.
 
 Runbooks write these keys (through the kubernetes activities) and Astra, or the sandbox's load
 generator, obeys them; keeping the names and the value encoding here means both sides agree.
-Pure functions only: workflow code imports this module.
+The containment knobs take effect at once; the endpoints only in pods that start after the
+change, as environment variables from a ConfigMap do, which is why a repoint is a config change
+followed by a rolling restart. Pure functions only: workflow code imports this module.
 """
 
 from __future__ import annotations
@@ -14,6 +16,23 @@ INTAKE_PAUSED_KEY = "ASTRA_INTAKE_PAUSED_ERROR_CLASSES"
 
 BUDGET_GUARD_KEY = "ASTRA_LLM_BUDGET_GUARD"
 """JSON of ``BudgetGuard``; empty or absent means no guard."""
+
+DATABASE_URL_KEY = "DATABASE_URL"
+"""The PostgreSQL DSN Astra's services connect to (its primary, or a pooler in front of it)."""
+
+REDIS_URL_KEY = "REDIS_URL"
+"""The Redis URL Astra's services connect to (its primary)."""
+
+
+class AstraEndpoints(BaseModel):
+    """Where Astra's services find their database and Redis: the endpoints in ``astra-config``."""
+
+    database_url: str
+    redis_url: str
+
+    def config_data(self) -> dict[str, str]:
+        """The ConfigMap keys that name these endpoints."""
+        return {DATABASE_URL_KEY: self.database_url, REDIS_URL_KEY: self.redis_url}
 
 
 def paused_classes(value: str | None) -> list[str]:

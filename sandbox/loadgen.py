@@ -1,11 +1,12 @@
 """A load generator that plays Astra against real PostgreSQL and Redis.
 
-Workers heartbeat into Redis and lease, run, fail, retry and dead-letter tasks in PostgreSQL;
-agents record LLM usage. Fault injection (``sandbox.faults``) steers it through knobs kept in
-Redis rather than in this object, because the CLI that injects a fault runs in another process
-than the loop that ``astra-ops dev`` keeps running. Given a ``ClusterView`` it also plays the
-cluster's side of Astra: the worker pods that run are the workers that heartbeat, and the
-containment knobs of ``astra-config`` (intake pause, budget guard) hold back what they name.
+The scheduler submits tasks; workers heartbeat into Redis and lease, run, fail, retry and
+dead-letter tasks in PostgreSQL; agents record LLM usage. Fault injection (``sandbox.faults``)
+steers it through knobs kept in Redis rather than in this object, because the CLI that injects a
+fault runs in another process than the loop that ``astra-ops dev`` keeps running. Given a
+``ClusterView`` it also plays the cluster's side of Astra: the pods that run are the scheduler,
+workers and agents that work, each connected to the endpoints ``astra-config`` named when it
+started, and the containment knobs (intake pause, budget guard) hold back what they name.
 """
 
 import asyncio
@@ -15,18 +16,48 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import redis.asyncio as aioredis
+from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, Field
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from urllib3.exceptions import HTTPError
 
 from activities.redis_store import AstraKeys, error_class
-from sandbox.platform import ClusterView, PlatformConfig
+from runtime.astra_config import AstraEndpoints
+from runtime.redact import redact
+from sandbox.platform import AGENTS, SCHEDULER, WORKERS, ClusterView, PlatformConfig, PlatformView
 
 log = logging.getLogger(__name__)
+
+POSTGRES = "postgres"
+REDIS = "redis"
+CONNECT_TIMEOUT_SECONDS = 2
+"""How long a pod waits for its database or Redis in one tick: an endpoint that does not answer
+costs the tick's work, never stalls the platform (libpq's shortest connect timeout is 2 s)."""
+
+
+async def connect_database(dsn: str) -> psycopg.AsyncConnection[Any]:
+    """A connection as Astra's pods (and the sandbox's /metrics) open one: failing fast."""
+    return await psycopg.AsyncConnection.connect(dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+
+
+def connect_redis(url: str) -> "aioredis.Redis":
+    """A Redis client that fails fast: the next tick is the retry, so the client makes none."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        socket_timeout=CONNECT_TIMEOUT_SECONDS,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 @dataclass(frozen=True)
@@ -77,6 +108,11 @@ async def write_knobs(client: "aioredis.Redis", keys: SandboxKeys, knobs: Knobs)
     await client.set(keys.knobs, knobs.model_dump_json())
 
 
+async def write_data_marker(client: "aioredis.Redis", keys: AstraKeys) -> None:
+    """Provision Redis as Astra's: its data marker, unless it is there (see ``data_marker``)."""
+    await client.set(keys.data_marker, int(time.time() * 1000), nx=True)
+
+
 class Agent(BaseModel):
     agent_id: str
     tenant: str
@@ -112,13 +148,14 @@ class LoadConfig(BaseModel):
 class StepReport(BaseModel):
     """What one tick did, so tests and the CLI can follow tasks through their states."""
 
-    submitted: list[str]
-    succeeded: list[str]
-    failed: list[str]
-    dead_lettered: list[str]
-    leased: dict[str, list[str]]
-    heartbeats: list[str]
-    llm_calls: int
+    submitted: list[str] = []
+    succeeded: list[str] = []
+    failed: list[str] = []
+    dead_lettered: list[str] = []
+    leased: dict[str, list[str]] = {}
+    heartbeats: list[str] = []
+    """The workers whose heartbeat reached Redis."""
+    llm_calls: int = 0
 
 
 def _failure(
@@ -138,8 +175,96 @@ def _failure(
     return None
 
 
+@dataclass(frozen=True)
+class _Services:
+    """The Deployments the generator plays, as connection errors are labelled."""
+
+    scheduler: str
+    workers: str
+    agents: str
+
+    def dependencies(self) -> list[tuple[str, str]]:
+        """Which service reaches which dependency: the series ``connection_errors`` counts."""
+        return [
+            (self.scheduler, POSTGRES),
+            (self.workers, POSTGRES),
+            (self.workers, REDIS),
+            (self.agents, POSTGRES),
+        ]
+
+
+@dataclass
+class _DatabaseShare:
+    """The part of a tick that goes to one database: the work of the pods connected to it."""
+
+    submit: bool = False
+    workers: list[str] = field(default_factory=list)
+    live: list[str] = field(default_factory=list)
+    llm_calls: int = 0
+    spike: bool = False
+    """Whether the cost spike (if a fault asks for one) is recorded here: by the first agent."""
+    pods: Counter[str] = field(default_factory=Counter)
+    """Pods per service connected here: the attempts that fail when it does not answer."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where this tick's work goes: the endpoints each running pod connected to."""
+
+    services: _Services
+    scheduler: AstraEndpoints | None
+    """The lead scheduler's; None when no scheduler runs, and nothing is submitted."""
+    workers: Mapping[str, AstraEndpoints]
+    agents: list[AstraEndpoints]
+
+    def databases(self, live: list[str], llm_calls: int) -> dict[str, _DatabaseShare]:
+        """Each database's share of the tick, the scheduler's database first; LLM calls are
+        spread over the agents in turn."""
+        shares: dict[str, _DatabaseShare] = {}
+
+        def at(endpoints: AstraEndpoints) -> _DatabaseShare:
+            return shares.setdefault(endpoints.database_url, _DatabaseShare())
+
+        if self.scheduler is not None:
+            at(self.scheduler).submit = True
+            at(self.scheduler).pods[self.services.scheduler] += 1
+        for worker, endpoints in sorted(self.workers.items()):
+            share = at(endpoints)
+            share.workers.append(worker)
+            share.pods[self.services.workers] += 1
+            if worker in live:
+                share.live.append(worker)
+        for agent in self.agents:
+            at(agent).pods[self.services.agents] += 1
+        for call in range(llm_calls if self.agents else 0):
+            at(self.agents[call % len(self.agents)]).llm_calls += 1
+        if self.agents:
+            at(self.agents[0]).spike = True
+        return shares
+
+    def redis(self, live: list[str]) -> dict[str, list[str]]:
+        """The live workers that heartbeat into each Redis."""
+        beating: dict[str, list[str]] = {}
+        for worker in live:
+            if worker in self.workers:
+                beating.setdefault(self.workers[worker].redis_url, []).append(worker)
+        return beating
+
+
 class LoadGenerator:
-    """Plays Astra's workers and agents, one deterministic tick at a time."""
+    """Plays Astra's scheduler, workers and agents, one deterministic tick at a time.
+
+    Given a ``ClusterView``, each running pod of those services connects to the endpoints
+    ``astra-config`` named when the generator first saw the pod run, and keeps them for its
+    life, as a pod keeps the environment it started with. So changing the config moves no
+    traffic; a rolling restart then moves it pod by pod, as the new pods replace the old. A
+    generator that starts finds every pod starting with it. Without a cluster, every service uses
+    the endpoints the generator was given.
+
+    A database or Redis that does not answer costs the pods using it their work for the tick,
+    counted in ``connection_errors``; the next tick tries again, so the platform recovers by
+    itself when the endpoint answers again.
+    """
 
     def __init__(
         self,
@@ -154,12 +279,29 @@ class LoadGenerator:
         self.cluster = cluster
         self.keys = SandboxKeys(key_prefix)
         self.workers = sorted(workers)
-        self._dsn = dsn
-        self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        self._given = AstraEndpoints(database_url=dsn, redis_url=redis_url)
+        self.endpoints = self._given
+        """What a pod starting now connects to: ``astra-config``'s endpoints as last read."""
+        scheduler, pool, agents = cluster.services if cluster else (SCHEDULER, WORKERS, AGENTS)
+        self._services = _Services(scheduler=scheduler, workers=pool, agents=agents)
+        self.connection_errors: dict[tuple[str, str], int] = dict.fromkeys(
+            self._services.dependencies(), 0
+        )
+        """Failed attempts to reach a dependency by (service, dependency), one per pod and tick."""
+        # Fault injection's knobs live in the Redis the generator was given (the sandbox's own
+        # state, not Astra's traffic), so the last ones read stay in force while it is down.
+        self._redis = connect_redis(redis_url)
+        self._clients: dict[str, aioredis.Redis] = {redis_url: self._redis}
+        self._knobs = Knobs()
+        self._lost: set[str] = set()
+        self._marked = False
+        self._started_with: dict[str, AstraEndpoints] = {}  # pod uid -> what it connected to
+        self._unreachable: set[str] = set()
         self._rng = random.Random(self.config.seed)
 
     async def aclose(self) -> None:
-        await self._redis.aclose()
+        for client in self._clients.values():
+            await client.aclose()
 
     def set_workers(self, workers: list[str]) -> None:
         """Follow the sandbox cluster: a replacement pod's worker id is registered next tick."""
@@ -169,60 +311,166 @@ class LoadGenerator:
         """One tick: submit work, let every live worker finish and lease tasks, record LLM calls.
 
         Database changes commit before anything is published to Redis, so a dead letter on the
-        stream always refers to a task that is dead-lettered in PostgreSQL.
+        stream always refers to a task that is dead-lettered in PostgreSQL. Work goes to each
+        pod's own endpoints, one transaction per database, so pods that a rolling restart has
+        not reached yet keep writing where they did.
         """
-        knobs = await read_knobs(self._redis, self.keys)
+        knobs, lost = await self._control()
         platform = PlatformConfig()
         images: dict[str, str] = {}
+        plan = self._plan(None)
         if self.cluster is not None:
             view = await self.cluster.observe()
             self.set_workers(view.workers)
             platform, images = view.config, view.images
-        lost = await self._redis.smembers(self.keys.lost_workers)
+            plan = self._plan(view)
         live = [w for w in self.workers if w not in lost]
-        report = StepReport(
-            submitted=[],
-            succeeded=[],
-            failed=[],
-            dead_lettered=[],
-            leased={},
-            heartbeats=live,
-            llm_calls=0,
+        report = StepReport()
+        dead_letters: dict[str, list[dict[str, str]]] = {}
+        for dsn, share in plan.databases(live, self.config.llm_calls_per_step).items():
+            try:
+                async with await connect_database(dsn) as conn, conn.transaction():
+                    done, published = await self._database_tick(
+                        conn, share, knobs, platform, images
+                    )
+            except (psycopg.Error, OSError) as err:
+                # Refused, cut mid-transaction, or read-only once fenced: the pods' work is lost.
+                self._failed(dsn, share.pods, POSTGRES, err)
+                continue
+            self._answered(dsn)
+            report.submitted += done.submitted
+            report.succeeded += done.succeeded
+            report.failed += done.failed
+            report.dead_lettered += done.dead_lettered
+            report.leased |= done.leased
+            report.llm_calls += done.llm_calls
+            for fields in published:
+                url = plan.workers[fields["worker_id"]].redis_url
+                dead_letters.setdefault(url, []).append(fields)
+        now_ms = int(time.time() * 1000)
+        for url, beating in plan.redis(live).items():
+            try:
+                async with self._client(url).pipeline(transaction=False) as pipe:
+                    for worker in beating:
+                        pipe.set(self.keys.heartbeat(worker), now_ms)
+                    for fields in dead_letters.get(url, []):
+                        pipe.xadd(self.keys.dead_letter, fields)  # type: ignore[arg-type]
+                    await pipe.execute()
+            except (aioredis.RedisError, OSError) as err:
+                self._failed(url, {self._services.workers: len(beating)}, REDIS, err)
+                continue
+            self._answered(url)
+            report.heartbeats += beating
+        report.heartbeats.sort()
+        return report
+
+    async def _control(self) -> tuple[Knobs, set[str]]:
+        """Fault injection's knobs and lost workers; the data marker once Redis first answers.
+
+        The generator provisions the Redis it was given when it first reaches it, as Astra does
+        when it is deployed: a loss before it starts goes unseen, every loss after is reported.
+        """
+        try:
+            if not self._marked:
+                await write_data_marker(self._redis, self.keys)
+                self._marked = True
+            self._knobs = await read_knobs(self._redis, self.keys)
+            self._lost = cast(set[str], await self._redis.smembers(self.keys.lost_workers))
+        except (aioredis.RedisError, OSError):
+            pass  # the workers' heartbeats count the outage; the last knobs stay in force
+        return self._knobs, self._lost
+
+    def _plan(self, view: PlatformView | None) -> _Plan:
+        """Bind each pod seen for the first time to the endpoints the config names now."""
+        services = self._services
+        if view is None:
+            given = self._given
+            return _Plan(services, given, dict.fromkeys(self.workers, given), [given])
+        self.endpoints = AstraEndpoints(
+            database_url=view.database_url or self._given.database_url,
+            redis_url=view.redis_url or self._given.redis_url,
         )
+        running = {pod.uid for pods in view.pods.values() for pod in pods}
+        for gone in self._started_with.keys() - running:
+            del self._started_with[gone]
+        for started in running - self._started_with.keys():
+            self._started_with[started] = self.endpoints
+        schedulers = view.pods.get(services.scheduler, [])
+        return _Plan(
+            services,
+            self._started_with[schedulers[0].uid] if schedulers else None,
+            {pod.name: self._started_with[pod.uid] for pod in view.pods.get(services.workers, [])},
+            [self._started_with[pod.uid] for pod in view.pods.get(services.agents, [])],
+        )
+
+    def _client(self, url: str) -> "aioredis.Redis":
+        if url not in self._clients:
+            self._clients[url] = connect_redis(url)
+        return self._clients[url]
+
+    def _failed(
+        self, endpoint: str, pods: Mapping[str, int], dependency: str, err: Exception
+    ) -> None:
+        for service, count in pods.items():
+            key = (service, dependency)
+            self.connection_errors[key] = self.connection_errors.get(key, 0) + count
+        if endpoint not in self._unreachable:
+            self._unreachable.add(endpoint)
+            log.warning(
+                "%s at %s does not answer (%s); the pods connected to it try again every tick",
+                dependency,
+                redact(endpoint),
+                redact(str(err).strip()),
+            )
+
+    def _answered(self, endpoint: str) -> None:
+        if endpoint in self._unreachable:
+            self._unreachable.discard(endpoint)
+            log.warning("%s answers again; the pods connected to it work again", redact(endpoint))
+
+    async def _database_tick(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        share: _DatabaseShare,
+        knobs: Knobs,
+        platform: PlatformConfig,
+        images: dict[str, str],
+    ) -> tuple[StepReport, list[dict[str, str]]]:
+        """One database's share of the tick, in one transaction; what it did and the dead
+        letters to publish once it has committed."""
+        done = StepReport()
         dead_letters: list[dict[str, str]] = []
-        async with await psycopg.AsyncConnection.connect(self._dsn) as conn, conn.transaction():
+        if share.workers:
             await conn.execute(
                 "INSERT INTO workers (id, pool) SELECT unnest(%s::text[]), %s"
                 " ON CONFLICT (id) DO NOTHING",
-                (self.workers, self.config.pool),
+                (share.workers, self.config.pool),
             )
-            report.submitted = await self._submit(conn)
-            for worker in live:
-                dead_letters += await self._finish(
-                    conn, worker, images.get(worker), knobs, platform, report
-                )
-                report.leased[worker] = await self._lease(conn, worker)
-            report.llm_calls = await self._record_llm_calls(conn, knobs, platform)
-        now_ms = int(time.time() * 1000)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for worker in live:
-                pipe.set(self.keys.heartbeat(worker), now_ms)
-            for fields in dead_letters:
-                pipe.xadd(self.keys.dead_letter, fields)  # type: ignore[arg-type]
-            await pipe.execute()
-        return report
+        if share.submit:
+            done.submitted = await self._submit(conn)
+        for worker in share.live:
+            dead_letters += await self._finish(
+                conn, worker, images.get(worker), knobs, platform, done
+            )
+            done.leased[worker] = await self._lease(conn, worker)
+        if share.llm_calls or share.spike:
+            done.llm_calls = await self._record_llm_calls(
+                conn, knobs, platform, share.llm_calls, share.spike
+            )
+        return done, dead_letters
 
     async def run(self, interval: float = 1.0, stop: asyncio.Event | None = None) -> None:
         """Tick every ``interval`` seconds until ``stop`` is set.
 
-        A failing tick is logged and the loop goes on: game days take PostgreSQL or Redis away on
-        purpose, and Astra keeps trying too.
+        A tick survives PostgreSQL or Redis going away (``step`` counts it); one that cannot read
+        the sandbox cluster is logged and the loop goes on, as Astra keeps running when its
+        control plane does not answer.
         """
         stop = stop or asyncio.Event()
         while not stop.is_set():
             try:
                 await self.step()
-            except (psycopg.Error, aioredis.RedisError, OSError) as err:
+            except (ApiException, HTTPError, OSError) as err:
                 log.warning("load generator tick failed, trying again next tick: %s", err)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
@@ -253,7 +501,7 @@ class LoadGenerator:
                 )
                 rows += 1
         async with (
-            await psycopg.AsyncConnection.connect(self._dsn) as conn,
+            await psycopg.AsyncConnection.connect(self._given.database_url) as conn,
             conn.cursor() as cur,
             cur.copy(
                 "COPY llm_usage (ts, agent_id, tenant, model, tokens, cost_usd) FROM STDIN"
@@ -354,11 +602,16 @@ class LoadGenerator:
         return sorted(str(r[0]) for r in rows)
 
     async def _record_llm_calls(
-        self, conn: psycopg.AsyncConnection[Any], knobs: Knobs, platform: PlatformConfig
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        knobs: Knobs,
+        platform: PlatformConfig,
+        calls: int,
+        spike: bool,
     ) -> int:
         cfg = self.config
         rows: list[tuple[str, str, str, int, float]] = []
-        for _ in range(cfg.llm_calls_per_step):
+        for _ in range(calls):
             agent = self._rng.choice(cfg.agents)
             rows.append(
                 (
@@ -370,7 +623,12 @@ class LoadGenerator:
                 )
             )
         spiking = knobs.spike_agent_id
-        if spiking and knobs.cost_multiplier > 1 and not platform.budget_guard.covers(spiking):
+        if (
+            spike
+            and spiking
+            and knobs.cost_multiplier > 1
+            and not platform.budget_guard.covers(spiking)
+        ):
             # One extra call carries the spike, so the window costs ``cost_multiplier`` x normal
             # and the offending tenant, agent and model top the ranking; a budget guard on the
             # agent (a cap, or a route to a cheaper model) takes it back to its normal spend.

@@ -1,9 +1,10 @@
-"""What the simulated Astra reads from its cluster: which worker pods run, and its config knobs.
+"""What the simulated Astra reads from its cluster: which of its pods run, and its config.
 
-Real Astra workers are pods and obey ``astra-config``; the load generator plays them, so it asks
-the sandbox cluster the same two questions through the real Kubernetes API each tick. That is
-what gives a runbook's containment (an intake pause, a budget guard) and its remediation (a
-deleted, restarted or rolled-back pod) a real effect on the sandbox's data.
+Real Astra services are pods and obey ``astra-config``; the load generator plays them, so it asks
+the sandbox cluster the same questions through the real Kubernetes API each tick. That is what
+gives a runbook's containment (an intake pause, a budget guard), its remediation (a deleted,
+restarted or rolled-back pod) and its repoint (new endpoints, then a rolling restart) a real
+effect on the sandbox's data.
 """
 
 from __future__ import annotations
@@ -17,10 +18,16 @@ from pydantic import BaseModel
 
 from runtime.astra_config import (
     BUDGET_GUARD_KEY,
+    DATABASE_URL_KEY,
     INTAKE_PAUSED_KEY,
+    REDIS_URL_KEY,
     BudgetGuard,
     paused_classes,
 )
+
+SCHEDULER = "astra-scheduler"
+WORKERS = "astra-worker"
+AGENTS = "agent-service"
 
 
 class PlatformConfig(BaseModel):
@@ -30,6 +37,14 @@ class PlatformConfig(BaseModel):
     budget_guard: BudgetGuard = BudgetGuard()
 
 
+class RunningPod(BaseModel):
+    """A ready, non-terminating pod of one of Astra's services."""
+
+    name: str
+    uid: str
+    """A restarted pod is a new pod, with a new uid, that reads its config anew."""
+
+
 class PlatformView(BaseModel):
     workers: list[str]
     """Ready, non-terminating pods of the worker Deployment: the workers that run."""
@@ -37,38 +52,62 @@ class PlatformView(BaseModel):
     """The image each of those workers runs (its pod's first container): a bad build is a
     property of the pods that run it, so a rollback cures it."""
     config: PlatformConfig
+    pods: dict[str, list[RunningPod]] = {}
+    """The running pods of each service that holds connections (scheduler, workers, agents),
+    oldest first: the oldest scheduler pod holds the lead until it goes."""
+    database_url: str | None = None
+    """``astra-config``'s DATABASE_URL now: what a pod that starts now connects to."""
+    redis_url: str | None = None
+    """``astra-config``'s REDIS_URL now."""
 
 
 class ClusterView:
-    """Reads the worker pool and the config of one Astra namespace in the sandbox cluster."""
+    """Reads the running pods and the config of one Astra namespace in the sandbox cluster."""
 
     def __init__(
         self,
         api: ApiClient,
         namespace: str = "astra",
-        pool: str = "astra-worker",
+        pool: str = WORKERS,
         config_map: str = "astra-config",
+        scheduler: str = SCHEDULER,
+        agents: str = AGENTS,
     ) -> None:
         self._core = CoreV1Api(api)
         self.namespace = namespace
         self.pool = pool
         self.config_map = config_map
+        self.services = (scheduler, pool, agents)
 
     async def observe(self) -> PlatformView:
         # The kubernetes client is synchronous; keep it off the load generator's event loop.
         return await asyncio.to_thread(self._observe)
 
     def _observe(self) -> PlatformView:
-        selector = f"app={self.pool}"
+        selector = f"app in ({','.join(self.services)})"
         pods: Any = self._core.list_namespaced_pod(self.namespace, label_selector=selector)
-        running = [
-            pod
-            for pod in pods.items
-            if pod.metadata.deletion_timestamp is None
-            and any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
-        ]
-        workers = sorted(pod.metadata.name for pod in running)
-        images = {pod.metadata.name: pod.spec.containers[0].image for pod in running}
+        running = sorted(
+            (
+                pod
+                for pod in pods.items
+                if pod.metadata.deletion_timestamp is None
+                and any(
+                    c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []
+                )
+            ),
+            key=lambda pod: (pod.metadata.creation_timestamp, pod.metadata.name),
+        )
+        by_service: dict[str, list[RunningPod]] = {service: [] for service in self.services}
+        for pod in running:
+            by_service[pod.metadata.labels["app"]].append(
+                RunningPod(name=pod.metadata.name, uid=pod.metadata.uid)
+            )
+        workers = sorted(pod.name for pod in by_service[self.pool])
+        images = {
+            pod.metadata.name: pod.spec.containers[0].image
+            for pod in running
+            if pod.metadata.labels["app"] == self.pool
+        }
         try:
             data = self._core.read_namespaced_config_map(self.config_map, self.namespace).data
         except ApiException as err:
@@ -83,4 +122,7 @@ class ClusterView:
                 paused_error_classes=paused_classes(data.get(INTAKE_PAUSED_KEY)),
                 budget_guard=BudgetGuard.parse(data.get(BUDGET_GUARD_KEY)),
             ),
+            pods=by_service,
+            database_url=data.get(DATABASE_URL_KEY),
+            redis_url=data.get(REDIS_URL_KEY),
         )

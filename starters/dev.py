@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from runtime import search_attributes as sa
 from runtime.access import load_policy
+from runtime.astra_config import AstraEndpoints
 from runtime.client import DevStack, TemporalUnavailable, connect, dev_stack_marker
 from runtime.keys import new_key_line
 from runtime.migrations import MigrationError, upgrade
@@ -169,7 +170,11 @@ async def run_dev(settings: Settings) -> int:
         return 1
     stack = Stack(settings)
     cluster = FakeCluster(rollout_seconds=settings.kube_rollout_seconds)
-    seed_astra(cluster)
+    # The sandbox's Astra connects to what its config names: the data plane this stack uses.
+    seed_astra(
+        cluster,
+        endpoints=AstraEndpoints(database_url=settings.database_url, redis_url=settings.redis_url),
+    )
     kube = FakeKubeServer(cluster, port=settings.kube_port)
 
     stopping = asyncio.Event()

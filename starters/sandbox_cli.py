@@ -281,12 +281,7 @@ async def _serve(settings: Settings, kube_url: str) -> None:
         key_prefix=settings.redis_key_prefix,
         cluster=ClusterView(api, namespace=settings.kube_namespace),
     )
-    app = MetricsApp(
-        settings.database_url,
-        settings.redis_url,
-        settings.redis_key_prefix,
-        pool=lambda: generator.workers,
-    )
+    app = MetricsApp.of(generator)
     server = _MetricsServer(
         uvicorn.Config(
             app, host="127.0.0.1", port=settings.sandbox_metrics_port, log_level="warning"

@@ -62,8 +62,8 @@ def new_prefix() -> str:
     return f"astra_test_{uuid.uuid4().hex}:"
 
 
-async def delete_prefix(prefix: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
+async def delete_prefix(prefix: str, redis_url: str = REDIS_URL) -> None:
+    client = aioredis.Redis.from_url(redis_url)
     try:
         keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
         if keys:

@@ -16,12 +16,15 @@ from typing import Any
 
 import psycopg
 import pytest
+from kubernetes.client import CoreV1Api
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.kubernetes import unauthenticated_client
+from runtime.astra_config import AstraEndpoints
 from runtime.settings import Settings
 from sandbox.faults import SandboxTarget
+from sandbox.kube.seed import ASTRA_NAMESPACE, CONFIG_MAP
 from sandbox.loadgen import LoadConfig, LoadGenerator
 from sandbox.platform import ClusterView
 from tests.conftest_kube import KubeSandbox, eventually
@@ -60,6 +63,12 @@ async def running_astra(target: SandboxTarget, kube_url: str) -> AsyncIterator[R
     """Astra played on ``target`` and the sandbox cluster at ``kube_url``, ticking until the
     block ends."""
     api = unauthenticated_client(kube_url)
+    # Astra is deployed on the test's data plane: its pods connect to what ``astra-config``
+    # names, as the dev stack's seed names the dev data plane.
+    endpoints = AstraEndpoints(database_url=target.dsn, redis_url=target.redis_url)
+    CoreV1Api(api).patch_namespaced_config_map(
+        CONFIG_MAP, ASTRA_NAMESPACE, {"data": endpoints.config_data()}
+    )
     generator = LoadGenerator(
         target.dsn,
         target.redis_url,

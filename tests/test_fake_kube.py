@@ -10,7 +10,8 @@ import pytest
 from kubernetes.client import ApiException, AppsV1Api, CoreV1Api
 
 from activities.kube_annotations import REVISION, REVISION_HISTORY
-from sandbox.kube import template_hash
+from runtime.astra_config import AstraEndpoints
+from sandbox.kube import seed_astra, template_hash
 from tests import conftest_kube
 from tests.conftest_kube import KubeSandbox, eventually
 
@@ -85,9 +86,7 @@ def test_seeded_astra_is_running(kube: KubeSandbox) -> None:
         assert all(p.status.phase == "Running" for p in pods)
         assert all(p.metadata.name.startswith(f"{name}-") for p in pods)
     config = core(kube).read_namespaced_config_map("astra-config", NS).data
-    assert config["TASK_SHARD_COUNT"] == "8"
-    assert config["DATABASE_URL"] == "postgresql://127.0.0.1:5432/astra_sandbox"
-    assert config["REDIS_URL"] == "redis://127.0.0.1:6379/0"
+    assert config == {"TASK_SHARD_COUNT": "8"}  # seeded without a data plane: no endpoints
     vault = core(kube).read_namespaced_secret("astra-vault", NS).data
     assert set(vault) == {"ASTRA_VAULT_ADDR", "ASTRA_VAULT_TOKEN", "ASTRA_VAULT_PATH"}
     assert base64.b64decode(vault["ASTRA_VAULT_TOKEN"]) == b"sandbox-not-a-real-token"
@@ -97,6 +96,20 @@ def test_seeded_astra_is_running(kube: KubeSandbox) -> None:
         assert set(tls.data) == {"tls.crt", "tls.key"}
     assert "astra" in {n.metadata.name for n in core(kube).list_namespace().items}
     assert core(kube).read_namespace("astra").status.phase == "Active"
+
+
+def test_a_seed_given_a_data_plane_names_its_endpoints_in_the_config(kube: KubeSandbox) -> None:
+    endpoints = AstraEndpoints(
+        database_url="postgresql://postgres@127.0.0.1:5432/astra_elsewhere",
+        redis_url="redis://127.0.0.1:6390/2",
+    )
+    seed_astra(kube.cluster, namespace="astra-given", endpoints=endpoints)
+    config = core(kube).read_namespaced_config_map("astra-config", "astra-given").data
+    assert config == {
+        "TASK_SHARD_COUNT": "8",
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/astra_elsewhere",
+        "REDIS_URL": "redis://127.0.0.1:6390/2",
+    }
 
 
 def test_config_map_crud_and_resource_versions(kube: KubeSandbox) -> None:

@@ -44,9 +44,7 @@ async def test_a_lost_worker_alerts_opens_an_incident_runs_its_runbook_and_resol
     )
     target = astra.target
     # Astra reports the workers whose pods run: a replaced worker's heartbeat leaves /metrics.
-    metrics = MetricsApp(
-        target.dsn, target.redis_url, target.key_prefix, pool=lambda: astra.generator.workers
-    )
+    metrics = MetricsApp.of(astra.generator)
     token = ALERTMANAGER["Authorization"].removeprefix("Bearer ")
     async with (
         incident_worker(desk),

@@ -76,8 +76,11 @@ async def test_reset_empties_the_tables_and_only_its_own_keys(
     try:
         await reset(data_plane.dsn, data_plane.redis_url, data_plane.key_prefix)
         assert await fetch(data_plane.dsn, "SELECT count(*) FROM tasks") == [(0,)]
-        assert await redis_client.exists(SandboxKeys(data_plane.key_prefix).dead_letter) == 0
+        keys = SandboxKeys(data_plane.key_prefix)
+        assert await redis_client.exists(keys.dead_letter) == 0
         assert await redis_client.get(neighbour) == "1"
+        # An emptied sandbox is not one that lost its data: /metrics must not say it did.
+        assert await redis_client.exists(keys.data_marker) == 1
     finally:
         await redis_client.delete(neighbour)
 

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from activities.redis_store import AstraKeys
 from runtime.migrations import (
     Migration,
     MigrationError,
@@ -21,6 +22,7 @@ from runtime.migrations import (
     read_migrations,
     reason,
 )
+from sandbox.loadgen import write_data_marker
 
 # Any constant works; it only has to be the same for every migrator so that two processes that
 # start at once (``astra-ops dev`` and a test, say) apply each migration once, one after the other.
@@ -113,7 +115,8 @@ async def require_sandbox(dsn: str) -> None:
 
 
 async def reset(dsn: str, redis_url: str, key_prefix: str = "astra:") -> None:
-    """Return the sandbox to a clean state: empty the contract tables and delete its Redis keys.
+    """Return the sandbox to a clean state: empty the contract tables and delete its Redis keys
+    (all but a fresh data marker).
 
     Refused, before anything changes, for a database that is not the sandbox's. Only keys under
     ``key_prefix`` go, never the whole Redis, which other users may share. astra-ops's own tables
@@ -136,5 +139,7 @@ async def reset(dsn: str, redis_url: str, key_prefix: str = "astra:") -> None:
                 batch.clear()
         if batch:
             await client.unlink(*batch)
+        # An empty sandbox, not one that lost its data: /metrics must not report a loss.
+        await write_data_marker(client, AstraKeys(key_prefix))
     finally:
         await client.aclose()

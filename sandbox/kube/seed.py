@@ -6,6 +6,7 @@ import base64
 from typing import Any
 
 from activities.kube_annotations import CHANGE_CAUSE
+from runtime.astra_config import AstraEndpoints
 from sandbox.kube.cluster import FakeCluster
 
 ASTRA_NAMESPACE = "astra"
@@ -21,11 +22,7 @@ DEPLOYMENTS: dict[str, int] = {
 }
 TLS_SERVICES = ("agent-service", "goal-service", "gateway")
 RELEASE = "1.0.0"
-ASTRA_CONFIG: dict[str, str] = {
-    "TASK_SHARD_COUNT": "8",
-    "DATABASE_URL": "postgresql://127.0.0.1:5432/astra_sandbox",
-    "REDIS_URL": "redis://127.0.0.1:6379/0",
-}
+ASTRA_CONFIG: dict[str, str] = {"TASK_SHARD_COUNT": "8"}
 VAULT_SETTINGS: dict[str, str] = {
     "ASTRA_VAULT_ADDR": "http://127.0.0.1:8200",
     "ASTRA_VAULT_TOKEN": "sandbox-not-a-real-token",
@@ -74,15 +71,25 @@ def deployment_manifest(
     }
 
 
-def seed_astra(cluster: FakeCluster, namespace: str = ASTRA_NAMESPACE) -> None:
-    """Create Astra's namespace, config, secrets and deployments, with every pod already Running."""
+def seed_astra(
+    cluster: FakeCluster,
+    namespace: str = ASTRA_NAMESPACE,
+    endpoints: AstraEndpoints | None = None,
+) -> None:
+    """Create Astra's namespace, config, secrets and deployments, with every pod already Running.
+
+    ``endpoints`` are the database and Redis the sandbox's Astra really uses (the dev stack's
+    settings); the simulated platform connects to what ``astra-config`` names, so a seed with
+    made-up endpoints would send it nowhere. Without them the config names none, and the load
+    generator's pods use the endpoints it was started with.
+    """
     cluster.create("namespaces", None, {"metadata": {"name": namespace}})
     cluster.create(
         "configmaps",
         namespace,
         {
             "metadata": {"name": CONFIG_MAP, "labels": {"part-of": "astra"}},
-            "data": dict(ASTRA_CONFIG),
+            "data": {**ASTRA_CONFIG, **(endpoints.config_data() if endpoints else {})},
         },
     )
     cluster.create(
