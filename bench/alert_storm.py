@@ -4,9 +4,11 @@ beside bare signal-with-start of the same count on the same dev server, in the s
 The notifications (version 4, bearer-authenticated as Alertmanager) fall in ``--groups`` alert
 groups; each group's are repeats and changes of the same few alerts, as a flapping group sends.
 The API runs in its own process (`astra-ops api`, outside dev mode: it signs what it hands the
-incident) and the production worker in this one. The limit is the same count of
-signal-with-start calls straight to Temporal from here, on a workflow that only counts signals:
-no HTTP, no authentication, no validation, no signature, no incident.
+incident), and so does the production worker (`astra-ops worker`), so that the sender here does
+not take their CPU. The limit is the same count of signal-with-start calls straight to Temporal
+from here, on a workflow that only counts signals, served by a worker process of its own with the
+same converter and sandbox: no HTTP, no authentication, no validation, no signature, no
+incident.
 
 Printed: notifications per second, incidents opened (one per group, however many notifications
 and however concurrent), and the seconds from a group's first POST (or call) to its workflow's
@@ -28,28 +30,32 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 from bare_workflow import Mailbox
-from harness import cache_bytecode, dev_server, free_port, sandbox_cluster, wait_until_listening
+from harness import (
+    HttpConnections,
+    WorkerProcess,
+    cache_bytecode,
+    dev_server,
+    free_port,
+    sandbox_cluster,
+    wait_until_listening,
+)
 from psycopg.conninfo import make_conninfo
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.worker import Worker
 
 from runtime.identity import load_signer, new_signing_key_line
 from runtime.keys import new_key_line
 from runtime.migrations import upgrade
-from runtime.settings import ENV_PREFIX, Settings
+from runtime.settings import ENV_PREFIX
 from sandbox.db import drop_database, migrate
 from starters.api import ALERTS_PATH
-from workers.worker import running_worker
 from workflows.incident_models import INCIDENT_WORKFLOW, incident_id_for_group
 
 QUEUE = "bench-alert-storm"
@@ -158,16 +164,18 @@ async def main(count: int, groups: int, concurrency: int) -> None:
             kube_url, _ = await stack.enter_async_context(sandbox_cluster())
             key_file = Path(tmp) / "signing.key"
             key_file.write_text(signing)
-            settings = Settings(
-                temporal_address=env.client.service_client.config.target_host,
-                codec_keys=keys,
-                kube_url=kube_url,
-                task_queue=QUEUE,
-                database_url=dsn,
-                signing_key_file=key_file,
-                trusted_keys=signer.public_line(),
-                postmortem_dir=Path(tmp) / "postmortems",
-            )
+            env_of = {
+                "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
+                "CODEC_KEYS": keys,
+                "KUBE_URL": kube_url,
+                "TASK_QUEUE": QUEUE,
+                "DATABASE_URL": dsn,
+                "SIGNING_KEY_FILE": str(key_file),
+                "TRUSTED_KEYS": signer.public_line(),
+                "POSTMORTEM_DIR": str(Path(tmp) / "postmortems"),
+                "DEV_MODE": "false",
+            }
+            children = {**os.environ, **{f"{ENV_PREFIX}{k}": v for k, v in env_of.items()}}
             port = free_port()
             api = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -175,34 +183,32 @@ async def main(count: int, groups: int, concurrency: int) -> None:
                 "starters.cli",
                 "api",
                 env={
-                    **os.environ,
-                    f"{ENV_PREFIX}TEMPORAL_ADDRESS": settings.temporal_address,
-                    f"{ENV_PREFIX}CODEC_KEYS": keys,
-                    f"{ENV_PREFIX}TASK_QUEUE": QUEUE,
-                    f"{ENV_PREFIX}DATABASE_URL": dsn,
-                    f"{ENV_PREFIX}SIGNING_KEY_FILE": str(key_file),
-                    f"{ENV_PREFIX}TRUSTED_KEYS": signer.public_line(),
+                    **children,
                     f"{ENV_PREFIX}API_PORT": str(port),
                     f"{ENV_PREFIX}ALERTMANAGER_TOKENS": f"{TOKEN}:alertmanager",
                 },
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
             )
+            workers = [
+                WorkerProcess.astra_ops(children, Path(tmp) / "worker.log"),
+                WorkerProcess.bare(
+                    "Mailbox",
+                    {**children, f"{ENV_PREFIX}TASK_QUEUE": BARE_QUEUE},
+                    Path(tmp) / "bare-worker.log",
+                ),
+            ]
             try:
                 await wait_until_listening(port)
-                with ThreadPoolExecutor(16) as executor:
-                    async with (
-                        running_worker(env.client, settings, executor),
-                        Worker(env.client, task_queue=BARE_QUEUE, workflows=[Mailbox]),
-                        httpx.AsyncClient(
-                            base_url=f"http://127.0.0.1:{port}",
-                            headers={"Authorization": f"Bearer {TOKEN}"},
-                            limits=httpx.Limits(max_connections=concurrency),
-                            timeout=60,
-                        ) as http,
-                    ):
-                        await report(env.client, http, count, groups, concurrency, run)
+                for worker in workers:
+                    await worker.start()
+                async with HttpConnections(
+                    port, {"Authorization": f"Bearer {TOKEN}"}, concurrency
+                ) as http:
+                    await report(env.client, http, count, groups, concurrency, run)
             finally:
+                for worker in workers:
+                    await worker.stop()
                 api.terminate()
                 await api.wait()
     finally:
@@ -212,14 +218,14 @@ async def main(count: int, groups: int, concurrency: int) -> None:
 
 
 async def report(
-    client: Client, http: httpx.AsyncClient, count: int, groups: int, concurrency: int, run: str
+    client: Client, http: HttpConnections, count: int, groups: int, concurrency: int, run: str
 ) -> None:
     payloads = notifications(count, groups, run)
 
     async def post(payload: dict[str, Any]) -> None:
-        answer = await http.post(ALERTS_PATH, json=payload)
-        if not answer.is_success:
-            raise RuntimeError(f"the webhook answered {answer.status_code}: {answer.text}")
+        status, answer = await http.post(ALERTS_PATH, payload)
+        if not 200 <= status < 300:
+            raise RuntimeError(f"the webhook answered {status}: {answer.decode()}")
 
     seconds, first = await storm(payloads, concurrency, post)
     incidents = {g: incident_id_for_group(g) for g in first}

@@ -1,9 +1,10 @@
-"""What the benchmarks share: a dev server and a sandbox cluster of their own, signed starts, and
-reading a process's CPU time and memory from Linux's /proc."""
+"""What the benchmarks share: a dev server and a sandbox cluster of their own, workers in processes
+of their own, a lean HTTP client, and reading a process's CPU time and memory from Linux's /proc."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import sys
@@ -12,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from temporalio.testing import WorkflowEnvironment
 
@@ -28,6 +30,27 @@ for namespace in sys.argv[3:]:
 asyncio.run(FakeKubeServer(cluster, port=int(sys.argv[1])).serve_forever())
 """
 PYCACHE = Path(tempfile.gettempdir()) / "astra-ops-bench-pycache"
+SERVE_BARE = """
+import asyncio, signal, sys
+sys.path.insert(0, sys.argv[1])
+import bare_workflow
+from temporalio.worker import Worker
+from runtime.client import connect
+from runtime.settings import Settings
+from workers.worker import workflow_runner
+
+async def main():
+    settings = Settings()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    client = await connect(settings)
+    workflow = getattr(bare_workflow, sys.argv[2])
+    async with Worker(client, task_queue=settings.task_queue, workflows=[workflow],
+                      workflow_runner=workflow_runner()):
+        await stop.wait()
+
+asyncio.run(main())
+"""
 
 
 def cache_bytecode() -> None:
@@ -128,3 +151,94 @@ async def until_idle(pid: int, below: float = 0.05, every: float = 1.0) -> None:
         await asyncio.sleep(every)
         if cpu_seconds(pid) - before < below * every:
             return
+
+
+class WorkerProcess:
+    """A worker in a process of its own, so that its CPU and memory are its own, the bench's
+    client does not starve it, and it can restart."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.argv, self.env, self.log = argv, env, log
+        self.process: asyncio.subprocess.Process | None = None
+
+    @classmethod
+    def astra_ops(cls, env: dict[str, str], log: Path) -> WorkerProcess:
+        """The production worker, `astra-ops worker`."""
+        return cls([str(Path(sys.executable).parent / "astra-ops"), "worker"], env, log)
+
+    @classmethod
+    def bare(cls, workflow: str, env: dict[str, str], log: Path) -> WorkerProcess:
+        """A worker of one of bare_workflow's baselines, with the same converter and sandbox."""
+        argv = [sys.executable, "-c", SERVE_BARE, str(Path(__file__).parent), workflow]
+        return cls(argv, env, log)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        if self.process.returncode is not None:
+            raise RuntimeError(
+                f"the worker exited ({self.process.returncode}); its log: {self.log}\n"
+                + "\n".join(self.log.read_text().splitlines()[-20:])
+            )
+        return self.process.pid
+
+    async def start(self) -> None:
+        with self.log.open("a") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv, env=self.env, stdout=log, stderr=log
+            )
+        await until_idle(self.pid)  # imported, connected and polling
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+
+
+class HttpConnections:
+    """Keep-alive HTTP/1.1 connections for posting JSON as fast as a server takes it.
+
+    httpx's pool spends more CPU per request than the API under test does (its pool checks every
+    connection on every request), so a storm sent with it measures the sender. This writes a
+    request and reads the answer's status line, headers and ``Content-Length`` body, nothing more.
+    """
+
+    def __init__(self, port: int, headers: dict[str, str], connections: int) -> None:
+        self.port, self.connections = port, connections
+        self.head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+            asyncio.Queue()
+        )
+
+    async def __aenter__(self) -> HttpConnections:
+        for _ in range(self.connections):
+            self.idle.put_nowait(await asyncio.open_connection("127.0.0.1", self.port))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        while not self.idle.empty():
+            self.idle.get_nowait()[1].close()
+
+    async def post(self, path: str, body: Any) -> tuple[int, bytes]:
+        """POST ``body`` as JSON: the status code and the body of the answer."""
+        data = json.dumps(body).encode()
+        reader, writer = await self.idle.get()
+        try:
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{self.head}"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                + data
+            )
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            length = next(
+                int(line.split(":", 1)[1])
+                for line in head
+                if line.lower().startswith("content-length:")
+            )
+            answer = await reader.readexactly(length)
+        except BaseException:
+            writer.close()
+            self.idle.put_nowait(await asyncio.open_connection("127.0.0.1", self.port))
+            raise
+        self.idle.put_nowait((reader, writer))
+        return int(head[0].split()[1]), answer

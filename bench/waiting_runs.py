@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bare_workflow import WaitForSignal
-from harness import cache_bytecode, dev_server, rss_bytes, sandbox_cluster, until_idle
+from harness import (
+    WorkerProcess,
+    cache_bytecode,
+    dev_server,
+    rss_bytes,
+    sandbox_cluster,
+    until_idle,
+)
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -51,57 +58,6 @@ STARTS_AT_ONCE = 100
 MIB = 1024 * 1024
 # Runs a worker keeps in memory unless told otherwise (the SDK's default, which astra-ops keeps).
 CACHE: int = inspect.signature(Worker).parameters["max_cached_workflows"].default
-SERVE_BARE = """
-import asyncio, signal, sys
-sys.path.insert(0, sys.argv[1])
-from bare_workflow import WaitForSignal
-from temporalio.worker import Worker
-from runtime.client import connect
-from runtime.settings import Settings
-from workers.worker import workflow_runner
-
-async def main():
-    settings = Settings()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    client = await connect(settings)
-    runner = workflow_runner()
-    async with Worker(client, task_queue=settings.task_queue, workflows=[WaitForSignal],
-                      workflow_runner=runner):
-        await stop.wait()
-
-asyncio.run(main())
-"""
-
-
-class WorkerProcess:
-    """A worker in a process of its own, so that its memory is its own and it can restart."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.argv, self.env, self.log = argv, env, log
-        self.process: asyncio.subprocess.Process | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        if self.process.returncode is not None:
-            raise RuntimeError(
-                f"the worker exited ({self.process.returncode}); its log: {self.log}\n"
-                + "\n".join(self.log.read_text().splitlines()[-20:])
-            )
-        return self.process.pid
-
-    async def start(self) -> None:
-        with self.log.open("a") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                *self.argv, env=self.env, stdout=log, stderr=log
-            )
-        await until_idle(self.pid)  # imported, connected and polling
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            await self.process.wait()
 
 
 @dataclass
@@ -264,8 +220,7 @@ async def main(runs: int, at_once: int) -> None:
             kinds = [
                 Kind(
                     name="shard-scaling",
-                    worker=WorkerProcess(
-                        [str(Path(sys.executable).parent / "astra-ops"), "worker"],
+                    worker=WorkerProcess.astra_ops(
                         {**worker_env, "ASTRA_OPS_TASK_QUEUE": QUEUE},
                         logs / "shard-scaling-worker.log",
                     ),
@@ -276,8 +231,8 @@ async def main(runs: int, at_once: int) -> None:
                 ),
                 Kind(
                     name="wait-for-signal",
-                    worker=WorkerProcess(
-                        [sys.executable, "-c", SERVE_BARE, str(Path(__file__).parent)],
+                    worker=WorkerProcess.bare(
+                        "WaitForSignal",
                         {**worker_env, "ASTRA_OPS_TASK_QUEUE": BARE_QUEUE},
                         logs / "bare-worker.log",
                     ),

@@ -72,13 +72,17 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     pydantic schemas are costly to build), the step runner and approval gate (workflow code
     without module state, deterministic as the replay tests check) and ``runtime`` (constants,
     redaction, identity). That halves a run's first workflow task (96 -> 56 ms per replay of a
-    Shard Scaling dry-run). Each runbook's own module stays in the sandbox, with its checks.
+    Shard Scaling dry-run). The incident's rules and messages (constants and pure functions) are
+    shared the same way: every incident opened re-imported them. Each workflow's own module stays
+    in the sandbox, with its checks.
     cryptography's native bindings (signature checks) cannot be loaded twice in one process.
     """
     return SandboxedWorkflowRunner(
         restrictions=SandboxRestrictions.default.with_passthrough_modules(
             "workflows.models",
             "workflows.incident_models",
+            "workflows.incident_rules",
+            "workflows.incident_messages",
             "workflows.runbook",
             "workflows.steps",
             "workflows.approval",
