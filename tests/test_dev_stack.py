@@ -12,6 +12,8 @@ import httpx
 import psycopg
 
 from runtime.migrations import ASTRA, STATE, VERSIONS_TABLE, migrations
+from sandbox.faults import SandboxTarget
+from sandbox.servers import DataPlane
 from starters.api import ALERTS_PATH, CODEC_PATH
 from starters.dev import DEV_ALERT_TOKEN
 from tests.conftest_data import NewDatabase
@@ -25,12 +27,11 @@ def listening(port: int) -> bool:
 
 
 async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
-    tmp_path: Path, new_database: NewDatabase, redis_prefix: str
+    tmp_path: Path, new_database: NewDatabase, redis_prefix: str, data_servers: DataPlane
 ) -> None:
     database = await new_database()  # empty: the stack migrates it as `astra-ops setup` would
-    stack = dev_stack_config(
-        tmp_path / "state", tmp_path / "dev.log", database, redis_prefix, "dev-stack-test"
-    )
+    data = SandboxTarget(dsn=database, redis_url=data_servers.redis_url, key_prefix=redis_prefix)
+    stack = dev_stack_config(tmp_path / "state", tmp_path / "dev.log", data, "dev-stack-test")
     async with running(stack) as proc, httpx.AsyncClient(base_url=stack.api, timeout=30) as http:
         async with await psycopg.AsyncConnection.connect(database) as conn:
             rows = await (
