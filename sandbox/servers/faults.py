@@ -48,8 +48,9 @@ async def postgres_primary(plane: DataPlane) -> PostgresServer:
         if row is not None and not row[0]:
             return server
     raise ServerError(
-        "no PostgreSQL primary of ours answers (is it down already? "
-        f"{', '.join(f'{s.name} :{s.port}' for s in plane.postgres) or 'none run'})"
+        "no PostgreSQL primary of ours answers "
+        f"({', '.join(f'{s.name} :{s.port}' for s in plane.postgres) or 'none runs'}): it is "
+        "down already; promote the replica or restart `astra-ops dev` first"
     )
 
 
@@ -68,8 +69,9 @@ async def redis_primary(plane: DataPlane) -> RedisServer:
         if role and role[0] == "master":
             return server
     raise ServerError(
-        "no Redis primary of ours answers (is it down already? "
-        f"{', '.join(f'{s.name} :{s.port}' for s in plane.redis) or 'none run'})"
+        "no Redis primary of ours answers "
+        f"({', '.join(f'{s.name} :{s.port}' for s in plane.redis) or 'none runs'}): it is down "
+        "already; promote the replica or restart `astra-ops dev` first"
     )
 
 
