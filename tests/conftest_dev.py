@@ -27,6 +27,7 @@ from tests.conftest_kube import eventually
 
 ALICE = {"Authorization": "Bearer alice-dev-token"}
 BOB = {"Authorization": "Bearer bob-dev-token"}
+CAROL = {"Authorization": "Bearer carol-dev-token"}
 STARTUP_SECONDS = 90
 
 
