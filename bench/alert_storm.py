@@ -43,18 +43,16 @@ from harness import (
     dev_server,
     free_port,
     sandbox_cluster,
+    scratch_database,
     wait_until_listening,
 )
-from psycopg.conninfo import make_conninfo
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy
 
 from runtime.identity import load_signer, new_signing_key_line
 from runtime.keys import new_key_line
-from runtime.migrations import upgrade
 from runtime.settings import ENV_PREFIX
-from sandbox.db import drop_database, migrate
 from starters.api import ALERTS_PATH
 from workflows.incident_models import INCIDENT_WORKFLOW, incident_id_for_group
 
@@ -62,9 +60,6 @@ QUEUE = "bench-alert-storm"
 BARE_QUEUE = f"{QUEUE}-bare"
 TOKEN = "bench-alertmanager-token"
 ALERTS_PER_GROUP = 3
-ADMIN_DSN = os.environ.get(
-    "ASTRA_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 
 
 def notifications(count: int, groups: int, run: str) -> list[dict[str, Any]]:
@@ -152,13 +147,10 @@ async def main(count: int, groups: int, concurrency: int) -> None:
     signing = new_signing_key_line("bench-api")
     signer = load_signer(signing)
     env = await dev_server(keys)
-    database = f"astra_bench_{uuid.uuid4().hex[:8]}"
-    dsn = make_conninfo(ADMIN_DSN, dbname=database)
-    await migrate(dsn)
-    await upgrade(dsn, dsn)
     run = uuid.uuid4().hex[:6]
     stack = AsyncExitStack()
     try:
+        dsn = await stack.enter_async_context(scratch_database())
         with tempfile.TemporaryDirectory() as tmp:
             # The worker's Kubernetes client needs a cluster, though no runbook runs here.
             kube_url, _ = await stack.enter_async_context(sandbox_cluster())
@@ -214,7 +206,6 @@ async def main(count: int, groups: int, concurrency: int) -> None:
     finally:
         await stack.aclose()
         await env.shutdown()
-        await drop_database(ADMIN_DSN, database)
 
 
 async def report(

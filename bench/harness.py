@@ -1,25 +1,32 @@
-"""What the benchmarks share: a dev server and a sandbox cluster of their own, workers in processes
-of their own, a lean HTTP client, and reading a process's CPU time and memory from Linux's /proc."""
+"""What the benchmarks share: a dev server, a sandbox cluster and a scratch database of their
+own, workers in processes of their own, a lean HTTP client, and reading a process's CPU time and
+memory from Linux's /proc."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from psycopg.conninfo import make_conninfo
 from temporalio.testing import WorkflowEnvironment
 
 from runtime import search_attributes as sa
 from runtime.client import data_converter
+from runtime.migrations import upgrade
 from runtime.settings import Settings
+from sandbox.db import drop_database, migrate
+from sandbox.servers import running_data_plane, scratch_dir
 
 SERVE_KUBE = """
 import asyncio, sys
@@ -51,6 +58,11 @@ async def main():
 
 asyncio.run(main())
 """
+# The tests' servers (tests/conftest_data.py reads the same variables).
+PG_ADMIN_DSN = os.environ.get(
+    "ASTRA_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("ASTRA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def cache_bytecode() -> None:
@@ -75,6 +87,25 @@ async def dev_server(keys: str) -> WorkflowEnvironment:
         search_attributes=sa.ALL,
         dev_server_log_level="error",
     )
+
+
+@asynccontextmanager
+async def scratch_database() -> AsyncIterator[str]:
+    """A new database migrated as the dev stack migrates it, dropped afterwards: on the tests'
+    PostgreSQL where it answers, else on a server of the benchmark's own."""
+    directory = scratch_dir("astra-bench-data-")
+    try:
+        async with running_data_plane(directory, PG_ADMIN_DSN, REDIS_URL) as plane:
+            name = f"astra_bench_{uuid.uuid4().hex[:8]}"
+            dsn = make_conninfo(plane.postgres_url, dbname=name)
+            await migrate(dsn)
+            try:
+                await upgrade(dsn, dsn)
+                yield dsn
+            finally:
+                await drop_database(plane.postgres_url, name)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
 import time
 import tracemalloc
 import uuid
@@ -23,17 +22,12 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import psycopg
-from psycopg.conninfo import make_conninfo
+from harness import scratch_database
 from temporalio.testing import ActivityEnvironment
 
 from activities.postgres import PostgresActivities, RequeueLostWorker
-from runtime.migrations import upgrade
-from sandbox.db import drop_database, migrate
 
 LOST = "astra-worker-lost"
-ADMIN_DSN = os.environ.get(
-    "ASTRA_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 
 
 async def load(dsn: str, tasks: int) -> None:
@@ -76,11 +70,7 @@ async def measure(run: Callable[[], Awaitable[int]]) -> tuple[int, float, int]:
 
 
 async def main(tasks: int, batch_size: int, repeat: int) -> None:
-    name = f"astra_bench_{uuid.uuid4().hex[:8]}"
-    dsn = make_conninfo(ADMIN_DSN, dbname=name)
-    await migrate(dsn)
-    try:
-        await upgrade(dsn, dsn)
+    async with scratch_database() as dsn:
         await load(dsn, tasks)
         activities = PostgresActivities(dsn)
         env = ActivityEnvironment()
@@ -114,8 +104,6 @@ async def main(tasks: int, batch_size: int, repeat: int) -> None:
                 assert rows == tasks, f"{label} requeued {rows} of {tasks}"
                 if label not in best or seconds < best[label][1]:
                     best[label] = (rows, seconds, peak)
-    finally:
-        await drop_database(ADMIN_DSN, name)
 
     print(f"requeue of {tasks} leased tasks (batch {batch_size}; best of {repeat}):")
     for label, (rows, seconds, peak) in best.items():

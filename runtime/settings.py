@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import (
     Field,
@@ -97,6 +97,20 @@ class Settings(BaseSettings):
     kube_rollout_seconds: float = Field(default=2.0, ge=0)
     sandbox_metrics_port: int = Field(default=9464, ge=0, le=65535)
     sandbox_tick_seconds: float = Field(default=1.0, gt=0)
+    data_plane: Literal["auto", "own", "external"] = Field(
+        default="auto",
+        description="Where the dev stack's PostgreSQL and Redis come from: 'auto' uses the "
+        "configured ones that answer and starts its own (under STATE_DIR) for the others, 'own' "
+        "always starts its own, 'external' never does.",
+    )
+    data_plane_replication: Literal["none", "sync", "async"] = Field(
+        default="none",
+        description="Run the dev stack's own PostgreSQL with a streaming replica (synchronous "
+        "or asynchronous) and its own Redis with a replica; `astra-ops dev --replicated`.",
+    )
+    data_plane_sentinel: bool = Field(
+        default=False, description="Run Redis Sentinel beside the dev stack's own Redis."
+    )
 
     # Targets
     kube_url: str | None = Field(

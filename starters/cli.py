@@ -662,15 +662,35 @@ def api() -> None:
 
 
 @app.command()
-def dev() -> None:
+def dev(
+    replicated: Annotated[
+        bool,
+        typer.Option(
+            "--replicated",
+            help="Own PostgreSQL with a streaming replica and own Redis with a replica "
+            "(synchronous unless ASTRA_OPS_DATA_PLANE_REPLICATION=async).",
+        ),
+    ] = False,
+    sentinel: Annotated[
+        bool, typer.Option("--sentinel", help="Redis Sentinel beside the own Redis.")
+    ] = False,
+) -> None:
     """Run the whole stack locally: Temporal + UI, sandbox cluster, worker, API. Ctrl-C stops it.
 
-    Example: astra-ops dev   (or `make run`)
+    PostgreSQL and Redis are the configured ones where they answer, else servers of its own
+    under ASTRA_OPS_STATE_DIR (ASTRA_OPS_DATA_PLANE=auto|own|external says which).
+
+    Example: astra-ops dev --replicated   (or `make run`)
     """
     from starters.dev import run_dev
 
     with clear_errors():
-        sys.exit(asyncio.run(run_dev(settings())))
+        config = settings()
+        if replicated and config.data_plane_replication == "none":
+            config = config.model_copy(update={"data_plane_replication": "sync"})
+        if sentinel:
+            config = config.model_copy(update={"data_plane_sentinel": True})
+        sys.exit(asyncio.run(run_dev(config)))
 
 
 @app.command()

@@ -24,6 +24,8 @@ from runtime.migrations import MigrationError, upgrade
 from runtime.settings import ENV_PREFIX, Settings
 from sandbox.db import migrate as migrate_sandbox
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
+from sandbox.servers import DataPlane, ServerError, start_data_plane, with_port
+from sandbox.servers.plane import data_plane_record, same_server
 from starters.api import ALERTS_PATH, CODEC_PATH
 
 # Dev-only bearer tokens for the example access policy's people, so the README walk-through can
@@ -137,12 +139,66 @@ def alert_webhook_help(alert_senders: dict[str, str]) -> str:
     )
 
 
+def data_plane_env(settings: Settings, plane: DataPlane) -> dict[str, str]:
+    """The settings that point the stack at the data plane: ours where ours run. The state
+    database moves with Astra's when it was on the same server."""
+    env = {"DATABASE_URL": plane.postgres_url, "REDIS_URL": plane.redis_url}
+    state = settings.state_database_url
+    if state and plane.postgres and same_server(state, settings.database_url):
+        env["STATE_DATABASE_URL"] = with_port(state, plane.postgres[0].port)
+    return env
+
+
+def data_plane_banner(settings: Settings, plane: DataPlane) -> str:
+    setting = f"{ENV_PREFIX}DATA_PLANE={settings.data_plane}"
+    if not plane.servers:
+        return f"  data plane      the configured PostgreSQL and Redis ({setting})\n"
+    if plane.replication != "none":
+        why = f"replicated ({plane.replication}), as asked"
+    elif settings.data_plane_sentinel:
+        why = "with Sentinel, as asked"
+    elif settings.data_plane == "own":
+        why = setting
+    else:
+        why = f"{setting}: the configured ones did not answer"
+    servers = "".join(f"                  {line}\n" for line in plane.describe().splitlines())
+    return (
+        f"  data plane      servers of our own ({why}); Ctrl-C stops them\n"
+        f"                  (recorded in {data_plane_record(settings.state_dir)})\n{servers}"
+    )
+
+
 async def run_dev(settings: Settings) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        plane = await start_data_plane(
+            settings.state_dir / "data-plane",
+            settings.database_url,
+            settings.redis_url,
+            mode=settings.data_plane,
+            replication=settings.data_plane_replication,
+            sentinel=settings.data_plane_sentinel,
+        )
+    except ServerError as e:
+        print(f"astra-ops dev: {e}", flush=True)
+        return 1
+    record = data_plane_record(settings.state_dir)
+    try:
+        if plane.servers:
+            plane.write(record)
+        return await run_stack(settings, plane)
+    finally:
+        record.unlink(missing_ok=True)
+        await plane.stop()
+
+
+async def run_stack(settings: Settings, plane: DataPlane) -> int:
+    """Everything but the data plane, pointed at it."""
     address = f"127.0.0.1:{settings.temporal_port}"
     keys = codec_key_file(settings)
     tokens = settings.api_tokens.get_secret_value() if settings.api_tokens else DEV_TOKENS
     alert_senders = alert_sender_setting(settings)
+    endpoints = data_plane_env(settings, plane)
     common = {
         "TEMPORAL_ADDRESS": address,
         "CODEC_KEY_FILE": str(keys),
@@ -150,9 +206,11 @@ async def run_dev(settings: Settings) -> int:
         "UI_ORIGINS": f"http://127.0.0.1:{settings.ui_port},http://localhost:{settings.ui_port}",
         "API_TOKENS": tokens,
         **alert_senders,
+        **endpoints,
     }
     settings = settings.model_copy(
         update={
+            **{k.lower(): v for k, v in endpoints.items()},
             "temporal_address": address,
             "codec_key_file": keys,
             "dev_mode": True,
@@ -226,6 +284,7 @@ async def run_dev(settings: Settings) -> int:
             f"  sandbox cluster {kube.url}  (namespace {settings.kube_namespace})\n"
             f"  sandbox Astra   {settings.database_url}, {settings.redis_url} "
             f"(keys {settings.redis_key_prefix}*)\n"
+            f"{data_plane_banner(settings, plane)}"
             f"  /metrics        http://127.0.0.1:{settings.sandbox_metrics_port}/metrics\n"
             f"  alert webhook   {settings.api_url}{ALERTS_PATH}\n"
             f"                  {alert_webhook_help(alert_senders)}\n"

@@ -31,6 +31,10 @@ from sandbox.db import migrate, reset
 from sandbox.loadgen import LoadGenerator
 from sandbox.metrics import MetricsApp
 from sandbox.platform import ClusterView
+from sandbox.servers import DataPlane, ServerError
+from sandbox.servers import faults as server_faults
+from sandbox.servers.faults import DataPlaneFault
+from sandbox.servers.plane import data_plane_record
 from starters.cli import dev_mode
 
 T = TypeVar("T")
@@ -67,7 +71,19 @@ def _settings() -> Settings:
             "beside `astra-ops dev`, or set ASTRA_OPS_DEV_MODE=true for a sandbox of your own",
             2,
         )
-    return settings
+    return _beside_dev_stack(settings)
+
+
+def _beside_dev_stack(settings: Settings) -> Settings:
+    """Where the dev stack runs servers of its own, a command beside it acts on those, as the
+    stack's worker and platform do: the configured ones were not its (or did not answer)."""
+    try:
+        plane = DataPlane.read(data_plane_record(settings.state_dir))
+    except FileNotFoundError:
+        return settings
+    return settings.model_copy(
+        update={"database_url": plane.postgres_url, "redis_url": plane.redis_url}
+    )
 
 
 def _run(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
@@ -226,6 +242,74 @@ def bad_rollout(
         _fail(f"the sandbox cluster at {settings.kube_url} did not answer ({e}); is it running?")
     finally:
         api.close()  # type: ignore[no-untyped-call]
+
+
+def _break_servers(
+    fault: Callable[[DataPlane], Coroutine[Any, Any, DataPlaneFault]], describe: str, as_json: bool
+) -> None:
+    """A fault of the servers the dev stack runs of its own, found through its record."""
+    record = data_plane_record(_settings().state_dir)
+    try:
+        plane = DataPlane.read(record)
+    except FileNotFoundError:
+        _fail(
+            "no servers of the dev stack's own to break: this fault kills, freezes or flushes the "
+            f"servers `astra-ops dev --replicated` runs (it records them in {record}); start it "
+            "that way"
+        )
+    try:
+        result = asyncio.run(fault(plane))
+    except ServerError as e:
+        _fail(str(e))
+    if as_json:
+        out.print_json(result.model_dump_json())
+    else:
+        out.print(describe.format(r=result), highlight=False)
+
+
+@fault_app.command("pg-primary-down")
+def pg_primary_down(as_json: Json = False) -> None:
+    """Kill the PostgreSQL primary (SIGKILL): connections fail until a failover or a restart."""
+    _break_servers(
+        server_faults.pg_primary_down,
+        "PostgreSQL {r.server} at {r.address} killed (pid {r.pid}); its clients get errors "
+        "until its replica is promoted or it is restarted",
+        as_json,
+    )
+
+
+@fault_app.command("pg-primary-blip")
+def pg_primary_blip(
+    seconds: Annotated[float, typer.Option(help="How long the primary is frozen.", min=0)] = 5,
+    as_json: Json = False,
+) -> None:
+    """Freeze the PostgreSQL primary (SIGSTOP) for a few seconds, then let it go on (SIGCONT)."""
+    _break_servers(
+        lambda plane: server_faults.pg_primary_blip(plane, seconds),
+        "PostgreSQL {r.server} at {r.address} was frozen for {r.seconds:g}s and answers again",
+        as_json,
+    )
+
+
+@fault_app.command("redis-primary-down")
+def redis_primary_down(as_json: Json = False) -> None:
+    """Kill the Redis primary (SIGKILL); its replica loses its link."""
+    _break_servers(
+        server_faults.redis_primary_down,
+        "Redis {r.server} at {r.address} killed (pid {r.pid}); its clients get errors "
+        "until its replica is promoted or it is restarted",
+        as_json,
+    )
+
+
+@fault_app.command("redis-data-loss")
+def redis_data_loss(as_json: Json = False) -> None:
+    """FLUSHALL on the Redis primary: every key lost, while it keeps answering."""
+    _break_servers(
+        server_faults.redis_data_loss,
+        "Redis {r.server} at {r.address} flushed: {r.keys_lost} keys lost, no outage",
+        as_json,
+    )
 
 
 @sandbox_app.command("reset")

@@ -1,14 +1,19 @@
 """Fixtures for tests against the sandbox's real PostgreSQL and Redis.
 
-Every test gets its own freshly migrated database and its own Redis key prefix, so tests run
-side by side (and beside a running ``astra-ops dev``) without seeing each other's data; nothing
-ever flushes the shared Redis.
+The servers are the configured ones (``ASTRA_TEST_PG_ADMIN_DSN``, ``ASTRA_TEST_REDIS_URL``) where
+they answer, else servers of the session's own in a temporary directory
+(``ASTRA_TEST_DATA_PLANE=auto``; ``own`` always starts them, ``external`` never does), so the
+suite needs nothing but Python. Every test gets its own freshly migrated database and its own
+Redis key prefix, so tests run side by side (and beside a running ``astra-ops dev``) without
+seeing each other's data; nothing ever flushes the shared Redis.
 """
 
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import cast, get_args
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,31 +22,57 @@ from psycopg.conninfo import make_conninfo
 from runtime.migrations import upgrade
 from sandbox.db import create_database, drop_database, migrate
 from sandbox.faults import SandboxTarget
+from sandbox.servers import DataPlane, Mode, running_data_plane, scratch_dir
 
 PG_ADMIN_DSN = os.environ.get(
     "ASTRA_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("ASTRA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+MODE_SETTING = "ASTRA_TEST_DATA_PLANE"
+
+
+@asynccontextmanager
+async def session_servers() -> AsyncIterator[DataPlane]:
+    """The configured PostgreSQL and Redis, or the session's own where they do not answer."""
+    mode = os.environ.get(MODE_SETTING, "auto")
+    if mode not in get_args(Mode):
+        raise ValueError(f"{MODE_SETTING}={mode!r}: expected one of {', '.join(get_args(Mode))}")
+    directory = scratch_dir("astra-test-data-")
+    try:
+        async with running_data_plane(
+            directory, PG_ADMIN_DSN, REDIS_URL, mode=cast(Mode, mode), setting=MODE_SETTING
+        ) as plane:
+            yield plane
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def data_servers() -> AsyncIterator[DataPlane]:
+    """The session's PostgreSQL (``postgres_url`` is its admin DSN) and Redis."""
+    async with session_servers() as plane:
+        yield plane
 
 
 NewDatabase = Callable[[], Awaitable[str]]
 
 
 @pytest.fixture
-async def new_database() -> AsyncIterator[NewDatabase]:
+async def new_database(data_servers: DataPlane) -> AsyncIterator[NewDatabase]:
     """Makes empty databases (DSNs to them) on the test server; all are dropped after the test."""
+    admin = data_servers.postgres_url
     names: list[str] = []
 
     async def make() -> str:
         names.append(f"astra_test_{uuid.uuid4().hex}")
-        await create_database(PG_ADMIN_DSN, names[-1])
-        return make_conninfo(PG_ADMIN_DSN, dbname=names[-1])
+        await create_database(admin, names[-1])
+        return make_conninfo(admin, dbname=names[-1])
 
     try:
         yield make
     finally:
         for name in names:
-            await drop_database(PG_ADMIN_DSN, name)
+            await drop_database(admin, name)
 
 
 async def migrated(dsn: str) -> str:
@@ -62,7 +93,7 @@ def new_prefix() -> str:
     return f"astra_test_{uuid.uuid4().hex}:"
 
 
-async def delete_prefix(prefix: str, redis_url: str = REDIS_URL) -> None:
+async def delete_prefix(prefix: str, redis_url: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     try:
         keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
@@ -73,11 +104,11 @@ async def delete_prefix(prefix: str, redis_url: str = REDIS_URL) -> None:
 
 
 @pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
+async def redis_prefix(data_servers: DataPlane) -> AsyncIterator[str]:
     """A key prefix no other test uses, in place of ``astra:``; its keys are deleted afterwards."""
     prefix = new_prefix()
     yield prefix
-    await delete_prefix(prefix)
+    await delete_prefix(prefix, data_servers.redis_url)
 
 
 @asynccontextmanager
@@ -85,19 +116,21 @@ async def own_data_plane() -> AsyncIterator[SandboxTarget]:
     """A data plane of its own outside a test (tests/histories/record.py): a new migrated
     database and a new Redis key prefix, both removed afterwards."""
     name, prefix = f"astra_test_{uuid.uuid4().hex}", new_prefix()
-    await create_database(PG_ADMIN_DSN, name)
-    try:
-        dsn = await migrated(make_conninfo(PG_ADMIN_DSN, dbname=name))
-        yield SandboxTarget(dsn=dsn, redis_url=REDIS_URL, key_prefix=prefix)
-    finally:
-        await delete_prefix(prefix)
-        await drop_database(PG_ADMIN_DSN, name)
+    async with session_servers() as servers:
+        admin = servers.postgres_url
+        await create_database(admin, name)
+        try:
+            dsn = await migrated(make_conninfo(admin, dbname=name))
+            yield SandboxTarget(dsn=dsn, redis_url=servers.redis_url, key_prefix=prefix)
+        finally:
+            await delete_prefix(prefix, servers.redis_url)
+            await drop_database(admin, name)
 
 
 @pytest.fixture
-async def redis_client() -> AsyncIterator["aioredis.Redis"]:
+async def redis_client(data_servers: DataPlane) -> AsyncIterator["aioredis.Redis"]:
     """A Redis client for a test's own assertions (strings in, strings out)."""
-    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    client = aioredis.Redis.from_url(data_servers.redis_url, decode_responses=True)
     try:
         yield client
     finally:
@@ -105,6 +138,6 @@ async def redis_client() -> AsyncIterator["aioredis.Redis"]:
 
 
 @pytest.fixture
-def data_plane(pg_dsn: str, redis_prefix: str) -> SandboxTarget:
+def data_plane(pg_dsn: str, redis_prefix: str, data_servers: DataPlane) -> SandboxTarget:
     """The sandbox's data plane for one test: its database, the Redis, its key prefix."""
-    return SandboxTarget(dsn=pg_dsn, redis_url=REDIS_URL, key_prefix=redis_prefix)
+    return SandboxTarget(dsn=pg_dsn, redis_url=data_servers.redis_url, key_prefix=redis_prefix)

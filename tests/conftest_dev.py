@@ -20,10 +20,14 @@ from pathlib import Path
 
 import httpx
 
+from sandbox.faults import SandboxTarget
+from sandbox.servers import DataPlane
+from sandbox.servers.plane import data_plane_record
 from tests.conftest_kube import eventually
 
 ALICE = {"Authorization": "Bearer alice-dev-token"}
 BOB = {"Authorization": "Bearer bob-dev-token"}
+CAROL = {"Authorization": "Bearer carol-dev-token"}
 STARTUP_SECONDS = 90
 
 
@@ -51,8 +55,10 @@ class DevStack:
 
 
 def dev_stack_config(
-    state_dir: Path, log: Path, database_url: str, redis_prefix: str, task_queue: str
+    state_dir: Path, log: Path, data: SandboxTarget, task_queue: str, **settings: str
 ) -> DevStack:
+    """A stack on free ports over ``data`` (its database may be empty: the stack migrates it);
+    ``settings`` are more ASTRA_OPS_* settings, without the prefix."""
     ports = {name: free_port() for name in ("temporal", "ui", "api", "kube", "metrics")}
     env = {
         **os.environ,
@@ -65,8 +71,10 @@ def dev_stack_config(
         "ASTRA_OPS_SANDBOX_METRICS_PORT": str(ports["metrics"]),
         "ASTRA_OPS_KUBE_ROLLOUT_SECONDS": "0.2",
         "ASTRA_OPS_TASK_QUEUE": task_queue,
-        "ASTRA_OPS_DATABASE_URL": database_url,
-        "ASTRA_OPS_REDIS_KEY_PREFIX": redis_prefix,
+        "ASTRA_OPS_DATABASE_URL": data.dsn,
+        "ASTRA_OPS_REDIS_URL": data.redis_url,
+        "ASTRA_OPS_REDIS_KEY_PREFIX": data.key_prefix,
+        **{f"ASTRA_OPS_{name.upper()}": value for name, value in settings.items()},
     }
     return DevStack(env=env, ports=ports, log=log)
 
@@ -75,7 +83,8 @@ def dev_stack_config(
 async def running(stack: DevStack) -> AsyncIterator[asyncio.subprocess.Process]:
     """Start `astra-ops dev` and wait until it says it is up, when its API must answer at once
     (a person types a command as soon as they read it); kill its whole process group
-    afterwards, whatever state it is in."""
+    afterwards, whatever state it is in, and the servers of its own it may have left (they
+    daemonize, so they outlive a stack that was killed)."""
     stack.log.parent.mkdir(parents=True, exist_ok=True)
     before = stack.log.stat().st_size if stack.log.exists() else 0  # an earlier start's lines
     with stack.log.open("ab") as log:
@@ -104,3 +113,6 @@ async def running(stack: DevStack) -> AsyncIterator[asyncio.subprocess.Process]:
         if proc.returncode is None:
             os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+        record = data_plane_record(Path(stack.env["ASTRA_OPS_STATE_DIR"]))
+        if record.exists():
+            await DataPlane.read(record).stop()

@@ -4,18 +4,33 @@ its runs across a restart."""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import httpx
 import psycopg
 
 from runtime.migrations import ASTRA, STATE, VERSIONS_TABLE, migrations
+from runtime.settings import REPO_ROOT
+from sandbox.faults import SandboxTarget
+from sandbox.servers import DataPlane, scratch_dir
+from sandbox.servers.plane import data_plane_record
 from starters.api import ALERTS_PATH, CODEC_PATH
 from starters.dev import DEV_ALERT_TOKEN
 from tests.conftest_data import NewDatabase
-from tests.conftest_dev import ALICE, BOB, dev_stack_config, running
+from tests.conftest_dev import (
+    ALICE,
+    BOB,
+    CAROL,
+    DevStack,
+    dev_stack_config,
+    free_port,
+    running,
+)
 from tests.conftest_kube import eventually
 
 
@@ -25,12 +40,11 @@ def listening(port: int) -> bool:
 
 
 async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
-    tmp_path: Path, new_database: NewDatabase, redis_prefix: str
+    tmp_path: Path, new_database: NewDatabase, redis_prefix: str, data_servers: DataPlane
 ) -> None:
     database = await new_database()  # empty: the stack migrates it as `astra-ops setup` would
-    stack = dev_stack_config(
-        tmp_path / "state", tmp_path / "dev.log", database, redis_prefix, "dev-stack-test"
-    )
+    data = SandboxTarget(dsn=database, redis_url=data_servers.redis_url, key_prefix=redis_prefix)
+    stack = dev_stack_config(tmp_path / "state", tmp_path / "dev.log", data, "dev-stack-test")
     async with running(stack) as proc, httpx.AsyncClient(base_url=stack.api, timeout=30) as http:
         async with await psycopg.AsyncConnection.connect(database) as conn:
             rows = await (
@@ -98,3 +112,71 @@ async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
             return bool(view["state"] == "completed")
 
         await eventually(completed, timeout=60, message="run completed after restart")
+
+
+async def test_dev_stack_runs_its_own_servers_where_none_answer(tmp_path: Path) -> None:
+    """On a machine with only Python: nothing answers at the configured addresses, so the stack
+    starts PostgreSQL and Redis of its own, and a lost worker is repaired on them."""
+    folder = scratch_dir("astra-test-dev-")  # its PostgreSQL runs as an unprivileged user
+    nowhere = SandboxTarget(
+        dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/astra_sandbox",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+    )
+    stack = dev_stack_config(
+        folder / "state", tmp_path / "dev.log", nowhere, "dev-own-test", data_plane="auto"
+    )
+    try:
+        async with (
+            running(stack) as proc,
+            httpx.AsyncClient(base_url=stack.api, timeout=30) as http,
+        ):
+            assert "servers of our own" in stack.log.read_text()
+            plane = DataPlane.read(data_plane_record(folder / "state"))
+            assert [s.name for s in plane.servers] == ["primary", "primary"]  # PostgreSQL, Redis
+            fault = json.loads(await beside(stack, "sandbox", "fault", "worker-lost", "--json"))
+            started = await http.post(
+                "/v1/runbooks/worker-lost/runs",
+                json={"params": {"worker_id": fault["worker_id"]}, "reason": "own data plane"},
+                headers=CAROL,
+            )
+            assert started.status_code == 201, started.text
+            run = f"/v1/runs/{started.json()['run_id']}"
+
+            async def completed() -> bool:
+                return bool((await http.get(run, headers=CAROL)).json()["state"] == "completed")
+
+            await eventually(completed, timeout=90, message="the worker-lost run completed")
+            result = (await http.get(run, headers=CAROL)).json()["result"]
+            assert result["outcome"] == "done", result
+            async with await psycopg.AsyncConnection.connect(plane.postgres_url) as conn:
+                requeued = await (
+                    await conn.execute("SELECT task_id FROM astra_ops_requeues")
+                ).fetchall()
+                stuck = await (
+                    await conn.execute(
+                        "SELECT id FROM tasks WHERE worker_id = %s AND status = 'running'",
+                        (fault["worker_id"],),
+                    )
+                ).fetchall()
+            assert requeued, "the lost worker's tasks were requeued, on our own PostgreSQL"
+            assert stuck == [], "no task is left with the lost worker"
+
+            proc.send_signal(signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), timeout=60)
+            assert proc.returncode == 0, stack.log.read_text()
+            assert not [s.name for s in plane.servers if s.running()], "servers left after Ctrl-C"
+            assert not data_plane_record(folder / "state").exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def beside(stack: DevStack, *args: str) -> str:
+    """An `astra-ops` command in a second terminal beside the stack; its output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "starters.cli", *args,
+        cwd=REPO_ROOT, env=stack.env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()

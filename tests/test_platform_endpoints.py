@@ -22,7 +22,7 @@ from runtime.astra_config import AstraEndpoints
 from sandbox.faults import SandboxTarget
 from sandbox.loadgen import LoadGenerator
 from sandbox.metrics import MetricsApp
-from tests.conftest_data import REDIS_URL, NewDatabase, delete_prefix, migrated
+from tests.conftest_data import NewDatabase, delete_prefix, migrated
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.conftest_sandbox import running_astra
 from tests.tcp_proxy import proxy_to
@@ -120,7 +120,7 @@ async def test_repointing_moves_the_traffic_only_when_the_services_are_rolled(
 ) -> None:
     new = AstraEndpoints(
         database_url=await migrated(await new_database()),
-        redis_url=another_redis_database(REDIS_URL),
+        redis_url=another_redis_database(data_plane.redis_url),
     )
     prefix = data_plane.key_prefix
     try:
@@ -244,7 +244,9 @@ async def test_metrics_report_lost_redis_data_when_the_marker_is_gone(
     metrics = MetricsApp(data_plane.dsn, data_plane.redis_url, data_plane.key_prefix)
     _, lines = await scrape(metrics)
     assert value(lines, "astra_redis_data_marker_present") == 1
-    await delete_prefix(data_plane.key_prefix)  # everything this sandbox kept in Redis: a flush
+    await delete_prefix(
+        data_plane.key_prefix, data_plane.redis_url
+    )  # everything this sandbox kept in Redis: a flush
     _, lines = await scrape(metrics)
     assert value(lines, 'astra_dependency_up{dependency="redis"}') == 1
     assert value(lines, "astra_redis_data_marker_present") == 0

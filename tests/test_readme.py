@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.settings import REPO_ROOT
+from sandbox.faults import SandboxTarget
 from tests.conftest_dev import dev_stack_config, running
 
 README = REPO_ROOT / "README.md"
@@ -71,14 +72,10 @@ def shows(expected: list[str], output: str) -> str | None:
     return None
 
 
-async def test_the_walkthrough_runs_as_written(
-    tmp_path: Path, pg_dsn: str, redis_prefix: str
-) -> None:
+async def test_the_walkthrough_runs_as_written(tmp_path: Path, data_plane: SandboxTarget) -> None:
     steps = walkthrough()
     assert len(steps) >= 15, "the walk-through has its commands"
-    stack = dev_stack_config(
-        tmp_path / "state", tmp_path / "dev.log", pg_dsn, redis_prefix, "readme-test"
-    )
+    stack = dev_stack_config(tmp_path / "state", tmp_path / "dev.log", data_plane, "readme-test")
     env = {
         **stack.env,
         # As a person's second terminal: the venv's commands first, this checkout's dev stack.

@@ -16,7 +16,7 @@ from sandbox.db import drop_database, migrate, migrations, reset
 from sandbox.faults import SandboxTarget, cost_spike, dead_letters, error_spike, worker_lost
 from sandbox.loadgen import Knobs, LoadConfig, LoadGenerator, SandboxKeys, write_knobs
 from sandbox.metrics import MetricsApp
-from tests.conftest_data import PG_ADMIN_DSN, REDIS_URL
+from sandbox.servers import DataPlane
 
 
 async def fetch(dsn: str, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
@@ -45,15 +45,17 @@ def generator(target: SandboxTarget, workers: list[str], **config: Any) -> LoadG
     )
 
 
-async def test_migrate_creates_the_database_and_a_second_run_changes_nothing() -> None:
+async def test_migrate_creates_the_database_and_a_second_run_changes_nothing(
+    data_servers: DataPlane,
+) -> None:
     name = f"astra_test_{uuid.uuid4().hex}"
-    dsn = make_conninfo(PG_ADMIN_DSN, dbname=name)
+    dsn = make_conninfo(data_servers.postgres_url, dbname=name)
     try:
         first = await migrate(dsn)
         second = await migrate(dsn)
         recorded = await fetch(dsn, "SELECT version FROM schema_migrations ORDER BY version")
     finally:
-        await drop_database(PG_ADMIN_DSN, name)
+        await drop_database(data_servers.postgres_url, name)
     assert first == [migration.version for migration in migrations()]
     assert first == ["0001_astra_contract", "0002_astra_sandbox_marker"]
     assert second == []
@@ -209,7 +211,7 @@ async def test_metrics_endpoint_exports_heartbeats_task_outcomes_and_cost(
     finally:
         await gen.aclose()
     await worker_lost(data_plane, worker_id="w-2", delete_heartbeat=True)
-    app = MetricsApp(data_plane.dsn, REDIS_URL, data_plane.key_prefix)
+    app = MetricsApp(data_plane.dsn, data_plane.redis_url, data_plane.key_prefix)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         response = await c.get("/metrics")
     lines = response.text.splitlines()
@@ -238,7 +240,7 @@ async def test_metrics_export_each_shards_backlog_an_idle_shard_as_zero(
             "INSERT INTO tasks (id, goal_id, shard, status) VALUES (%s, %s, 3, 'succeeded')",
             (str(uuid.uuid4()), str(uuid.uuid4())),
         )
-    app = MetricsApp(data_plane.dsn, REDIS_URL, data_plane.key_prefix)
+    app = MetricsApp(data_plane.dsn, data_plane.redis_url, data_plane.key_prefix)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         lines = (await c.get("/metrics")).text.splitlines()
     assert [line for line in lines if line.startswith("astra_shard_backlog{")] == [

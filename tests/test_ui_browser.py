@@ -28,6 +28,7 @@ import pytest
 import websocket
 
 from runtime.settings import REPO_ROOT
+from sandbox.faults import SandboxTarget
 from tests.conftest_dev import ALICE, BOB, DevStack, dev_stack_config, running
 from tests.conftest_kube import eventually
 
@@ -162,13 +163,13 @@ async def pending_approval(stack: DevStack, run_id: str) -> dict[str, Any]:
 
 
 async def test_ui_shows_decoded_runs_waiting_for_approval(
-    tmp_path: Path, pg_dsn: str, redis_prefix: str
+    tmp_path: Path, data_plane: SandboxTarget
 ) -> None:
     shutil.rmtree(OUTPUT, ignore_errors=True)  # only this run's screenshots and logs
     OUTPUT.mkdir(parents=True)
     reason = f"UI check {uuid.uuid4().hex[:8]}: scale out for the lantern backlog"
     stack = dev_stack_config(
-        tmp_path / "state", OUTPUT / "astra-ops-dev.log", pg_dsn, redis_prefix, "ui-browser-test"
+        tmp_path / "state", OUTPUT / "astra-ops-dev.log", data_plane, "ui-browser-test"
     )
     # Chromium first: without it the test fails at once, saying how to install it.
     with chromium(tmp_path / "chromium", OUTPUT) as page:
