@@ -63,8 +63,12 @@ def test_one_group_per_alert_and_runbook_subject() -> None:
     rules = [
         rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
     ]
+    # A parameter the alert fills from its labels is its subject; one a person chooses
+    # (Shard Scaling's `shards=N`) is no label to group by.
     subjects = {
-        p for rule in rules for p in re.findall(r"--param (\w+)=", rule["annotations"]["action"])
+        p
+        for rule in rules
+        for p in re.findall(r"--param (\w+)=\{\{ \$labels\.\1 \}\}", rule["annotations"]["action"])
     }
     assert subjects and group_by == {"alertname", *subjects}
 
