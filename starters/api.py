@@ -573,5 +573,9 @@ def create_app(settings: Settings) -> FastAPI:
 def serve(settings: Settings) -> None:
     """Run until SIGTERM; uvicorn finishes in-flight requests before it exits."""
     uvicorn.run(
-        create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info"
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        http="httptools",
+        log_level="info",
     )
