@@ -75,15 +75,31 @@ async def redis_primary(plane: DataPlane) -> RedisServer:
     )
 
 
+def _done(
+    fault: DataPlaneFaultName,
+    server: PostgresServer | RedisServer,
+    pid: int | None,
+    *,
+    seconds: float | None = None,
+    keys_lost: int | None = None,
+) -> DataPlaneFault:
+    """What ``fault`` did to ``server``, whose pid it had (None: the server stopped first)."""
+    if pid is None:
+        raise ServerError(f"{server.name} on :{server.port} stopped before {fault} could break it")
+    return DataPlaneFault(
+        fault=fault,
+        server=server.name,
+        address=f"127.0.0.1:{server.port}",
+        pid=pid,
+        seconds=seconds,
+        keys_lost=keys_lost,
+    )
+
+
 async def _killed(
     fault: DataPlaneFaultName, server: PostgresServer | RedisServer
 ) -> DataPlaneFault:
-    pid = await server.kill()
-    if pid is None:
-        raise ServerError(f"{server.name} on :{server.port} stopped before it could be killed")
-    return DataPlaneFault(
-        fault=fault, server=server.name, address=f"127.0.0.1:{server.port}", pid=pid
-    )
+    return _done(fault, server, await server.kill())
 
 
 async def pg_primary_down(plane: DataPlane) -> DataPlaneFault:
@@ -96,16 +112,7 @@ async def pg_primary_blip(plane: DataPlane, seconds: float) -> DataPlaneFault:
     """The PostgreSQL primary is frozen for ``seconds`` (SIGSTOP, then SIGCONT): it hangs, then
     answers again with nothing lost; a failover in between would have been a mistake."""
     server = await postgres_primary(plane)
-    pid = await server.blip(seconds)
-    if pid is None:
-        raise ServerError(f"{server.name} on :{server.port} stopped before it could be frozen")
-    return DataPlaneFault(
-        fault="pg-primary-blip",
-        server=server.name,
-        address=f"127.0.0.1:{server.port}",
-        pid=pid,
-        seconds=seconds,
-    )
+    return _done("pg-primary-blip", server, await server.blip(seconds), seconds=seconds)
 
 
 async def redis_primary_down(plane: DataPlane) -> DataPlaneFault:
@@ -124,12 +131,5 @@ async def redis_data_loss(plane: DataPlane) -> DataPlaneFault:
         await client.flushall()
     finally:
         await client.aclose()
-    if pid is None:
-        raise ServerError(f"{server.name} on :{server.port} stopped during the flush")
-    return DataPlaneFault(
-        fault="redis-data-loss",
-        server=server.name,
-        address=f"127.0.0.1:{server.port}",
-        pid=pid,
-        keys_lost=sum(int(db["keys"]) for db in keyspace.values()),
-    )
+    keys_lost = sum(int(db["keys"]) for db in keyspace.values())
+    return _done("redis-data-loss", server, pid, keys_lost=keys_lost)

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -148,19 +148,26 @@ def _ours(name: str, url: str, mode: Mode, answers: bool, setting: str) -> bool:
     return True
 
 
+class PlaneOptions(TypedDict, total=False):
+    mode: Mode
+    """auto (default): ours where the configured server does not answer; own; external"""
+    replication: Replication
+    """none (default), sync or async: a replica of each, always ours"""
+    sentinel: bool
+    """a Redis Sentinel beside ours (default: none)"""
+    setting: str
+    """the knob error messages name (default ASTRA_OPS_DATA_PLANE)"""
+
+
 async def start_data_plane(
-    directory: Path,
-    postgres_url: str,
-    redis_url: str,
-    *,
-    mode: Mode = "auto",
-    replication: Replication = "none",
-    sentinel: bool = False,
-    setting: str = "ASTRA_OPS_DATA_PLANE",
+    directory: Path, postgres_url: str, redis_url: str, **options: Unpack[PlaneOptions]
 ) -> DataPlane:
     """The data plane under ``directory``: the configured servers or ours, as ``mode`` says (a
-    replicated one, or a Redis with Sentinel, is always ours). ``setting`` names the knob in
-    error messages."""
+    replicated one, or a Redis with Sentinel, is always ours)."""
+    mode = options.get("mode", "auto")
+    replication = options.get("replication", "none")
+    sentinel = options.get("sentinel", False)
+    setting = options.get("setting", "ASTRA_OPS_DATA_PLANE")
     replicated = replication != "none"
     if (replicated or sentinel) and mode == "external":
         raise ServerError(
@@ -198,25 +205,10 @@ async def start_data_plane(
 
 @asynccontextmanager
 async def running_data_plane(
-    directory: Path,
-    postgres_url: str,
-    redis_url: str,
-    *,
-    mode: Mode = "auto",
-    replication: Replication = "none",
-    sentinel: bool = False,
-    setting: str = "ASTRA_OPS_DATA_PLANE",
+    directory: Path, postgres_url: str, redis_url: str, **options: Unpack[PlaneOptions]
 ) -> AsyncIterator[DataPlane]:
     """:func:`start_data_plane`, and our servers stopped afterwards."""
-    plane = await start_data_plane(
-        directory,
-        postgres_url,
-        redis_url,
-        mode=mode,
-        replication=replication,
-        sentinel=sentinel,
-        setting=setting,
-    )
+    plane = await start_data_plane(directory, postgres_url, redis_url, **options)
     try:
         yield plane
     finally:

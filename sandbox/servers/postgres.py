@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 
 from sandbox.servers.binaries import postgres_bin_dir
-from sandbox.servers.process import Daemon, ServerError, free_port, tail, wait_until
+from sandbox.servers.process import Daemon, ServerError, free_port, wait_until
 
 SERVER_USERS = ("postgres", "nobody")
 SETTINGS_FILE = "astra.conf"
@@ -107,11 +107,7 @@ class PostgresServer(Daemon):
                 "-t", str(round(within)), check=False,
             )  # fmt: skip
             if not self.running():
-                raise ServerError(
-                    f"PostgreSQL {self.name} did not start on 127.0.0.1:{self.port} "
-                    f"({output.strip() or 'pg_ctl said nothing'}); its log {self.log} ends:\n"
-                    f"{tail(self.log)}"
-                )
+                raise self.did_not_start("PostgreSQL", output.strip() or "pg_ctl said nothing")
         await wait_until(self.answers, within, f"PostgreSQL {self.name} to answer", self.log)
 
     async def answers(self) -> bool:

@@ -96,6 +96,13 @@ class Daemon(BaseModel):
     def running(self) -> bool:
         return self.pid() is not None
 
+    def did_not_start(self, kind: str, said: str) -> ServerError:
+        """The error for a server that did not come up: what its starter said, and its log."""
+        return ServerError(
+            f"{kind} {self.name} did not start on 127.0.0.1:{self.port} ({said}); its log "
+            f"{self.log} ends:\n{tail(self.log)}"
+        )
+
     def _signal(self, sig: signal.Signals) -> int | None:
         """Send ``sig`` to the server and the processes it forked; the pid, or None if it was
         not running."""

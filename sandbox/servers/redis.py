@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from sandbox.servers.binaries import redis_server
-from sandbox.servers.process import Daemon, ServerError, free_port, tail, wait_until
+from sandbox.servers.process import Daemon, free_port, wait_until
 
 SENTINEL_MASTER = "astra"
 """The name Sentinel knows the primary by (``SENTINEL get-master-addr-by-name astra``)."""
@@ -77,11 +77,7 @@ class RedisServer(Daemon):
             )
             out, _ = await proc.communicate()  # daemonized: returns once the server forked
             if proc.returncode != 0:
-                raise ServerError(
-                    f"Redis {self.name} did not start on 127.0.0.1:{self.port}: "
-                    f"{out.decode(errors='replace').strip()}; its log {self.log} ends:\n"
-                    f"{tail(self.log)}"
-                )
+                raise self.did_not_start("Redis", out.decode(errors="replace").strip())
         await wait_until(self.up, within, f"Redis {self.name} to answer", self.log)
 
     async def up(self) -> bool:
