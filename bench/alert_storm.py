@@ -41,7 +41,6 @@ from harness import (
     WorkerProcess,
     cache_bytecode,
     dev_server,
-    free_port,
     sandbox_cluster,
     scratch_database,
     wait_until_listening,
@@ -53,6 +52,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from runtime.identity import load_signer, new_signing_key_line
 from runtime.keys import new_key_line
 from runtime.settings import ENV_PREFIX
+from sandbox.servers.process import free_port
 from starters.api import ALERTS_PATH
 from workflows.incident_models import INCIDENT_WORKFLOW, incident_id_for_group
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
-from harness import SERVE_KUBE, free_port, wait_until_listening
+from harness import SERVE_KUBE, wait_until_listening
 from pydantic import SecretStr
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
@@ -44,6 +44,7 @@ from runtime.client import DevStack, data_converter
 from runtime.identity import load_signer, new_signing_key_line
 from runtime.keys import new_key_line
 from runtime.settings import Settings
+from sandbox.servers.process import free_port
 from starters.api import create_app
 from starters.runs import Runs
 from workers.worker import running_worker

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from runtime.migrations import upgrade
 from runtime.settings import Settings
 from sandbox.db import drop_database, migrate
 from sandbox.servers import running_data_plane, scratch_dir
+from sandbox.servers.process import free_port
 
 SERVE_KUBE = """
 import asyncio, sys
@@ -106,12 +106,6 @@ async def scratch_database() -> AsyncIterator[str]:
                 await drop_database(plane.postgres_url, name)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def wait_until_listening(port: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,18 +22,13 @@ import httpx
 from sandbox.faults import SandboxTarget
 from sandbox.servers import DataPlane
 from sandbox.servers.plane import data_plane_record
+from sandbox.servers.process import free_port
 from tests.conftest_kube import eventually
 
 ALICE = {"Authorization": "Bearer alice-dev-token"}
 BOB = {"Authorization": "Bearer bob-dev-token"}
 CAROL = {"Authorization": "Bearer carol-dev-token"}
 STARTUP_SECONDS = 90
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ import uvicorn
 import yaml
 
 from runtime.settings import REPO_ROOT
+from sandbox.servers.process import free_port
 from tests.conftest_kube import eventually
 
 ALERTMANAGER_CONFIG = REPO_ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
@@ -38,13 +38,6 @@ def program(name: str) -> str:
             "prometheus prometheus-alertmanager` (.ci/run installs them where they are missing)"
         )
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @asynccontextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from activities.communication import (
 from activities.postgres import connect
 from runtime.redact import redact_logs
 from runtime.settings import REPO_ROOT, Settings, SettingsError, load_settings
+from sandbox.servers.process import free_port
 from tests.conftest_data import NewDatabase
 from tests.delivery_probe import DeliveryProbe, ProbeMessages
 from tests.receivers import Receiver
@@ -347,9 +347,7 @@ async def test_retry_after_sets_the_next_attempt(
 async def test_unreachable_receiver_is_retried(
     env: ActivityEnvironment, ledger: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens on it
     url = f"http://127.0.0.1:{port}/services/T000/B000/{CANARY}"
     comms = CommunicationActivities(ledger, chat=ChatWebhook(SecretStr(url)))
     caplog.set_level(logging.DEBUG)

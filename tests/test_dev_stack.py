@@ -19,6 +19,7 @@ from runtime.settings import REPO_ROOT
 from sandbox.faults import SandboxTarget
 from sandbox.servers import DataPlane, scratch_dir
 from sandbox.servers.plane import data_plane_record
+from sandbox.servers.process import free_port
 from starters.api import ALERTS_PATH, CODEC_PATH
 from starters.dev import DEV_ALERT_TOKEN
 from tests.conftest_data import NewDatabase
@@ -28,7 +29,6 @@ from tests.conftest_dev import (
     CAROL,
     DevStack,
     dev_stack_config,
-    free_port,
     running,
 )
 from tests.conftest_kube import eventually

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from typer.testing import CliRunner
 from runtime.client import dev_stack_marker
 from runtime.settings import Settings
 from sandbox.faults import SandboxTarget
+from sandbox.servers.process import free_port
 from starters.cli import app, sandbox_commands
 from tests.conftest_data import NewDatabase
 from tests.conftest_kube import KubeSandbox, eventually
@@ -69,13 +69,6 @@ async def test_faults_print_what_they_did_and_reset_cleans_up(
 async def test_bad_fault_arguments_exit_2_with_the_reason(env: dict[str, str]) -> None:
     code, output = await asyncio.to_thread(sandbox, env, "fault", "error-spike", "--share", "0")
     assert code == 2 and "0 < share <= 1" in output
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_serve_plays_the_cluster_pods_and_exports_metrics(
