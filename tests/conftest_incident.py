@@ -23,7 +23,9 @@ from temporalio.worker import Worker
 
 from runtime.identity import statement
 from runtime.settings import REPO_ROOT, Settings
+from sandbox.faults import worker_lost
 from tests.conftest_kube import eventually
+from tests.conftest_sandbox import RunningAstra
 from tests.helpers import TEST_SIGNER
 from tests.receivers import Receiver
 from workers.worker import running_worker
@@ -152,6 +154,44 @@ class Desk:
 
         await eventually(check, timeout=timeout, interval=0.1, message=message)
         return seen[0]
+
+    async def continue_with_notes(
+        self, handle: WorkflowHandle[Any, Any], actor: str, first_run: str
+    ) -> int:
+        """Add notes as ``actor`` until the incident, whose run was ``first_run``, has
+        continued as new (the policy's event limit set low); how many it added."""
+        notes = 0
+
+        async def continued() -> bool:
+            nonlocal notes
+            if (await handle.describe()).run_id != first_run:
+                return True
+            notes += 1
+            await self.act(handle, ActionKind.NOTE, actor, text=f"note {notes}")
+            return False
+
+        await eventually(continued, timeout=30, interval=0, message="the incident continued as new")
+        return notes
+
+    async def runbook_from_alert(
+        self, astra: RunningAstra
+    ) -> tuple[WorkflowHandle[Any, IncidentState], IncidentState, str]:
+        """A worker of ``astra`` lost, and the incident Alertmanager's alert for it opens, until
+        the worker-lost runbook the alert names has an outcome: the incident, its state then,
+        and the lost worker."""
+        async with astra.between_ticks():
+            fault = await worker_lost(astra.target)
+        alert = lost_worker_alert('{}:{alertname="AstraWorkerLost"}', fault.worker_id)
+        handle = await self.open(
+            "Worker lost", Severity.SEV3, opened_by="alertmanager", notification=alert
+        )
+        done = await self.until(
+            handle,
+            lambda s: bool(s.runs) and s.runs[0].outcome is not None,
+            "the runbook's outcome",
+            timeout=90,
+        )
+        return handle, done, fault.worker_id
 
     def pages(self) -> list[tuple[str, str]]:
         """(action, dedup key) of every page event the pager took, in order."""

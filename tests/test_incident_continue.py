@@ -6,7 +6,6 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from tests.conftest_incident import Desk, incident_worker, kinds, state
-from tests.conftest_kube import eventually
 from workflows.incident_models import ActionKind, Severity, Stage
 
 
@@ -20,17 +19,7 @@ async def test_continue_as_new_keeps_state_deadlines_and_items(desk: Desk) -> No
         await desk.act(
             handle, ActionKind.ADD_ITEM, "bob", text="mailbox alert", person="carol", due=due
         )
-        notes = 0
-
-        async def continued() -> bool:
-            nonlocal notes
-            if (await handle.describe()).run_id != first_run:
-                return True
-            notes += 1
-            await desk.act(handle, ActionKind.NOTE, "bob", text=f"note {notes}")
-            return False
-
-        await eventually(continued, timeout=30, message="the incident continued as new")
+        notes = await desk.continue_with_notes(handle, "bob", first_run)
         carried = await state(handle)
         # The escalation and the item's reminder and overdue notice fall due in the new run.
         later = await desk.until(

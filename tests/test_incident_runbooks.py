@@ -16,7 +16,7 @@ from tests.conftest_incident import Desk, incident_worker, kinds, lost_worker_al
 from tests.conftest_kube import KubeSandbox
 from tests.conftest_sandbox import RunningAstra, worker_pods
 from tests.helpers import decide, shard_count, status, wait_for_step
-from workflows.incident_models import ActionKind, IncidentState, Severity
+from workflows.incident_models import ActionKind, AlertNotification, IncidentState, Severity
 from workflows.models import Outcome, StepState
 
 
@@ -36,20 +36,9 @@ async def test_an_alert_naming_a_runbook_starts_it_as_the_incidents_child(
     desk: Desk, astra: RunningAstra, kube: KubeSandbox
 ) -> None:
     on_astra(desk, astra)
-    async with astra.between_ticks():
-        fault = await worker_lost(astra.target)
-    alert = lost_worker_alert('{}:{alertname="AstraWorkerLost"}', fault.worker_id)
     async with incident_worker(desk):
-        handle = await desk.open(
-            "Worker lost", Severity.SEV3, opened_by="alertmanager", notification=alert
-        )
-        done = await desk.until(
-            handle,
-            lambda s: bool(s.runs) and s.runs[0].outcome is not None,
-            "the runbook's outcome",
-            timeout=90,
-        )
-        child = desk.client.get_workflow_handle(f"worker-lost/{fault.worker_id}")
+        handle, done, lost = await desk.runbook_from_alert(astra)
+        child = desk.client.get_workflow_handle(f"worker-lost/{lost}")
         described = await child.describe()
         child_status = await status(child)
 
@@ -57,11 +46,11 @@ async def test_an_alert_naming_a_runbook_starts_it_as_the_incidents_child(
     [run] = done.runs
     assert (run.runbook, run.run_id, run.outcome) == (
         "worker-lost",
-        f"worker-lost/{fault.worker_id}",
+        f"worker-lost/{lost}",
         Outcome.DONE.value,
     )
     assert run.started_by == f"{handle.id} (alert AstraWorkerLost)"
-    assert fault.worker_id not in worker_pods(kube)
+    assert lost not in worker_pods(kube)
     # Temporal records the incident as the parent; the run carries the incident's id, and the
     # incident itself is the requester.
     assert described.parent_id == handle.id
@@ -108,25 +97,32 @@ async def test_an_incidents_runbook_may_be_approved_by_anyone_eligible(
     assert approval.detail == "approved by erin"
 
 
+async def proposal(
+    desk: Desk, title: str, alert: AlertNotification
+) -> tuple[str, IncidentState, str]:
+    """Open an incident from ``alert`` and wait for the runbook it proposes: the incident's id,
+    its state then, and the proposal's text."""
+    async with incident_worker(desk):
+        handle = await desk.open(title, Severity.SEV3, opened_by="alertmanager", notification=alert)
+        proposed = await desk.until(
+            handle, lambda s: "runbook_proposed" in kinds(s), "the proposal"
+        )
+    [entry] = [e for e in proposed.timeline if e.kind == "runbook_proposed"]
+    return handle.id, proposed, entry.text
+
+
 async def test_an_alert_whose_runbook_is_left_to_people_is_proposed_not_started(
     desk: Desk,
 ) -> None:
     desk.policy(runbooks={"worker-lost": {"on_alert": "propose"}})
     alert = lost_worker_alert('{}:{alertname="AstraWorkerLost"}', "astra-worker-zz9")
-    async with incident_worker(desk):
-        handle = await desk.open(
-            "Worker lost", Severity.SEV3, opened_by="alertmanager", notification=alert
-        )
-        proposed = await desk.until(
-            handle, lambda s: "runbook_proposed" in kinds(s), "the proposal"
-        )
+    incident, proposed, text = await proposal(desk, "Worker lost", alert)
 
     assert proposed.runs == []
-    [entry] = [e for e in proposed.timeline if e.kind == "runbook_proposed"]
     command = (
-        f"`astra-ops incident runbook {handle.id} worker-lost --param worker_id=astra-worker-zz9`"
+        f"`astra-ops incident runbook {incident} worker-lost --param worker_id=astra-worker-zz9`"
     )
-    assert entry.text == (
+    assert text == (
         "AstraWorkerLost names worker-lost for astra-worker-zz9; the policy leaves starting it "
         f"to a person: {command}"
     )
@@ -149,20 +145,11 @@ async def test_an_alert_that_cannot_choose_a_runbooks_input_proposes_it_for_a_pe
     alert = notification(
         '{}:{alertname="AstraShardImbalance"}', {"fingerprint": "fp-shards", "labels": labels}
     )
-    async with incident_worker(desk):
-        handle = await desk.open(
-            "Shard imbalance", Severity.SEV3, opened_by="alertmanager", notification=alert
-        )
-        proposed = await desk.until(
-            handle, lambda s: "runbook_proposed" in kinds(s), "the proposal"
-        )
+    incident, proposed, text = await proposal(desk, "Shard imbalance", alert)
 
     assert proposed.runs == []
-    [entry] = [e for e in proposed.timeline if e.kind == "runbook_proposed"]
-    command = f"`astra-ops incident runbook {handle.id} shard-scaling --param shards=<shards>`"
-    assert entry.text == (
-        f"AstraShardImbalance names shard-scaling; a person chooses shards: {command}"
-    )
+    command = f"`astra-ops incident runbook {incident} shard-scaling --param shards=<shards>`"
+    assert text == (f"AstraShardImbalance names shard-scaling; a person chooses shards: {command}")
     assert any(command in t for t in desk.chat_texts())
 
 

@@ -29,7 +29,7 @@ from runtime.settings import Settings
 from sandbox.faults import bad_rollout, cost_spike, dead_letters, error_spike, worker_lost
 from sandbox.loadgen import Knobs, SandboxKeys, write_knobs
 from starters.runs import Runs
-from tests.conftest_incident import Desk, kinds, lost_worker_alert, notification
+from tests.conftest_incident import Desk, kinds, notification
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.conftest_sandbox import TICK_SECONDS, RunningAstra, worker_pods
 from tests.helpers import handle_of, status, wait_for_step
@@ -676,20 +676,8 @@ async def _(stage: Stage) -> list[Handle]:
 async def _(stage: Stage) -> list[Handle]:
     """An alert names worker-lost, which the policy lets an incident start on its own: the run
     is the incident's child, and its outcome comes back to the timeline. Both are stored."""
-    desk = stage.desk
-    desk.policy()
-    async with stage.astra.between_ticks():
-        fault = await worker_lost(stage.astra.target)
-    alert = lost_worker_alert('{}:{alertname="AstraWorkerLost"}', fault.worker_id)
-    handle = await desk.open(
-        "Worker lost", Severity.SEV3, opened_by="alertmanager", notification=alert
-    )
-    done = await desk.until(
-        handle,
-        lambda s: bool(s.runs) and s.runs[0].outcome is not None,
-        "the runbook's outcome",
-        timeout=90,
-    )
+    stage.desk.policy()
+    handle, done, _ = await stage.desk.runbook_from_alert(stage.astra)
     [run] = done.runs
     if run.outcome != Outcome.DONE.value:
         raise WrongBranch(f"{run.run_id} ended {run.outcome}")
@@ -705,15 +693,5 @@ async def _(stage: Stage) -> list[Handle]:
     handle = await desk.open("Actors restart in a loop", components=["actors"])
     first = (await handle.describe()).run_id
     await desk.act(handle, ActionKind.ACKNOWLEDGE, "alice")
-    notes = 0
-
-    async def continued() -> bool:
-        nonlocal notes
-        if (await handle.describe()).run_id != first:
-            return True
-        notes += 1
-        await desk.act(handle, ActionKind.NOTE, "alice", text=f"note {notes}")
-        return False
-
-    await eventually(continued, timeout=30, interval=0, message="the incident continued as new")
+    await desk.continue_with_notes(handle, "alice", first)
     return [stage.client.get_workflow_handle(handle.id, run_id=first)]
