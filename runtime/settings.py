@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     data_plane_sentinel: bool = Field(
         default=False, description="Run Redis Sentinel beside the dev stack's own Redis."
     )
+    data_plane_topology: Path | None = Field(
+        default=None,
+        description="A JSON file naming the data plane's PostgreSQL and Redis servers, for "
+        "postgres-outage and redis-failure (runtime/data_plane.py); the dev stack writes one.",
+    )
 
     # Targets
     kube_url: str | None = Field(

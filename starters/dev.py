@@ -25,7 +25,7 @@ from runtime.settings import ENV_PREFIX, Settings
 from sandbox.db import migrate as migrate_sandbox
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
 from sandbox.servers import DataPlane, ServerError, start_data_plane, with_port
-from sandbox.servers.plane import data_plane_record, same_server
+from sandbox.servers.plane import data_plane_record, same_server, topology_file
 from starters.api import ALERTS_PATH, CODEC_PATH
 
 # Dev-only bearer tokens for the example access policy's people, so the README walk-through can
@@ -183,12 +183,17 @@ async def run_dev(settings: Settings) -> int:
         print(f"astra-ops dev: {e}", flush=True)
         return 1
     record = data_plane_record(settings.state_dir)
+    topology = topology_file(settings.state_dir)
     try:
         if plane.servers:
             plane.write(record)
+        if settings.data_plane_topology is None and plane.postgres and plane.redis:
+            plane.topology().write(topology)
+            settings = settings.model_copy(update={"data_plane_topology": topology})
         return await run_stack(settings, plane)
     finally:
         record.unlink(missing_ok=True)
+        topology.unlink(missing_ok=True)
         await plane.stop()
 
 
@@ -207,6 +212,11 @@ async def run_stack(settings: Settings, plane: DataPlane) -> int:
         "API_TOKENS": tokens,
         **alert_senders,
         **endpoints,
+        **(
+            {"DATA_PLANE_TOPOLOGY": str(settings.data_plane_topology)}
+            if settings.data_plane_topology
+            else {}
+        ),
     }
     settings = settings.model_copy(
         update={

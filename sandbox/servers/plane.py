@@ -26,10 +26,11 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import BaseModel
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
+from runtime.data_plane import DataPlaneTopology, PostgresControl, PostgresNode, RedisNode
 from runtime.redact import redact
 from sandbox.servers.postgres import PostgresServer, start_primary, start_replica
 from sandbox.servers.process import ServerError
-from sandbox.servers.redis import RedisServer, start_redis
+from sandbox.servers.redis import SENTINEL_MASTER, RedisServer, start_redis
 
 Mode = Literal["auto", "own", "external"]
 Replication = Literal["none", "sync", "async"]
@@ -47,6 +48,11 @@ def scratch_dir(prefix: str) -> Path:
 def data_plane_record(state_dir: Path) -> Path:
     """Where a dev stack records the servers of its own while it runs, for the CLI's faults."""
     return state_dir / "data-plane.json"
+
+
+def topology_file(state_dir: Path) -> Path:
+    """Where a dev stack writes its servers' topology for its worker's data-plane runbooks."""
+    return state_dir / "data-plane-topology.json"
 
 
 class DataPlane(BaseModel):
@@ -75,6 +81,30 @@ class DataPlane(BaseModel):
             role = "sentinel" if node.sentinel_of else ("replica" if node.replica_of else "primary")
             lines.append(f"Redis {role:<18} 127.0.0.1:{node.port}  {node.dir}")
         return "\n".join(lines)
+
+    def topology(self) -> DataPlaneTopology:
+        """Our servers as the data-plane runbooks see them: each PostgreSQL server with its
+        data directory (the worker runs beside it), the platform's URLs with each one's port."""
+        return DataPlaneTopology(
+            postgres=[
+                PostgresNode(
+                    name=pg.name,
+                    admin_dsn=pg.dsn,
+                    platform_dsn=with_port(self.postgres_url, pg.port),
+                    control=PostgresControl(data_dir=pg.dir, bin_dir=pg.bin_dir, os_user=pg.user),
+                )
+                for pg in self.postgres
+            ],
+            redis=[
+                RedisNode(
+                    name=node.name, url=node.url, platform_url=with_port(self.redis_url, node.port)
+                )
+                for node in self.redis
+                if not node.sentinel_of
+            ],
+            sentinels=[node.url for node in self.redis if node.sentinel_of],
+            sentinel_master=SENTINEL_MASTER,
+        )
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
