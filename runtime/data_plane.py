@@ -44,6 +44,10 @@ class PostgresNode(BaseModel):
     platform_dsn: str = Field(min_length=1)
     """The ``DATABASE_URL`` Astra's services get while this server is the primary."""
     control: PostgresControl | None = None
+    synchronous: bool = False
+    """A synchronous standby (named in the primary's ``synchronous_standby_names``): every commit
+    the primary acknowledged is on it. Declared here, because once the primary is down nothing
+    else can say so, and it decides whether a failover to this server can lose data."""
 
 
 class RedisNode(BaseModel):

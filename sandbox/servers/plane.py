@@ -92,6 +92,7 @@ class DataPlane(BaseModel):
                     admin_dsn=pg.dsn,
                     platform_dsn=with_port(self.postgres_url, pg.port),
                     control=PostgresControl(data_dir=pg.dir, bin_dir=pg.bin_dir, os_user=pg.user),
+                    synchronous=pg is not self.postgres[0] and self.replication == "sync",
                 )
                 for pg in self.postgres
             ],
