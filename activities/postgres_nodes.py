@@ -17,7 +17,6 @@ fencing is done over SQL and re-attaching is left to a person, with the commands
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import pwd
 import urllib.error
@@ -41,9 +40,11 @@ PROBE_TABLE = "astra_ops_write_probe"
 """One row per server in the database a DSN names, rewritten by each write probe: the smallest
 real write (a row, WAL, a commit) that a read-only or recovering server refuses. astra-ops creates
 it on first use."""
-CONFIG_FILES = ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_ident.conf")
-"""What ``pg_rewind`` would overwrite with the new primary's copies: the old server keeps its own
-port and settings, as a DBA keeps them by hand around a rewind."""
+CONFIG_SUFFIX = ".conf"
+"""The configuration files in a data directory (postgresql.conf, postgresql.auto.conf,
+pg_hba.conf, and any file they include from there), which ``pg_rewind`` would overwrite with the
+new primary's copies: the old server keeps its own port and settings, as a DBA keeps them by hand
+around a rewind."""
 
 
 def lsn(text: str | None) -> int | None:
@@ -281,18 +282,23 @@ class PostgresNodeActivities:
     async def fence_postgres(self, req: Fence) -> MutationResult:
         """Make sure the old primary takes no more writes, however it comes back.
 
-        With ``control``: stop it (``pg_ctl stop -m fast``; a killed one is down already), the
-        strongest fence. Without: make it refuse writes over SQL (``default_transaction_read_only``
-        by ALTER SYSTEM, which survives a restart, then reload, and end its client sessions so
-        none keeps a writable transaction); a session that asks for ``READ WRITE`` explicitly
-        could still write, which is why the run then checks that no second server takes writes.
-        An unreachable server without control cannot be fenced from here: the detail says so, and
-        whoever brings it back must bring it back as a replica.
+        With ``control``: stop it (``pg_ctl stop -m fast``), the strongest fence; a killed one
+        is down already, and one running as a replica takes no writes. Without: make it refuse
+        writes over SQL (``default_transaction_read_only`` by ALTER SYSTEM, which survives a
+        restart, then reload, and end its client sessions so none keeps a writable
+        transaction); a session that asks for ``READ WRITE`` explicitly could still write,
+        which is why the run then checks that no second server takes writes. An unreachable
+        server without control cannot be fenced from here: the detail says so, and whoever
+        brings it back must bring it back as a replica.
         """
         node = self._node(req.node)
         if node.control is not None:
-            if not await _running(node.control):
+            if not _running(node.control):
                 return MutationResult(changed=False, detail=f"{node.name} is stopped already")
+            if await _in_recovery(node):
+                return MutationResult(
+                    changed=False, detail=f"{node.name} runs as a replica; it takes no writes"
+                )
             if req.dry_run:
                 return MutationResult(changed=False, detail=f"would stop {node.name} (pg_ctl)")
             await _pg_ctl(node.control, "stop", "-m", "fast", "-w", "-t", "60")
@@ -383,21 +389,38 @@ class PostgresNodeActivities:
                 "as its replica",
             )
         control, slot = node.control, _slot(node.name)
-        if await _running(control):
+        if _running(control):
             await _pg_ctl(control, "stop", "-m", "fast", "-w", "-t", "60")
+        # Not running: a lock file left by a killed server would stop pg_rewind's recovery run.
+        (control.data_dir / "postmaster.pid").unlink(missing_ok=True)
         kept = {
-            name: (control.data_dir / name).read_bytes()
-            for name in CONFIG_FILES
-            if (control.data_dir / name).is_file()
+            path.name: path.read_bytes()
+            for path in control.data_dir.iterdir()
+            if path.suffix == CONFIG_SUFFIX and path.is_file()
         }
-        await _run(
-            control,
-            "pg_rewind",
-            f"--target-pgdata={control.data_dir}",
-            f"--source-server={primary.admin_dsn}",
-        )
-        for name, content in kept.items():
-            _write_owned(control, control.data_dir / name, content)
+        # A retry after a rewind rewinds again: single-user recovery refuses a standby.signal.
+        (control.data_dir / "standby.signal").unlink(missing_ok=True)
+        async with await connect(primary.admin_dsn, 5) as conn:
+            # A promoted server's control file names its new timeline only after a checkpoint;
+            # before one, pg_rewind sees one timeline and says "no rewind required".
+            await conn.execute("CHECKPOINT")
+        try:
+            rewound = await _run(
+                control,
+                "pg_rewind",
+                f"--target-pgdata={control.data_dir}",
+                f"--source-server={primary.admin_dsn}",
+            )
+        except ApplicationError as e:
+            # The failover is done; the old primary is what failed, and a rebuild replaces it.
+            return Reattached(
+                changed=False,
+                detail=f"{node.name} could not be rewound, and stays stopped: {e.message}",
+                rebuild=_rebuild_commands(node.name, primary.name),
+            )
+        finally:
+            for name, content in kept.items():
+                _write_owned(control, control.data_dir / name, content)
         async with await connect(primary.admin_dsn, 5) as conn:
             await conn.execute(
                 "SELECT pg_create_physical_replication_slot(%(slot)s) WHERE NOT EXISTS "
@@ -407,7 +430,8 @@ class PostgresNodeActivities:
         conninfo = _replication_conninfo(primary.admin_dsn, node.name)
         settings = f"\nprimary_conninfo = '{conninfo}'\nprimary_slot_name = '{slot}'\n"
         auto = control.data_dir / "postgresql.auto.conf"
-        _write_owned(control, auto, auto.read_bytes() + settings.encode())
+        if settings.encode() not in auto.read_bytes():
+            _write_owned(control, auto, auto.read_bytes() + settings.encode())
         _write_owned(control, control.data_dir / "standby.signal", b"")
         await _pg_ctl(control, "start", "-w", "-t", "60", "-l", str(_log(control)))
         deadline = asyncio.get_running_loop().time() + req.timeout_seconds
@@ -422,7 +446,9 @@ class PostgresNodeActivities:
             await asyncio.sleep(0.5)
         return Reattached(
             changed=True,
-            detail=f"rewound {node.name} from {primary.name}; it streams from it as a replica",
+            detail=f"rewound {node.name} from {primary.name}"
+            + (" (it had not diverged)" if "no rewind required" in rewound else "")
+            + "; it streams from it as a replica",
         )
 
     # -- verification ----------------------------------------------------------------------
@@ -489,6 +515,16 @@ async def _client_sessions(conn: psycopg.AsyncConnection[Any]) -> list[int]:
         )
     ).fetchall()
     return [int(r[0]) for r in rows]
+
+
+async def _in_recovery(node: PostgresNode) -> bool:
+    """Whether the server says it is a replica (unreachable: not known to be one)."""
+    try:
+        async with await connect(node.admin_dsn, 3) as conn:
+            row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
+    except (OSError, _psycopg_error()):
+        return False
+    return bool(row and row[0])
 
 
 async def _streams_from(primary: PostgresNode, name: str) -> bool:
@@ -591,17 +627,24 @@ async def _pg_ctl(control: PostgresControl, action: str, *args: str) -> str:
     return await _run(control, "pg_ctl", action, "-D", str(control.data_dir), *args)
 
 
-async def _running(control: PostgresControl) -> bool:
-    """Whether the server of this data directory runs (``pg_ctl status``: 0 runs, 3 does not)."""
-    proc = await asyncio.create_subprocess_exec(
-        str(control.bin_dir / "pg_ctl"),
-        "status",
-        "-D",
-        str(control.data_dir),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        **_as_user(control),
-    )
-    with contextlib.suppress(ProcessLookupError):
-        await proc.wait()
-    return proc.returncode == 0
+def _running(control: PostgresControl) -> bool:
+    """Whether the server of this data directory runs: the pid its lock file names is alive.
+
+    Read here rather than by ``pg_ctl status``, which counts a killed server's unreaped zombie
+    as running (no init reaps it in a container) and would have the fence wait on a corpse.
+    """
+    try:
+        pid = int((control.data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: the signal's answer is all there is
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")

@@ -2,7 +2,8 @@
 
 They listen on 127.0.0.1 only, with trust authentication for the user ``postgres``, so a DSN
 written for the machine's server works with only its host and port changed. ``wal_log_hints`` is
-on so an old primary can later be re-attached to a promoted replica with ``pg_rewind``.
+on, and recent WAL kept, so an old primary can later be re-attached to a promoted replica with
+``pg_rewind``.
 
 PostgreSQL refuses to run as root; run as root, the servers and their tools run as the
 ``postgres`` user where it exists, else ``nobody``, owning the data directories.
@@ -185,6 +186,9 @@ class PostgresServer(Daemon):
             "cluster_name": f"'{self.name}'",  # a standby's application_name on its primary
             "wal_level": "replica",
             "wal_log_hints": "on",
+            # pg_rewind reads the old primary's WAL back to the last checkpoint before the fork,
+            # and its crash-recovery run would otherwise recycle it first.
+            "wal_keep_size": "'128MB'",
             "max_wal_senders": "10",
             "max_replication_slots": "10",
             "hot_standby": "on",

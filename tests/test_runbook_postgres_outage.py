@@ -1,0 +1,351 @@
+"""Postgres Outage end to end, on a real PostgreSQL primary and streaming replica.
+
+The primary is killed under a write load (a writer recording every commit the server
+acknowledged), the runbook fails over, and the tests check what a DBA would: one server takes
+writes, ``astra-config`` names it, the acknowledged commits are there, the old primary streams
+from the new one. A replicated plane costs seconds to start, so the checks that need no failover
+of their own (the blip, the dry-run, each action run twice) share one, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from kubernetes.client import CoreV1Api
+from temporalio.client import Client, WorkflowHandle
+from temporalio.testing import ActivityEnvironment
+
+from activities.endpoints import PLATFORM_CLIENTS, EndpointActivities, Repoint
+from activities.kubernetes import KubernetesActivities
+from activities.postgres_nodes import Fence, PostgresNodeActivities, Promote, Reattach
+from runtime.astra_config import DATABASE_URL_KEY
+from runtime.data_plane import DataPlaneTopology
+from runtime.settings import Settings
+from sandbox.servers import DataPlane, PostgresServer, Replication, running_data_plane, scratch_dir
+from sandbox.servers import faults as server_faults
+from tests.conftest_kube import KubeSandbox, eventually
+from tests.helpers import decide, generation, start, status
+from workers.worker import running_worker
+from workflows.models import Outcome, RunbookResult
+from workflows.postgres_outage import PostgresOutage, PostgresOutageRequest
+
+SECONDS = 60
+CONFIGURED_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+CONFIGURED_REDIS = "redis://127.0.0.1:6379/0"
+
+
+@contextlib.asynccontextmanager
+async def replicated(replication: Replication) -> AsyncIterator[DataPlane]:
+    directory = scratch_dir("astra-test-pg-outage-")
+    try:
+        async with running_data_plane(
+            directory, CONFIGURED_PG, CONFIGURED_REDIS, replication=replication
+        ) as plane:
+            yield plane
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+async def shared_plane() -> AsyncIterator[DataPlane]:
+    async with replicated("sync") as plane:
+        yield plane
+
+
+async def query(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(sql, params)
+        return await cur.fetchall() if cur.description else []
+
+
+def database_url(kube: KubeSandbox, namespace: str) -> str:
+    config = CoreV1Api(kube.api).read_namespaced_config_map("astra-config", namespace)
+    return str((config.data or {})[DATABASE_URL_KEY])
+
+
+@dataclass
+class Writer:
+    """Inserts numbered rows one commit at a time until the server stops answering; ``acked``
+    holds the rows whose commit the server acknowledged."""
+
+    dsn: str
+    acked: list[int] = field(default_factory=list)
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        try:
+            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                await conn.execute("CREATE TABLE IF NOT EXISTS acked (id int PRIMARY KEY)")
+                while not self.stopped.is_set():
+                    n = len(self.acked) + 1
+                    await conn.execute("INSERT INTO acked VALUES (%s)", (n,))
+                    self.acked.append(n)
+        except psycopg.Error:
+            return  # the server is gone: what was acknowledged is recorded
+
+
+@contextlib.asynccontextmanager
+async def writing(dsn: str) -> AsyncIterator[Writer]:
+    writer = Writer(dsn)
+    task = asyncio.create_task(writer.run())
+    await eventually(lambda: len(writer.acked) >= 50, timeout=SECONDS, message="50 commits")
+    try:
+        yield writer
+    finally:
+        writer.stopped.set()
+        await asyncio.wait_for(task, SECONDS)
+
+
+@dataclass
+class Failover:
+    """One test's plane, as astra-ops's worker sees it: its topology file and the namespace
+    whose ``astra-config`` names its primary."""
+
+    plane: DataPlane
+    topology: Path
+    namespace: str
+    settings: Settings
+
+    def node(self, name: str) -> PostgresServer:
+        return next(s for s in self.plane.postgres if s.name == name)
+
+    def platform_dsn(self, name: str) -> str:
+        topology = DataPlaneTopology.load(self.topology)
+        return topology.postgres_node(name).platform_dsn
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    client: Client,
+    settings: Settings,
+    pg_dsn: str,
+    plane: DataPlane,
+    directory: Path,
+    kube: KubeSandbox,
+    namespace: str,
+    *,
+    controlled: bool = True,
+) -> AsyncIterator[Failover]:
+    """The production worker, with ``plane``'s topology (``controlled``: the worker may stop and
+    rewind the primary), and ``namespace``'s platform pointed at its primary."""
+    topology = plane.topology()
+    if not controlled:
+        topology.postgres[0].control = None
+    path = directory / "topology.json"
+    topology.write(path)
+    primary = topology.postgres[0]
+    CoreV1Api(kube.api).patch_namespaced_config_map(
+        "astra-config", namespace, {"data": {DATABASE_URL_KEY: primary.platform_dsn}}
+    )
+    ours = settings.model_copy(update={"data_plane_topology": path, "database_url": pg_dsn})
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        async with running_worker(client, ours, executor):
+            yield Failover(plane, path, namespace, ours)
+
+
+def request(namespace: str, **params: object) -> PostgresOutageRequest:
+    return PostgresOutageRequest.model_validate(
+        {
+            "requester": "alice",
+            "namespace": namespace,
+            "grace_seconds": 1,
+            "check_timeout_seconds": 1,
+            "rollout_timeout_seconds": SECONDS,
+            "reattach_timeout_seconds": SECONDS,
+            **params,
+        }
+    )
+
+
+async def approve_until_done(handle: WorkflowHandle[Any, RunbookResult]) -> RunbookResult:
+    """Approve each approval the run asks for (Kernel SRE's bob, then the manager frank as the
+    second of two) until it ends."""
+    result = asyncio.ensure_future(handle.result())
+    while not result.done():
+        for pending in (await status(handle)).pending_approvals:
+            approver = "frank" if "bob" in pending.approvers else "bob"
+            await decide(handle, pending.step, approver)
+        await asyncio.wait({result}, timeout=0.2)
+    return result.result()
+
+
+async def test_a_killed_synchronous_primary_fails_over_unattended_and_loses_nothing(
+    client: Client,
+    task_queue: str,
+    settings: Settings,
+    pg_dsn: str,
+    kube: KubeSandbox,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    async with (
+        replicated("sync") as plane,
+        serving(client, settings, pg_dsn, plane, tmp_path, kube, namespace) as run,
+    ):
+        old, new = plane.postgres
+        async with writing(run.platform_dsn("primary")) as writer:
+            await server_faults.pg_primary_down(plane)
+        handle = await start(client, PostgresOutage, request(namespace), task_queue)
+        result = await handle.result()
+
+        assert result.outcome == Outcome.DONE, result.summary
+        assert "no acknowledged commit lost: replica is a synchronous standby" in result.summary
+        assert database_url(kube, namespace) == run.platform_dsn("replica")
+        present = {r[0] for r in await query(run.platform_dsn("replica"), "SELECT id FROM acked")}
+        assert set(writer.acked) <= present, "an acknowledged commit was lost"
+        # One primary: the old one came back as the new one's replica, rewound, streaming.
+        assert await query(new.dsn, "SELECT pg_is_in_recovery()") == [(False,)]
+        assert await query(old.dsn, "SELECT pg_is_in_recovery()") == [(True,)]
+        await query(new.dsn, "INSERT INTO acked VALUES (-1)")
+
+        async def streamed() -> bool:
+            return await query(old.dsn, "SELECT id FROM acked WHERE id = -1") == [(-1,)]
+
+        await eventually(streamed, timeout=SECONDS, message="the old primary follows the new")
+
+
+async def test_a_killed_asynchronous_primary_fails_over_with_approvals_within_its_estimate(
+    client: Client,
+    task_queue: str,
+    settings: Settings,
+    pg_dsn: str,
+    kube: KubeSandbox,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    async with (
+        replicated("async") as plane,
+        serving(
+            client, settings, pg_dsn, plane, tmp_path, kube, namespace, controlled=False
+        ) as run,
+    ):
+        async with writing(run.platform_dsn("primary")) as writer:
+            await server_faults.pg_primary_down(plane)
+        before = {d: generation(kube, namespace, d) for d in PLATFORM_CLIENTS}
+        handle = await start(client, PostgresOutage, request(namespace), task_queue)
+        result = await approve_until_done(handle)
+
+        assert result.outcome == Outcome.DONE, result.summary
+        assert database_url(kube, namespace) == run.platform_dsn("replica")
+        assert all(generation(kube, namespace, d) > g for d, g in before.items())
+        present = {r[0] for r in await query(run.platform_dsn("replica"), "SELECT id FROM acked")}
+        lost = set(writer.acked) - present
+        estimate = re.search(r"at least (\d+) bytes of WAL lost", result.summary)
+        assert not lost or estimate is not None, f"{len(lost)} commits lost, none estimated"
+        # Not under the worker's control: fenced by nobody, rebuilt by a person, who is told how.
+        assert "REBUILD NEEDED" in result.summary and "pg_rewind" in result.summary
+        decisions = (await status(handle)).decisions
+        assert {d.approver for d in decisions if d.accepted} >= {"bob"}
+
+
+async def test_a_primary_back_within_the_grace_window_is_a_blip(
+    client: Client,
+    task_queue: str,
+    settings: Settings,
+    pg_dsn: str,
+    kube: KubeSandbox,
+    namespace: str,
+    tmp_path: Path,
+    shared_plane: DataPlane,
+) -> None:
+    async with serving(client, settings, pg_dsn, shared_plane, tmp_path, kube, namespace) as run:
+        primary = shared_plane.postgres[0]
+        blip = asyncio.create_task(server_faults.pg_primary_blip(shared_plane, seconds=2))
+        await eventually(lambda: primary_frozen(primary), timeout=SECONDS, message="frozen")
+        handle = await start(
+            client, PostgresOutage, request(namespace, grace_seconds=20), task_queue
+        )
+        await blip
+        result = await handle.result()
+
+        assert result.outcome == Outcome.NO_CHANGE, result.summary
+        assert "a blip, no failover" in result.summary
+        assert database_url(kube, namespace) == run.platform_dsn("primary")
+        assert await query(primary.dsn, "SELECT pg_is_in_recovery()") == [(False,)]
+
+
+def primary_frozen(server: PostgresServer) -> bool:
+    pid = server.pid()
+    stat = Path(f"/proc/{pid}/stat").read_text() if pid else ""
+    return stat.rpartition(")")[2].split()[:1] == ["T"]
+
+
+async def test_a_dry_run_reports_the_failover_and_changes_nothing(
+    client: Client,
+    task_queue: str,
+    settings: Settings,
+    pg_dsn: str,
+    kube: KubeSandbox,
+    namespace: str,
+    tmp_path: Path,
+    shared_plane: DataPlane,
+) -> None:
+    async with serving(client, settings, pg_dsn, shared_plane, tmp_path, kube, namespace) as run:
+        primary, replica = shared_plane.postgres
+        before = {d: generation(kube, namespace, d) for d in PLATFORM_CLIENTS}
+        await server_faults.pg_primary_down(shared_plane)
+        try:
+            result = await (
+                await start(client, PostgresOutage, request(namespace, dry_run=True), task_queue)
+            ).result()
+
+            assert result.outcome == Outcome.DONE, result.summary
+            for would in ("would promote replica", "would point DATABASE_URL", "would rewind"):
+                assert would in result.summary
+            assert await query(replica.dsn, "SELECT pg_is_in_recovery()") == [(True,)]
+            assert database_url(kube, namespace) == run.platform_dsn("primary")
+            assert {d: generation(kube, namespace, d) for d in PLATFORM_CLIENTS} == before
+            assert primary.pid() is None  # not restarted, not rewound
+        finally:
+            await primary.start()
+
+        async def streaming() -> bool:
+            rows = await query(primary.dsn, "SELECT state FROM pg_stat_replication")
+            return rows == [("streaming",)]
+
+        await eventually(streaming, timeout=SECONDS, message="the replica streams again")
+
+
+async def test_each_action_run_twice_leaves_the_servers_as_once(
+    kube: KubeSandbox, namespace: str, tmp_path: Path, shared_plane: DataPlane
+) -> None:
+    path = tmp_path / "topology.json"
+    shared_plane.topology().write(path)
+    nodes = PostgresNodeActivities(path)
+    endpoints = EndpointActivities(KubernetesActivities(kube.api), path)
+    env = ActivityEnvironment()
+    primary, replica = shared_plane.postgres
+
+    async def twice(activity: Any, arg: Any) -> list[bool]:
+        return [(await env.run(activity, arg)).changed for _ in range(2)]
+
+    assert await twice(nodes.fence_postgres, Fence(node="primary", token="t")) == [True, False]
+    assert primary.pid() is None
+    assert await twice(nodes.promote_postgres, Promote(node="replica", token="t")) == [True, False]
+    repoint = Repoint(namespace=namespace, store="postgres", node="replica", token="t")
+    assert [
+        (await asyncio.to_thread(endpoints.repoint_platform, repoint)).changed for _ in (1, 2)
+    ] == [
+        True,
+        False,
+    ]
+    reattach = Reattach(node="primary", primary="replica", timeout_seconds=SECONDS, token="t")
+    assert await twice(nodes.reattach_postgres, reattach) == [True, False]
+    assert await query(primary.dsn, "SELECT pg_is_in_recovery()") == [(True,)]
+    # Without control, the fence is SQL: the server refuses its clients' writes, then says so.
+    unmanaged = DataPlaneTopology.load(path)
+    unmanaged.postgres[1].control = None
+    unmanaged.write(path)
+    assert await twice(nodes.fence_postgres, Fence(node="replica", token="t")) == [True, False]
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        await query(replica.dsn, "CREATE TABLE refused (id int)")
