@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -96,8 +97,9 @@ class NodeState(BaseModel):
     """A replica's WAL received and flushed; a primary's own current position."""
     replayed: int | None = None
     primary_position: int | None = None
-    """The primary's WAL position as this server last knew it: a primary's own, a replica's
-    ``latest_end_lsn`` (the end the primary last reported to it)."""
+    """The primary's WAL position as this server knows it: a primary's own; a streaming
+    replica's ``latest_end_lsn`` (what the primary last said it had; forgotten once the stream
+    breaks); a dead server's on the worker's machine, the end of the WAL on its disk."""
     streaming: bool = False
     """A replica whose WAL receiver is streaming now."""
     synchronous: bool = False
@@ -145,7 +147,11 @@ class NodesReport(BaseModel):
         return max(0, position - node.received)
 
     def summary(self) -> str:
-        lines = [n.line() for n in self.nodes]
+        lines = [
+            n.line() + (f", {lag} bytes behind" if n.in_recovery and lag is not None else "")
+            for n in self.nodes
+            for lag in [self.lag_bytes(n.name)]
+        ]
         if self.patroni is not None:
             lines.append(f"Patroni answers: {self.patroni}")
         return "; ".join(lines)
@@ -228,6 +234,13 @@ class PostgresNodeActivities:
         states = await asyncio.gather(
             *(self._state(node, req.timeout_seconds) for node in topology.postgres)
         )
+        received = [s.received for s in states if s.in_recovery and s.received is not None]
+        for node, state in zip(topology.postgres, states, strict=True):
+            # A replica forgets the primary's position when its stream breaks; a dead server
+            # on the worker's machine still has its WAL on disk, and its end is that position.
+            control = node.control
+            if not state.reachable and control is not None and received and not _running(control):
+                state.primary_position = await _wal_end(control, after=min(received))
         patroni = (
             await asyncio.to_thread(_patroni, topology.patroni_url, req.timeout_seconds)
             if topology.patroni_url
@@ -600,8 +613,9 @@ def _write_owned(control: PostgresControl, path: Path, content: bytes) -> None:
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
-async def _run(control: PostgresControl, program: str, *args: str) -> str:
-    """One of PostgreSQL's programs, as the server's user; its output, or a failure naming it."""
+async def _run(control: PostgresControl, program: str, *args: str, check: bool = True) -> str:
+    """One of PostgreSQL's programs, as the server's user; its output, or (``check``) a failure
+    naming it."""
     proc = await asyncio.create_subprocess_exec(
         str(control.bin_dir / program),
         *args,
@@ -614,7 +628,7 @@ async def _run(control: PostgresControl, program: str, *args: str) -> str:
     )
     out, _ = await proc.communicate()
     text = redact(out.decode(errors="replace").strip())
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise ApplicationError(
             f"{program} on {control.data_dir} failed (exit {proc.returncode}): {text}; fix what "
             "it says, then run the step again",
@@ -625,6 +639,36 @@ async def _run(control: PostgresControl, program: str, *args: str) -> str:
 
 async def _pg_ctl(control: PostgresControl, action: str, *args: str) -> str:
     return await _run(control, "pg_ctl", action, "-D", str(control.data_dir), *args)
+
+
+WAL_SEGMENT = re.compile(r"[0-9A-F]{24}")
+WAL_END = re.compile(
+    r"error in WAL record at ([0-9A-F]+/[0-9A-F]+): [^\n]*? at ([0-9A-F]+/[0-9A-F]+)"
+)
+LAST_RECORD = re.compile(r"error in WAL record at ([0-9A-F]+/[0-9A-F]+)")
+
+
+async def _wal_end(control: PostgresControl, after: int) -> int | None:
+    """Where the WAL on a stopped server's disk ends, read from ``after`` on with ``pg_waldump``
+    (None: not known). Read past the end, pg_waldump fails naming the position where the next
+    record would start; when it only names the last record it read, that record's start is the
+    estimate, a few bytes short."""
+    wal = control.data_dir / "pg_wal"
+    try:
+        segments = [p.name for p in wal.iterdir() if WAL_SEGMENT.fullmatch(p.name)]
+    except OSError:
+        return None
+    if not segments or not (control.bin_dir / "pg_waldump").is_file():
+        return None
+    timeline = max(int(name[:8], 16) for name in segments)
+    output = await _run(
+        control, "pg_waldump", "--quiet", f"--path={wal}", f"--timeline={timeline}",
+        f"--start={lsn_text(after)}", check=False,
+    )  # fmt: skip
+    if "could not find a valid record after" in output:
+        return after  # nothing written past it
+    end = WAL_END.search(output) or LAST_RECORD.search(output)
+    return lsn(end.groups()[-1]) if end else None
 
 
 def _running(control: PostgresControl) -> bool:

@@ -201,7 +201,10 @@ async def test_a_failover_that_loses_data_needs_two_distinct_approvers(
     result = await handle.result()
 
     assert result.outcome == Outcome.DONE, result.summary
-    assert "at least 100 bytes of WAL lost (replica is an asynchronous replica" in result.summary
+    assert (
+        "at least 100 bytes of WAL lost past 0/384 (replica is an asynchronous replica)"
+        in result.summary
+    )
     assert CLAIM not in stubs.called()  # a lossy failover is never unattended
     steps = {s.name: s for s in result.steps}
     assert steps[APPROVE_LOSS].detail == "approved by bob, frank"
@@ -244,7 +247,9 @@ async def test_dry_run_reports_every_action_and_verifies_nothing(
     result = await (await start(client, PostgresOutage, request(dry_run=True), task_queue)).result()
 
     assert result.outcome == Outcome.DONE
-    assert result.summary.startswith("dry-run: promote replica in place of primary")
+    assert result.summary.startswith(
+        "dry-run: promote replica (received WAL up to 0/3E8) in place of primary"
+    )
     acts = {FENCE, PROMOTE, REPOINT, REATTACH, *ROLL[::2]}
     assert all(call.arg.dry_run for call in stubs.calls if call.activity in acts)
     assert past_grace(stubs.called()) == [FENCE, WRITABLE, PROMOTE, REPOINT, *ROLL[::2], REATTACH]

@@ -27,7 +27,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.endpoints import PLATFORM_CLIENTS, EndpointActivities, Repoint
 from activities.kubernetes import KubernetesActivities
-from activities.postgres_nodes import Fence, PostgresNodeActivities, Promote, Reattach
+from activities.postgres_nodes import Fence, PostgresNodeActivities, Promote, Reattach, lsn
 from runtime.astra_config import DATABASE_URL_KEY
 from runtime.data_plane import DataPlaneTopology
 from runtime.settings import Settings
@@ -37,7 +37,7 @@ from tests.conftest_kube import KubeSandbox, eventually
 from tests.helpers import decide, generation, start, status
 from workers.worker import running_worker
 from workflows.models import Outcome, RunbookResult
-from workflows.postgres_outage import PostgresOutage, PostgresOutageRequest
+from workflows.postgres_outage import APPROVE, APPROVE_LOSS, PostgresOutage, PostgresOutageRequest
 
 SECONDS = 60
 CONFIGURED_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -76,10 +76,10 @@ def database_url(kube: KubeSandbox, namespace: str) -> str:
 @dataclass
 class Writer:
     """Inserts numbered rows one commit at a time until the server stops answering; ``acked``
-    holds the rows whose commit the server acknowledged."""
+    maps each row whose commit the server acknowledged to the WAL position of its insert."""
 
     dsn: str
-    acked: list[int] = field(default_factory=list)
+    acked: dict[int, int] = field(default_factory=dict)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
@@ -88,9 +88,14 @@ class Writer:
                 await conn.execute("CREATE TABLE IF NOT EXISTS acked (id int PRIMARY KEY)")
                 while not self.stopped.is_set():
                     n = len(self.acked) + 1
-                    await conn.execute("INSERT INTO acked VALUES (%s)", (n,))
-                    self.acked.append(n)
-        except psycopg.Error:
+                    cur = await conn.execute(
+                        "INSERT INTO acked VALUES (%s) RETURNING pg_current_wal_insert_lsn()::text",
+                        (n,),
+                    )
+                    row = await cur.fetchone()
+                    assert row is not None
+                    self.acked[n] = lsn(row[0]) or 0
+        except psycopg.OperationalError:
             return  # the server is gone: what was acknowledged is recorded
 
 
@@ -106,24 +111,6 @@ async def writing(dsn: str) -> AsyncIterator[Writer]:
         await asyncio.wait_for(task, SECONDS)
 
 
-@dataclass
-class Failover:
-    """One test's plane, as astra-ops's worker sees it: its topology file and the namespace
-    whose ``astra-config`` names its primary."""
-
-    plane: DataPlane
-    topology: Path
-    namespace: str
-    settings: Settings
-
-    def node(self, name: str) -> PostgresServer:
-        return next(s for s in self.plane.postgres if s.name == name)
-
-    def platform_dsn(self, name: str) -> str:
-        topology = DataPlaneTopology.load(self.topology)
-        return topology.postgres_node(name).platform_dsn
-
-
 @contextlib.asynccontextmanager
 async def serving(
     client: Client,
@@ -133,14 +120,10 @@ async def serving(
     directory: Path,
     kube: KubeSandbox,
     namespace: str,
-    *,
-    controlled: bool = True,
-) -> AsyncIterator[Failover]:
-    """The production worker, with ``plane``'s topology (``controlled``: the worker may stop and
-    rewind the primary), and ``namespace``'s platform pointed at its primary."""
+) -> AsyncIterator[dict[str, str]]:
+    """The production worker, with ``plane``'s topology, and ``namespace``'s platform pointed at
+    its primary; the address the platform is given for each server, by name."""
     topology = plane.topology()
-    if not controlled:
-        topology.postgres[0].control = None
     path = directory / "topology.json"
     topology.write(path)
     primary = topology.postgres[0]
@@ -150,7 +133,7 @@ async def serving(
     ours = settings.model_copy(update={"data_plane_topology": path, "database_url": pg_dsn})
     with ThreadPoolExecutor(max_workers=8) as executor:
         async with running_worker(client, ours, executor):
-            yield Failover(plane, path, namespace, ours)
+            yield {node.name: node.platform_dsn for node in topology.postgres}
 
 
 def request(namespace: str, **params: object) -> PostgresOutageRequest:
@@ -190,19 +173,21 @@ async def test_a_killed_synchronous_primary_fails_over_unattended_and_loses_noth
 ) -> None:
     async with (
         replicated("sync") as plane,
-        serving(client, settings, pg_dsn, plane, tmp_path, kube, namespace) as run,
+        serving(client, settings, pg_dsn, plane, tmp_path, kube, namespace) as platform,
     ):
         old, new = plane.postgres
-        async with writing(run.platform_dsn("primary")) as writer:
+        async with writing(platform["primary"]) as writer:
             await server_faults.pg_primary_down(plane)
         handle = await start(client, PostgresOutage, request(namespace), task_queue)
         result = await handle.result()
 
         assert result.outcome == Outcome.DONE, result.summary
         assert "no acknowledged commit lost: replica is a synchronous standby" in result.summary
-        assert database_url(kube, namespace) == run.platform_dsn("replica")
-        present = {r[0] for r in await query(run.platform_dsn("replica"), "SELECT id FROM acked")}
+        assert database_url(kube, namespace) == platform["replica"]
+        present = {r[0] for r in await query(platform["replica"], "SELECT id FROM acked")}
         assert set(writer.acked) <= present, "an acknowledged commit was lost"
+        steps = {s.name: s for s in result.steps}
+        assert steps[APPROVE].detail.startswith("not needed: promote replica")  # unattended
         # One primary: the old one came back as the new one's replica, rewound, streaming.
         assert await query(new.dsn, "SELECT pg_is_in_recovery()") == [(False,)]
         assert await query(old.dsn, "SELECT pg_is_in_recovery()") == [(True,)]
@@ -214,7 +199,7 @@ async def test_a_killed_synchronous_primary_fails_over_unattended_and_loses_noth
         await eventually(streamed, timeout=SECONDS, message="the old primary follows the new")
 
 
-async def test_a_killed_asynchronous_primary_fails_over_with_approvals_within_its_estimate(
+async def test_a_killed_asynchronous_primary_fails_over_with_two_approvers_losing_what_it_said(
     client: Client,
     task_queue: str,
     settings: Settings,
@@ -225,27 +210,39 @@ async def test_a_killed_asynchronous_primary_fails_over_with_approvals_within_it
 ) -> None:
     async with (
         replicated("async") as plane,
-        serving(
-            client, settings, pg_dsn, plane, tmp_path, kube, namespace, controlled=False
-        ) as run,
+        serving(client, settings, pg_dsn, plane, tmp_path, kube, namespace) as platform,
     ):
-        async with writing(run.platform_dsn("primary")) as writer:
-            await server_faults.pg_primary_down(plane)
+        old, new = plane.postgres
+        async with writing(platform["primary"]) as writer:
+            # The replica stalls; the primary goes on acknowledging commits only it has, more
+            # of them than the sockets between the two can hold, then dies.
+            new.freeze()
+            try:
+                twenty_megabytes = "SELECT g, repeat('x', 1000) FROM generate_series(1, 20000) g"
+                await query(platform["primary"], f"CREATE TABLE bulk AS {twenty_megabytes}")
+                since = len(writer.acked)
+                await eventually(lambda: len(writer.acked) > since + 20, message="more commits")
+                await server_faults.pg_primary_down(plane)
+            finally:
+                new.thaw()
         before = {d: generation(kube, namespace, d) for d in PLATFORM_CLIENTS}
         handle = await start(client, PostgresOutage, request(namespace), task_queue)
         result = await approve_until_done(handle)
 
         assert result.outcome == Outcome.DONE, result.summary
-        assert database_url(kube, namespace) == run.platform_dsn("replica")
+        assert database_url(kube, namespace) == platform["replica"]
         assert all(generation(kube, namespace, d) > g for d, g in before.items())
-        present = {r[0] for r in await query(run.platform_dsn("replica"), "SELECT id FROM acked")}
+        estimate = re.search(r"at least (\d+) bytes of WAL lost past (\S+) ", result.summary)
+        assert estimate is not None, result.summary
+        loss, received = int(estimate[1]), lsn(estimate[2])
+        assert received is not None
+        present = {r[0] for r in await query(platform["replica"], "SELECT id FROM acked")}
         lost = set(writer.acked) - present
-        estimate = re.search(r"at least (\d+) bytes of WAL lost", result.summary)
-        assert not lost or estimate is not None, f"{len(lost)} commits lost, none estimated"
-        # Not under the worker's control: fenced by nobody, rebuilt by a person, who is told how.
-        assert "REBUILD NEEDED" in result.summary and "pg_rewind" in result.summary
-        decisions = (await status(handle)).decisions
-        assert {d.approver for d in decisions if d.accepted} >= {"bob"}
+        assert lost, "the stalled replica lacked none of the acknowledged commits"
+        assert all(writer.acked[n] <= received + loss for n in lost), "lost beyond the estimate"
+        decisions = [(d.step, d.approver) for d in (await status(handle)).decisions if d.accepted]
+        assert decisions == [(APPROVE, "bob"), (APPROVE_LOSS, "bob"), (APPROVE_LOSS, "frank")]
+        assert await query(old.dsn, "SELECT pg_is_in_recovery()") == [(True,)]  # rewound
 
 
 async def test_a_primary_back_within_the_grace_window_is_a_blip(
@@ -258,7 +255,9 @@ async def test_a_primary_back_within_the_grace_window_is_a_blip(
     tmp_path: Path,
     shared_plane: DataPlane,
 ) -> None:
-    async with serving(client, settings, pg_dsn, shared_plane, tmp_path, kube, namespace) as run:
+    async with serving(
+        client, settings, pg_dsn, shared_plane, tmp_path, kube, namespace
+    ) as platform:
         primary = shared_plane.postgres[0]
         blip = asyncio.create_task(server_faults.pg_primary_blip(shared_plane, seconds=2))
         await eventually(lambda: primary_frozen(primary), timeout=SECONDS, message="frozen")
@@ -270,7 +269,7 @@ async def test_a_primary_back_within_the_grace_window_is_a_blip(
 
         assert result.outcome == Outcome.NO_CHANGE, result.summary
         assert "a blip, no failover" in result.summary
-        assert database_url(kube, namespace) == run.platform_dsn("primary")
+        assert database_url(kube, namespace) == platform["primary"]
         assert await query(primary.dsn, "SELECT pg_is_in_recovery()") == [(False,)]
 
 
@@ -290,7 +289,9 @@ async def test_a_dry_run_reports_the_failover_and_changes_nothing(
     tmp_path: Path,
     shared_plane: DataPlane,
 ) -> None:
-    async with serving(client, settings, pg_dsn, shared_plane, tmp_path, kube, namespace) as run:
+    async with serving(
+        client, settings, pg_dsn, shared_plane, tmp_path, kube, namespace
+    ) as platform:
         primary, replica = shared_plane.postgres
         before = {d: generation(kube, namespace, d) for d in PLATFORM_CLIENTS}
         await server_faults.pg_primary_down(shared_plane)
@@ -303,7 +304,7 @@ async def test_a_dry_run_reports_the_failover_and_changes_nothing(
             for would in ("would promote replica", "would point DATABASE_URL", "would rewind"):
                 assert would in result.summary
             assert await query(replica.dsn, "SELECT pg_is_in_recovery()") == [(True,)]
-            assert database_url(kube, namespace) == run.platform_dsn("primary")
+            assert database_url(kube, namespace) == platform["primary"]
             assert {d: generation(kube, namespace, d) for d in PLATFORM_CLIENTS} == before
             assert primary.pid() is None  # not restarted, not rewound
         finally:
@@ -349,3 +350,6 @@ async def test_each_action_run_twice_leaves_the_servers_as_once(
     assert await twice(nodes.fence_postgres, Fence(node="replica", token="t")) == [True, False]
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         await query(replica.dsn, "CREATE TABLE refused (id int)")
+    # Nor can it be rewound from here: a person is told how to rebuild it.
+    told = await env.run(nodes.reattach_postgres, Reattach(node="replica", primary="primary"))
+    assert not told.changed and "pg_basebackup" in told.rebuild

@@ -4,12 +4,14 @@ Operations wiki: trigger "DB connection errors platform-wide" (SEV1). The checks
 change nothing: which server the platform uses, and each server's state from the worker's point
 of view. A primary that answers again, and takes a write, within the grace window was a blip:
 nothing changes. Otherwise the most advanced healthy replica is proposed, with the data a
-failover to it would lose: none when it is a synchronous standby, else the bytes of WAL it lacks
-behind the last primary position any server knew of (with asynchronous replication, WAL the
-primary wrote but never sent is unknowable once it is down: the estimate is a lower bound, and
-the step says so). Kernel SRE approves the failover; a loss that is not zero needs a second step
-that two distinct people approve. A zero-loss failover may go without a person within the
-policy's ``automatic`` budget, as Patroni would, and a flapping primary soon exhausts it.
+failover to it would lose: no acknowledged commit when it is a synchronous standby; else the
+bytes of WAL it lacks behind the furthest primary position any server knows of. A replica
+forgets the primary's position when its stream breaks, but a dead primary on the worker's
+machine still has its WAL on disk, and its end is read there: the estimate is then exact. Where
+nothing knows it, the loss is "unknown", and treated as not zero. Kernel SRE approves the
+failover; a loss that is not zero needs a second step that two distinct people approve. Only a
+failover proven to lose nothing (to a synchronous standby) may go without a person, within the
+policy's ``automatic`` budget, as Patroni would; a flapping primary soon exhausts it.
 
 The order is what keeps the data: fence the old primary (stopped, or refusing writes) before
 promoting, and check that no server but the chosen one takes writes, before and after; promote
@@ -58,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
         PostgresNodeActivities,
         Promote,
         Reattach,
+        lsn_text,
     )
 
 
@@ -199,18 +202,21 @@ class PostgresOutage(Runbook):
         if chosen.synchronous:
             estimate = f"no acknowledged commit lost: {chosen.name} is a synchronous standby"
         elif loss is None:
-            estimate = "data loss unknown: no server knows the primary's last WAL position"
+            estimate = (
+                f"data loss unknown: {chosen.name} is asynchronous and no server knows where "
+                f"the WAL of {old} ends"
+            )
         else:
             estimate = (
-                f"at least {loss} bytes of WAL lost ({chosen.name} is an asynchronous replica; "
-                "WAL the primary never sent is not counted)"
+                f"at least {loss} bytes of WAL lost past {lsn_text(chosen.received)} "
+                f"({chosen.name} is an asynchronous replica)"
                 if loss
-                else f"no WAL known lost ({chosen.name} had received all the primary last "
-                "reported; it is asynchronous, so WAL the primary never sent is not counted)"
+                else f"no WAL known lost ({chosen.name} had received all the WAL of {old} any "
+                "server knows of; it is asynchronous)"
             )
         proposal = (
-            f"promote {chosen.name} in place of {old}, which took no write for "
-            f"{req.grace_seconds:g}s; {estimate}"
+            f"promote {chosen.name} (received WAL up to {lsn_text(chosen.received)}) in place "
+            f"of {old}, which took no write for {req.grace_seconds:g}s; {estimate}"
         )
 
         automatic = None
