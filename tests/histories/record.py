@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -30,17 +31,22 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import yaml
+from kubernetes.client import CoreV1Api
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from runtime import search_attributes as sa
 from runtime.access import load_policy
+from runtime.astra_config import DATABASE_URL_KEY
 from runtime.client import plain_data_converter
 from runtime.settings import REPO_ROOT, Settings
+from sandbox.db import create_database
+from sandbox.kube.seed import ASTRA_NAMESPACE, CONFIG_MAP
+from sandbox.servers import DataPlane, Replication, running_data_plane, scratch_dir
 from starters.runs import Runs
-from tests.conftest_data import own_data_plane
+from tests.conftest_data import migrated, own_data_plane
 from tests.conftest_incident import Desk, incident_settings
-from tests.conftest_kube import kube_sandbox
+from tests.conftest_kube import KubeSandbox, kube_sandbox
 from tests.conftest_sandbox import running_astra
 from tests.helpers import TEST_SIGNER
 from tests.histories.scenarios import SCENARIOS, Scenario, Stage, WrongBranch
@@ -48,6 +54,37 @@ from tests.receivers import Receiver, pagerduty_answer, slack_answer, statuspage
 from workers.worker import running_worker
 
 HERE = Path(__file__).parent
+ASTRA_DATABASE = "postgresql://postgres@127.0.0.1:5432/astra_sandbox"
+"""The shape of Astra's DATABASE_URL on a replicated plane: its servers' addresses replace it."""
+
+
+@asynccontextmanager
+async def replicated(
+    replication: Replication | None, kube: KubeSandbox
+) -> AsyncIterator[tuple[DataPlane | None, Path | None]]:
+    """For a data-plane runbook's scenario: a PostgreSQL primary and replica of its own, Astra's
+    database migrated on them and named by ``astra-config``, and the topology file its worker
+    reads. Nothing (None, None) for the other scenarios."""
+    if replication is None:
+        yield None, None
+        return
+    directory = scratch_dir("astra-record-")
+    try:
+        async with running_data_plane(
+            directory, ASTRA_DATABASE, "redis://127.0.0.1:6379/0", replication=replication
+        ) as plane:
+            topology = plane.topology()
+            primary = topology.postgres[0]
+            await create_database(primary.admin_dsn, "astra_sandbox")
+            await migrated(primary.platform_dsn)
+            path = directory / "topology.json"
+            topology.write(path)
+            CoreV1Api(kube.api).patch_namespaced_config_map(
+                CONFIG_MAP, ASTRA_NAMESPACE, {"data": {DATABASE_URL_KEY: primary.platform_dsn}}
+            )
+            yield plane, path
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @asynccontextmanager
@@ -68,7 +105,11 @@ async def staged(
             scenario.policy(edited)
         policy = Path(folder) / "access-policy.yaml"
         policy.write_text(yaml.safe_dump(edited))
-        async with own_data_plane() as target, running_astra(target, kube.url) as astra:
+        async with (
+            own_data_plane() as target,
+            running_astra(target, kube.url) as astra,
+            replicated(scenario.replication, kube) as (plane, topology),
+        ):
             settings = Settings(
                 kube_url=kube.url,
                 database_url=target.dsn,
@@ -77,6 +118,7 @@ async def staged(
                 task_queue=f"record-{scenario.name}",
                 access_policy=policy,
                 trusted_keys=TEST_SIGNER.public_line(),
+                data_plane_topology=topology,
             )
             settings = incident_settings(
                 settings, target.dsn, policy, Path(folder) / "postmortems", chat, status_page, pager
@@ -84,7 +126,7 @@ async def staged(
             desk = Desk(client, settings.task_queue, settings, policy, chat, status_page, pager)
             runs = Runs(client, settings.task_queue, load_policy(policy), TEST_SIGNER)
             async with running_worker(client, settings, executor):
-                yield Stage(client, runs, kube, astra, settings, desk)
+                yield Stage(client, runs, kube, astra, settings, desk, plane)
             for workflow_id in desk.opened:
                 handle = client.get_workflow_handle(workflow_id)
                 if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:

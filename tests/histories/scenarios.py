@@ -28,6 +28,8 @@ from activities.metrics import SqlMetrics
 from runtime.settings import Settings
 from sandbox.faults import bad_rollout, cost_spike, dead_letters, error_spike, worker_lost
 from sandbox.loadgen import Knobs, SandboxKeys, write_knobs
+from sandbox.servers import DataPlane, Replication
+from sandbox.servers import faults as server_faults
 from starters.runs import Runs
 from tests.conftest_incident import Desk, kinds, notification
 from tests.conftest_kube import KubeSandbox, eventually
@@ -63,6 +65,13 @@ class Stage:
     settings: Settings
     desk: Desk
     """Opens incidents and acts on them as the API does; its receivers record what they took."""
+    plane: DataPlane | None = None
+    """The replicated PostgreSQL of a data-plane runbook's scenario, which ``astra-config``
+    names and the worker's topology lists."""
+
+    def servers(self) -> DataPlane:
+        assert self.plane is not None, "the scenario asks for no replicated plane"
+        return self.plane
 
     async def start(
         self, runbook: str, params: dict[str, Any], *, requester: str, dry_run: bool = False
@@ -119,6 +128,8 @@ class Scenario:
     """A change to the example access policy this scenario's worker and front end read."""
     also: tuple[str, ...] = ()
     """Other workflows whose runs the scenario stores, after its own, in the order played."""
+    replication: Replication | None = None
+    """A PostgreSQL primary and replica of its own (for postgres-outage), replicated so."""
 
     @property
     def name(self) -> str:
@@ -134,10 +145,14 @@ SCENARIOS: dict[str, Scenario] = {}
 
 
 def scenario(
-    workflow: str, branch: str, policy: PolicyEdit | None = None, also: tuple[str, ...] = ()
+    workflow: str,
+    branch: str,
+    policy: PolicyEdit | None = None,
+    also: tuple[str, ...] = (),
+    replication: Replication | None = None,
 ) -> Callable[[Play], Play]:
     def register(play: Play) -> Play:
-        recorded = Scenario(workflow, branch, play, policy, also)
+        recorded = Scenario(workflow, branch, play, policy, also, replication)
         SCENARIOS[recorded.name] = recorded
         return play
 
@@ -695,3 +710,79 @@ async def _(stage: Stage) -> list[Handle]:
     await desk.act(handle, ActionKind.ACKNOWLEDGE, "alice")
     await desk.continue_with_notes(handle, "alice", first)
     return [stage.client.get_workflow_handle(handle.id, run_id=first)]
+
+
+# -- Postgres Outage: on a replicated PostgreSQL of the scenario's own -------------------------
+
+POSTGRES_OUTAGE = {
+    "grace_seconds": 1,
+    "check_timeout_seconds": 1,
+    "rollout_timeout_seconds": 60,
+    "reattach_timeout_seconds": 60,
+}
+FAILOVER = "approve the failover"
+LOSS = "approve losing data"
+
+
+async def primary_killed(stage: Stage) -> None:
+    await server_faults.pg_primary_down(stage.servers())
+
+
+@scenario("postgres-outage", "approved", replication="async")
+async def _(stage: Stage) -> list[Handle]:
+    """An asynchronous replica that had everything: one approval, no loss."""
+    await primary_killed(stage)
+    handle = await stage.start("postgres-outage", POSTGRES_OUTAGE, requester="alice")
+    await stage.decide(handle, FAILOVER, "bob")
+    return [await stage.ends(handle, Outcome.DONE, saying="no WAL known lost")]
+
+
+@scenario("postgres-outage", "unattended", replication="sync")
+async def _(stage: Stage) -> list[Handle]:
+    """A synchronous standby loses nothing: within the automatic budget, nobody is asked."""
+    await primary_killed(stage)
+    handle = await stage.start("postgres-outage", POSTGRES_OUTAGE, requester="alice")
+    return [await stage.ends(handle, Outcome.DONE, saying="no acknowledged commit lost")]
+
+
+@scenario("postgres-outage", "data-loss", replication="async")
+async def _(stage: Stage) -> list[Handle]:
+    """The replica stalled while the primary wrote more than the sockets between them hold:
+    the loss is counted, and two people approve it."""
+    primary, replica = stage.servers().postgres
+    replica.freeze()
+    try:
+        async with await psycopg.AsyncConnection.connect(primary.dsn, autocommit=True) as conn:
+            await conn.execute(
+                "CREATE TABLE bulk AS SELECT g, repeat('x', 1000) FROM generate_series(1, 20000) g"
+            )
+        await primary_killed(stage)
+    finally:
+        replica.thaw()
+    handle = await stage.start("postgres-outage", POSTGRES_OUTAGE, requester="alice")
+    await stage.decide(handle, FAILOVER, "bob")
+    await stage.decide(handle, LOSS, "bob")
+    await stage.decide(handle, LOSS, "frank")
+    return [await stage.ends(handle, Outcome.DONE, saying="bytes of WAL lost past")]
+
+
+@scenario("postgres-outage", "rejected", replication="async")
+async def _(stage: Stage) -> list[Handle]:
+    await primary_killed(stage)
+    handle = await stage.start("postgres-outage", POSTGRES_OUTAGE, requester="alice")
+    await stage.decide(handle, FAILOVER, "bob", "reject")
+    return [await stage.ends(handle, Outcome.REJECTED)]
+
+
+@scenario("postgres-outage", "dry-run", replication="sync")
+async def _(stage: Stage) -> list[Handle]:
+    await primary_killed(stage)
+    handle = await stage.start("postgres-outage", POSTGRES_OUTAGE, requester="alice", dry_run=True)
+    return [await stage.ends(handle, Outcome.DONE, saying="dry-run")]
+
+
+@scenario("postgres-outage", "no-change", replication="sync")
+async def _(stage: Stage) -> list[Handle]:
+    """The alert fired, but the primary takes writes: nothing to fail over."""
+    handle = await stage.start("postgres-outage", POSTGRES_OUTAGE, requester="alice")
+    return [await stage.ends(handle, Outcome.NO_CHANGE, saying="a blip")]
