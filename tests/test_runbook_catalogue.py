@@ -8,15 +8,24 @@ that name.
 
 from __future__ import annotations
 
+import shutil
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client import CoreV1Api
 from temporalio.client import Client
 
+from runtime.astra_config import DATABASE_URL_KEY
+from runtime.settings import Settings
 from sandbox.faults import cost_spike, dead_letters, error_spike, worker_lost
+from sandbox.kube.seed import ASTRA_NAMESPACE, CONFIG_MAP
+from sandbox.servers import faults as server_faults
+from sandbox.servers import running_data_plane, scratch_dir
 from starters.runbook_cards import runbook_card
+from tests.conftest_kube import KubeSandbox
 from tests.conftest_sandbox import TICK_SECONDS, RunningAstra
 from tests.helpers import start, status
 from workflows.catalogue import RUNBOOKS
@@ -56,14 +65,51 @@ async def published_dead_letters(astra: RunningAstra) -> dict[str, Any]:
     return {"group": f"repair-{uuid.uuid4().hex[:8]}", "batch_size": 2}
 
 
+async def primary_down(astra: RunningAstra) -> dict[str, Any]:
+    # The fault (a replicated PostgreSQL whose primary is killed) is `astra_settings`' below:
+    # the worker's topology must list the servers before it starts.
+    return {"grace_seconds": 1, "check_timeout_seconds": 1}
+
+
 DRY_RUNS: dict[str, Scenario] = {
     "shard-scaling": scaling,
     "worker-lost": lost_worker,
     "high-error-rate": stuck_pool,
     "llm-cost-spike": spend_spike,
     "dead-letter-repair": published_dead_letters,
+    "postgres-outage": primary_down,
 }
 """What each runbook's dry-run needs, so that it takes its whole path: the fault it is for."""
+
+
+@pytest.fixture
+async def astra_settings(
+    astra_settings: Settings, astra: RunningAstra, kube: KubeSandbox, tmp_path: Path, name: str
+) -> AsyncIterator[Settings]:
+    """conftest_sandbox's; for postgres-outage also a synchronous PostgreSQL primary and
+    replica of the test's own with the primary killed, named by ``astra-config`` and listed in
+    the worker's data-plane topology."""
+    if name != "postgres-outage":
+        yield astra_settings
+        return
+    directory = scratch_dir("astra-test-catalogue-")
+    try:
+        async with running_data_plane(
+            directory, astra.target.dsn, astra.target.redis_url, replication="sync"
+        ) as plane:
+            topology = plane.topology()
+            topology.write(tmp_path / "topology.json")
+            CoreV1Api(kube.api).patch_namespaced_config_map(
+                CONFIG_MAP,
+                ASTRA_NAMESPACE,
+                {"data": {DATABASE_URL_KEY: topology.postgres[0].platform_dsn}},
+            )
+            await server_faults.pg_primary_down(plane)
+            yield astra_settings.model_copy(
+                update={"data_plane_topology": tmp_path / "topology.json"}
+            )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_steps_are_named_after_the_request() -> None:
