@@ -271,3 +271,22 @@ async def test_anything_but_one_primary_after_the_promotion_stops_before_the_rep
 
     assert "failed at step 'verify one primary takes writes'" in str(failed.value.cause)
     assert REPOINT not in stubs.called()
+
+
+async def test_past_the_automatic_budget_a_zero_loss_failover_asks_kernel_sre(
+    client: Client, task_queue: str, stubs: Stubs
+) -> None:
+    primary_down(stubs)
+    after_endpoint(stubs)
+    spent = "'promote the replica' already ran 1 times without a person (limit 1 per 3600s)"
+    stubs.answer(
+        AccessActivities.claim_automatic_action, AutomaticClaim(allowed=False, used=1, detail=spent)
+    )
+    handle = await start(client, PostgresOutage, request(), task_queue)
+    await decide(handle, APPROVE, "bob")
+    result = await handle.result()
+
+    assert result.outcome == Outcome.DONE, result.summary
+    (approval,) = [d for d in (await status(handle)).decisions if d.accepted]
+    assert (approval.step, approval.approver) == (APPROVE, "bob")
+    assert past_grace(stubs.called()) == [CLAIM, *ACTS]

@@ -221,13 +221,14 @@ class PostgresOutage(Runbook):
 
         automatic = None
         if chosen.synchronous:
-            # Only a failover proven to lose nothing may go unattended, within the policy's
-            # budget: an asynchronous replica's estimate is a lower bound.
+            # Only a synchronous standby proves that nothing acknowledged is lost, so only a
+            # failover to one may go unattended, within the policy's budget.
             automatic = await self.steps.within_automatic_limit(PROMOTE, f"{req.namespace}/{old}")
         if automatic is not None and automatic.allowed:
             self.steps.skip(APPROVE, f"not needed: {proposal}; unattended {automatic.detail}")
         else:
-            await self.steps.approval(APPROVE, f"{proposal}. {req.reason}".strip())
+            over_budget = f" ({automatic.detail})" if automatic is not None else ""
+            await self.steps.approval(APPROVE, f"{proposal}{over_budget}. {req.reason}".strip())
         if loss != 0:
             await self.steps.approval(
                 APPROVE_LOSS,
