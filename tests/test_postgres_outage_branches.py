@@ -19,7 +19,7 @@ from activities.postgres_nodes import (
     Reattached,
     WritableServers,
 )
-from tests.helpers import decide, start, status
+from tests.helpers import awaiting_approval, decide, start, status
 from tests.stubs import Stubs, name_of
 from workflows.models import Outcome, StepState
 from workflows.postgres_outage import (
@@ -283,10 +283,33 @@ async def test_past_the_automatic_budget_a_zero_loss_failover_asks_kernel_sre(
         AccessActivities.claim_automatic_action, AutomaticClaim(allowed=False, used=1, detail=spent)
     )
     handle = await start(client, PostgresOutage, request(), task_queue)
+    await awaiting_approval(handle, APPROVE)
+    (pending,) = (await status(handle)).pending_approvals
+    assert spent in pending.reason
     await decide(handle, APPROVE, "bob")
     result = await handle.result()
 
     assert result.outcome == Outcome.DONE, result.summary
     (approval,) = [d for d in (await status(handle)).decisions if d.accepted]
     assert (approval.step, approval.approver) == (APPROVE, "bob")
+    assert past_grace(stubs.called()) == [CLAIM, *ACTS]
+
+
+async def test_a_budget_that_cannot_be_counted_asks_kernel_sre_instead_of_failing(
+    client: Client, task_queue: str, stubs: Stubs
+) -> None:
+    primary_down(stubs)
+    after_endpoint(stubs)
+    stubs.answer(
+        AccessActivities.claim_automatic_action,
+        ApplicationError("state database refused the connection", non_retryable=True),
+    )
+    handle = await start(client, PostgresOutage, request(), task_queue)
+    await awaiting_approval(handle, APPROVE)
+    (pending,) = (await status(handle)).pending_approvals
+    assert "the automatic budget could not be counted: state database refused" in pending.reason
+    await decide(handle, APPROVE, "bob")
+    result = await handle.result()
+
+    assert result.outcome == Outcome.DONE, result.summary
     assert past_grace(stubs.called()) == [CLAIM, *ACTS]

@@ -34,6 +34,7 @@ from datetime import timedelta
 
 from pydantic import Field
 from temporalio import workflow
+from temporalio.exceptions import ActivityError
 
 from workflows.models import (
     DAY,
@@ -45,6 +46,7 @@ from workflows.models import (
     RunbookResult,
 )
 from workflows.runbook import Runbook, RunbookSpec
+from workflows.steps import failure_message
 from workflows.task_health import PROBES
 
 with workflow.unsafe.imports_passed_through():
@@ -219,16 +221,24 @@ class PostgresOutage(Runbook):
             f"of {old}, which took no write for {req.grace_seconds:g}s; {estimate}"
         )
 
-        automatic = None
+        automatic, unattended = None, ""
         if chosen.synchronous:
             # Only a synchronous standby proves that nothing acknowledged is lost, so only a
             # failover to one may go unattended, within the policy's budget.
-            automatic = await self.steps.within_automatic_limit(PROMOTE, f"{req.namespace}/{old}")
+            try:
+                automatic = await self.steps.within_automatic_limit(
+                    PROMOTE, f"{req.namespace}/{old}"
+                )
+            except ActivityError as err:
+                # The budget is counted in astra-ops's state database; on the server that
+                # failed it cannot be, and a person decides.
+                unattended = f" (the automatic budget could not be counted: {failure_message(err)})"
         if automatic is not None and automatic.allowed:
             self.steps.skip(APPROVE, f"not needed: {proposal}; unattended {automatic.detail}")
         else:
-            over_budget = f" ({automatic.detail})" if automatic is not None else ""
-            await self.steps.approval(APPROVE, f"{proposal}{over_budget}. {req.reason}".strip())
+            if automatic is not None:
+                unattended = f" ({automatic.detail})"
+            await self.steps.approval(APPROVE, f"{proposal}{unattended}. {req.reason}".strip())
         if loss != 0:
             await self.steps.approval(
                 APPROVE_LOSS,
