@@ -17,11 +17,13 @@ fencing is done over SQL and re-attaching is left to a person, with the commands
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import re
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,7 @@ from runtime.redact import redact
 if TYPE_CHECKING:
     import psycopg
 
+HEARTBEAT_SECONDS = 5
 PROBE_TABLE = "astra_ops_write_probe"
 """One row per server in the database a DSN names, rewritten by each write probe: the smallest
 real write (a row, WAL, a commit) that a read-only or recovering server refuses. astra-ops creates
@@ -401,68 +404,8 @@ class PostgresNodeActivities:
                 detail=f"would rewind {node.name} from {primary.name} (pg_rewind) and start it "
                 "as its replica",
             )
-        control, slot = node.control, _slot(node.name)
-        if _running(control):
-            await _pg_ctl(control, "stop", "-m", "fast", "-w", "-t", "60")
-        # Not running: a lock file left by a killed server would stop pg_rewind's recovery run.
-        (control.data_dir / "postmaster.pid").unlink(missing_ok=True)
-        kept = {
-            path.name: path.read_bytes()
-            for path in control.data_dir.iterdir()
-            if path.suffix == CONFIG_SUFFIX and path.is_file()
-        }
-        # A retry after a rewind rewinds again: single-user recovery refuses a standby.signal.
-        (control.data_dir / "standby.signal").unlink(missing_ok=True)
-        async with await connect(primary.admin_dsn, 5) as conn:
-            # A promoted server's control file names its new timeline only after a checkpoint;
-            # before one, pg_rewind sees one timeline and says "no rewind required".
-            await conn.execute("CHECKPOINT")
-        try:
-            rewound = await _run(
-                control,
-                "pg_rewind",
-                f"--target-pgdata={control.data_dir}",
-                f"--source-server={primary.admin_dsn}",
-            )
-        except ApplicationError as e:
-            # The failover is done; the old primary is what failed, and a rebuild replaces it.
-            return Reattached(
-                changed=False,
-                detail=f"{node.name} could not be rewound, and stays stopped: {e.message}",
-                rebuild=_rebuild_commands(node.name, primary.name),
-            )
-        finally:
-            for name, content in kept.items():
-                _write_owned(control, control.data_dir / name, content)
-        async with await connect(primary.admin_dsn, 5) as conn:
-            await conn.execute(
-                "SELECT pg_create_physical_replication_slot(%(slot)s) WHERE NOT EXISTS "
-                "(SELECT FROM pg_replication_slots WHERE slot_name = %(slot)s)",
-                {"slot": slot},
-            )
-        conninfo = _replication_conninfo(primary.admin_dsn, node.name)
-        settings = f"\nprimary_conninfo = '{conninfo}'\nprimary_slot_name = '{slot}'\n"
-        auto = control.data_dir / "postgresql.auto.conf"
-        if settings.encode() not in auto.read_bytes():
-            _write_owned(control, auto, auto.read_bytes() + settings.encode())
-        _write_owned(control, control.data_dir / "standby.signal", b"")
-        await _pg_ctl(control, "start", "-w", "-t", "60", "-l", str(_log(control)))
-        deadline = asyncio.get_running_loop().time() + req.timeout_seconds
-        while not await _streams_from(primary, node.name):
-            if asyncio.get_running_loop().time() > deadline:
-                raise ApplicationError(
-                    f"{node.name} was rewound and started but does not stream from "
-                    f"{primary.name} after {req.timeout_seconds:g}s; see {_log(control)}",
-                    non_retryable=True,
-                )
-            activity.heartbeat(f"waiting for {node.name} to stream")
-            await asyncio.sleep(0.5)
-        return Reattached(
-            changed=True,
-            detail=f"rewound {node.name} from {primary.name}"
-            + (" (it had not diverged)" if "no rewind required" in rewound else "")
-            + "; it streams from it as a replica",
-        )
+        async with _heartbeating(f"re-attaching {node.name} to {primary.name}"):
+            return await _rewind(node, node.control, primary, req.timeout_seconds)
 
     # -- verification ----------------------------------------------------------------------
 
@@ -488,6 +431,92 @@ class PostgresNodeActivities:
                 non_retryable=True,
             )
         return PlatformWriteResult(node=node.name, position=position)
+
+
+async def _rewind(
+    node: PostgresNode, control: PostgresControl, primary: PostgresNode, timeout_seconds: float
+) -> Reattached:
+    """``reattach_postgres``'s work on the old primary's machine (its docstring says what)."""
+    slot = _slot(node.name)
+    if _running(control):
+        await _pg_ctl(control, "stop", "-m", "fast", "-w", "-t", "60")
+    # Not running: a lock file left by a killed server would stop pg_rewind's recovery run.
+    (control.data_dir / "postmaster.pid").unlink(missing_ok=True)
+    kept = {
+        path.name: path.read_bytes()
+        for path in control.data_dir.iterdir()
+        if path.suffix == CONFIG_SUFFIX and path.is_file()
+    }
+    # A retry after a rewind rewinds again: single-user recovery refuses a standby.signal.
+    (control.data_dir / "standby.signal").unlink(missing_ok=True)
+    async with await connect(primary.admin_dsn, 5) as conn:
+        # A promoted server's control file names its new timeline only after a checkpoint;
+        # before one, pg_rewind sees one timeline and says "no rewind required".
+        await conn.execute("CHECKPOINT")
+    try:
+        rewound = await _run(
+            control,
+            "pg_rewind",
+            f"--target-pgdata={control.data_dir}",
+            f"--source-server={primary.admin_dsn}",
+        )
+    except ApplicationError as e:
+        # The failover is done; the old primary is what failed, and a rebuild replaces it.
+        return Reattached(
+            changed=False,
+            detail=f"{node.name} could not be rewound, and stays stopped: {e.message}",
+            rebuild=_rebuild_commands(node.name, primary.name),
+        )
+    finally:
+        for name, content in kept.items():
+            _write_owned(control, control.data_dir / name, content)
+    async with await connect(primary.admin_dsn, 5) as conn:
+        await conn.execute(
+            "SELECT pg_create_physical_replication_slot(%(slot)s) WHERE NOT EXISTS "
+            "(SELECT FROM pg_replication_slots WHERE slot_name = %(slot)s)",
+            {"slot": slot},
+        )
+    conninfo = _replication_conninfo(primary.admin_dsn, node.name)
+    settings = f"\nprimary_conninfo = '{conninfo}'\nprimary_slot_name = '{slot}'\n"
+    auto = control.data_dir / "postgresql.auto.conf"
+    if settings.encode() not in auto.read_bytes():
+        _write_owned(control, auto, auto.read_bytes() + settings.encode())
+    _write_owned(control, control.data_dir / "standby.signal", b"")
+    await _pg_ctl(control, "start", "-w", "-t", "60", "-l", str(_log(control)))
+    deadline = asyncio.get_running_loop().time() + timeout_seconds
+    while not await _streams_from(primary, node.name):
+        if asyncio.get_running_loop().time() > deadline:
+            raise ApplicationError(
+                f"{node.name} was rewound and started but does not stream from "
+                f"{primary.name} after {timeout_seconds:g}s; see {_log(control)}",
+                non_retryable=True,
+            )
+        await asyncio.sleep(0.5)
+    return Reattached(
+        changed=True,
+        detail=f"rewound {node.name} from {primary.name}"
+        + (" (it had not diverged)" if "no rewind required" in rewound else "")
+        + "; it streams from it as a replica",
+    )
+
+
+@contextlib.asynccontextmanager
+async def _heartbeating(what: str) -> AsyncIterator[None]:
+    """Heartbeat while a long step runs (a rewind reads the whole changed data), so the
+    workflow's heartbeat timeout tells a stuck worker from a busy one."""
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat(what)
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _psycopg_error() -> type[Exception]:
