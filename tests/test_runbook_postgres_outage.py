@@ -27,12 +27,20 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.endpoints import PLATFORM_CLIENTS, EndpointActivities, Repoint
 from activities.kubernetes import KubernetesActivities
-from activities.postgres_nodes import Fence, PostgresNodeActivities, Promote, Reattach, lsn
+from activities.postgres_nodes import (
+    Fence,
+    NodesRequest,
+    PostgresNodeActivities,
+    Promote,
+    Reattach,
+    lsn,
+)
 from runtime.astra_config import DATABASE_URL_KEY
 from runtime.data_plane import DataPlaneTopology
 from runtime.settings import Settings
 from sandbox.servers import DataPlane, PostgresServer, Replication, running_data_plane, scratch_dir
 from sandbox.servers import faults as server_faults
+from tests.conftest import ChatReceiver
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.helpers import decide, generation, start, status
 from workers.worker import running_worker
@@ -315,6 +323,22 @@ async def test_a_dry_run_reports_the_failover_and_changes_nothing(
             return rows == [("streaming",)]
 
         await eventually(streaming, timeout=SECONDS, message="the replica streams again")
+
+
+async def test_the_checks_see_each_server_and_a_patroni_that_answers(
+    tmp_path: Path, shared_plane: DataPlane, chat: ChatReceiver
+) -> None:
+    topology = shared_plane.topology()
+    topology.patroni_url = chat.url  # any HTTP answer: something manages the servers there
+    topology.write(tmp_path / "topology.json")
+    checks = PostgresNodeActivities(tmp_path / "topology.json")
+    report = await ActivityEnvironment().run(checks.postgres_nodes, NodesRequest())
+
+    assert report.patroni is not None and report.patroni.startswith("HTTP 501 from http://")
+    primary, replica = report.nodes
+    assert (primary.in_recovery, primary.writable) == (False, True)
+    assert (replica.in_recovery, replica.writable, replica.streaming) == (True, False, True)
+    assert replica.synchronous and report.lag_bytes("replica") is not None
 
 
 async def test_each_action_run_twice_leaves_the_servers_as_once(
