@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
     api_url: str = "http://127.0.0.1:8080"
+    api_max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="The largest request body the API reads; larger ones are answered 413. "
+        "The default holds an Alertmanager group of thousands of alerts and a Temporal UI "
+        "codec batch.",
+    )
     ui_origins: str = Field(
         default="http://127.0.0.1:8233,http://localhost:8233",
         description="Origins of the Temporal UI allowed to call the codec endpoints (CORS).",
