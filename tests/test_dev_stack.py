@@ -14,11 +14,12 @@ from pathlib import Path
 import httpx
 import psycopg
 
+from runtime.data_plane import DataPlaneTopology
 from runtime.migrations import ASTRA, STATE, VERSIONS_TABLE, migrations
 from runtime.settings import REPO_ROOT
 from sandbox.faults import SandboxTarget
 from sandbox.servers import DataPlane, scratch_dir
-from sandbox.servers.plane import data_plane_record
+from sandbox.servers.plane import data_plane_record, topology_file
 from sandbox.servers.process import free_port
 from starters.api import ALERTS_PATH, CODEC_PATH
 from starters.dev import DEV_ALERT_TOKEN
@@ -133,6 +134,12 @@ async def test_dev_stack_runs_its_own_servers_where_none_answer(tmp_path: Path) 
             assert "servers of our own" in stack.log.read_text()
             plane = DataPlane.read(data_plane_record(folder / "state"))
             assert [s.name for s in plane.servers] == ["primary", "primary"]  # PostgreSQL, Redis
+            # The worker's data-plane runbooks know these servers by name, and may stop ours.
+            topology = DataPlaneTopology.load(topology_file(folder / "state"))
+            assert [(n.name, n.control is not None) for n in topology.postgres] == [
+                ("primary", True)
+            ]
+            assert topology.redis[0].platform_url == plane.redis_url
             fault = json.loads(await beside(stack, "sandbox", "fault", "worker-lost", "--json"))
             started = await http.post(
                 "/v1/runbooks/worker-lost/runs",
@@ -166,6 +173,7 @@ async def test_dev_stack_runs_its_own_servers_where_none_answer(tmp_path: Path) 
             assert proc.returncode == 0, stack.log.read_text()
             assert not [s.name for s in plane.servers if s.running()], "servers left after Ctrl-C"
             assert not data_plane_record(folder / "state").exists()
+            assert not topology_file(folder / "state").exists()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
