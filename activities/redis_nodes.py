@@ -124,7 +124,7 @@ class RedisSurvey(BaseModel):
 
 class StreamCheck(BaseModel):
     node: NodeName
-    publish_grace_seconds: float = Field(default=10, ge=0, le=3_600)
+    publish_grace_seconds: float = Field(default=2, ge=0, le=3_600)
 
 
 class ShardStream(BaseModel):
@@ -191,13 +191,16 @@ class Promotion(MutationResult):
 
 class RebuildStreams(Mutation):
     node: NodeName
-    publish_grace_seconds: float = Field(default=10, ge=0, le=3_600)
+    publish_grace_seconds: float = Field(default=2, ge=0, le=3_600)
     batch_size: int = Field(default=1_000, gt=0, le=100_000)
 
 
 class Rebuild(MutationResult):
     requeued: int
     """Pending tasks put back on their streams (in dry-run: that would be)."""
+    stale: int
+    """Entries deleted because their task is no longer pending: a worker took it while its
+    delete could not reach this server (the old primary was down)."""
     dead_letters: int
     """Dead letters put back on the dead-letter stream."""
     batches: int
@@ -205,7 +208,7 @@ class Rebuild(MutationResult):
 
 class RestoreMarker(Mutation):
     node: NodeName
-    publish_grace_seconds: float = Field(default=10, ge=0, le=3_600)
+    publish_grace_seconds: float = Field(default=2, ge=0, le=3_600)
 
 
 class NodeWorkers(BaseModel):
@@ -252,8 +255,13 @@ def _persistence(info: dict[str, Any]) -> tuple[str, bool]:
 
 
 async def _stream_tasks(client: aioredis.Redis, key: str) -> Counter[str]:
-    """How many entries each task has on a stream, read a page at a time."""
-    counts: Counter[str] = Counter()
+    """How many entries each task has on a stream."""
+    return Counter({task: len(ids) for task, ids in (await _stream_entries(client, key)).items()})
+
+
+async def _stream_entries(client: aioredis.Redis, key: str) -> dict[str, list[str]]:
+    """The entry ids of each task on a stream, read a page at a time."""
+    entries: dict[str, list[str]] = {}
     start = "-"
     while True:
         # decode_responses=True: ids and fields are str, whatever the client's union types say.
@@ -261,10 +269,10 @@ async def _stream_tasks(client: aioredis.Redis, key: str) -> Counter[str]:
             list[tuple[str, dict[str, str]]],
             await client.xrange(key, min=start, max="+", count=STREAM_PAGE),
         )
-        for _, fields in page:
-            counts[fields.get("task_id", "")] += 1
+        for entry_id, fields in page:
+            entries.setdefault(fields.get("task_id", ""), []).append(entry_id)
         if len(page) < STREAM_PAGE:
-            return counts
+            return entries
         start = f"({page[-1][0]}"
 
 
@@ -596,13 +604,15 @@ class RedisNodeActivities:
         """Give Redis back what PostgreSQL says it must hold, in batches, heartbeating.
 
         Each pending task older than the grace goes back on its shard's stream unless an entry
-        for it is there; each dead-lettered task back on the dead-letter stream unless one is.
+        for it is there; an entry whose task is not pending any more is deleted (its worker's
+        delete was lost with the old primary); each dead-lettered task goes back on the
+        dead-letter stream unless one is there.
         What is on a stream is read before the first batch and grown with each one, so a retry
         of this activity adds only what the first attempt did not.
         """
         node = self._topology().redis_node(req.node)
         client = _client(node.url, ACTION_TIMEOUT_SECONDS)
-        requeued = dead_letters = batches = 0
+        requeued = dead_letters = batches = stale = 0
         try:
             if not req.dry_run and await self._role(client) != "master":
                 raise ApplicationError(
@@ -613,7 +623,9 @@ class RedisNodeActivities:
                 cutoff = await self._cutoff(conn, req.publish_grace_seconds)
                 for shard in await self._shards(conn, client):
                     stream = self.keys.task_stream(shard)
-                    present = set(await _stream_tasks(client, stream))
+                    entries = await _stream_entries(client, stream)
+                    stale += await self._trim(conn, client, stream, entries, req.dry_run)
+                    present = set(entries)
                     async for rows in _batches(
                         conn,
                         "pending",
@@ -664,13 +676,39 @@ class RedisNodeActivities:
             await client.aclose()
         verb = "would put back" if req.dry_run else "put back"
         return Rebuild(
-            changed=not req.dry_run and requeued + dead_letters > 0,
+            changed=not req.dry_run and requeued + dead_letters + stale > 0,
             detail=f"{verb} {requeued} pending tasks on their streams and {dead_letters} dead "
-            f"letters on {req.node}, from PostgreSQL in {batches} batch(es)",
+            f"letters on {req.node}, from PostgreSQL in {batches} batch(es); "
+            f"{'would delete' if req.dry_run else 'deleted'} {stale} entries of tasks no "
+            "longer pending",
             requeued=requeued,
+            stale=stale,
             dead_letters=dead_letters,
             batches=batches,
         )
+
+    async def _trim(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        client: aioredis.Redis,
+        stream: str,
+        entries: dict[str, list[str]],
+        dry_run: bool,
+    ) -> int:
+        """Delete the entries of tasks that are not pending (whatever their age): Astra would
+        skip them, and a stream of pending tasks is what the verify step counts."""
+        rows = await (
+            await conn.execute(
+                "SELECT id FROM tasks WHERE status = 'pending' AND id = ANY(%s)", (list(entries),)
+            )
+        ).fetchall()
+        pending = {r[0] for r in rows}
+        stale = [e for task, ids in entries.items() if task not in pending for e in ids]
+        if stale and not dry_run:
+            await client.xdel(stream, *stale)
+        for task in [t for t in entries if t not in pending]:
+            del entries[task]
+        return len(stale)
 
     @activity.defn
     async def restore_marker(self, req: RestoreMarker) -> MutationResult:

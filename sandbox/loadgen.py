@@ -209,6 +209,18 @@ class _Published:
     them from its own Redis, which ``taken`` of that Redis collects)."""
 
 
+def _drop_taken_at_once(to: Mapping[str, _Published]) -> None:
+    """A task submitted and leased in the same tick never reaches a stream: its entry would be
+    added after the worker looked for it to delete."""
+    queued = {task for p in to.values() for task, _, _ in p.queued}
+    both = {t for p in to.values() for ids in p.taken.values() for t in ids} & queued
+    for published in to.values():
+        published.queued = [q for q in published.queued if q[0] not in both]
+        published.taken = {
+            shard: [t for t in ids if t not in both] for shard, ids in published.taken.items()
+        }
+
+
 @dataclass
 class _DatabaseShare:
     """The part of a tick that goes to one database: the work of the pods connected to it."""
@@ -346,7 +358,10 @@ class LoadGenerator:
         live = [w for w in self.workers if w not in lost]
         report = StepReport()
         to: dict[str, _Published] = {}
-        for dsn, share in plan.databases(live, self.config.llm_calls_per_step).items():
+        # A worker takes its tasks from its Redis: while that does not answer, it works on none
+        # (it still tries to heartbeat, which is how it finds Redis back).
+        working = [w for w in live if plan.workers[w].redis_url not in self._unreachable]
+        for dsn, share in plan.databases(working, self.config.llm_calls_per_step).items():
             try:
                 async with await connect_database(dsn) as conn, conn.transaction():
                     done, published = await self._database_tick(
@@ -372,6 +387,7 @@ class LoadGenerator:
                 taken = to.setdefault(plan.workers[worker].redis_url, _Published()).taken
                 for shard, ids in tasks.items():
                     taken.setdefault(shard, []).extend(ids)
+        _drop_taken_at_once(to)
         beats = plan.redis(live)
         for url in sorted(beats.keys() | to.keys()):
             beating = beats.get(url, [])

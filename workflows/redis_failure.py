@@ -15,10 +15,12 @@ is the primary (Sentinel or a person got there first), points the platform at it
 what the replica had not received. Either change waits for Kernel SRE, unless the policy's
 ``automatic`` budget for the step allows one more unattended.
 
-Why this order: the platform is pointed at a server only once it takes writes; the streams are
-rebuilt before the consumers restart, so a restarted worker finds every pending task; the data
-marker goes back last, because it says "this Redis is whole" to the next check; the scheduler
-restarts first (it publishes tasks), then the workers, then the agents (``PLATFORM_CLIENTS``).
+Why this order: the platform is pointed at a server only once it takes writes. The scheduler
+(which publishes tasks) restarts first, and the rebuild waits until what its old pods committed
+is older than the grace: everything they could not publish to the lost server is then the
+rebuild's, and everything the new pods publish reaches the new one. The streams are rebuilt
+before the consumers (workers, then agents) restart, so a restarted worker finds every pending
+task; the data marker goes back after the rebuild, because it says "this Redis is whole".
 
 Rollback: none, by design. A promoted replica cannot be made a replica again without losing the
 writes it took since, and the old primary is down or behind it; a rebuild only adds entries
@@ -77,11 +79,15 @@ VERIFY_STREAMS = "verify each pending task is queued once"
 VERIFY_HEARTBEATS = "verify the workers heartbeat"
 
 
+PRODUCER, *CONSUMERS = PLATFORM_CLIENTS
+"""The scheduler publishes tasks; the workers and agents consume them."""
+
+
 class RedisFailureRequest(RunbookRequest):
     namespace: KubernetesLabel = "astra"
     config_map: KubernetesName = "astra-config"
     publish_grace_seconds: float = Field(
-        default=10,
+        default=2,
         ge=0,
         le=HOUR,
         description="a task pending for less than this may still be on its way to its stream "
@@ -114,9 +120,11 @@ def steps(req: RedisFailureRequest) -> list[str]:
         APPROVE_REBUILD,
         FAIL_OVER,
         REPOINT,
+        f"restart {PRODUCER}",
+        f"wait for {PRODUCER}",
         REBUILD,
         MARKER,
-        *(step for d in PLATFORM_CLIENTS for step in (f"restart {d}", f"wait for {d}")),
+        *(step for d in CONSUMERS for step in (f"restart {d}", f"wait for {d}")),
         VERIFY_PRIMARY,
         VERIFY_STREAMS,
         VERIFY_HEARTBEATS,
@@ -222,6 +230,12 @@ class RedisFailure(Runbook):
         else:
             for step in (FAIL_OVER, REPOINT):
                 self.steps.skip(step, f"not needed: {current} answers as the primary")
+        await self._restart(req, PRODUCER)
+        if not req.dry_run:
+            # What the scheduler's old pods committed is pending for the grace before the
+            # rebuild counts it; from then on, their publishes that never arrived are the
+            # rebuild's to make.
+            await workflow.sleep(timedelta(seconds=req.publish_grace_seconds))
         rebuild = await self.steps.act(
             REBUILD,
             RedisNodeActivities.rebuild_streams,
@@ -239,30 +253,35 @@ class RedisFailure(Runbook):
             RestoreMarker(node=target, publish_grace_seconds=req.publish_grace_seconds),
         )
         restarted_at = workflow.now()
-        for deployment in PLATFORM_CLIENTS:
-            await self.steps.act(
-                f"restart {deployment}",
-                KubernetesActivities.rollout_restart,
-                RolloutRestart(namespace=req.namespace, name=deployment, config_map=req.config_map),
-            )
-            if not req.dry_run:
-                await self.steps.check(
-                    f"wait for {deployment}",
-                    KubernetesActivities.wait_rollout,
-                    RolloutWait(
-                        namespace=req.namespace,
-                        name=deployment,
-                        timeout_seconds=req.rollout_timeout_seconds,
-                    ),
-                    start_to_close_timeout=timedelta(seconds=req.rollout_timeout_seconds + 60),
-                    heartbeat_timeout=timedelta(seconds=30),
-                )
+        for deployment in CONSUMERS:
+            await self._restart(req, deployment)
         if req.dry_run:
             return self.steps.finish(
                 Outcome.DONE,
                 f"dry-run: {why}; {rebuild.detail}; would restart {', '.join(PLATFORM_CLIENTS)}",
             )
         return await self._verify(req, target, restarted_at, rebuild.detail)
+
+    async def _restart(self, req: RedisFailureRequest, deployment: str) -> None:
+        """Roll a Deployment's pods, so they connect to the endpoints the config names now, and
+        wait for it (a dry-run only reports the restart)."""
+        await self.steps.act(
+            f"restart {deployment}",
+            KubernetesActivities.rollout_restart,
+            RolloutRestart(namespace=req.namespace, name=deployment, config_map=req.config_map),
+        )
+        if not req.dry_run:
+            await self.steps.check(
+                f"wait for {deployment}",
+                KubernetesActivities.wait_rollout,
+                RolloutWait(
+                    namespace=req.namespace,
+                    name=deployment,
+                    timeout_seconds=req.rollout_timeout_seconds,
+                ),
+                start_to_close_timeout=timedelta(seconds=req.rollout_timeout_seconds + 60),
+                heartbeat_timeout=timedelta(seconds=30),
+            )
 
     @staticmethod
     def _failover_target(survey: RedisSurvey, current: str) -> str | None:
