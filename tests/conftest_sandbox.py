@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -22,6 +23,7 @@ from temporalio.worker import Worker
 
 from activities.kubernetes import unauthenticated_client
 from runtime.astra_config import AstraEndpoints
+from runtime.data_plane import DataPlaneTopology, RedisNode
 from runtime.settings import Settings
 from sandbox.faults import SandboxTarget
 from sandbox.kube.seed import ASTRA_NAMESPACE, CONFIG_MAP
@@ -109,13 +111,18 @@ async def astra(data_plane: SandboxTarget, kube: KubeSandbox) -> AsyncIterator[R
 
 
 @pytest.fixture
-def astra_settings(settings: Settings, data_plane: SandboxTarget) -> Settings:
-    """The test's settings, pointed at its own database and Redis key prefix."""
+def astra_settings(settings: Settings, data_plane: SandboxTarget, tmp_path: Path) -> Settings:
+    """The test's settings, pointed at its own database and Redis key prefix, and at a data-plane
+    topology naming its Redis (a test may rewrite it: the activities read it per call)."""
+    topology = tmp_path / "data-plane-topology.json"
+    url = data_plane.redis_url
+    DataPlaneTopology(redis=[RedisNode(name="redis", url=url, platform_url=url)]).write(topology)
     return settings.model_copy(
         update={
             "database_url": data_plane.dsn,
             "redis_url": data_plane.redis_url,
             "redis_key_prefix": data_plane.key_prefix,
+            "data_plane_topology": topology,
         }
     )
 

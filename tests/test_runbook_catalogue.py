@@ -17,6 +17,7 @@ from temporalio.client import Client
 
 from sandbox.faults import cost_spike, dead_letters, error_spike, worker_lost
 from starters.runbook_cards import runbook_card
+from tests.conftest_data import delete_prefix
 from tests.conftest_sandbox import TICK_SECONDS, RunningAstra
 from tests.helpers import start, status
 from workflows.catalogue import RUNBOOKS
@@ -56,12 +57,20 @@ async def published_dead_letters(astra: RunningAstra) -> dict[str, Any]:
     return {"group": f"repair-{uuid.uuid4().hex[:8]}", "batch_size": 2}
 
 
+async def flushed_redis(astra: RunningAstra) -> dict[str, Any]:
+    # The test's Redis is shared: its own keys go, as a FLUSHALL would take them.
+    async with astra.between_ticks():
+        await delete_prefix(astra.target.key_prefix, astra.target.redis_url)
+    return {}
+
+
 DRY_RUNS: dict[str, Scenario] = {
     "shard-scaling": scaling,
     "worker-lost": lost_worker,
     "high-error-rate": stuck_pool,
     "llm-cost-spike": spend_spike,
     "dead-letter-repair": published_dead_letters,
+    "redis-failure": flushed_redis,
 }
 """What each runbook's dry-run needs, so that it takes its whole path: the fault it is for."""
 

@@ -21,11 +21,13 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.access import AccessActivities, Trust
 from activities.communication import CommunicationActivities
+from activities.endpoints import EndpointActivities
 from activities.incident import IncidentActivities
 from activities.kubernetes import KubernetesActivities, unauthenticated_client
 from activities.metrics import MetricsActivities, metrics_source
 from activities.notify import NotifyActivities
 from activities.postgres import PostgresActivities
+from activities.redis_nodes import RedisNodeActivities
 from activities.redis_store import RedisActivities
 from runtime.client import connect
 from runtime.identity import parse_trusted_keys
@@ -143,11 +145,24 @@ async def running_worker(
     postgres = PostgresActivities(settings.database_url)
     redis = RedisActivities(settings.redis_url, key_prefix=settings.redis_key_prefix)
     metrics = MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url))
+    endpoints = EndpointActivities(kubernetes, settings.data_plane_topology)
+    redis_nodes = RedisNodeActivities(
+        settings.data_plane_topology, settings.database_url, key_prefix=settings.redis_key_prefix
+    )
     worker = Worker(
         client,
         task_queue=task_queue or settings.task_queue,
         activities=activities_of(
-            access, kubernetes, notify, postgres, redis, metrics, incident, communication
+            access,
+            kubernetes,
+            notify,
+            postgres,
+            redis,
+            metrics,
+            incident,
+            communication,
+            endpoints,
+            redis_nodes,
         ),
         activity_executor=executor,
         graceful_shutdown_timeout=timedelta(seconds=30),

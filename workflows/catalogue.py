@@ -5,11 +5,19 @@ from __future__ import annotations
 from workflows.dead_letter_repair import DeadLetterRepair
 from workflows.high_error_rate import HighErrorRate
 from workflows.llm_cost_spike import LlmCostSpike
+from workflows.redis_failure import RedisFailure
 from workflows.runbook import Runbook
 from workflows.shard_scaling import ShardScaling
 from workflows.worker_lost import WorkerLost
 
 RUNBOOKS: dict[str, type[Runbook]] = {
     workflow.spec.name: workflow
-    for workflow in (ShardScaling, WorkerLost, HighErrorRate, LlmCostSpike, DeadLetterRepair)
+    for workflow in (
+        ShardScaling,
+        WorkerLost,
+        HighErrorRate,
+        LlmCostSpike,
+        DeadLetterRepair,
+        RedisFailure,
+    )
 }
