@@ -87,7 +87,8 @@ class Writer(Protocol):
     """Writes numbered records through the platform's endpoint, as the platform would."""
 
     async def prepare(self) -> None:
-        """Make what the writes need (a table), through the endpoint, before the load starts."""
+        """Before the load starts: the endpoint answers, and what the writes need (a table)
+        exists."""
 
     async def write(self, seq: int) -> None:
         """Write record ``seq`` once; raise if it was not acknowledged. A failed write leaves
@@ -104,7 +105,8 @@ class Trial:
     """What a leg is given for one trial."""
 
     directory: Path
-    """A fresh scratch directory for the trial's servers, removed afterwards."""
+    """A fresh scratch directory for the trial's servers, removed after the trial (kept, for
+    its logs, when the trial fails)."""
     replication: Replication
     """How PostgreSQL legs replicate (``--replication``)."""
 
@@ -190,7 +192,8 @@ class Outcome:
     was within the deadline."""
     acked: int
     lost: int | None
-    """Acknowledged writes missing afterwards; None when they could not be read back."""
+    """Acknowledged writes (those before the fault, and the first after it) missing afterwards;
+    None when the store did not recover."""
     note: str = ""
 
 
@@ -513,7 +516,7 @@ class RedisWriter:
         self.client = client
 
     async def prepare(self) -> None:
-        await self.client.delete(STREAM)
+        await self.client.ping()
 
     async def write(self, seq: int) -> None:
         await self.client.xadd(STREAM, {"seq": seq})
@@ -668,13 +671,16 @@ async def main(
             directory = scratch_dir(f"astra-rto-{name}-")
             try:
                 outcome = await run_trial(leg, Trial(directory, replication), warmup, deadline)
-            finally:
-                shutil.rmtree(directory, ignore_errors=True)
+            except BaseException:
+                print(f"{name} trial {number} failed; its servers' logs: {directory}")
+                raise
+            shutil.rmtree(directory, ignore_errors=True)
             results[name].append(outcome)
             took = "-" if outcome.recovery is None else f"{outcome.recovery:.2f} s"
+            lost = "-" if outcome.lost is None else outcome.lost
             print(
                 f"{name} trial {number}/{trials}: recovered after {took}, "
-                f"{outcome.acked} writes acked, {outcome.lost} lost",
+                f"{outcome.acked} writes acked, {lost} lost",
                 flush=True,
             )
     print_table(results, replication, trials)
