@@ -151,8 +151,8 @@ async def start_redis(
     within: float = 30,
 ) -> list[RedisServer]:
     """A primary, then (``replica``) a replica once it is in sync with it, then (``sentinel``)
-    a Sentinel monitoring the primary, which it declares down after ``down_after_ms``: the
-    servers in that order."""
+    a Sentinel monitoring the primary, which it deems down after ``down_after_ms`` without an
+    answer (Sentinel's default, 30 s, unless told): the servers in that order."""
     primary = redis_node(directory, "primary")
     await primary.start(within)
     servers = [primary]
