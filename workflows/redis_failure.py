@@ -88,7 +88,7 @@ class RedisFailureRequest(RunbookRequest):
     config_map: KubernetesName = "astra-config"
     publish_grace_seconds: float = Field(
         default=2,
-        ge=0,
+        gt=0,
         le=HOUR,
         description="a task pending for less than this may still be on its way to its stream "
         "(Astra commits, then publishes): the rebuild leaves it to Astra, and the checks do not "
