@@ -27,6 +27,7 @@ from activities.metrics import MetricsActivities, metrics_source
 from activities.notify import NotifyActivities
 from activities.postgres import PostgresActivities
 from activities.redis_store import RedisActivities
+from activities.vault import VaultActivities, VaultConfig
 from runtime.client import connect
 from runtime.identity import parse_trusted_keys
 from runtime.redact import redact_logs
@@ -48,6 +49,18 @@ def kube_api(settings: Settings) -> k8s.ApiClient:
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
     return k8s.ApiClient()
+
+
+def vault_config(settings: Settings) -> VaultConfig:
+    return VaultConfig(
+        address=settings.vault_addr,
+        token=settings.vault_token.get_secret_value() if settings.vault_token else None,
+        token_file=settings.vault_token_file,
+        unseal_keys_file=settings.vault_unseal_keys_file,
+        source_root=settings.vault_source_root,
+        source_env_prefix=settings.vault_source_env_prefix,
+        token_period_seconds=settings.vault_token_period_seconds,
+    )
 
 
 def activities_of(*instances: object) -> list[Callable[..., Any]]:
@@ -143,11 +156,12 @@ async def running_worker(
     postgres = PostgresActivities(settings.database_url)
     redis = RedisActivities(settings.redis_url, key_prefix=settings.redis_key_prefix)
     metrics = MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url))
+    vault = VaultActivities(vault_config(settings), kubernetes)
     worker = Worker(
         client,
         task_queue=task_queue or settings.task_queue,
         activities=activities_of(
-            access, kubernetes, notify, postgres, redis, metrics, incident, communication
+            access, kubernetes, notify, postgres, redis, metrics, incident, communication, vault
         ),
         activity_executor=executor,
         graceful_shutdown_timeout=timedelta(seconds=30),

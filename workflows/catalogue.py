@@ -7,9 +7,17 @@ from workflows.high_error_rate import HighErrorRate
 from workflows.llm_cost_spike import LlmCostSpike
 from workflows.runbook import Runbook
 from workflows.shard_scaling import ShardScaling
+from workflows.vault_setup import VaultSetup
 from workflows.worker_lost import WorkerLost
 
 RUNBOOKS: dict[str, type[Runbook]] = {
     workflow.spec.name: workflow
-    for workflow in (ShardScaling, WorkerLost, HighErrorRate, LlmCostSpike, DeadLetterRepair)
+    for workflow in (
+        ShardScaling,
+        WorkerLost,
+        HighErrorRate,
+        LlmCostSpike,
+        DeadLetterRepair,
+        VaultSetup,
+    )
 }
