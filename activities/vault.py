@@ -475,8 +475,8 @@ class VaultActivities:
 
     @activity.defn
     def verify_credential(self, req: CredentialProbe) -> CredentialVerdict:
-        """With the token the platform's Secret holds: read its own path, and be refused a
-        sibling path, a write to its own, and Vault's policies."""
+        """With the token the platform's Secret holds: read its own path, and be refused reading
+        and writing a sibling path and listing Vault's policies."""
         import hvac.exceptions as vault
 
         data, _ = self._platform_secret(req.namespace, req.secret)
@@ -487,8 +487,9 @@ class VaultActivities:
             f"read {req.mount}/{sibling}": lambda: kv.read_secret_version(
                 path=sibling, mount_point=req.mount, raise_on_deleted_version=False
             ),
-            f"write {req.mount}/{req.path}": lambda: kv.patch(
-                path=req.path, secret={"probe": "x"}, mount_point=req.mount
+            # cas=0 only creates: an allowed probe cannot overwrite anything.
+            f"write {req.mount}/{sibling}": lambda: kv.create_or_update_secret(
+                path=sibling, secret={"probe": "denied?"}, cas=0, mount_point=req.mount
             ),
             "list policies": lambda: client.sys.list_acl_policies(),
         }
@@ -507,8 +508,8 @@ class VaultActivities:
                 except (vault.Forbidden, vault.Unauthorized):
                     denied.append(name)
                     continue
-                except vault.InvalidPath:
-                    pass  # allowed, only nothing there
+                except (vault.InvalidPath, vault.InvalidRequest):
+                    pass  # allowed: only nothing there, or already something
                 allowed.append(name)
         return CredentialVerdict(reads_path=reads, denied=denied, allowed=allowed)
 

@@ -69,7 +69,7 @@ class OpenBaoServer(Daemon):
             env = {"HOME": str(self.dir), "PATH": "/usr/bin:/bin"}
             argv = [str(bao_binary()), "server"]
             if self.dev:
-                self._private(self.token_file).write_text(f"hvs.dev-{secrets.token_hex(16)}\n")
+                self._private(self.token_file).write_text(f"dev-{secrets.token_hex(16)}\n")
                 env["BAO_DEV_ROOT_TOKEN_ID"] = self.root_token()
                 argv += ["-dev", f"-dev-listen-address=127.0.0.1:{self.port}"]
             else:

@@ -1,0 +1,45 @@
+"""OpenBao for the tests: one dev server per pytest process (on a free port, so the two xdist
+processes each have their own), and a sealed one for the tests that need it.
+
+Each test keeps to a KV path, policy and namespace of its own, so tests share the dev server.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import hvac
+import pytest
+
+from sandbox.servers import scratch_dir
+from sandbox.servers.openbao import OpenBaoServer, openbao_server
+
+
+@pytest.fixture(scope="session")
+async def openbao() -> AsyncIterator[OpenBaoServer]:
+    directory = scratch_dir("astra-test-openbao-")
+    server = openbao_server(directory)
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+async def sealed_openbao(tmp_path: Path) -> AsyncIterator[tuple[OpenBaoServer, Path]]:
+    """An initialised, sealed OpenBao, its root token in its ``token_file`` and its unseal key
+    in the file returned beside it."""
+    server = openbao_server(tmp_path, "sealed", dev=False)
+    try:
+        await server.start()
+        init = hvac.Client(url=server.address).sys.initialize(secret_shares=1, secret_threshold=1)
+        server.token_file.write_text(init["root_token"] + "\n")
+        keys = tmp_path / "unseal.keys"
+        keys.write_text("\n".join(init["keys_base64"]) + "\n")
+        yield server, keys
+    finally:
+        await server.stop()
