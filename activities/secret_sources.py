@@ -24,20 +24,27 @@ KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
 MAX_VALUE_BYTES = 64 * 1024
 
 
+SOURCE_PATTERN = r"^(file|directory|env):[^\x00-\x1f]{1,512}$"
+"""A source as a request names it: ``file:NAME``, ``directory:NAME`` or ``env:PREFIX``."""
+
+
 class SecretSource(BaseModel):
     """A source of secrets, by name only: the values are read by the activity that loads them."""
 
-    kind: SourceKind = Field(
-        description="'file' (KEY=value lines), 'directory' (one file per key, named after it, "
-        "as Kubernetes mounts a Secret) or 'env' (variables with a prefix, the prefix removed)"
-    )
-    name: str = Field(
-        min_length=1,
-        max_length=512,
-        pattern=r"^[^\x00-\x1f]+$",
-        description="the file or directory, relative to the worker's ASTRA_OPS_VAULT_SOURCE_ROOT, "
-        "or the variables' prefix",
-    )
+    kind: SourceKind
+    name: str = Field(min_length=1, max_length=512)
+
+    @classmethod
+    def parse(cls, text: str) -> SecretSource:
+        """``file:NAME`` (KEY=value lines), ``directory:NAME`` (one file per key, named after
+        it, as Kubernetes mounts a Secret) or ``env:PREFIX`` (variables, the prefix removed);
+        NAME is relative to ASTRA_OPS_VAULT_SOURCE_ROOT."""
+        if not re.fullmatch(SOURCE_PATTERN, text):
+            raise SourceError(
+                f"{text[:64]!r} is not a source: file:NAME, directory:NAME or env:PREFIX"
+            )
+        kind, _, name = text.partition(":")
+        return cls(kind=kind, name=name)
 
     def describe(self) -> str:
         return f"{self.kind} {self.name}"

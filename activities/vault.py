@@ -127,7 +127,8 @@ class EnsureKvMount(Mutation):
 class SecretsRef(BaseModel):
     mount: str
     path: str
-    source: SecretSource
+    source: str
+    """``file:NAME``, ``directory:NAME`` or ``env:PREFIX`` (``secret_sources``)."""
 
 
 class SecretsDiff(BaseModel):
@@ -157,7 +158,7 @@ class SecretsDiff(BaseModel):
 class LoadSecrets(Mutation):
     mount: str
     path: str
-    source: SecretSource
+    source: str
     expected_version: int = Field(ge=0)
     """The version the run compared against: anything newer is someone else's write."""
 
@@ -356,8 +357,9 @@ class VaultActivities:
         data = read["data"]
         return dict(data.get("data") or {}), int(data["metadata"]["version"])
 
-    def _source(self, source: SecretSource) -> dict[str, str]:
+    def _source(self, text: str) -> dict[str, str]:
         try:
+            source = SecretSource.parse(text)
             return read_source(
                 source, self.config.source_root, self.config.source_env_prefix, os.environ
             )

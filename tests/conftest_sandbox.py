@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -27,6 +28,7 @@ from sandbox.faults import SandboxTarget
 from sandbox.kube.seed import ASTRA_NAMESPACE, CONFIG_MAP
 from sandbox.loadgen import LoadConfig, LoadGenerator
 from sandbox.platform import ClusterView
+from sandbox.servers.openbao import OpenBaoServer
 from tests.conftest_kube import KubeSandbox, eventually
 from workers.worker import running_worker
 
@@ -109,13 +111,19 @@ async def astra(data_plane: SandboxTarget, kube: KubeSandbox) -> AsyncIterator[R
 
 
 @pytest.fixture
-def astra_settings(settings: Settings, data_plane: SandboxTarget) -> Settings:
-    """The test's settings, pointed at its own database and Redis key prefix."""
+def astra_settings(
+    settings: Settings, data_plane: SandboxTarget, openbao: OpenBaoServer, vault_sources: Path
+) -> Settings:
+    """The test's settings, pointed at its own database and Redis key prefix, and the session's
+    OpenBao with its source root."""
     return settings.model_copy(
         update={
             "database_url": data_plane.dsn,
             "redis_url": data_plane.redis_url,
             "redis_key_prefix": data_plane.key_prefix,
+            "vault_addr": openbao.address,
+            "vault_token_file": openbao.token_file,
+            "vault_source_root": vault_sources,
         }
     )
 

@@ -29,6 +29,16 @@ async def openbao() -> AsyncIterator[OpenBaoServer]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def vault_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A source root holding ``directory:astra``, as a worker's ASTRA_OPS_VAULT_SOURCE_ROOT."""
+    root = tmp_path_factory.mktemp("vault-sources")
+    (root / "astra").mkdir()
+    (root / "astra" / "DB_PASSWORD").write_text("sandbox-db-password\n")
+    (root / "astra" / "OPENAI_API_KEY").write_text("sandbox-openai-key\n")
+    return root
+
+
 @pytest.fixture
 async def sealed_openbao(tmp_path: Path) -> AsyncIterator[tuple[OpenBaoServer, Path]]:
     """An initialised, sealed OpenBao, its root token in its ``token_file`` and its unseal key

@@ -31,8 +31,6 @@ from tests.helpers import awaiting_approval, handle_of
 from workers.worker import running_worker
 from workflows.models import Decision, Outcome, RunbookResult, StepState
 
-pytest_plugins = ["tests.conftest_vault"]
-
 
 @asynccontextmanager
 async def vault_worker(client: Client, settings: Settings) -> AsyncIterator[None]:
@@ -76,7 +74,7 @@ def params(namespace: str, path: str, **more: Any) -> dict[str, Any]:
         "namespace": namespace,
         "path": path,
         "policy": path,
-        "source": {"kind": "directory", "name": "astra"},
+        "source": "directory:astra",
         **more,
     }
 

@@ -34,7 +34,7 @@ from workflows.runbook import Runbook, RunbookSpec
 with workflow.unsafe.imports_passed_through():
     from activities.kube_models import RolloutRestart, RolloutWait, SecretRef
     from activities.kubernetes import KubernetesActivities
-    from activities.secret_sources import SecretSource
+    from activities.secret_sources import SOURCE_PATTERN
     from activities.vault import (
         CredentialProbe,
         EnsureKvMount,
@@ -76,7 +76,14 @@ class VaultSetupRequest(RunbookRequest):
         pattern=SEGMENT,
         description="where in the KV-v2 mount the platform's secrets live",
     )
-    source: SecretSource = Field(description="where the worker reads the secrets to load")
+    source: str = Field(
+        max_length=520,
+        pattern=SOURCE_PATTERN,
+        description="where the worker reads the secrets to load: file:NAME (KEY=value lines) or "
+        "directory:NAME (a file per key) under its ASTRA_OPS_VAULT_SOURCE_ROOT, or env:PREFIX "
+        "(variables under its ASTRA_OPS_VAULT_SOURCE_ENV_PREFIX)",
+        examples=["directory:astra"],
+    )
     policy: str = Field(default="astra-platform", max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")
     services: list[KubernetesName] = Field(
         default=SERVICES,
