@@ -11,6 +11,7 @@ server's folder, not the user's home.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import subprocess
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 import httpx
 
 from sandbox.servers.process import Daemon, ServerError, free_port, wait_until
+
+UNSEAL_KEY = re.compile(r"^Unseal Key: (\S+)$", re.M)
 
 
 def bao_binary() -> Path:
@@ -59,6 +62,11 @@ class OpenBaoServer(Daemon):
     def address(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def unseal_keys_file(self) -> Path:
+        """A dev server's unseal key (it prints it at start), for runs that seal it on purpose."""
+        return self.dir / "unseal.keys"
+
     def root_token(self) -> str:
         return self.token_file.read_text().strip()
 
@@ -93,6 +101,17 @@ class OpenBaoServer(Daemon):
                 )
             self.pid_file.write_text(f"{proc.pid}\n")
         await wait_until(self.answers, within, f"OpenBao {self.name} to answer", self.log)
+        if self.dev:
+            # The banner that names it comes once the server is up.
+            await wait_until(
+                lambda: UNSEAL_KEY.search(self.log.read_text()) is not None,
+                within,
+                f"OpenBao {self.name}'s unseal key",
+                self.log,
+            )
+            key = UNSEAL_KEY.search(self.log.read_text())
+            assert key is not None
+            self._private(self.unseal_keys_file).write_text(key.group(1) + "\n")
 
     async def answers(self) -> bool:
         """Running and answering ``sys/health`` (sealed or not): our process, on its port."""
