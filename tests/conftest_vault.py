@@ -14,18 +14,16 @@ import hvac
 import pytest
 
 from sandbox.servers import scratch_dir
-from sandbox.servers.openbao import OpenBaoServer, openbao_server
+from sandbox.servers.openbao import OpenBaoServer, running_openbao
 
 
 @pytest.fixture(scope="session")
 async def openbao() -> AsyncIterator[OpenBaoServer]:
     directory = scratch_dir("astra-test-openbao-")
-    server = openbao_server(directory)
     try:
-        await server.start()
-        yield server
+        async with running_openbao(directory) as server:
+            yield server
     finally:
-        await server.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -43,13 +41,9 @@ def vault_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def sealed_openbao(tmp_path: Path) -> AsyncIterator[tuple[OpenBaoServer, Path]]:
     """An initialised, sealed OpenBao, its root token in its ``token_file`` and its unseal key
     in the file returned beside it."""
-    server = openbao_server(tmp_path, "sealed", dev=False)
-    try:
-        await server.start()
+    async with running_openbao(tmp_path, "sealed", dev=False) as server:
         init = hvac.Client(url=server.address).sys.initialize(secret_shares=1, secret_threshold=1)
         server.token_file.write_text(init["root_token"] + "\n")
         keys = tmp_path / "unseal.keys"
         keys.write_text("\n".join(init["keys_base64"]) + "\n")
         yield server, keys
-    finally:
-        await server.stop()

@@ -14,6 +14,8 @@ import asyncio
 import re
 import secrets
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -71,7 +73,10 @@ class OpenBaoServer(Daemon):
         return self.token_file.read_text().strip()
 
     async def start(self, within: float = 30) -> None:
-        """Start the server unless it runs, and wait until it answers its health endpoint."""
+        """Start the server, and wait until it answers its health endpoint. One left running
+        by a stack that was killed is replaced: it keeps everything in memory, so holds nothing
+        worth keeping, and it may listen on another port."""
+        await self.stop()
         if not self.running():
             self.dir.mkdir(parents=True, exist_ok=True)
             env = {"HOME": str(self.dir), "PATH": "/usr/bin:/bin"}
@@ -136,3 +141,16 @@ class OpenBaoServer(Daemon):
 def openbao_server(directory: Path, name: str = "openbao", *, dev: bool = True) -> OpenBaoServer:
     """A server under ``directory`` on a free loopback port."""
     return OpenBaoServer(name=name, dir=directory.absolute() / name, port=free_port(), dev=dev)
+
+
+@asynccontextmanager
+async def running_openbao(
+    directory: Path, name: str = "openbao", *, dev: bool = True
+) -> AsyncIterator[OpenBaoServer]:
+    """A server for the block's length, stopped however the block ends."""
+    server = openbao_server(directory, name, dev=dev)
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()

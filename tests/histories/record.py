@@ -37,7 +37,7 @@ from runtime import search_attributes as sa
 from runtime.access import load_policy
 from runtime.client import plain_data_converter
 from runtime.settings import REPO_ROOT, Settings
-from sandbox.servers.openbao import openbao_server
+from sandbox.servers.openbao import running_openbao
 from starters.runs import Runs
 from tests.conftest_data import own_data_plane
 from tests.conftest_incident import Desk, incident_settings
@@ -72,9 +72,11 @@ async def staged(
         sources = Path(folder) / "vault-sources"
         (sources / "astra").mkdir(parents=True)
         (sources / "astra" / "DB_PASSWORD").write_text("recorded-db-password\n")
-        openbao = openbao_server(Path(folder))
-        await openbao.start()
-        async with own_data_plane() as target, running_astra(target, kube.url) as astra:
+        async with (
+            running_openbao(Path(folder)) as openbao,
+            own_data_plane() as target,
+            running_astra(target, kube.url) as astra,
+        ):
             settings = Settings(
                 vault_addr=openbao.address,
                 vault_token_file=openbao.token_file,
@@ -93,11 +95,8 @@ async def staged(
             )
             desk = Desk(client, settings.task_queue, settings, policy, chat, status_page, pager)
             runs = Runs(client, settings.task_queue, load_policy(policy), TEST_SIGNER)
-            try:
-                async with running_worker(client, settings, executor):
-                    yield Stage(client, runs, kube, astra, settings, desk, openbao)
-            finally:
-                await openbao.stop()
+            async with running_worker(client, settings, executor):
+                yield Stage(client, runs, kube, astra, settings, desk, openbao)
             for workflow_id in desk.opened:
                 handle = client.get_workflow_handle(workflow_id)
                 if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
