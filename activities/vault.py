@@ -424,6 +424,7 @@ class VaultActivities:
 
     @activity.defn
     def kv_mount(self, req: KvMount) -> MountState:
+        """What is mounted at the path: KV version 2, something else, or nothing."""
         mounts: dict[str, Any] = self._call(
             "list its secrets engines",
             lambda: self._client().sys.list_mounted_secrets_engines()["data"],
@@ -456,6 +457,7 @@ class VaultActivities:
 
     @activity.defn
     def policy_state(self, req: PolicyRef) -> PolicyState:
+        """Whether the policy exists and grants exactly read access to the platform's path."""
         import hvac.exceptions as vault
 
         with self._errors(f"read policy {req.name}"):
@@ -519,6 +521,7 @@ class VaultActivities:
 
     @activity.defn
     def unseal(self, req: Unseal) -> MutationResult:
+        """Submit the unseal keys of the file the settings name; an unsealed Vault is left be."""
         health = self.vault_health(VaultCheck())
         if not health.sealed:
             return MutationResult(changed=False, detail=f"Vault at {self.address} is unsealed")
@@ -549,6 +552,7 @@ class VaultActivities:
 
     @activity.defn
     def ensure_kv_mount(self, req: EnsureKvMount) -> MutationResult:
+        """Mount KV-v2 where nothing is mounted; never remounts or upgrades another engine."""
         found = self.kv_mount(KvMount(mount=req.mount))
         if found.is_kv2:
             return MutationResult(changed=False, detail=f"{req.mount}/ is already KV-v2")
@@ -629,6 +633,7 @@ class VaultActivities:
 
     @activity.defn
     def write_policy(self, req: WritePolicy) -> MutationResult:
+        """Write the platform's read-only policy for its path, unless it is already that."""
         if self.policy_state(PolicyRef(name=req.name, mount=req.mount, path=req.path)).current:
             return MutationResult(changed=False, detail=f"policy {req.name} is current")
         if req.dry_run:
