@@ -20,7 +20,7 @@ from runtime.settings import REPO_ROOT
 from sandbox.faults import SandboxTarget
 from sandbox.servers import DataPlane, scratch_dir
 from sandbox.servers.plane import data_plane_record, topology_file
-from sandbox.servers.process import free_port
+from sandbox.servers.process import alive, free_port
 from starters.api import ALERTS_PATH, CODEC_PATH
 from starters.dev import DEV_ALERT_TOKEN
 from tests.conftest_data import NewDatabase
@@ -88,6 +88,13 @@ async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
         assert proc.returncode == 0, output
         assert "astra-ops dev is up" in output
         assert f"alert webhook   {stack.api}{ALERTS_PATH}" in output
+        # The stack's OpenBao: its root token kept for its owner only, never printed, and
+        # stopped with the stack.
+        openbao = tmp_path / "state" / "openbao"
+        assert "  Vault           http://127.0.0.1:" in output
+        assert (openbao / "root.token").stat().st_mode & 0o777 == 0o600
+        assert (openbao / "root.token").read_text().strip() not in output
+        assert not alive(int((openbao / "bao.pid").read_text()))
         for port in stack.ports.values():
             assert not listening(port), f"port {port} still open after Ctrl-C"
     assert (tmp_path / "state" / "temporal.db").exists()

@@ -24,6 +24,12 @@ from workflows.catalogue import RUNBOOKS
 from workflows.models import Outcome, StepState
 from workflows.shard_scaling import ShardScalingRequest
 
+
+async def first_vault_setup(astra: RunningAstra) -> dict[str, Any]:
+    # A path nothing is stored at yet, so every step has something to do (the session's OpenBao).
+    return {"path": f"astra-{uuid.uuid4().hex[:8]}", "source": "directory:astra"}
+
+
 Scenario = Callable[[RunningAstra], Awaitable[dict[str, Any]]]
 
 
@@ -71,6 +77,7 @@ DRY_RUNS: dict[str, Scenario] = {
     "llm-cost-spike": spend_spike,
     "dead-letter-repair": published_dead_letters,
     "redis-failure": flushed_redis,
+    "vault-setup": first_vault_setup,
 }
 """What each runbook's dry-run needs, so that it takes its whole path: the fault it is for."""
 
