@@ -14,6 +14,7 @@ from activities.mutation import Mutation
 
 DEFAULT_NAMESPACE = "astra"
 DEFAULT_CONFIG_MAP = "astra-config"
+DEFAULT_VAULT_SECRET = "astra-vault"
 
 
 class ConfigRef(BaseModel):
@@ -200,3 +201,21 @@ class ConfigVerification(BaseModel):
         return (
             f"{self.pods_current} of {self.pods_total} pods run config {self.expected_hash}{stale}"
         )
+
+
+class SecretRef(BaseModel):
+    """A Secret, by name: what reads it, never what it holds."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str = DEFAULT_VAULT_SECRET
+
+
+class SecretReaders(BaseModel):
+    """The Deployments whose pods read a Secret (env, envFrom or a volume): those to restart
+    after it changes, since pods read it when they start."""
+
+    secret: str
+    deployments: list[str]
+
+    def summary(self) -> str:
+        return f"{', '.join(self.deployments) or 'no Deployment'} read {self.secret}"

@@ -18,6 +18,7 @@ module for its activity names (and so does the CLI, through the catalogue), and 
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -49,6 +50,8 @@ from activities.kube_models import (
     RolloutStatus,
     RolloutUndo,
     RolloutWait,
+    SecretReaders,
+    SecretRef,
 )
 from activities.mutation import MutationResult
 from activities.rollout_history import (
@@ -156,6 +159,23 @@ def _rollout_status(deployment: Any) -> RolloutStatus:
     )
 
 
+def _reads_secret(deployment: Any, secret: str) -> bool:
+    """Whether the Deployment's pods read ``secret``: from ``envFrom``, an env var or a volume."""
+    spec = deployment.spec.template.spec
+    for container in [*(spec.containers or []), *(spec.init_containers or [])]:
+        for source in container.env_from or []:
+            if source.secret_ref is not None and source.secret_ref.name == secret:
+                return True
+        for env in container.env or []:
+            ref = env.value_from.secret_key_ref if env.value_from is not None else None
+            if ref is not None and ref.name == secret:
+                return True
+    return any(
+        volume.secret is not None and volume.secret.secret_name == secret
+        for volume in spec.volumes or []
+    )
+
+
 def _require_token(activity_name: str, target: str, token: str) -> None:
     if not token:
         raise ApplicationError(
@@ -194,6 +214,49 @@ class KubernetesActivities:
             "read Deployment",
             f"{namespace}/{name}",
             lambda: self.apps.read_namespaced_deployment(name, namespace),
+        )
+
+    def secret_data(self, namespace: str, name: str) -> tuple[dict[str, str], str]:
+        """A Secret's values, decoded, and its resourceVersion.
+
+        Not an activity, nor ever returned by one: the activities of the systems a Secret
+        configures (Vault) call it and keep the values out of every run's history.
+        """
+        secret: Any = self._call(
+            "read Secret",
+            f"{namespace}/{name}",
+            lambda: self.core.read_namespaced_secret(name, namespace),
+        )
+        data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        return data, secret.metadata.resource_version
+
+    def put_secret_data(
+        self, namespace: str, name: str, values: dict[str, str], resource_version: str
+    ) -> None:
+        """Set some keys of a Secret, if it is still at ``resource_version`` (a write in
+        between answers 409, and the caller's retry compares again on fresh state). Not an
+        activity: its argument carries the values."""
+        patch = {
+            "metadata": {"resourceVersion": resource_version},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()},
+        }
+        self._call(
+            "patch Secret",
+            f"{namespace}/{name}",
+            lambda: self.core.patch_namespaced_secret(name, namespace, patch),
+        )
+
+    @activity.defn
+    def secret_readers(self, req: SecretRef) -> SecretReaders:
+        """The Deployments of the namespace whose pods read the Secret."""
+        listed: Any = self._call(
+            "list Deployments",
+            req.namespace,
+            lambda: self.apps.list_namespaced_deployment(req.namespace),
+        )
+        return SecretReaders(
+            secret=req.name,
+            deployments=sorted(d.metadata.name for d in listed.items if _reads_secret(d, req.name)),
         )
 
     @activity.defn

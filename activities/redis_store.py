@@ -8,13 +8,16 @@ does the CLI, through the catalogue).
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.mutation import Mutation, MutationResult
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,21 @@ class AstraKeys:
         """The stream Astra publishes a task to when it exhausts its retries."""
         return f"{self.prefix}dead_letter"
 
+    def task_stream(self, shard: int) -> str:
+        """The stream of a shard's pending tasks: one entry (``task_entry``) per task, added
+        when the task becomes pending and deleted by the worker that takes it."""
+        return f"{self.prefix}tasks:{shard}"
+
+    @property
+    def task_stream_pattern(self) -> str:
+        """A SCAN pattern matching every shard's task stream."""
+        return f"{self.prefix}tasks:*"
+
+    def shard_of(self, task_stream: str) -> int | None:
+        """The shard a task stream belongs to; None for a key that is not one."""
+        shard = task_stream.removeprefix(f"{self.prefix}tasks:")
+        return int(shard) if shard.isdigit() else None
+
     @property
     def data_marker(self) -> str:
         """A key written once when Astra's Redis is provisioned and never deleted by Astra.
@@ -49,6 +67,11 @@ class AstraKeys:
         lost its data: a flush, a restart without persistence, or an empty node promoted.
         """
         return f"{self.prefix}data_marker"
+
+
+def task_entry(task_id: str, goal_id: str) -> dict[str, str]:
+    """A pending task's entry in its shard's stream, as Astra's scheduler publishes it."""
+    return {"task_id": task_id, "goal_id": goal_id}
 
 
 def error_class(message: str) -> str:
@@ -131,26 +154,14 @@ class RedisActivities:
         raw = cast(str | None, await self._redis.get(self.keys.heartbeat(req.worker_id)))
         if raw is None:
             return HeartbeatAge(worker_id=req.worker_id, age_seconds=None, last_seen_ms=None)
-        last_seen_ms = self._epoch_ms(self.keys.heartbeat(req.worker_id), raw)
+        last_seen_ms = epoch_ms(self.keys.heartbeat(req.worker_id), raw)
         age = max(0.0, time.time() - last_seen_ms / 1000)
         return HeartbeatAge(worker_id=req.worker_id, age_seconds=age, last_seen_ms=last_seen_ms)
 
     @activity.defn
     async def live_workers(self, req: LiveWorkersRequest) -> list[str]:
         """Workers whose heartbeat is younger than the threshold, sorted: recovery's evidence."""
-        keys: list[str] = [
-            k async for k in self._redis.scan_iter(match=self.keys.heartbeat_pattern)
-        ]
-        if not keys:
-            return []
-        now_ms = time.time() * 1000
-        values = cast(list[str | None], await self._redis.mget(keys))
-        live = [
-            self.keys.worker_of(key)
-            for key, raw in zip(keys, values, strict=True)
-            if raw is not None and now_ms - self._epoch_ms(key, raw) <= req.threshold_seconds * 1000
-        ]
-        return sorted(live)
+        return await live_workers(self._redis, self.keys, req.threshold_seconds)
 
     @activity.defn
     async def read_dead_letters(self, req: ReadDeadLetters) -> DeadLetterBatch:
@@ -245,16 +256,34 @@ class RedisActivities:
             redelivered=redelivered,
         )
 
-    @staticmethod
-    def _epoch_ms(key: str, raw: str) -> int:
-        try:
-            return int(float(raw))
-        except ValueError:
-            raise ApplicationError(
-                f"heartbeat key {key} holds {raw!r}, not epoch milliseconds; "
-                "is the worker writing the Astra heartbeat format?",
-                non_retryable=True,
-            ) from None
+
+def epoch_ms(key: str, raw: str) -> int:
+    """A heartbeat's value, epoch milliseconds."""
+    try:
+        return int(float(raw))
+    except ValueError:
+        raise ApplicationError(
+            f"heartbeat key {key} holds {raw!r}, not epoch milliseconds; "
+            "is the worker writing the Astra heartbeat format?",
+            non_retryable=True,
+        ) from None
+
+
+async def live_workers(
+    client: "aioredis.Redis", keys: AstraKeys, threshold_seconds: float
+) -> list[str]:
+    """Workers whose heartbeat in ``client``'s Redis is younger than the threshold, sorted."""
+    found: list[str] = [k async for k in client.scan_iter(match=keys.heartbeat_pattern)]
+    if not found:
+        return []
+    now_ms = time.time() * 1000
+    values = cast(list[str | None], await client.mget(found))
+    live = [
+        keys.worker_of(key)
+        for key, raw in zip(found, values, strict=True)
+        if raw is not None and now_ms - epoch_ms(key, raw) <= threshold_seconds * 1000
+    ]
+    return sorted(live)
 
 
 def _int_or_none(raw: str | None) -> int | None:

@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
     api_url: str = "http://127.0.0.1:8080"
+    api_max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="The largest request body the API reads; larger ones are answered 413. "
+        "The default holds an Alertmanager group of thousands of alerts and a Temporal UI "
+        "codec batch.",
+    )
     ui_origins: str = Field(
         default="http://127.0.0.1:8233,http://localhost:8233",
         description="Origins of the Temporal UI allowed to call the codec endpoints (CORS).",
@@ -137,6 +144,39 @@ class Settings(BaseSettings):
         default=None, description="A Slack-compatible incoming webhook; the URL is a credential."
     )
 
+    # Vault (or OpenBao): where the worker reaches it, with what token, and what `vault-setup`
+    # may read. The token is a secret: from a SecretStr or a file, never from a request.
+    vault_addr: str | None = Field(
+        default=None, description="The Vault the worker acts on (`vault-setup`); the dev stack's."
+    )
+    vault_token: SecretStr | None = Field(
+        default=None, description="The worker's Vault token (or VAULT_TOKEN_FILE)."
+    )
+    vault_token_file: Path | None = Field(
+        default=None, description="A file holding the worker's Vault token, read on every use."
+    )
+    vault_unseal_keys_file: Path | None = Field(
+        default=None,
+        description="Unseal keys (one per line) `vault-setup` may use, with approval, on a "
+        "sealed Vault; unset, a sealed Vault stops the run.",
+    )
+    vault_source_root: Path | None = Field(
+        default=None,
+        description="The folder under which `vault-setup` may read the secret files and "
+        "directories a request names; unset, it reads none.",
+    )
+    vault_source_env_prefix: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The prefix every environment-variable source of `vault-setup` must start "
+        "with; unset, it reads no environment variables.",
+    )
+    vault_token_period_seconds: int = Field(
+        default=24 * 3600,
+        ge=600,
+        description="The renewal period of the periodic token `vault-setup` issues the platform.",
+    )
+
     # Incident communication beside the chat webhook; each receiver left unset is skipped.
     status_page_url: str = Field(
         default="https://api.statuspage.io", description="A Statuspage-compatible API (v1)."
@@ -174,6 +214,8 @@ class Settings(BaseSettings):
         "codec_key_file",
         "signing_key_file",
         "trusted_keys_file",
+        "vault_token_file",
+        "vault_unseal_keys_file",
     )
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:

@@ -1,7 +1,8 @@
 """A load generator that plays Astra against real PostgreSQL and Redis.
 
-The scheduler submits tasks; workers heartbeat into Redis and lease, run, fail, retry and
-dead-letter tasks in PostgreSQL; agents record LLM usage. Fault injection (``sandbox.faults``)
+The scheduler submits tasks and publishes each to its shard's stream in Redis; workers heartbeat
+into Redis and lease, run, fail, retry and dead-letter tasks in PostgreSQL, deleting what they
+lease from the streams; agents record LLM usage. Fault injection (``sandbox.faults``)
 steers it through knobs kept in Redis rather than in this object, because the CLI that injects a
 fault runs in another process than the loop that ``astra-ops dev`` keeps running. Given a
 ``ClusterView`` it also plays the cluster's side of Astra: the pods that run are the scheduler,
@@ -30,7 +31,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from urllib3.exceptions import HTTPError
 
-from activities.redis_store import AstraKeys, error_class
+from activities.redis_store import AstraKeys, error_class, task_entry
 from runtime.astra_config import AstraEndpoints
 from runtime.redact import redact
 from sandbox.platform import AGENTS, SCHEDULER, WORKERS, ClusterView, PlatformConfig, PlatformView
@@ -187,10 +188,37 @@ class _Services:
         """Which service reaches which dependency: the series ``connection_errors`` counts."""
         return [
             (self.scheduler, POSTGRES),
+            (self.scheduler, REDIS),
             (self.workers, POSTGRES),
             (self.workers, REDIS),
             (self.agents, POSTGRES),
         ]
+
+
+@dataclass
+class _Published:
+    """What a database's share of a tick hands to Redis once it has committed."""
+
+    dead_letters: list[dict[str, str]] = field(default_factory=list)
+    queued: list[tuple[str, str, int]] = field(default_factory=list)
+    """Tasks submitted, (id, goal id, shard): each goes to its shard's stream."""
+    taken: dict[int, list[str]] = field(default_factory=dict)
+    """Pending tasks leased, by shard: their stream entries are deleted."""
+    taken_by: dict[str, dict[int, list[str]]] = field(default_factory=dict)
+    """A database's share: the pending tasks each worker leased, by shard (each worker deletes
+    them from its own Redis, which ``taken`` of that Redis collects)."""
+
+
+def _drop_taken_at_once(to: Mapping[str, _Published]) -> None:
+    """A task submitted and leased in the same tick never reaches a stream: its entry would be
+    added after the worker looked for it to delete."""
+    queued = {task for p in to.values() for task, _, _ in p.queued}
+    both = {t for p in to.values() for ids in p.taken.values() for t in ids} & queued
+    for published in to.values():
+        published.queued = [q for q in published.queued if q[0] not in both]
+        published.taken = {
+            shard: [t for t in ids if t not in both] for shard, ids in published.taken.items()
+        }
 
 
 @dataclass
@@ -311,9 +339,12 @@ class LoadGenerator:
         """One tick: submit work, let every live worker finish and lease tasks, record LLM calls.
 
         Database changes commit before anything is published to Redis, so a dead letter on the
-        stream always refers to a task that is dead-lettered in PostgreSQL. Work goes to each
-        pod's own endpoints, one transaction per database, so pods that a rolling restart has
-        not reached yet keep writing where they did.
+        stream always refers to a task that is dead-lettered in PostgreSQL, and a task in a shard
+        stream to one that was pending. Work goes to each pod's own endpoints, one transaction per
+        database, so pods that a rolling restart has not reached yet keep writing where they did.
+        A Redis that does not answer loses what was to be published there: a submitted task
+        stays pending in PostgreSQL without its stream entry, as in Astra, until someone
+        rebuilds the streams (the redis-failure runbook).
         """
         knobs, lost = await self._control()
         platform = PlatformConfig()
@@ -326,8 +357,11 @@ class LoadGenerator:
             plan = self._plan(view)
         live = [w for w in self.workers if w not in lost]
         report = StepReport()
-        dead_letters: dict[str, list[dict[str, str]]] = {}
-        for dsn, share in plan.databases(live, self.config.llm_calls_per_step).items():
+        to: dict[str, _Published] = {}
+        # A worker takes its tasks from its Redis: while that does not answer, it works on none
+        # (it still tries to heartbeat, which is how it finds Redis back).
+        working = [w for w in live if plan.workers[w].redis_url not in self._unreachable]
+        for dsn, share in plan.databases(working, self.config.llm_calls_per_step).items():
             try:
                 async with await connect_database(dsn) as conn, conn.transaction():
                     done, published = await self._database_tick(
@@ -344,25 +378,59 @@ class LoadGenerator:
             report.dead_lettered += done.dead_lettered
             report.leased |= done.leased
             report.llm_calls += done.llm_calls
-            for fields in published:
+            for fields in published.dead_letters:
                 url = plan.workers[fields["worker_id"]].redis_url
-                dead_letters.setdefault(url, []).append(fields)
-        now_ms = int(time.time() * 1000)
-        for url, beating in plan.redis(live).items():
+                to.setdefault(url, _Published()).dead_letters.append(fields)
+            if published.queued and plan.scheduler is not None:
+                to.setdefault(plan.scheduler.redis_url, _Published()).queued += published.queued
+            for worker, tasks in published.taken_by.items():
+                taken = to.setdefault(plan.workers[worker].redis_url, _Published()).taken
+                for shard, ids in tasks.items():
+                    taken.setdefault(shard, []).extend(ids)
+        _drop_taken_at_once(to)
+        beats = plan.redis(live)
+        for url in sorted(beats.keys() | to.keys()):
+            beating = beats.get(url, [])
             try:
-                async with self._client(url).pipeline(transaction=False) as pipe:
-                    for worker in beating:
-                        pipe.set(self.keys.heartbeat(worker), now_ms)
-                    for fields in dead_letters.get(url, []):
-                        pipe.xadd(self.keys.dead_letter, fields)  # type: ignore[arg-type]
-                    await pipe.execute()
+                await self._publish(self._client(url), beating, to.get(url, _Published()))
             except (aioredis.RedisError, OSError) as err:
-                self._failed(url, {self._services.workers: len(beating)}, REDIS, err)
+                pods = {self._services.workers: len(beating)}
+                if url in to and to[url].queued:
+                    pods[self._services.scheduler] = 1
+                self._failed(url, pods, REDIS, err)
                 continue
             self._answered(url)
             report.heartbeats += beating
         report.heartbeats.sort()
         return report
+
+    async def _publish(
+        self, client: "aioredis.Redis", beating: list[str], published: _Published
+    ) -> None:
+        """One Redis's share of the tick: heartbeats, dead letters, new tasks on their shard
+        streams, and the entries of leased tasks deleted (found by task id: a worker knows the
+        task it took, and a stream of pending tasks stays short)."""
+        entries: dict[int, list[str]] = {}
+        if published.taken:
+            async with client.pipeline(transaction=False) as pipe:
+                for shard in published.taken:
+                    pipe.xrange(self.keys.task_stream(shard))
+                streams = await pipe.execute()
+            for (shard, ids), stream in zip(published.taken.items(), streams, strict=True):
+                wanted = set(ids)
+                entries[shard] = [entry for entry, f in stream if f.get("task_id") in wanted]
+        now_ms = int(time.time() * 1000)
+        async with client.pipeline(transaction=False) as pipe:
+            for worker in beating:
+                pipe.set(self.keys.heartbeat(worker), now_ms)
+            for fields in published.dead_letters:
+                pipe.xadd(self.keys.dead_letter, fields)  # type: ignore[arg-type]
+            for task_id, goal_id, shard in published.queued:
+                pipe.xadd(self.keys.task_stream(shard), task_entry(task_id, goal_id))  # type: ignore[arg-type]
+            for shard, found in entries.items():
+                if found:
+                    pipe.xdel(self.keys.task_stream(shard), *found)
+            await pipe.execute()
 
     async def _control(self) -> tuple[Knobs, set[str]]:
         """Fault injection's knobs and lost workers; the data marker once Redis first answers.
@@ -435,11 +503,11 @@ class LoadGenerator:
         knobs: Knobs,
         platform: PlatformConfig,
         images: dict[str, str],
-    ) -> tuple[StepReport, list[dict[str, str]]]:
-        """One database's share of the tick, in one transaction; what it did and the dead
-        letters to publish once it has committed."""
+    ) -> tuple[StepReport, _Published]:
+        """One database's share of the tick, in one transaction; what it did and what to
+        publish to Redis once it has committed."""
         done = StepReport()
-        dead_letters: list[dict[str, str]] = []
+        published = _Published()
         if share.workers:
             await conn.execute(
                 "INSERT INTO workers (id, pool) SELECT unnest(%s::text[]), %s"
@@ -447,17 +515,22 @@ class LoadGenerator:
                 (share.workers, self.config.pool),
             )
         if share.submit:
-            done.submitted = await self._submit(conn)
+            published.queued = await self._submit(conn)
+            done.submitted = [task_id for task_id, _, _ in published.queued]
         for worker in share.live:
-            dead_letters += await self._finish(
+            published.dead_letters += await self._finish(
                 conn, worker, images.get(worker), knobs, platform, done
             )
-            done.leased[worker] = await self._lease(conn, worker)
+            leased = await self._lease(conn, worker)
+            done.leased[worker] = sorted(task_id for task_id, _, _ in leased)
+            for task_id, shard, was_pending in leased:
+                if was_pending:
+                    published.taken_by.setdefault(worker, {}).setdefault(shard, []).append(task_id)
         if share.llm_calls or share.spike:
             done.llm_calls = await self._record_llm_calls(
                 conn, knobs, platform, share.llm_calls, share.spike
             )
-        return done, dead_letters
+        return done, published
 
     async def run(self, interval: float = 1.0, stop: asyncio.Event | None = None) -> None:
         """Tick every ``interval`` seconds until ``stop`` is set.
@@ -513,7 +586,8 @@ class LoadGenerator:
     def _new_id(self) -> str:
         return str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
 
-    async def _submit(self, conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    async def _submit(self, conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, str, int]]:
+        """New pending tasks of one goal: (id, goal id, shard) of each."""
         goal_id = self._new_id()
         rows = [
             (
@@ -531,7 +605,7 @@ class LoadGenerator:
                     " ON CONFLICT (id) DO NOTHING",
                     rows,
                 )
-        return [r[0] for r in rows]
+        return [(task_id, goal, shard) for task_id, goal, shard, _ in rows]
 
     async def _finish(
         self,
@@ -588,18 +662,24 @@ class LoadGenerator:
                 report.failed.append(str(task_id))
         return dead_letters
 
-    async def _lease(self, conn: psycopg.AsyncConnection[Any], worker: str) -> list[str]:
+    async def _lease(
+        self, conn: psycopg.AsyncConnection[Any], worker: str
+    ) -> list[tuple[str, int, bool]]:
+        """Lease tasks for ``worker``: (id, shard, whether it was pending) of each. A failed task
+        waiting for its retry is leased from PostgreSQL alone: only pending tasks are queued."""
         rows = await (
             await conn.execute(
-                "UPDATE tasks SET status = 'running', worker_id = %s, updated_at = now()"
-                " WHERE id IN (SELECT id FROM tasks WHERE status = 'pending'"
+                "WITH taken AS (SELECT id, status = 'pending' AS was_pending FROM tasks"
+                "   WHERE status = 'pending'"
                 "   OR (status = 'failed' AND updated_at <= now() - make_interval(secs => %s))"
                 "   ORDER BY updated_at, id LIMIT %s FOR UPDATE SKIP LOCKED)"
-                " RETURNING id",
-                (worker, self.config.retry_delay_seconds, self.config.lease_per_worker),
+                " UPDATE tasks SET status = 'running', worker_id = %s, updated_at = now()"
+                " FROM taken WHERE tasks.id = taken.id"
+                " RETURNING tasks.id, tasks.shard, taken.was_pending",
+                (self.config.retry_delay_seconds, self.config.lease_per_worker, worker),
             )
         ).fetchall()
-        return sorted(str(r[0]) for r in rows)
+        return [(str(task_id), int(shard), bool(pending)) for task_id, shard, pending in rows]
 
     async def _record_llm_calls(
         self,

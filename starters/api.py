@@ -31,6 +31,7 @@ from runtime.identity import Signer, load_signer_file
 from runtime.keys import CodecKeyError
 from runtime.redact import redact, redact_logs
 from runtime.settings import AlertSenders, Settings, SettingsError
+from starters.body_limit import BodyLimit, too_large_message
 from starters.incident_views import AlertsDelivered, IncidentSummary, IncidentView, OpenedIncident
 from starters.incidents import Incidents
 from starters.run_views import (
@@ -317,6 +318,11 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         responses=ERROR_RESPONSES,
     )
+    # Added before CORS, which then wraps it: the UI's codec calls see a 413 as a 413.
+    limit = settings.api_max_body_bytes
+    app.add_middleware(
+        BodyLimit, limit=limit, answer=error_response(413, "too_large", too_large_message(limit))
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=[origin.strip() for origin in settings.ui_origins.split(",")],
@@ -365,7 +371,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, err: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "invalid")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            err.status_code, "invalid"
+        )
         return error_response(err.status_code, code, str(err.detail), headers=err.headers)
 
     @app.exception_handler(Exception)

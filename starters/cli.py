@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeAlias, TypeVar
 
 import typer
@@ -754,6 +755,97 @@ def keygen(
     say(private)
     public = load_signer(private).public_line()
     say(f"# public, for the workers' ASTRA_OPS_TRUSTED_KEYS: {public}")
+
+
+# -- upgrade safety ----------------------------------------------------------------------------
+
+
+@app.command("check-migrations")
+def check_migrations(
+    directory: Annotated[Path, typer.Argument(help="A directory of SQL migration files.")],
+    uses: Annotated[
+        list[Path],
+        typer.Option(
+            "--uses",
+            help="The running binary's queries, as SQL (repeatable). Without it every existing "
+            "table and column counts as in use.",
+        ),
+    ] = [],  # noqa: B006
+    applied: Annotated[
+        str | None,
+        typer.Option(
+            help="The last migration the running schema already has: it and the files before "
+            "it are not checked."
+        ),
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Flag migrations that break the binary that is running, each with the expand/contract way.
+
+    Exit 0: none; 1: findings; 2: a file could not be read or parsed.
+
+    Example: astra-ops check-migrations migrations/ --uses queries.sql --applied 0007_index.sql
+    """
+    # PostgreSQL's parser is loaded by this command only: every other one starts without it.
+    from runtime.migration_safety import (
+        SqlFile,
+        SqlInputError,
+        check_migrations,
+        read_migrations_dir,
+    )
+
+    try:
+        report = check_migrations(
+            read_migrations_dir(directory),
+            [SqlFile.read(path) for path in uses] if uses else None,
+            applied,
+        )
+    except SqlInputError as err:
+        fail(str(err), 2)
+    if as_json:
+        emit_json({**report.model_dump(mode="json"), "basis": report.basis()})
+    else:
+        for finding in report.findings:
+            say(f"{finding.file}:{finding.line}: {finding.kind} {finding.subject()}")
+            say(f"  {' '.join(finding.statement.split())}")
+            say(f"  why: {finding.why}")
+            say(f"  instead: {finding.instead}")
+        verdict = f"{len(report.findings)} finding(s)" if report.findings else "no findings"
+        say(f"{verdict} in {len(report.checked)} migration file(s); {report.basis()}")
+    if report.findings:
+        raise typer.Exit(1)
+
+
+@app.command("check-contracts")
+def check_contracts(
+    old: Annotated[
+        str, typer.Argument(help="The running version: a JSON Schema file or module:Model.")
+    ],
+    new: Annotated[str, typer.Argument(help="The new version, likewise.")],
+    as_json: Json = False,
+) -> None:
+    """Flag what a new message schema removes or narrows: fields, requirements, types, bounds.
+
+    Exit 0: compatible; 1: findings; 2: a schema could not be loaded.
+
+    Example: astra-ops check-contracts old/runbook-request.json workflows.models:RunbookRequest
+    """
+    from runtime.contract_safety import ContractInputError, check_contracts, load_contract
+
+    try:
+        report = check_contracts(load_contract(old), load_contract(new))
+    except ContractInputError as err:
+        fail(str(err), 2)
+    if as_json:
+        emit_json(report.model_dump(mode="json"))
+    else:
+        for finding in report.findings:
+            say(f"{finding.path}: {finding.kind}: {finding.detail}")
+            say(f"  why: {finding.why}")
+        verdict = f"{len(report.findings)} finding(s)" if report.findings else "compatible"
+        say(f"{verdict}: {new} against {old}")
+    if report.findings:
+        raise typer.Exit(1)
 
 
 # -- incidents ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -25,6 +26,7 @@ from runtime.settings import ENV_PREFIX, Settings
 from sandbox.db import migrate as migrate_sandbox
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
 from sandbox.servers import DataPlane, ServerError, start_data_plane, with_port
+from sandbox.servers.openbao import OpenBaoServer, openbao_server
 from sandbox.servers.plane import data_plane_record, same_server, topology_file
 from starters.api import ALERTS_PATH, CODEC_PATH
 
@@ -168,6 +170,19 @@ def data_plane_banner(settings: Settings, plane: DataPlane) -> str:
     )
 
 
+def vault_settings(settings: Settings, vault: OpenBaoServer) -> dict[str, Any]:
+    """The stack's own OpenBao for `vault-setup`: its address, the root token's file (only its
+    owner may read it; it is never printed), its unseal key, and a folder for secret sources."""
+    sources = settings.vault_source_root or settings.state_dir / "vault-sources"
+    sources.mkdir(mode=0o700, exist_ok=True)
+    return {
+        "vault_addr": vault.address,
+        "vault_token_file": vault.token_file,
+        "vault_unseal_keys_file": vault.unseal_keys_file,
+        "vault_source_root": sources,
+    }
+
+
 async def run_dev(settings: Settings) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -184,7 +199,11 @@ async def run_dev(settings: Settings) -> int:
         return 1
     record = data_plane_record(settings.state_dir)
     topology = topology_file(settings.state_dir)
+    vault = None if settings.vault_addr else openbao_server(settings.state_dir)
     try:
+        if vault is not None:
+            await vault.start()
+            settings = settings.model_copy(update=vault_settings(settings, vault))
         if plane.servers:
             plane.write(record)
         if settings.data_plane_topology is None and plane.postgres and plane.redis:
@@ -194,6 +213,8 @@ async def run_dev(settings: Settings) -> int:
     finally:
         record.unlink(missing_ok=True)
         topology.unlink(missing_ok=True)
+        if vault is not None:
+            await vault.stop()
         await plane.stop()
 
 
@@ -217,6 +238,16 @@ async def run_stack(settings: Settings, plane: DataPlane) -> int:
             if settings.data_plane_topology
             else {}
         ),
+        **{
+            name.upper(): str(value)
+            for name in (
+                "vault_addr",
+                "vault_token_file",
+                "vault_unseal_keys_file",
+                "vault_source_root",
+            )
+            if (value := getattr(settings, name)) is not None
+        },
     }
     settings = settings.model_copy(
         update={
@@ -295,6 +326,8 @@ async def run_stack(settings: Settings, plane: DataPlane) -> int:
             f"  sandbox Astra   {settings.database_url}, {settings.redis_url} "
             f"(keys {settings.redis_key_prefix}*)\n"
             f"{data_plane_banner(settings, plane)}"
+            f"  Vault           {settings.vault_addr}  (token in {settings.vault_token_file}; "
+            f"vault-setup sources under {settings.vault_source_root})\n"
             f"  /metrics        http://127.0.0.1:{settings.sandbox_metrics_port}/metrics\n"
             f"  alert webhook   {settings.api_url}{ALERTS_PATH}\n"
             f"                  {alert_webhook_help(alert_senders)}\n"

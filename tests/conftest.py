@@ -34,6 +34,7 @@ from workers.worker import running_worker
 pytest_plugins = [
     "tests.conftest_data",
     "tests.conftest_sandbox",
+    "tests.conftest_vault",
     "tests.receivers",
     "tests.conftest_incident",
     "tests.stubs",

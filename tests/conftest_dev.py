@@ -21,6 +21,7 @@ import httpx
 
 from sandbox.faults import SandboxTarget
 from sandbox.servers import DataPlane
+from sandbox.servers.openbao import openbao_server
 from sandbox.servers.plane import data_plane_record
 from sandbox.servers.process import free_port
 from tests.conftest_kube import eventually
@@ -107,6 +108,8 @@ async def running(stack: DevStack) -> AsyncIterator[asyncio.subprocess.Process]:
         if proc.returncode is None:
             os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
-        record = data_plane_record(Path(stack.env["ASTRA_OPS_STATE_DIR"]))
+        state = Path(stack.env["ASTRA_OPS_STATE_DIR"])
+        record = data_plane_record(state)
         if record.exists():
             await DataPlane.read(record).stop()
+        await openbao_server(state).stop()  # its own session: a killed group leaves it

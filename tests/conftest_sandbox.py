@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -22,11 +23,13 @@ from temporalio.worker import Worker
 
 from activities.kubernetes import unauthenticated_client
 from runtime.astra_config import AstraEndpoints
+from runtime.data_plane import DataPlaneTopology, RedisNode
 from runtime.settings import Settings
 from sandbox.faults import SandboxTarget
 from sandbox.kube.seed import ASTRA_NAMESPACE, CONFIG_MAP
 from sandbox.loadgen import LoadConfig, LoadGenerator
 from sandbox.platform import ClusterView
+from sandbox.servers.openbao import OpenBaoServer
 from tests.conftest_kube import KubeSandbox, eventually
 from workers.worker import running_worker
 
@@ -109,13 +112,28 @@ async def astra(data_plane: SandboxTarget, kube: KubeSandbox) -> AsyncIterator[R
 
 
 @pytest.fixture
-def astra_settings(settings: Settings, data_plane: SandboxTarget) -> Settings:
-    """The test's settings, pointed at its own database and Redis key prefix."""
+def astra_settings(
+    settings: Settings,
+    data_plane: SandboxTarget,
+    openbao: OpenBaoServer,
+    vault_sources: Path,
+    tmp_path: Path,
+) -> Settings:
+    """The test's settings, pointed at its own database and Redis key prefix, at a data-plane
+    topology naming its Redis (a test may rewrite it: the activities read it per call), and at
+    the session's OpenBao with its source root."""
+    topology = tmp_path / "data-plane-topology.json"
+    url = data_plane.redis_url
+    DataPlaneTopology(redis=[RedisNode(name="redis", url=url, platform_url=url)]).write(topology)
     return settings.model_copy(
         update={
             "database_url": data_plane.dsn,
             "redis_url": data_plane.redis_url,
             "redis_key_prefix": data_plane.key_prefix,
+            "data_plane_topology": topology,
+            "vault_addr": openbao.address,
+            "vault_token_file": openbao.token_file,
+            "vault_source_root": vault_sources,
         }
     )
 

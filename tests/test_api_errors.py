@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -166,3 +167,30 @@ async def test_an_unexpected_error_is_a_json_500_whose_detail_is_logged_redacted
         refused(await api.get("/v1/runs", headers=auth("dave")), 500, "RuntimeError")
     assert "hunter2" not in caplog.text
     assert "redis://***@cache:6379 refused the connection" in caplog.text
+
+
+async def test_a_body_over_the_limit_is_refused_before_anything_reads_it(
+    api_settings: Settings,
+) -> None:
+    """The alert webhook parses its body before it checks the sender, so the cap is what keeps
+    an unauthenticated caller from making the API hold and parse any size: declared or chunked."""
+    app = create_app(api_settings.model_copy(update={"api_max_body_bytes": 2048}))
+    alerts = {"version": "4", "status": "firing", "alerts": [{"labels": {"x": "y" * 4096}}]}
+    big = json.dumps(alerts).encode()
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 512):
+            yield big[start : start + 512]
+
+    ui = {"Origin": "http://127.0.0.1:8233", "content-type": "application/json"}
+    async with codec_client(app, "127.0.0.1") as http:
+        declared = await http.post("/v1/alerts/alertmanager", content=big, headers=ui)
+        refused(declared, 413, "larger than this API accepts (2048 bytes)")
+        assert declared.headers["access-control-allow-origin"] == ui["Origin"]
+        streamed = await http.post("/v1/alerts/alertmanager", content=chunked(), headers=ui)
+        refused(streamed, 413, "API_MAX_BODY_BYTES")
+        small = {"payloads": [PLAIN]}
+        assert (
+            await http.post("/codec/decode", json=small, headers=auth("dave"))
+        ).status_code == 200
+        refused(await http.post("/v1/alerts/alertmanager", json={}), 401, "")

@@ -24,6 +24,8 @@ NOT_FOR_THE_CLI = (
     "temporalio",
     "httpx",
     "rich",
+    # PostgreSQL's parser: only `check-migrations` needs it.
+    "pglast",
 )
 
 PROBE = f"""

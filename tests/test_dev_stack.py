@@ -14,12 +14,13 @@ from pathlib import Path
 import httpx
 import psycopg
 
+from runtime.data_plane import DataPlaneTopology
 from runtime.migrations import ASTRA, STATE, VERSIONS_TABLE, migrations
 from runtime.settings import REPO_ROOT
 from sandbox.faults import SandboxTarget
 from sandbox.servers import DataPlane, scratch_dir
-from sandbox.servers.plane import data_plane_record
-from sandbox.servers.process import free_port
+from sandbox.servers.plane import data_plane_record, topology_file
+from sandbox.servers.process import alive, free_port
 from starters.api import ALERTS_PATH, CODEC_PATH
 from starters.dev import DEV_ALERT_TOKEN
 from tests.conftest_data import NewDatabase
@@ -87,6 +88,13 @@ async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
         assert proc.returncode == 0, output
         assert "astra-ops dev is up" in output
         assert f"alert webhook   {stack.api}{ALERTS_PATH}" in output
+        # The stack's OpenBao: its root token kept for its owner only, never printed, and
+        # stopped with the stack.
+        openbao = tmp_path / "state" / "openbao"
+        assert "  Vault           http://127.0.0.1:" in output
+        assert (openbao / "root.token").stat().st_mode & 0o777 == 0o600
+        assert (openbao / "root.token").read_text().strip() not in output
+        assert not alive(int((openbao / "bao.pid").read_text()))
         for port in stack.ports.values():
             assert not listening(port), f"port {port} still open after Ctrl-C"
     assert (tmp_path / "state" / "temporal.db").exists()
@@ -133,6 +141,12 @@ async def test_dev_stack_runs_its_own_servers_where_none_answer(tmp_path: Path) 
             assert "servers of our own" in stack.log.read_text()
             plane = DataPlane.read(data_plane_record(folder / "state"))
             assert [s.name for s in plane.servers] == ["primary", "primary"]  # PostgreSQL, Redis
+            # The worker's data-plane runbooks know these servers by name, and may stop ours.
+            topology = DataPlaneTopology.load(topology_file(folder / "state"))
+            assert [(n.name, n.control is not None) for n in topology.postgres] == [
+                ("primary", True)
+            ]
+            assert topology.redis[0].platform_url == plane.redis_url
             fault = json.loads(await beside(stack, "sandbox", "fault", "worker-lost", "--json"))
             started = await http.post(
                 "/v1/runbooks/worker-lost/runs",
@@ -166,6 +180,7 @@ async def test_dev_stack_runs_its_own_servers_where_none_answer(tmp_path: Path) 
             assert proc.returncode == 0, stack.log.read_text()
             assert not [s.name for s in plane.servers if s.running()], "servers left after Ctrl-C"
             assert not data_plane_record(folder / "state").exists()
+            assert not topology_file(folder / "state").exists()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -46,6 +46,7 @@ def test_the_example_policy_has_the_seeds_rotations_and_a_chain_of_real_people()
     assert {name for name, r in policy.runbooks.items() if r.on_alert == "start"} == {
         "worker-lost",
         "high-error-rate",
+        "redis-failure",
     }
 
 

@@ -25,12 +25,19 @@ from sandbox.kube.seed import ASTRA_NAMESPACE, CONFIG_MAP
 from sandbox.servers import faults as server_faults
 from sandbox.servers import running_data_plane, scratch_dir
 from starters.runbook_cards import runbook_card
+from tests.conftest_data import delete_prefix
 from tests.conftest_kube import KubeSandbox
 from tests.conftest_sandbox import TICK_SECONDS, RunningAstra
 from tests.helpers import start, status
 from workflows.catalogue import RUNBOOKS
 from workflows.models import Outcome, StepState
 from workflows.shard_scaling import ShardScalingRequest
+
+
+async def first_vault_setup(astra: RunningAstra) -> dict[str, Any]:
+    # A path nothing is stored at yet, so every step has something to do (the session's OpenBao).
+    return {"path": f"astra-{uuid.uuid4().hex[:8]}", "source": "directory:astra"}
+
 
 Scenario = Callable[[RunningAstra], Awaitable[dict[str, Any]]]
 
@@ -71,6 +78,13 @@ async def primary_down(astra: RunningAstra) -> dict[str, Any]:
     return {"grace_seconds": 1, "check_timeout_seconds": 1}
 
 
+async def flushed_redis(astra: RunningAstra) -> dict[str, Any]:
+    # The test's Redis is shared: its own keys go, as a FLUSHALL would take them.
+    async with astra.between_ticks():
+        await delete_prefix(astra.target.key_prefix, astra.target.redis_url)
+    return {}
+
+
 DRY_RUNS: dict[str, Scenario] = {
     "shard-scaling": scaling,
     "worker-lost": lost_worker,
@@ -78,6 +92,8 @@ DRY_RUNS: dict[str, Scenario] = {
     "llm-cost-spike": spend_spike,
     "dead-letter-repair": published_dead_letters,
     "postgres-outage": primary_down,
+    "redis-failure": flushed_redis,
+    "vault-setup": first_vault_setup,
 }
 """What each runbook's dry-run needs, so that it takes its whole path: the fault it is for."""
 

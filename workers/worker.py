@@ -28,7 +28,9 @@ from activities.metrics import MetricsActivities, metrics_source
 from activities.notify import NotifyActivities
 from activities.postgres import PostgresActivities
 from activities.postgres_nodes import PostgresNodeActivities
+from activities.redis_nodes import RedisNodeActivities
 from activities.redis_store import RedisActivities
+from activities.vault import VaultActivities, VaultConfig
 from runtime.client import connect
 from runtime.identity import parse_trusted_keys
 from runtime.redact import redact_logs
@@ -50,6 +52,18 @@ def kube_api(settings: Settings) -> k8s.ApiClient:
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
     return k8s.ApiClient()
+
+
+def vault_config(settings: Settings) -> VaultConfig:
+    return VaultConfig(
+        address=settings.vault_addr,
+        token=settings.vault_token.get_secret_value() if settings.vault_token else None,
+        token_file=settings.vault_token_file,
+        unseal_keys_file=settings.vault_unseal_keys_file,
+        source_root=settings.vault_source_root,
+        source_env_prefix=settings.vault_source_env_prefix,
+        token_period_seconds=settings.vault_token_period_seconds,
+    )
 
 
 def activities_of(*instances: object) -> list[Callable[..., Any]]:
@@ -147,6 +161,10 @@ async def running_worker(
     metrics = MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url))
     endpoints = EndpointActivities(kubernetes, settings.data_plane_topology)
     postgres_nodes = PostgresNodeActivities(settings.data_plane_topology)
+    redis_nodes = RedisNodeActivities(
+        settings.data_plane_topology, settings.database_url, key_prefix=settings.redis_key_prefix
+    )
+    vault = VaultActivities(vault_config(settings), kubernetes)
     worker = Worker(
         client,
         task_queue=task_queue or settings.task_queue,
@@ -161,6 +179,8 @@ async def running_worker(
             communication,
             endpoints,
             postgres_nodes,
+            redis_nodes,
+            vault,
         ),
         activity_executor=executor,
         graceful_shutdown_timeout=timedelta(seconds=30),

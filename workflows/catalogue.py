@@ -6,8 +6,10 @@ from workflows.dead_letter_repair import DeadLetterRepair
 from workflows.high_error_rate import HighErrorRate
 from workflows.llm_cost_spike import LlmCostSpike
 from workflows.postgres_outage import PostgresOutage
+from workflows.redis_failure import RedisFailure
 from workflows.runbook import Runbook
 from workflows.shard_scaling import ShardScaling
+from workflows.vault_setup import VaultSetup
 from workflows.worker_lost import WorkerLost
 
 RUNBOOKS: dict[str, type[Runbook]] = {
@@ -19,5 +21,7 @@ RUNBOOKS: dict[str, type[Runbook]] = {
         LlmCostSpike,
         DeadLetterRepair,
         PostgresOutage,
+        RedisFailure,
+        VaultSetup,
     )
 }

@@ -186,6 +186,8 @@ class PlaneOptions(TypedDict, total=False):
     """none (default), sync or async: a replica of each, always ours"""
     sentinel: bool
     """a Redis Sentinel beside ours (default: none)"""
+    sentinel_down_after_ms: int
+    """how long Sentinel waits before it declares the primary down (default: 30 s, its own)"""
     setting: str
     """the knob error messages name (default ASTRA_OPS_DATA_PLANE)"""
 
@@ -225,7 +227,10 @@ async def start_data_plane(
             plane.postgres_url = with_port(postgres_url, primary.port)
         if own_redis:
             plane.redis = await start_redis(
-                directory, replica=replication != "none", sentinel=sentinel
+                directory,
+                replica=replication != "none",
+                sentinel=sentinel,
+                down_after_ms=options.get("sentinel_down_after_ms", 30_000),
             )
             plane.redis_url = with_port(redis_url, plane.redis[0].port)
     except BaseException:

@@ -143,10 +143,16 @@ def redis_node(
 
 
 async def start_redis(
-    directory: Path, *, replica: bool = False, sentinel: bool = False, within: float = 30
+    directory: Path,
+    *,
+    replica: bool = False,
+    sentinel: bool = False,
+    down_after_ms: int = 30_000,
+    within: float = 30,
 ) -> list[RedisServer]:
     """A primary, then (``replica``) a replica once it is in sync with it, then (``sentinel``)
-    a Sentinel monitoring the primary: the servers in that order."""
+    a Sentinel monitoring the primary, which it deems down after ``down_after_ms`` without an
+    answer (Sentinel's default, 30 s, unless told): the servers in that order."""
     primary = redis_node(directory, "primary")
     await primary.start(within)
     servers = [primary]
@@ -165,7 +171,9 @@ async def start_redis(
         await wait_until(in_sync, within, f"Redis {follower.name} to sync", follower.log)
         servers.append(follower)
     if sentinel:
-        watcher = redis_node(directory, "sentinel", sentinel_of=primary.port)
+        watcher = redis_node(
+            directory, "sentinel", sentinel_of=primary.port, down_after_ms=down_after_ms
+        )
         await watcher.start(within)
         servers.append(watcher)
     return servers

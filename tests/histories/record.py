@@ -43,6 +43,7 @@ from runtime.settings import REPO_ROOT, Settings
 from sandbox.db import create_database
 from sandbox.kube.seed import ASTRA_NAMESPACE, CONFIG_MAP
 from sandbox.servers import DataPlane, Replication, running_data_plane, scratch_dir
+from sandbox.servers.openbao import running_openbao
 from starters.runs import Runs
 from tests.conftest_data import migrated, own_data_plane
 from tests.conftest_incident import Desk, incident_settings
@@ -105,12 +106,20 @@ async def staged(
             scenario.policy(edited)
         policy = Path(folder) / "access-policy.yaml"
         policy.write_text(yaml.safe_dump(edited))
+        sources = Path(folder) / "vault-sources"
+        (sources / "astra").mkdir(parents=True)
+        (sources / "astra" / "DB_PASSWORD").write_text("recorded-db-password\n")
         async with (
+            running_openbao(Path(folder)) as openbao,
             own_data_plane() as target,
             running_astra(target, kube.url) as astra,
             replicated(scenario.replication, kube) as (plane, topology),
         ):
             settings = Settings(
+                vault_addr=openbao.address,
+                vault_token_file=openbao.token_file,
+                vault_unseal_keys_file=openbao.unseal_keys_file,
+                vault_source_root=sources,
                 kube_url=kube.url,
                 database_url=target.dsn,
                 redis_url=target.redis_url,
@@ -126,7 +135,7 @@ async def staged(
             desk = Desk(client, settings.task_queue, settings, policy, chat, status_page, pager)
             runs = Runs(client, settings.task_queue, load_policy(policy), TEST_SIGNER)
             async with running_worker(client, settings, executor):
-                yield Stage(client, runs, kube, astra, settings, desk, plane)
+                yield Stage(client, runs, kube, astra, settings, desk, openbao, plane)
             for workflow_id in desk.opened:
                 handle = client.get_workflow_handle(workflow_id)
                 if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:

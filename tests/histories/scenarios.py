@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import hvac
 import psycopg
 import redis.asyncio as aioredis
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
@@ -30,6 +31,7 @@ from sandbox.faults import bad_rollout, cost_spike, dead_letters, error_spike, w
 from sandbox.loadgen import Knobs, SandboxKeys, write_knobs
 from sandbox.servers import DataPlane, Replication
 from sandbox.servers import faults as server_faults
+from sandbox.servers.openbao import OpenBaoServer
 from starters.runs import Runs
 from tests.conftest_incident import Desk, kinds, notification
 from tests.conftest_kube import KubeSandbox, eventually
@@ -65,6 +67,8 @@ class Stage:
     settings: Settings
     desk: Desk
     """Opens incidents and acts on them as the API does; its receivers record what they took."""
+    openbao: OpenBaoServer
+    """The stage's OpenBao dev server, the worker's Vault."""
     plane: DataPlane | None = None
     """The replicated PostgreSQL of a data-plane runbook's scenario, which ``astra-config``
     names and the worker's topology lists."""
@@ -786,3 +790,50 @@ async def _(stage: Stage) -> list[Handle]:
     """The alert fired, but the primary takes writes: nothing to fail over."""
     handle = await stage.start("postgres-outage", POSTGRES_OUTAGE, requester="alice")
     return [await stage.ends(handle, Outcome.NO_CHANGE, saying="a blip")]
+
+
+# -- Vault Setup ------------------------------------------------------------------------------
+
+VAULT = {"source": "directory:astra"}
+APPROVE_VAULT = "approve the Vault setup"
+
+
+@scenario("vault-setup", "approved")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("vault-setup", VAULT, requester="alice")
+    await stage.decide(handle, APPROVE_VAULT, "bob")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+@scenario("vault-setup", "rejected")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("vault-setup", VAULT, requester="alice")
+    await stage.decide(handle, APPROVE_VAULT, "bob", "reject")
+    return [await stage.ends(handle, Outcome.REJECTED)]
+
+
+@scenario("vault-setup", "dry-run")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("vault-setup", VAULT, requester="alice", dry_run=True)
+    return [await stage.ends(handle, Outcome.DONE, saying="dry-run:")]
+
+
+@scenario("vault-setup", "no-change")
+async def _(stage: Stage) -> list[Handle]:
+    first = await stage.start("vault-setup", VAULT, requester="alice")
+    await stage.decide(first, APPROVE_VAULT, "bob")
+    await stage.ends(first, Outcome.DONE)
+    handle = await stage.start("vault-setup", VAULT, requester="alice")
+    return [await stage.ends(handle, Outcome.NO_CHANGE)]
+
+
+@scenario("vault-setup", "new-vault")
+async def _(stage: Stage) -> list[Handle]:
+    """A Vault as a new one is after a restart: sealed, and with no KV mount."""
+    vault = hvac.Client(url=stage.openbao.address, token=stage.openbao.root_token())
+    vault.sys.disable_secrets_engine("secret")
+    vault.sys.seal()
+    handle = await stage.start("vault-setup", VAULT, requester="alice")
+    await stage.decide(handle, "approve unsealing Vault", "bob")
+    await stage.decide(handle, APPROVE_VAULT, "bob")
+    return [await stage.ends(handle, Outcome.DONE)]
