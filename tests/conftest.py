@@ -27,7 +27,7 @@ from runtime.keys import new_key_line
 from runtime.settings import REPO_ROOT, Settings
 from sandbox.kube import seed_astra
 from starters.runs import Runs
-from tests.conftest_kube import KubeSandbox, eventually, kube
+from tests.conftest_kube import KubeSandbox, eventually, kube, sandbox_ca_files
 from tests.helpers import TEST_SIGNER, TEST_SIGNING_KEY
 from workers.worker import running_worker
 
@@ -39,7 +39,7 @@ pytest_plugins = [
     "tests.conftest_incident",
     "tests.stubs",
 ]
-__all__ = ["eventually", "kube"]
+__all__ = ["eventually", "kube", "sandbox_ca_files"]
 
 TEMPORAL = Path(sys.executable).parent / "temporal"
 # The dev server fires a timer up to a second late by default (it shifts timers into batches).

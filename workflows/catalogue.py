@@ -8,6 +8,7 @@ from workflows.llm_cost_spike import LlmCostSpike
 from workflows.redis_failure import RedisFailure
 from workflows.runbook import Runbook
 from workflows.shard_scaling import ShardScaling
+from workflows.tls_rotation import TlsRotation
 from workflows.vault_setup import VaultSetup
 from workflows.worker_lost import WorkerLost
 
@@ -21,5 +22,6 @@ RUNBOOKS: dict[str, type[Runbook]] = {
         DeadLetterRepair,
         RedisFailure,
         VaultSetup,
+        TlsRotation,
     )
 }

@@ -13,6 +13,7 @@ certificate it serves stays, whatever the pods do.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import os
 import socket
@@ -101,8 +102,11 @@ class _Listener:
 
     def stop(self) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):  # never accepted anything: nothing to wake
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept at once
         self.sock.close()
-        self.thread.join(timeout=5)
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
 
 
 class TlsEndpoints:
