@@ -117,12 +117,11 @@ def astra_settings(
     data_plane: SandboxTarget,
     openbao: OpenBaoServer,
     vault_sources: Path,
-    sandbox_ca_files: tuple[Path, Path],
     tmp_path: Path,
 ) -> Settings:
     """The test's settings, pointed at its own database and Redis key prefix, at a data-plane
     topology naming its Redis (a test may rewrite it: the activities read it per call), and at
-    the session's OpenBao with its source root, and at the sandbox's CA."""
+    the session's OpenBao with its source root."""
     topology = tmp_path / "data-plane-topology.json"
     url = data_plane.redis_url
     DataPlaneTopology(redis=[RedisNode(name="redis", url=url, platform_url=url)]).write(topology)
@@ -135,8 +134,6 @@ def astra_settings(
             "vault_addr": openbao.address,
             "vault_token_file": openbao.token_file,
             "vault_source_root": vault_sources,
-            "tls_ca_cert_file": sandbox_ca_files[0],
-            "tls_ca_key_file": sandbox_ca_files[1],
         }
     )
 

@@ -11,8 +11,13 @@ still serves its old certificate after the roll stops the run, which never repor
 certificate nobody serves.
 
 No key passes through this workflow: the activities issue and write the pairs and report
-fingerprints. The pair a renewal replaces stays in the Secret (``previous.tls.crt``/``.key``);
-``rollback=true`` puts it back and rolls the service, with approval.
+fingerprints.
+
+Rollback: none automatic. A run that fails, is rejected or is cancelled leaves each Secret as
+its last step wrote it: a renewed Secret keeps the pair it replaced as ``previous.tls.crt`` and
+``previous.tls.key``, and a run started with ``rollback=true`` puts that pair back and rolls the
+service, with approval (putting back an old certificate is a choice for a person, not a reflex:
+it may be the one about to expire).
 """
 
 from __future__ import annotations
