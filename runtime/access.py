@@ -126,6 +126,9 @@ class RunbookAccess(BaseModel):
     """What an incident does when one of its alerts names this runbook: start it on its own
     (with the incident as requester; its approvals still apply), or propose it on the timeline
     for a person to start."""
+    on_schedule: Literal["start", "refuse"] = "refuse"
+    """Whether a scheduled scan (``tls-scan``, a Temporal Schedule's workflow) may start it on
+    its own, with the scan as requester; its approvals still apply."""
     dry_run: list[str] = []
     """Who may start dry runs besides those who may start real ones."""
     cancel: list[str] = []

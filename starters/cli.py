@@ -696,11 +696,12 @@ def dev(
 
 @app.command()
 def setup() -> None:
-    """Create or upgrade astra-ops' own tables and register its search attributes (idempotent).
+    """Create or upgrade astra-ops' own tables, register its search attributes and its schedules
+    (the daily certificate scan); idempotent.
 
     The tables go into the databases ASTRA_OPS_DATABASE_URL and ASTRA_OPS_STATE_DATABASE_URL name,
-    the search attributes onto the Temporal namespace. Run it on every release, before the new
-    workers start.
+    the search attributes and schedules onto the Temporal namespace. Run it on every release,
+    before the new workers start.
 
     Example: ASTRA_OPS_DATABASE_URL=postgresql://astra_ops@db.astra/astra astra-ops setup
     """
@@ -709,6 +710,7 @@ def setup() -> None:
         config = settings()
         from runtime.migrations import MigrationError, describe, upgrade
         from runtime.search_attributes import register_search_attributes
+        from starters.schedules import register_schedules
 
         try:
             applied = await upgrade(config.database_url, config.state_dsn)
@@ -722,6 +724,8 @@ def setup() -> None:
         client = await connect(config)
         await register_search_attributes(client, config.temporal_namespace)
         say(f"search attributes registered on namespace {config.temporal_namespace}")
+        for line in await register_schedules(client, config):
+            say(line)
 
     with clear_errors():
         asyncio.run(prepare())

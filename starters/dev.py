@@ -32,6 +32,7 @@ from sandbox.servers import DataPlane, ServerError, start_data_plane, with_port
 from sandbox.servers.openbao import OpenBaoServer, openbao_server
 from sandbox.servers.plane import data_plane_record, same_server, topology_file
 from starters.api import ALERTS_PATH, CODEC_PATH
+from starters.schedules import register_schedules
 
 # Dev-only bearer tokens for the example access policy's people, so the README walk-through can
 # call the API as alice and as bob. Real deployments set ASTRA_OPS_API_TOKENS from a secret.
@@ -332,6 +333,9 @@ async def run_stack(settings: Settings, plane: DataPlane) -> int:
             env=stack.env({}),
         )
         await wait_for_temporal(settings, stack.children["temporal"])
+        # As `astra-ops setup` registers them on a real cluster (the SQLite file keeps them, so
+        # a restart updates the one schedule).
+        scheduled = await register_schedules(await connect(settings), settings)
         await kube.start()
         tls.start()
         me = [sys.executable, "-m", "starters.cli"]
@@ -364,7 +368,8 @@ async def run_stack(settings: Settings, plane: DataPlane) -> int:
             f"  alert webhook   {settings.api_url}{ALERTS_PATH}\n"
             f"                  {alert_webhook_help(alert_senders)}\n"
             f"  worker          task queue {settings.task_queue}\n"
-            "DEV MODE: names are trusted as given (`--as`, dev tokens); no identity is proven.\n"
+            + "".join(f"  schedule        {line}\n" for line in scheduled)
+            + "DEV MODE: names are trusted as given (`--as`, dev tokens); no identity is proven.\n"
             "  Keep it on loopback; production runs the API with a signing key (README).\n"
             "Ctrl-C stops everything.",
             flush=True,

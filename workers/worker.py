@@ -40,6 +40,7 @@ from workflows.catalogue import RUNBOOKS
 from workflows.errors import CODE_ERRORS
 from workflows.incident import Incident
 from workflows.kill_switch import KillSwitch
+from workflows.tls_scan import TlsScan
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def workflow_options() -> WorkflowOptions:
     """What runs workflow code, and how: shared by the worker and the replayer
     (tests/test_replay.py), so a stored history replays exactly as the worker would run it."""
     return WorkflowOptions(
-        workflows=[*RUNBOOKS.values(), KillSwitch, Incident],
+        workflows=[*RUNBOOKS.values(), KillSwitch, Incident, TlsScan],
         workflow_runner=workflow_runner(),
         # A bug in workflow code fails its run (compensations first, see workflows/errors.py)
         # instead of retrying a workflow task forever; a non-determinism error still does not.

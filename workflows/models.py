@@ -29,6 +29,10 @@ from runtime.identity import Signed, Signer, statement
 
 # Upper bounds of durations, in seconds. Every duration a request carries stays far inside what
 # a ``timedelta`` holds, sums included (a wait's timeout plus its slack).
+TLS_SCAN_WORKFLOW = "tls-scan"
+"""The daily certificate scan's workflow type: a run it starts as itself is admitted by the
+runbook's ``on_schedule`` switch."""
+
 HOUR = 3_600
 DAY = 24 * HOUR
 WEEK = 7 * DAY

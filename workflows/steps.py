@@ -26,6 +26,7 @@ from workflows.incident_models import INCIDENT_WORKFLOW
 from workflows.models import (
     MAX_COMMENT,
     MAX_NAME,
+    TLS_SCAN_WORKFLOW,
     CancelRequest,
     FreezeNotice,
     Outcome,
@@ -230,6 +231,8 @@ class StepRunner:
         self._early.clear()
         if parent is not None and admission.parent_type == INCIDENT_WORKFLOW:
             why = self._incident_start_refusal(request, admission, parent.workflow_id)
+        elif parent is not None and admission.parent_type == TLS_SCAN_WORKFLOW:
+            why = self._scan_start_refusal(request, admission, parent.workflow_id)
         else:
             why = proven(
                 request.authorization,
@@ -268,6 +271,25 @@ class StepRunner:
                 f"the access policy does not let an incident start {self.runbook} on its own "
                 f"(runbooks.{self.runbook}.on_alert: {admission.access.on_alert}); a person "
                 "may start it from the incident"
+            )
+        return None
+
+    def _scan_start_refusal(
+        self, request: RunbookRequest, admission: Admission, scan: str
+    ) -> str | None:
+        """A start by the scheduled scan: Temporal records the parent and the admission checked
+        its type, so the scan is proven as the requester; it needs the policy's ``on_schedule:
+        start``. The scan names no person, so any other requester is a claim nobody proved."""
+        if request.requester != scan:
+            return (
+                f"a {TLS_SCAN_WORKFLOW} run starts runbooks only as itself ({scan}), not as "
+                f"{request.requester}; a person starts {self.runbook} through the API"
+            )
+        if admission.access.on_schedule != "start":
+            return (
+                f"the access policy does not let the scheduled scan start {self.runbook} on its "
+                f"own (runbooks.{self.runbook}.on_schedule: {admission.access.on_schedule}); "
+                "set it to start, or start it by hand when the scan reports a renewal due"
             )
         return None
 
