@@ -49,6 +49,7 @@ from workflows.incident_models import ActionKind, IncidentState, Severity
 from workflows.incident_models import Stage as Phase
 from workflows.kill_switch import KillSwitch
 from workflows.models import (
+    TLS_SCAN_WORKFLOW,
     ApprovalSignal,
     Decision,
     FreezeNotice,
@@ -56,6 +57,7 @@ from workflows.models import (
     RunbookResult,
     StepState,
 )
+from workflows.tls_scan import TlsScanRequest, TlsScanResult
 
 Handle = WorkflowHandle[Any, Any]
 
@@ -915,3 +917,52 @@ async def _(stage: Stage) -> list[Handle]:
     handle = await stage.start("tls-rotation", {"verify_timeout_seconds": 1}, requester="alice")
     await stage.decide(handle, RENEW_CERTS, "bob")
     return [await stage.fails(handle, "verify gateway serves the certificate in its Secret")]
+
+
+# -- the daily certificate scan: what it finds decides whether it starts TLS Rotation ----------
+
+
+async def scanned(stage: Stage) -> tuple[Handle, TlsScanResult]:
+    """One scan, as the schedule starts it (``tls-scan/<namespace>`` and a time)."""
+    handle = await stage.client.start_workflow(
+        TLS_SCAN_WORKFLOW,
+        TlsScanRequest(),
+        id="tls-scan/astra-2026-11-28T06:00:00Z",
+        task_queue=stage.settings.task_queue,
+        result_type=TlsScanResult,
+    )
+    return handle, await handle.result()
+
+
+@scenario("tls-scan", "renewal-due", also=("tls-rotation",))
+async def _(stage: Stage) -> list[Handle]:
+    """Certificates inside their window: the scan starts the rotation as its child, which a
+    person approves. Both are stored: the rotation's admission of its scan parent replays too."""
+    await certificates_expiring(stage)
+    handle, result = await scanned(stage)
+    if result.started is None:
+        raise WrongBranch(f"the scan started no rotation: {result.summary}")
+    rotation = handle_of(stage.client, result.started)
+    await stage.decide(rotation, RENEW_CERTS, "bob")
+    return [handle, await stage.ends(rotation, Outcome.DONE)]
+
+
+@scenario("tls-scan", "nothing-due")
+async def _(stage: Stage) -> list[Handle]:
+    handle, result = await scanned(stage)
+    if result.due:
+        raise WrongBranch(f"the scan found {result.due} due: {result.summary}")
+    return [handle]
+
+
+@scenario("tls-scan", "already-open")
+async def _(stage: Stage) -> list[Handle]:
+    """A person's rotation still waits for approval: the scan leaves it to finish."""
+    await certificates_expiring(stage)
+    rotation = await stage.start("tls-rotation", {}, requester="alice")
+    await stage.pending(rotation, RENEW_CERTS)
+    handle, result = await scanned(stage)
+    if "already open" not in result.summary:
+        raise WrongBranch(f"the scan did not find the open rotation: {result.summary}")
+    await rotation.terminate("recorded")
+    return [handle]
