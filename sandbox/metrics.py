@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
 
@@ -118,10 +119,12 @@ async def render_metrics(
     key_prefix: str = "astra:",
     pool: Collection[str] | None = None,
     connection_errors: Mapping[tuple[str, str], int] | None = None,
+    certificates: Mapping[str, datetime] | None = None,
 ) -> str:
     """The exposition text of heartbeat age per worker (of ``pool`` only, when given), tasks by
-    status, each shard's backlog, LLM cost, whether each dependency answers, and
-    ``connection_errors`` (the load generator's counts by service and dependency), as far as
+    status, each shard's backlog, LLM cost, whether each dependency answers,
+    ``connection_errors`` (the load generator's counts by service and dependency) and the time
+    each TLS service's certificate has left (``certificates``: when each expires), as far as
     PostgreSQL and Redis answer."""
     keys = AstraKeys(key_prefix)
     database = await _read_database(dsn)
@@ -140,6 +143,17 @@ async def render_metrics(
     lines += [
         f"astra_connection_errors_total{_labels(service=s, dependency=d)} {count}"
         for (s, d), count in sorted((connection_errors or {}).items())
+    ]
+    lines += [
+        "# HELP astra_tls_certificate_expiry_seconds Seconds until the certificate in the"
+        " service's TLS Secret expires (negative: expired).",
+        "# TYPE astra_tls_certificate_expiry_seconds gauge",
+    ]
+    now = time.time()
+    lines += [
+        f"astra_tls_certificate_expiry_seconds{_labels(service=service)} "
+        f"{_number(round(not_after.timestamp() - now))}"
+        for service, not_after in sorted((certificates or {}).items())
     ]
     if redis is not None:
         lines += [
@@ -206,7 +220,7 @@ class MetricsApp:
     def of(cls, platform: LoadGenerator) -> "MetricsApp":
         """The /metrics of a running platform (the load generator): the workers whose pods run,
         its connection errors, read from the endpoints ``astra-config`` names now, as an exporter
-        configured from the same ConfigMap would."""
+        configured from the same ConfigMap would; and its TLS Secrets' certificates."""
         app = cls(
             platform.endpoints.database_url, platform.endpoints.redis_url, platform.keys.prefix
         )
@@ -229,6 +243,7 @@ class MetricsApp:
                 self._key_prefix,
                 platform.workers,
                 platform.connection_errors,
+                await platform.cluster.certificate_expiry() if platform.cluster else None,
             )
         payload = b"" if scope["method"] == "HEAD" else body.encode()
         await self._respond(send, 200, payload, CONTENT_TYPE)

@@ -10,12 +10,15 @@ effect on the sandbox's data.
 from __future__ import annotations
 
 import asyncio
+import base64
+from datetime import datetime
 from typing import Any
 
 from kubernetes.client import ApiClient, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel
 
+from activities.certificates import describe, read_pem
 from runtime.astra_config import (
     BUDGET_GUARD_KEY,
     DATABASE_URL_KEY,
@@ -24,6 +27,7 @@ from runtime.astra_config import (
     BudgetGuard,
     paused_classes,
 )
+from sandbox.kube.seed import TLS_SERVICES, tls_secret
 
 SCHEDULER = "astra-scheduler"
 WORKERS = "astra-worker"
@@ -78,6 +82,25 @@ class ClusterView:
         self.pool = pool
         self.config_map = config_map
         self.services = (scheduler, pool, agents)
+
+    async def certificate_expiry(self) -> dict[str, datetime]:
+        """When the certificate in each TLS service's Secret expires (a Secret that is missing or
+        holds no readable certificate is left out): what a cert-manager style exporter reads."""
+        return await asyncio.to_thread(self._certificate_expiry)
+
+    def _certificate_expiry(self) -> dict[str, datetime]:
+        expiry = {}
+        for service in TLS_SERVICES:
+            try:
+                secret: Any = self._core.read_namespaced_secret(tls_secret(service), self.namespace)
+                pem = base64.b64decode((secret.data or {}).get("tls.crt", "")).decode()
+                expiry[service] = describe(read_pem(pem)).not_after
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+            except ValueError:
+                continue
+        return expiry
 
     async def observe(self) -> PlatformView:
         # The kubernetes client is synchronous; keep it off the load generator's event loop.

@@ -14,9 +14,12 @@ from typing import Any
 import yaml
 
 from runtime.settings import REPO_ROOT
-from sandbox.faults import SandboxTarget, worker_lost
+from sandbox.faults import SandboxTarget, cert_expiring, worker_lost
+from sandbox.kube.seed import TLS_SERVICES
 from sandbox.metrics import render_metrics
+from sandbox.platform import ClusterView
 from starters.runbook_cards import runbook_parameters
+from tests.conftest_kube import KubeSandbox, sandbox_ca
 from workflows.catalogue import RUNBOOKS
 
 RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yaml"
@@ -64,3 +67,27 @@ async def test_rules_use_only_metrics_the_sandbox_exports(data_plane: SandboxTar
     )
     used = {m for rule in rules().values() for m in re.findall(r"\bastra_\w+", rule["expr"])}
     assert used and used <= exported
+
+
+async def test_the_certificate_gauge_reads_each_services_tls_secret(
+    data_plane: SandboxTarget, kube: KubeSandbox, namespace: str
+) -> None:
+    """Two days left in the gateway's Secret: the gauge says so, and the rule's threshold (14
+    days) is crossed for it alone; a freshly seeded service's certificate is far from it."""
+    await cert_expiring(kube.api, sandbox_ca(), namespace, ["gateway"], days_left=2)
+    certificates = await ClusterView(kube.api, namespace=namespace).certificate_expiry()
+    text = await render_metrics(
+        data_plane.dsn, data_plane.redis_url, data_plane.key_prefix, certificates=certificates
+    )
+    left = {
+        service: float(value)
+        for service, value in re.findall(
+            r'^astra_tls_certificate_expiry_seconds\{service="([^"]+)"\} (\S+)$', text, re.M
+        )
+    }
+    assert set(left) == set(TLS_SERVICES)
+    assert abs(left["gateway"] - 2 * 86400) < 120
+    days = re.search(r"< (\d+) \* 86400", rules()["tls-rotation"]["expr"])
+    assert days is not None
+    threshold = int(days[1]) * 86400
+    assert [s for s, seconds in left.items() if seconds < threshold] == ["gateway"]
