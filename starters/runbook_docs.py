@@ -40,6 +40,7 @@ from runtime.access import (
 )
 from runtime.settings import REPO_ROOT
 from starters.runbook_cards import runbook_parameters
+from starters.schedules import TLS_SCAN_SCHEDULE_ID
 from workflows.catalogue import RUNBOOKS
 from workflows.models import RunbookRequest
 from workflows.runbook import Runbook, RunbookSpec
@@ -428,13 +429,22 @@ class Page:
             ("Trigger", self.spec.trigger),
             ("Alert", alerts or "none (a person starts it)"),
             ("Owned by", f"{owner}: {rotation.scope}" if rotation.scope else owner),
-            ("Who may start it", self.groups(access.start, full=True)),
+            ("Who may start it", self.starters()),
             ("Who may start a dry run", self.groups(access.start + access.dry_run, full=True)),
             ("Who approves", "; ".join(approvals) or "nobody: no step waits for a person"),
             ("Who may cancel a run", self.cancellers()),
             ("Run id", f"{_code(self.run_id)} (starting it again while open returns that run)"),
         ]
         return ["| | |", "| --- | --- |", *[f"| {k} | {_cell(v)} |" for k, v in rows], ""]
+
+    def starters(self) -> str:
+        people = self.groups(self.access.start, full=True)
+        if self.access.on_schedule != "start":
+            return people
+        return (
+            f"{people}; and the daily certificate scan (schedule {_code(TLS_SCAN_SCHEDULE_ID)}) "
+            "on its own, when a certificate is inside its renewal window"
+        )
 
     def trigger(self) -> list[str]:
         lines = ["## What triggers it", "", f"Operations wiki: {self.spec.trigger}.", ""]

@@ -37,6 +37,7 @@ from runtime.migrations import ASTRA, STATE, VERSIONS_TABLE, migrations
 from runtime.settings import Settings
 from starters.api import create_app
 from starters.cli import app
+from starters.schedules import TLS_SCAN_SCHEDULE_ID
 from tests.conftest import TEMPORAL
 from tests.conftest_data import NewDatabase
 from tests.conftest_kube import KubeSandbox, eventually
@@ -290,7 +291,7 @@ async def test_every_command_says_how_to_use_it_and_flags_read_as_flags(cli: Cli
     assert "--dry-run " in start and "--wait " in start
 
 
-async def test_setup_migrates_both_databases_and_registers_search_attributes_once(
+async def test_setup_migrates_both_databases_and_registers_search_attributes_and_schedules_once(
     cli: Cli, client: Client, new_database: NewDatabase
 ) -> None:
     namespace = f"setup-{uuid.uuid4().hex[:8]}"
@@ -311,9 +312,11 @@ async def test_setup_migrates_both_databases_and_registers_search_attributes_onc
     first = await in_namespace("setup")
     assert first.exit_code == 0, first.output
     assert "applied astra/0001_astra_ops_requeues" in first.stdout
+    assert f"schedule {TLS_SCAN_SCHEDULE_ID} created (daily at 06:00 UTC" in first.stdout
     second = await in_namespace("setup")  # finds everything there and changes nothing
     assert second.exit_code == 0, second.output
     assert "schema up to date" in second.stdout
+    assert f"schedule {TLS_SCAN_SCHEDULE_ID} updated" in second.stdout
 
     listed = await client.operator_service.list_search_attributes(
         ListSearchAttributesRequest(namespace=namespace)
