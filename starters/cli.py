@@ -725,7 +725,7 @@ def setup() -> None:
         await register_search_attributes(client, config.temporal_namespace)
         say(f"search attributes registered on namespace {config.temporal_namespace}")
         for line in await register_schedules(client, config):
-            say(line)
+            say(f"schedule {line}")
 
     with clear_errors():
         asyncio.run(prepare())

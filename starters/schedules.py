@@ -55,7 +55,7 @@ def tls_scan_schedule(settings: Settings) -> Schedule:
 
 async def register_schedules(client: Client, settings: Settings) -> list[str]:
     """Create each schedule, or update it to what the settings say now; what was done, one line
-    per schedule."""
+    per schedule (``<id> created (...)`` or ``<id> updated (...)``)."""
     schedule = tls_scan_schedule(settings)
     what = (
         f"daily at {TLS_SCAN_AT.seconds // 3600:02d}:00 UTC, {TLS_SCAN_WORKFLOW} of "
@@ -71,5 +71,5 @@ async def register_schedules(client: Client, settings: Settings) -> list[str]:
             return ScheduleUpdate(schedule=dataclasses.replace(schedule, state=state))
 
         await client.get_schedule_handle(TLS_SCAN_SCHEDULE_ID).update(replace)
-        return [f"schedule {TLS_SCAN_SCHEDULE_ID} updated ({what})"]
-    return [f"schedule {TLS_SCAN_SCHEDULE_ID} created ({what})"]
+        return [f"{TLS_SCAN_SCHEDULE_ID} updated ({what})"]
+    return [f"{TLS_SCAN_SCHEDULE_ID} created ({what})"]

@@ -23,6 +23,7 @@ from sandbox.servers.plane import data_plane_record, topology_file
 from sandbox.servers.process import alive, free_port
 from starters.api import ALERTS_PATH, CODEC_PATH
 from starters.dev import DEV_ALERT_TOKEN
+from starters.schedules import TLS_SCAN_SCHEDULE_ID
 from tests.conftest_data import NewDatabase
 from tests.conftest_dev import (
     ALICE,
@@ -88,6 +89,7 @@ async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
         assert proc.returncode == 0, output
         assert "astra-ops dev is up" in output
         assert f"alert webhook   {stack.api}{ALERTS_PATH}" in output
+        assert f"schedule        {TLS_SCAN_SCHEDULE_ID} created (daily at 06:00 UTC" in output
         # The stack's OpenBao: its root token kept for its owner only, never printed, and
         # stopped with the stack.
         openbao = tmp_path / "state" / "openbao"

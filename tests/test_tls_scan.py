@@ -65,10 +65,10 @@ async def test_registering_the_schedule_twice_leaves_one_daily_scan_and_keeps_a_
     first = await register_schedules(client, settings)
     handle = client.get_schedule_handle(TLS_SCAN_SCHEDULE_ID)
     try:
-        assert first[0].startswith(f"schedule {TLS_SCAN_SCHEDULE_ID} created")
+        assert first[0].startswith(f"{TLS_SCAN_SCHEDULE_ID} created")
         await handle.pause(note="certificates handled by hand this week")
         again = await register_schedules(client, settings)
-        assert again[0].startswith(f"schedule {TLS_SCAN_SCHEDULE_ID} updated")
+        assert again[0].startswith(f"{TLS_SCAN_SCHEDULE_ID} updated")
 
         async def listed() -> list[str]:
             return [s.id async for s in await client.list_schedules() if s.id.startswith("astra")]
