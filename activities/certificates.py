@@ -12,17 +12,24 @@ from __future__ import annotations
 import hashlib
 import socket
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel
+from temporalio.exceptions import ApplicationError
 
-from activities.tls import CertificateInfo
+from activities.tls import CertificateInfo, VaultPki
 from runtime.redact import redact
+
+if TYPE_CHECKING:
+    import hvac
 
 PEM_KEY_MARKER = "PRIVATE KEY-----"
 """What every PEM private key contains (``BEGIN PRIVATE KEY``, ``BEGIN EC PRIVATE KEY``...)."""
@@ -63,6 +70,22 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode()
+
+
+class Issuer(Protocol):
+    """What signs a service's new certificate: a CA key pair here, or a Vault PKI engine."""
+
+    @property
+    def cert_pem(self) -> str:
+        """The CA certificate clients trust (PEM)."""
+        ...
+
+    @property
+    def subject(self) -> str: ...
+
+    def issue(
+        self, sans: list[str], not_before: datetime, not_after: datetime
+    ) -> tuple[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -119,6 +142,10 @@ class CertificateAuthority:
     def key_pem(self) -> str:
         return _key_pem(self.key)
 
+    @property
+    def subject(self) -> str:
+        return self.cert.subject.rfc4514_string()
+
     def issue(self, sans: list[str], not_before: datetime, not_after: datetime) -> tuple[str, str]:
         """A new key and a server certificate for ``sans`` (the first is its common name), as
         PEM ``(tls.crt, tls.key)``; ``tls.crt`` holds the leaf then the CA, as servers send."""
@@ -141,6 +168,94 @@ class CertificateAuthority:
         )
         chain = cert.public_bytes(serialization.Encoding.PEM).decode() + self.cert_pem
         return chain, _key_pem(key)
+
+
+@dataclass(frozen=True)
+class VaultPkiIssuer:
+    """A Vault (OpenBao) PKI engine's role as the CA: Vault makes the key and signs; the key
+    comes back once, in the answer, and goes into the Secret without being kept."""
+
+    client: hvac.Client
+    mount: str
+    role: str
+    cert_pem: str
+
+    @classmethod
+    def connect(cls, pki: VaultPki) -> VaultPkiIssuer:
+        import hvac
+
+        token = pki.token_file.read_text().strip() if pki.token_file else pki.token
+        client = hvac.Client(url=pki.address, token=token, timeout=10)
+        with _vault_errors(f"read the CA of {pki.mount}"):
+            ca_pem = client.secrets.pki.read_ca_certificate(mount_point=pki.mount)
+        if not ca_pem:
+            raise ApplicationError(
+                f"the PKI mount {pki.mount} at {pki.address} has no CA yet: generate or import "
+                f"its root or intermediate (`bao write {pki.mount}/root/generate/internal ...`)",
+                type="TlsCaNotConfigured",
+                non_retryable=True,
+            )
+        return cls(client, pki.mount, pki.role, ca_pem.strip() + "\n")
+
+    @property
+    def subject(self) -> str:
+        return read_pem(self.cert_pem).subject.rfc4514_string()
+
+    def issue(self, sans: list[str], not_before: datetime, not_after: datetime) -> tuple[str, str]:
+        """Vault backdates ``not_before`` by its role's ``not_before_duration`` itself."""
+        with _vault_errors(f"issue a certificate from {self.mount}/issue/{self.role}"):
+            answer = self.client.secrets.pki.generate_certificate(
+                name=self.role,
+                common_name=sans[0],
+                extra_params={
+                    "alt_names": ",".join(sans[1:]),
+                    "not_after": not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                },
+                mount_point=self.mount,
+            )
+        data = answer["data"]
+        # Vault's PEM ends without a newline; a server that reads key and chain from one file
+        # (key first) would find the key's end marker glued to the certificate's begin marker.
+        return data["certificate"].strip() + "\n" + self.cert_pem, data[
+            "private_key"
+        ].strip() + "\n"
+
+
+@contextmanager
+def _vault_errors(action: str) -> Iterator[None]:
+    """Vault's refusals as failures that say what to fix; a Vault that does not answer is
+    retried (it may be restarting)."""
+    import hvac.exceptions as vault
+    import requests
+
+    try:
+        yield
+    except (vault.Forbidden, vault.Unauthorized) as err:
+        raise ApplicationError(
+            f"Vault refused to {action}: {_first(err)}; give the worker's token `update` on the "
+            "PKI role's issue path and `read` on its CA (ASTRA_OPS_TLS_VAULT_PKI_MOUNT, _ROLE)",
+            type="TlsCaRefused",
+            non_retryable=True,
+        ) from None
+    except (vault.InvalidRequest, vault.InvalidPath, vault.UnsupportedOperation) as err:
+        raise ApplicationError(
+            f"Vault could not {action}: {_first(err)}; check the PKI mount and its role (the "
+            "names it allows, its max_ttl against the certificates' lifetime)",
+            type="TlsCaRefused",
+            non_retryable=True,
+        ) from None
+    except (vault.VaultDown, vault.InternalServerError, requests.RequestException) as err:
+        raise ApplicationError(
+            f"Vault did not answer while trying to {action}: {type(err).__name__}; is it up "
+            "and unsealed?",
+            type="VaultUnavailable",
+        ) from None
+
+
+def _first(err: Exception) -> str:
+    """Vault's own message, without the URL it quotes."""
+    errors: Any = getattr(err, "errors", None)
+    return redact(str(errors[0] if errors else err).splitlines()[0])
 
 
 def key_matches(cert_pem: str, key_pem: str) -> bool:

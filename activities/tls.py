@@ -2,8 +2,10 @@
 
 Every private key stays in here. A service's certificate and key live in its ``kubernetes.io/tls``
 Secret (the one its Deployment mounts); these activities read it, issue a new pair signed by the
-CA the worker's settings name (``ASTRA_OPS_TLS_CA_CERT_FILE``/``_KEY_FILE``), and write it
-back. What they return, and so what a run's history holds, is ``CertificateInfo``: names, dates,
+CA the worker's settings name, and write it back. The CA is a Vault (OpenBao) PKI engine's role
+when ``ASTRA_OPS_TLS_VAULT_PKI_MOUNT`` names one (Vault makes the key; it passes through here
+once, into the Secret), else the key pair in ``ASTRA_OPS_TLS_CA_CERT_FILE``/``_KEY_FILE``.
+What they return, and so what a run's history holds, is ``CertificateInfo``: names, dates,
 issuer and fingerprints.
 
 The previous pair is kept in the same Secret under ``previous.tls.crt``/``previous.tls.key``:
@@ -36,7 +38,7 @@ from activities.kubernetes import KubernetesActivities
 from activities.mutation import Mutation, MutationResult
 
 if TYPE_CHECKING:
-    from activities.certificates import CertificateAuthority
+    from activities.certificates import Issuer
 
 CRT, KEY = "tls.crt", "tls.key"
 PREVIOUS_CRT, PREVIOUS_KEY = "previous.tls.crt", "previous.tls.key"
@@ -46,12 +48,25 @@ DEFAULT_WINDOW_SHARE = 1 / 3
 
 
 @dataclass(frozen=True)
+class VaultPki:
+    """A Vault (OpenBao) PKI engine as the CA: where, as which role, with which token."""
+
+    address: str
+    token: str | None
+    token_file: Path | None
+    mount: str
+    role: str
+
+
+@dataclass(frozen=True)
 class TlsConfig:
-    """What the worker's settings say about certificates (``runtime.settings``)."""
+    """What the worker's settings say about certificates (``runtime.settings``): a PKI engine
+    when one is named, else the CA key pair's files."""
 
     ca_cert_file: Path | None
     ca_key_file: Path | None
     handshake_timeout_seconds: float = 5.0
+    vault_pki: VaultPki | None = None
 
 
 # ----- inputs and results ---------------------------------------------------------------------
@@ -231,12 +246,16 @@ class TlsActivities:
     # -- helpers ---------------------------------------------------------------------------
 
     def _ca_cert_pem(self) -> str | None:
+        if self.config.vault_pki is not None:
+            return self._ca().cert_pem
         file = self.config.ca_cert_file
         return file.read_text() if file is not None else None
 
-    def _ca(self) -> CertificateAuthority:
-        from activities.certificates import CertificateAuthority
+    def _ca(self) -> Issuer:
+        from activities.certificates import CertificateAuthority, VaultPkiIssuer
 
+        if self.config.vault_pki is not None:
+            return VaultPkiIssuer.connect(self.config.vault_pki)
         cert, key = self.config.ca_cert_file, self.config.ca_key_file
         if cert is None or key is None:
             raise ApplicationError(
@@ -406,7 +425,7 @@ class TlsActivities:
             return CertificateWritten(
                 changed=False,
                 detail=f"would issue a {req.lifetime_days}-day certificate for "
-                f"{', '.join(req.sans)} signed by {ca.cert.subject.rfc4514_string()} into "
+                f"{', '.join(req.sans)} signed by {ca.subject} into "
                 f"{target}, keeping {current} as the previous one",
                 fingerprint=current,
             )

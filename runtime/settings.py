@@ -186,6 +186,18 @@ class Settings(BaseSettings):
         description="The CA's private key (PEM, ECDSA, no passphrase); read only by the "
         "activity that signs.",
     )
+    tls_vault_pki_mount: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A Vault (OpenBao) PKI mount `tls-rotation` issues from instead of the CA "
+        "files, with the worker's Vault token (ASTRA_OPS_VAULT_ADDR, _TOKEN_FILE); certificates "
+        "are then trusted against its CA.",
+    )
+    tls_vault_pki_role: str = Field(
+        default="astra-services",
+        min_length=1,
+        description="The PKI role it issues as: the token needs `update` on <mount>/issue/<role>.",
+    )
 
     # Incident communication beside the chat webhook; each receiver left unset is skipped.
     status_page_url: str = Field(

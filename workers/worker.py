@@ -30,7 +30,7 @@ from activities.postgres import PostgresActivities
 from activities.postgres_nodes import PostgresNodeActivities
 from activities.redis_nodes import RedisNodeActivities
 from activities.redis_store import RedisActivities
-from activities.tls import TlsActivities, TlsConfig
+from activities.tls import TlsActivities, TlsConfig, VaultPki
 from activities.vault import VaultActivities, VaultConfig
 from runtime.client import connect
 from runtime.identity import parse_trusted_keys
@@ -66,6 +66,26 @@ def vault_config(settings: Settings) -> VaultConfig:
         source_env_prefix=settings.vault_source_env_prefix,
         token_period_seconds=settings.vault_token_period_seconds,
     )
+
+
+def tls_config(settings: Settings) -> TlsConfig:
+    """The CA `tls-rotation` issues from: the PKI mount when one is named, else the CA files."""
+    pki = None
+    if settings.tls_vault_pki_mount:
+        if not settings.vault_addr:
+            raise SettingsError(
+                "ASTRA_OPS_TLS_VAULT_PKI_MOUNT names a PKI engine, but ASTRA_OPS_VAULT_ADDR is not "
+                "set: set it (and ASTRA_OPS_VAULT_TOKEN_FILE), or unset the mount to sign with "
+                "ASTRA_OPS_TLS_CA_CERT_FILE and _KEY_FILE"
+            )
+        pki = VaultPki(
+            address=settings.vault_addr,
+            token=settings.vault_token.get_secret_value() if settings.vault_token else None,
+            token_file=settings.vault_token_file,
+            mount=settings.tls_vault_pki_mount,
+            role=settings.tls_vault_pki_role,
+        )
+    return TlsConfig(settings.tls_ca_cert_file, settings.tls_ca_key_file, vault_pki=pki)
 
 
 def activities_of(*instances: object) -> list[Callable[..., Any]]:
@@ -167,7 +187,7 @@ async def running_worker(
         settings.data_plane_topology, settings.database_url, key_prefix=settings.redis_key_prefix
     )
     vault = VaultActivities(vault_config(settings), kubernetes)
-    tls = TlsActivities(TlsConfig(settings.tls_ca_cert_file, settings.tls_ca_key_file), kubernetes)
+    tls = TlsActivities(tls_config(settings), kubernetes)
     worker = Worker(
         client,
         task_queue=task_queue or settings.task_queue,
