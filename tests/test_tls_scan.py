@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from temporalio import workflow
 from temporalio.client import (
     Client,
     ScheduleActionStartWorkflow,
@@ -21,7 +22,9 @@ from temporalio.client import (
     ScheduleOverlapPolicy,
     WorkflowFailureError,
 )
+from temporalio.exceptions import ChildWorkflowError
 from temporalio.service import RPCError, RPCStatusCode
+from temporalio.worker import Worker
 
 from runtime.settings import Settings
 from sandbox.faults import cert_expiring
@@ -30,6 +33,8 @@ from starters.schedules import TLS_SCAN_SCHEDULE_ID, register_schedules
 from tests.conftest_kube import KubeSandbox, eventually, sandbox_ca
 from tests.helpers import awaiting_approval, handle_of, status
 from tests.test_runbook_tls_rotation import rolled_onto, tls_worker
+from workflows.models import TLS_SCAN_WORKFLOW
+from workflows.tls_rotation import TlsRotationRequest
 from workflows.tls_scan import TlsScanRequest, TlsScanResult
 
 RENEW = "approve renewing certificates"
@@ -147,3 +152,37 @@ async def test_a_policy_without_on_schedule_start_refuses_the_scans_rotation(
         with pytest.raises(WorkflowFailureError) as refused:
             await handle_of(client, result.started).result()
     assert "on_schedule: refuse" in str(refused.value.cause)
+
+
+@workflow.defn(name=TLS_SCAN_WORKFLOW, sandboxed=False)
+class ScanClaimingAPerson:
+    """A workflow of the scan's type that starts the rotation in a person's name: what a client
+    able to start workflows could try, to borrow the scan's admission for a claim."""
+
+    @workflow.run
+    async def run(self, task_queue: str, namespace: str, requester: str) -> str:
+        request = TlsRotationRequest(requester=requester, namespace=namespace)
+        try:
+            await workflow.execute_child_workflow(
+                "tls-rotation", request, id=f"tls-rotation/{namespace}", task_queue=task_queue
+            )
+        except ChildWorkflowError as err:
+            return str(err.cause)
+        return "admitted"
+
+
+async def test_a_scan_parent_cannot_start_the_rotation_in_a_persons_name(
+    client: Client, settings: Settings, kube: KubeSandbox, namespace: str
+) -> None:
+    stub_queue = f"{settings.task_queue}-stub"
+    async with (
+        tls_worker(client, settings),
+        Worker(client, task_queue=stub_queue, workflows=[ScanClaimingAPerson]),
+    ):
+        refused = await client.execute_workflow(
+            ScanClaimingAPerson.run,
+            args=[settings.task_queue, namespace, "alice"],
+            id=f"tls-scan/{namespace}-claim",
+            task_queue=stub_queue,
+        )
+    assert f"starts runbooks only as itself (tls-scan/{namespace}-claim), not as alice" in refused
