@@ -71,6 +71,7 @@ class IncidentAdmission(BaseModel):
 
 class RunbookPlanRequest(BaseModel):
     incident_id: str
+    """The run that asks: an incident, or the daily certificate scan (``workflows/tls_scan.py``)."""
     runbook: str
     requester: str
     reason: str = ""
