@@ -16,6 +16,11 @@ RESTARTED_BY = "astra-ops/restarted-by"
 CONFIG_HASH = "astra-ops/config-hash"
 CONFIG_PATCHED_BY = "astra-ops/patched-by"
 ROLLED_BACK_BY = "astra-ops/rolled-back-by"
+CERT_RENEWED_BY = "astra-ops/cert-renewed-by"
+"""On a TLS Secret: the step that last wrote its certificate (renewal or rollback)."""
+TLS_ENDPOINT = "astra-ops/tls-endpoint"
+"""On a Deployment: ``host:port`` where its service serves TLS, when not its Service's DNS name
+(the cluster's owner sets it; a request never names an endpoint)."""
 
 # Kubernetes': what the Deployment controller and kubectl write to keep rollout history.
 REVISION = "deployment.kubernetes.io/revision"

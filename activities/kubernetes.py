@@ -216,11 +216,18 @@ class KubernetesActivities:
             lambda: self.apps.read_namespaced_deployment(name, namespace),
         )
 
-    def secret_data(self, namespace: str, name: str) -> tuple[dict[str, str], str]:
-        """A Secret's values, decoded, and its resourceVersion.
+    def read_deployment(self, namespace: str, name: str) -> Any:
+        """A Deployment as the client returns it (for the activities of other systems that find
+        what a service uses through it: its TLS Secret, its endpoint)."""
+        return self._deployment(namespace, name)
+
+    def secret_object(
+        self, namespace: str, name: str
+    ) -> tuple[dict[str, str], str, dict[str, str]]:
+        """A Secret's values, decoded, its resourceVersion and its annotations.
 
         Not an activity, nor ever returned by one: the activities of the systems a Secret
-        configures (Vault) call it and keep the values out of every run's history.
+        configures (Vault, TLS) call it and keep the values out of every run's history.
         """
         secret: Any = self._call(
             "read Secret",
@@ -228,16 +235,30 @@ class KubernetesActivities:
             lambda: self.core.read_namespaced_secret(name, namespace),
         )
         data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
-        return data, secret.metadata.resource_version
+        annotations = dict(secret.metadata.annotations or {})
+        return data, secret.metadata.resource_version, annotations
+
+    def secret_data(self, namespace: str, name: str) -> tuple[dict[str, str], str]:
+        """A Secret's values, decoded, and its resourceVersion (``secret_object``)."""
+        data, resource_version, _ = self.secret_object(namespace, name)
+        return data, resource_version
 
     def put_secret_data(
-        self, namespace: str, name: str, values: dict[str, str], resource_version: str
+        self,
+        namespace: str,
+        name: str,
+        values: dict[str, str],
+        resource_version: str,
+        annotations: dict[str, str] | None = None,
     ) -> None:
-        """Set some keys of a Secret, if it is still at ``resource_version`` (a write in
-        between answers 409, and the caller's retry compares again on fresh state). Not an
-        activity: its argument carries the values."""
+        """Set some keys (and annotations) of a Secret, if it is still at ``resource_version``
+        (a write in between answers 409, and the caller's retry compares again on fresh state).
+        Not an activity: its argument carries the values."""
+        metadata: dict[str, Any] = {"resourceVersion": resource_version}
+        if annotations:
+            metadata["annotations"] = annotations
         patch = {
-            "metadata": {"resourceVersion": resource_version},
+            "metadata": metadata,
             "data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()},
         }
         self._call(

@@ -21,6 +21,16 @@ The platform's endpoints:
   (``synchronous_mode``) as ``--replication`` says.
 - Sentinel: redis-py's Sentinel client, which asks Sentinel for the master on every new
   connection; one Sentinel (quorum 1) watching a primary and its replica.
+- The runbooks (``runbook-*``): the sandbox's replicated data plane (PostgreSQL replicating
+  synchronously, the only failover the policy lets go unattended), the sandbox cluster with
+  Astra's pods played on it, and the production worker with the example policy, its unattended
+  budgets widened to cover every trial. The fault starts ``postgres-outage`` (with its grace
+  window at 30 s, its default, or 5 s) or ``redis-failure`` ``--alert-delay`` seconds later, as
+  an alert would: by default 0, so the alert pipeline's own latency (scrape and evaluation
+  intervals, Alertmanager's group_wait) is not counted, where Patroni and Sentinel detect the
+  loss themselves. The writer connects to what ``astra-config`` names, read again on every
+  reconnect, as a pod the runbook restarts does; the run's own end (every service rolled, the
+  failover verified, the old primary re-attached) is printed beside it.
 
 Figures are printed, never asserted, and noisy on a shared machine: median and p95 of each
 configuration, the ratios between configurations of the same store, and the acknowledged writes
@@ -46,7 +56,9 @@ import signal
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -57,17 +69,37 @@ import httpx
 import psycopg
 import redis.asyncio as aioredis
 import yaml
+from harness import cache_bytecode, dev_server, sandbox_cluster, scratch_database
+from kubernetes.client import ApiClient, CoreV1Api
 from psycopg.conninfo import make_conninfo
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
-from sandbox.servers import RedisServer, ServerError, scratch_dir
+from activities.kubernetes import unauthenticated_client
+from runtime.astra_config import DATABASE_URL_KEY, REDIS_URL_KEY, AstraEndpoints
+from runtime.identity import Signer, load_signer, new_signing_key_line
+from runtime.keys import new_key_line
+from runtime.settings import REPO_ROOT, Settings
+from sandbox.db import create_database, migrate
+from sandbox.kube.seed import ASTRA_NAMESPACE, CONFIG_MAP
+from sandbox.loadgen import LoadConfig, LoadGenerator
+from sandbox.platform import ClusterView
+from sandbox.servers import DataPlane, RedisServer, ServerError, scratch_dir, start_data_plane
+from sandbox.servers import faults as server_faults
 from sandbox.servers.binaries import postgres_bin_dir
 from sandbox.servers.postgres import server_user
 from sandbox.servers.process import alive, children, free_port, wait_until
 from sandbox.servers.redis import SENTINEL_MASTER, start_redis
+from workers.worker import running_worker
+from workflows.catalogue import RUNBOOKS
+from workflows.models import RunbookRequest, RunbookResult
+from workflows.postgres_outage import PROMOTE as PG_PROMOTE
+from workflows.postgres_outage import PostgresOutageRequest
+from workflows.redis_failure import FAIL_OVER as REDIS_FAIL_OVER
+from workflows.redis_failure import RedisFailureRequest
 
 INTERVAL = 0.05
 """Seconds between the starts of two writes of the load."""
@@ -109,6 +141,8 @@ class Trial:
     its logs, when the trial fails)."""
     replication: Replication
     """How PostgreSQL legs replicate (``--replication``)."""
+    stage: RunbookStage | None = None
+    """What the runbook legs share across trials (a Temporal server, astra-ops's database)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +152,8 @@ class Target:
     writer: Writer
     kill_primary: Callable[[], Awaitable[float]]
     """SIGKILL the primary; returns the monotonic time the signal was sent."""
+    settled: Callable[[], Awaitable[tuple[float, str]]] | None = None
+    """For a runbook: wait for its run to end; the monotonic time it ended and its outcome."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +170,8 @@ class Leg:
     """Programs that must be on the PATH."""
     install: str = ""
     """How to get them."""
+    runbook: bool = False
+    """Runs an astra-ops runbook: needs the shared :class:`RunbookStage`."""
 
 
 # The load -------------------------------------------------------------------------------------
@@ -195,6 +233,9 @@ class Outcome:
     """Acknowledged writes (those before the fault, and the first after it) missing afterwards;
     None when the store did not recover."""
     note: str = ""
+    run: float | None = None
+    """For a runbook: seconds from the fault to the end of its run (every service rolled and
+    the failover verified)."""
 
 
 async def run_trial(leg: Leg, trial: Trial, warmup: float, deadline: float) -> Outcome:
@@ -225,7 +266,11 @@ async def run_trial(leg: Leg, trial: Trial, warmup: float, deadline: float) -> O
                 return Outcome(None, len(load.acked), None, note=load.last_error)
             present = await asyncio.wait_for(writer.present(), START_SECONDS)
             lost = len(load.acked.keys() - present)
-            return Outcome(load.recovered_at - fault, len(load.acked), lost)
+            run, note = None, ""
+            if target.settled is not None:
+                ended, note = await asyncio.wait_for(target.settled(), deadline)
+                run = ended - fault
+            return Outcome(load.recovered_at - fault, len(load.acked), lost, note=note, run=run)
         finally:
             await writer.close()
 
@@ -233,16 +278,29 @@ async def run_trial(leg: Leg, trial: Trial, warmup: float, deadline: float) -> O
 # PostgreSQL under Patroni ---------------------------------------------------------------------
 
 
+Endpoint = Callable[[], Awaitable[str]]
+"""Where the platform's store is now: asked again on every (re)connect."""
+
+
+def fixed(address: str) -> Endpoint:
+    async def endpoint() -> str:
+        return address
+
+    return endpoint
+
+
 class PostgresWriter:
     """Inserts one row per write over one autocommit connection, reconnected after a failure."""
 
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
         self.conn: psycopg.AsyncConnection[Any] | None = None
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self.conn is None:
-            self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+            self.conn = await psycopg.AsyncConnection.connect(
+                await self.endpoint(), autocommit=True
+            )
         return self.conn
 
     async def prepare(self) -> None:
@@ -258,7 +316,7 @@ class PostgresWriter:
             raise
 
     async def present(self) -> set[int]:
-        async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
+        async with await psycopg.AsyncConnection.connect(await self.endpoint()) as conn:
             rows = await (await conn.execute(f"SELECT seq FROM {TABLE}")).fetchall()
         return {seq for (seq,) in rows}
 
@@ -501,7 +559,7 @@ async def patroni(timers: PatroniTimers, trial: Trial) -> AsyncIterator[Target]:
                         return await node.kill()
                 raise ServerError(f"no Patroni node says it leads; see {leader.log}")
 
-            yield Target(writer=PostgresWriter(dsn), kill_primary=kill_leader)
+            yield Target(writer=PostgresWriter(fixed(dsn)), kill_primary=kill_leader)
         finally:
             await asyncio.gather(follower.stop(), leader.stop())
 
@@ -578,6 +636,249 @@ async def sentinel(down_after_ms: int, trial: Trial) -> AsyncIterator[Target]:
         await asyncio.gather(*(server.stop() for server in reversed(servers)))
 
 
+# The runbooks ---------------------------------------------------------------------------------
+
+PLATFORM_DATABASE = "astra_rto"
+# The platform's addresses before our servers' ports replace theirs (start_data_plane, "own").
+PLATFORM_PG = f"postgresql://postgres@127.0.0.1:5432/{PLATFORM_DATABASE}"
+PLATFORM_REDIS = "redis://127.0.0.1:6379/0"
+RUNBOOK_ROLLOUT_SECONDS = 2.0
+"""How long the sandbox cluster takes to roll a Deployment (the dev stack's default)."""
+TICK_SECONDS = 0.2
+"""How often the sandbox's Astra (its pods, the load generator) acts."""
+UNATTENDED = {"max": 10_000, "per_seconds": 3600}
+
+
+@dataclass(frozen=True)
+class RunbookStage:
+    """What the runbook legs share across trials."""
+
+    client: Client
+    state_dsn: str
+    """astra-ops's own database (its unattended budgets), on a server the trials do not kill."""
+    policy: Path
+    signer: Signer
+    alert_delay: float
+    """Seconds from the fault to the run's start: the alert pipeline's latency, which Patroni
+    and Sentinel do not have (they detect on their own)."""
+
+
+def bench_policy(directory: Path) -> Path:
+    """The example access policy, with an unattended budget for each data-plane runbook's
+    failover wide enough for every trial (the example allows one an hour for PostgreSQL, and
+    none for Redis): each trial measures a failover the policy lets go without a person."""
+    policy = yaml.safe_load((REPO_ROOT / "deploy" / "access-policy.yaml").read_text())
+    runbooks = policy["runbooks"]
+    runbooks["postgres-outage"].setdefault("automatic", {})[PG_PROMOTE] = UNATTENDED
+    runbooks["redis-failure"].setdefault("automatic", {})[REDIS_FAIL_OVER] = UNATTENDED
+    path = directory / "access-policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+@asynccontextmanager
+async def runbook_stage(alert_delay: float) -> AsyncIterator[RunbookStage]:
+    cache_bytecode()
+    keys = new_key_line("bench")
+    directory = scratch_dir("astra-rto-stage-")
+    env = await dev_server(keys)
+    try:
+        async with scratch_database() as state_dsn:
+            yield RunbookStage(
+                client=env.client,
+                state_dsn=state_dsn,
+                policy=bench_policy(directory),
+                signer=load_signer(new_signing_key_line("bench-api")),
+                alert_delay=alert_delay,
+            )
+    finally:
+        await env.shutdown()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def config_endpoint(api: ApiClient, key: str) -> Endpoint:
+    """The address ``astra-config`` names now, read on every (re)connect: the platform's pods
+    read it when they start, and the runbook restarts them after it repoints."""
+    core = CoreV1Api(api)
+
+    async def endpoint() -> str:
+        config = await asyncio.to_thread(
+            core.read_namespaced_config_map, CONFIG_MAP, ASTRA_NAMESPACE
+        )
+        return str((config.data or {})[key])
+
+    return endpoint
+
+
+class EndpointRedisWriter:
+    """XADDs one entry per write to the Redis ``astra-config`` names, reconnecting (and asking
+    again) after a failure."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.client: aioredis.Redis | None = None
+
+    async def _client(self) -> aioredis.Redis:
+        if self.client is None:
+            self.client = aioredis.Redis.from_url(
+                await self.endpoint(),
+                socket_timeout=WRITE_TIMEOUT,
+                socket_connect_timeout=WRITE_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
+            )
+        return self.client
+
+    async def prepare(self) -> None:
+        await (await self._client()).ping()
+
+    async def write(self, seq: int) -> None:
+        try:
+            await (await self._client()).xadd(STREAM, {"seq": seq})
+        except BaseException:
+            await self.close()
+            raise
+
+    async def present(self) -> set[int]:
+        entries = await (await self._client()).xrange(STREAM)
+        return {int(fields[b"seq"]) for _, fields in entries or [] if fields}
+
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+
+
+@asynccontextmanager
+async def sandbox_astra(plane: DataPlane, api: ApiClient) -> AsyncIterator[None]:
+    """Astra's pods, played by the sandbox's load generator on ``plane``: submitting, leasing
+    and finishing tasks, heartbeating, each pod connected to what ``astra-config`` named when
+    it started."""
+    endpoints = AstraEndpoints(database_url=plane.postgres_url, redis_url=plane.redis_url)
+    await asyncio.to_thread(
+        CoreV1Api(api).patch_namespaced_config_map,
+        CONFIG_MAP,
+        ASTRA_NAMESPACE,
+        {"data": endpoints.config_data()},
+    )
+    generator = LoadGenerator(
+        plane.postgres_url,
+        plane.redis_url,
+        [],
+        LoadConfig(seed=7, retry_delay_seconds=0.5),
+        cluster=ClusterView(api),
+    )
+    stop = asyncio.Event()
+
+    async def play() -> None:
+        while not stop.is_set():
+            await generator.step()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), TICK_SECONDS)
+
+    task = asyncio.create_task(play())
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, START_SECONDS)
+        await generator.aclose()
+
+
+def runbook_request(store: Store, grace: float) -> RunbookRequest:
+    """What the alert would start, as Kernel SRE's alice (the run proves who started it)."""
+    if store == "postgres":
+        return PostgresOutageRequest(
+            requester="alice", reason="bench: primary killed", grace_seconds=grace
+        )
+    return RedisFailureRequest(requester="alice", reason="bench: primary killed")
+
+
+@asynccontextmanager
+async def runbook(store: Store, grace: float, trial: Trial) -> AsyncIterator[Target]:
+    """A synchronously replicated data plane of our own, the sandbox cluster and Astra's pods
+    on it, and the production worker; the fault starts the runbook at once (an alert's own
+    latency, its scrape interval and ``for:``, is not counted), with the policy's unattended
+    approval."""
+    stage = trial.stage
+    assert stage is not None, "main() prepares the stage for runbook legs"
+    plane = await start_data_plane(
+        trial.directory, PLATFORM_PG, PLATFORM_REDIS, mode="own", replication="sync"
+    )
+    try:
+        await create_database(plane.postgres[0].dsn, PLATFORM_DATABASE)
+        await migrate(plane.postgres_url)
+        topology = trial.directory / "topology.json"
+        plane.topology().write(topology)
+        async with sandbox_cluster(ASTRA_NAMESPACE, rollout_seconds=RUNBOOK_ROLLOUT_SECONDS) as (
+            kube_url,
+            _,
+        ):
+            api = unauthenticated_client(kube_url)
+            settings = Settings(
+                kube_url=kube_url,
+                database_url=plane.postgres_url,
+                state_database_url=stage.state_dsn,
+                redis_url=plane.redis_url,
+                task_queue=f"rto-{uuid.uuid4().hex[:8]}",
+                access_policy=stage.policy,
+                trusted_keys=stage.signer.public_line(),
+                data_plane_topology=topology,
+            )
+            key = DATABASE_URL_KEY if store == "postgres" else REDIS_URL_KEY
+            endpoint = config_endpoint(api, key)
+            writer: Writer = (
+                PostgresWriter(endpoint) if store == "postgres" else EndpointRedisWriter(endpoint)
+            )
+            runs: list[asyncio.Task[WorkflowHandle[Any, RunbookResult]]] = []
+
+            async def kill_primary() -> float:
+                primary = await (
+                    server_faults.postgres_primary(plane)
+                    if store == "postgres"
+                    else server_faults.redis_primary(plane)
+                )
+                sent = time.monotonic()
+                await primary.kill()
+                runs.append(asyncio.create_task(start_run()))
+                return sent
+
+            async def start_run() -> WorkflowHandle[Any, RunbookResult]:
+                """The run an alert would start, ``--alert-delay`` after the fault."""
+                await asyncio.sleep(stage.alert_delay)
+                request = runbook_request(store, grace)
+                workflow = RUNBOOKS[request_runbook(store)]
+                workflow_id = f"{workflow.spec.workflow_id(request)}/{uuid.uuid4().hex[:8]}"
+                return await stage.client.start_workflow(
+                    workflow.spec.name,
+                    request.signed_by(stage.signer, workflow_id),
+                    id=workflow_id,
+                    task_queue=settings.task_queue,
+                    result_type=RunbookResult,
+                )
+
+            async def settled() -> tuple[float, str]:
+                try:
+                    result = await (await runs[0]).result()
+                except WorkflowFailureError as err:
+                    return time.monotonic(), f"run failed: {err.cause}"
+                return time.monotonic(), f"{result.outcome.value}: {result.summary}"
+
+            with ThreadPoolExecutor(max_workers=8) as executor:
+                async with (
+                    running_worker(stage.client, settings, executor),
+                    sandbox_astra(plane, api),
+                ):
+                    yield Target(writer=writer, kill_primary=kill_primary, settled=settled)
+            api.close()  # type: ignore[no-untyped-call]
+    finally:
+        await plane.stop()
+
+
+def request_runbook(store: Store) -> str:
+    return "postgres-outage" if store == "postgres" else "redis-failure"
+
+
 # The legs and the table -----------------------------------------------------------------------
 
 PATRONI_ENDPOINT = "libpq multi-host DSN, target_session_attrs=read-write"
@@ -606,11 +907,30 @@ def sentinel_leg(down_after_ms: int) -> Leg:
     )
 
 
+def runbook_leg(store: Store, grace: float = 0) -> Leg:
+    return Leg(
+        store=store,
+        start=partial(runbook, store, grace),
+        settings=(
+            f"postgres-outage, grace {grace:g} s, sync replication"
+            if store == "postgres"
+            else "redis-failure"
+        )
+        + ", unattended within the policy's budget",
+        endpoint=f"astra-config's {'DATABASE_URL' if store == 'postgres' else 'REDIS_URL'}, "
+        "read on each reconnect",
+        runbook=True,
+    )
+
+
 LEGS: dict[str, Leg] = {
     "patroni-default": patroni_leg(PATRONI_DEFAULT),
     "patroni-tuned": patroni_leg(PATRONI_TUNED),
+    "runbook-pg-default": runbook_leg("postgres", grace=30),
+    "runbook-pg-tuned": runbook_leg("postgres", grace=5),
     "sentinel-default": sentinel_leg(30_000),
     "sentinel-tuned": sentinel_leg(5_000),
+    "runbook-redis": runbook_leg("redis"),
 }
 
 
@@ -620,14 +940,17 @@ def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20, method="inclusive")[18]
 
 
-def print_table(results: dict[str, list[Outcome]], replication: Replication, trials: int) -> None:
+def print_table(
+    results: dict[str, list[Outcome]], replication: Replication, trials: int, alert_delay: float
+) -> None:
     print(
         f"\nRecovery time: SIGKILL of the primary -> first acknowledged write through the "
         f"platform's endpoint; a write every {INTERVAL * 1000:.0f} ms, {WRITE_TIMEOUT:g} s "
-        f"timeout; {trials} trials; PostgreSQL replication {replication}"
+        f"timeout; {trials} trials; Patroni's PostgreSQL replication {replication}; runbooks "
+        f"started {alert_delay:g} s after the fault"
     )
-    head = f"{'leg':<18}{'recovered':>10}{'median s':>10}{'p95 s':>8}{'min-max s':>14}"
-    print(head + f"{'acked':>8}{'lost':>6}  settings; endpoint")
+    head = f"{'leg':<20}{'recovered':>10}{'median s':>10}{'p95 s':>8}{'min-max s':>14}"
+    print(head + f"{'acked':>8}{'lost':>6}{'run s':>8}  settings; endpoint")
     for name, outcomes in results.items():
         times = [o.recovery for o in outcomes if o.recovery is not None]
         lost = [o.lost for o in outcomes if o.lost is not None]
@@ -637,14 +960,16 @@ def print_table(results: dict[str, list[Outcome]], replication: Replication, tri
             if times
             else f"{'-':>10}{'-':>8}{'-':>14}"
         )
+        runs = [o.run for o in outcomes if o.run is not None]
         print(
-            f"{name:<18}{f'{len(times)}/{len(outcomes)}':>10}{figures}"
+            f"{name:<20}{f'{len(times)}/{len(outcomes)}':>10}{figures}"
             f"{sum(o.acked for o in outcomes):>8}{sum(lost) if lost else '-':>6}"
+            f"{f'{statistics.median(runs):.2f}' if runs else '-':>8}"
             f"  {LEGS[name].settings}; {LEGS[name].endpoint}"
         )
         for outcome in outcomes:
             if outcome.recovery is None:
-                print(f"{'':<18}  a trial did not recover; last error: {outcome.note}")
+                print(f"{'':<20}  a trial did not recover; last error: {outcome.note}")
     medians = {
         name: statistics.median(times)
         for name, outcomes in results.items()
@@ -655,13 +980,35 @@ def print_table(results: dict[str, list[Outcome]], replication: Replication, tri
         if len(names) < 2:
             continue
         print(f"\nratios of median recovery times, {store} (row / column)")
-        print(f"{'':<18}" + "".join(f"{name:>18}" for name in names))
+        print(f"{'':<20}" + "".join(f"{name:>20}" for name in names))
         for row in names:
-            print(f"{row:<18}" + "".join(f"{medians[row] / medians[c]:>18.2f}" for c in names))
+            print(f"{row:<20}" + "".join(f"{medians[row] / medians[c]:>20.2f}" for c in names))
 
 
 async def main(
-    names: list[str], trials: int, replication: Replication, warmup: float, deadline: float
+    names: list[str],
+    trials: int,
+    replication: Replication,
+    warmup: float,
+    deadline: float,
+    alert_delay: float,
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        stage = (
+            await stack.enter_async_context(runbook_stage(alert_delay))
+            if any(LEGS[name].runbook for name in names)
+            else None
+        )
+        await measure(names, trials, replication, warmup, deadline, stage)
+
+
+async def measure(
+    names: list[str],
+    trials: int,
+    replication: Replication,
+    warmup: float,
+    deadline: float,
+    stage: RunbookStage | None,
 ) -> None:
     results: dict[str, list[Outcome]] = {}
     for name in names:
@@ -670,7 +1017,8 @@ async def main(
         for number in range(1, trials + 1):
             directory = scratch_dir(f"astra-rto-{name}-")
             try:
-                outcome = await run_trial(leg, Trial(directory, replication), warmup, deadline)
+                trial = Trial(directory, replication, stage)
+                outcome = await run_trial(leg, trial, warmup, deadline)
             except BaseException:
                 print(f"{name} trial {number} failed; its servers' logs: {directory}")
                 raise
@@ -678,12 +1026,14 @@ async def main(
             results[name].append(outcome)
             took = "-" if outcome.recovery is None else f"{outcome.recovery:.2f} s"
             lost = "-" if outcome.lost is None else outcome.lost
+            run = "" if outcome.run is None else f"; run ended after {outcome.run:.2f} s"
+            said = f" ({outcome.note[:300]})" if outcome.run is not None else ""
             print(
                 f"{name} trial {number}/{trials}: recovered after {took}, "
-                f"{outcome.acked} writes acked, {lost} lost",
+                f"{outcome.acked} writes acked, {lost} lost{run}{said}",
                 flush=True,
             )
-    print_table(results, replication, trials)
+    print_table(results, replication, trials, stage.alert_delay if stage else 0)
 
 
 def legs_argument(text: str) -> list[str]:
@@ -719,6 +1069,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--warmup", type=float, default=3, help="seconds of load before the fault (default 3)"
     )
     parser.add_argument(
+        "--alert-delay", type=float, default=0,
+        help="seconds from the fault to the start of a runbook leg's run (default 0: the alert "
+        "pipeline's latency is not counted)",
+    )  # fmt: skip
+    parser.add_argument(
         "--deadline", type=float, default=150,
         help="seconds after the fault before a trial counts as not recovered (default 150)",
     )  # fmt: skip
@@ -729,4 +1084,6 @@ if __name__ == "__main__":
     args = parse(sys.argv[1:])
     if missing := missing_programs(args.legs):
         sys.exit("cannot run:\n  " + "\n  ".join(missing))
-    asyncio.run(main(args.legs, args.trials, args.replication, args.warmup, args.deadline))
+    asyncio.run(
+        main(args.legs, args.trials, args.replication, args.warmup, args.deadline, args.alert_delay)
+    )

@@ -177,6 +177,16 @@ class Settings(BaseSettings):
         description="The renewal period of the periodic token `vault-setup` issues the platform.",
     )
 
+    # TLS: the CA `tls-rotation` signs services' certificates with, and verifies them against.
+    tls_ca_cert_file: Path | None = Field(
+        default=None, description="The CA certificate (PEM) `tls-rotation` issues and trusts."
+    )
+    tls_ca_key_file: Path | None = Field(
+        default=None,
+        description="The CA's private key (PEM, ECDSA, no passphrase); read only by the "
+        "activity that signs.",
+    )
+
     # Incident communication beside the chat webhook; each receiver left unset is skipped.
     status_page_url: str = Field(
         default="https://api.statuspage.io", description="A Statuspage-compatible API (v1)."
@@ -216,6 +226,8 @@ class Settings(BaseSettings):
         "trusted_keys_file",
         "vault_token_file",
         "vault_unseal_keys_file",
+        "tls_ca_cert_file",
+        "tls_ca_key_file",
     )
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -21,10 +22,12 @@ from kubernetes.client import ApiClient, AppsV1Api
 from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, computed_field
 
+from activities.certificates import CertificateAuthority, describe, read_pem
 from activities.kube_annotations import CHANGE_CAUSE
 from activities.kube_models import DeploymentRef
 from activities.kubernetes import KubernetesActivities
 from activities.postgres import LlmCostRequest, query_llm_cost
+from sandbox.kube.seed import ASTRA_NAMESPACE, TLS_SERVICES, service_names, tls_secret
 from sandbox.loadgen import (
     BadBuild,
     LoadConfig,
@@ -486,3 +489,86 @@ async def bad_rollout(
     )
     await _set_knobs(target, bad_build=BadBuild(image=fault.image, share=share, error=error))
     return fault
+
+
+class CertificateFault(BaseModel):
+    namespace: str
+    fingerprints: dict[str, str]
+    """Service -> the certificate now in its Secret."""
+    not_after: datetime
+    rolled: bool
+    """Whether the services were restarted onto it (``cert-expiring``) or not
+    (``cert-mismatch``: the endpoint keeps serving the one it loaded)."""
+
+
+def _reissue(
+    api: ApiClient,
+    ca: CertificateAuthority,
+    namespace: str,
+    services: list[str],
+    not_before: datetime,
+    not_after: datetime,
+    roll: bool,
+) -> CertificateFault:
+    kubernetes = KubernetesActivities(api)
+    written = {}
+    for service in services:
+        secret = tls_secret(service)
+        data, version, _ = kubernetes.secret_object(namespace, secret)
+        sans = describe(read_pem(data["tls.crt"])).sans or service_names(service, namespace)
+        cert, key = ca.issue(sans, not_before, not_after)
+        kubernetes.put_secret_data(namespace, secret, {"tls.crt": cert, "tls.key": key}, version)
+        written[service] = describe(read_pem(cert)).fingerprint
+        if roll:  # as `kubectl rollout restart` does
+            stamp = {"kubectl.kubernetes.io/restartedAt": datetime.now(UTC).isoformat()}
+            AppsV1Api(api).patch_namespaced_deployment(
+                service, namespace, {"spec": {"template": {"metadata": {"annotations": stamp}}}}
+            )
+    return CertificateFault(
+        namespace=namespace, fingerprints=written, not_after=not_after, rolled=roll
+    )
+
+
+async def cert_expiring(
+    api: ApiClient,
+    ca: CertificateAuthority,
+    namespace: str = ASTRA_NAMESPACE,
+    services: list[str] | None = None,
+    days_left: float = 5,
+    lifetime_days: float = 90,
+) -> CertificateFault:
+    """Each service's Secret gets a certificate with ``days_left`` to live (negative: already
+    expired), for the same names, and the service is restarted so its endpoint serves it."""
+    now = datetime.now(UTC)
+    not_after = now + timedelta(days=days_left)
+    return await asyncio.to_thread(
+        _reissue,
+        api,
+        ca,
+        namespace,
+        services or list(TLS_SERVICES),
+        not_after - timedelta(days=lifetime_days),
+        not_after,
+        True,
+    )
+
+
+async def cert_mismatch(
+    api: ApiClient,
+    ca: CertificateAuthority,
+    namespace: str = ASTRA_NAMESPACE,
+    services: list[str] | None = None,
+) -> CertificateFault:
+    """A new, valid certificate in each service's Secret that nobody restarted the service for:
+    its endpoint still serves the one its pods loaded."""
+    now = datetime.now(UTC)
+    return await asyncio.to_thread(
+        _reissue,
+        api,
+        ca,
+        namespace,
+        services or ["gateway"],
+        now - timedelta(minutes=5),
+        now + timedelta(days=90),
+        False,
+    )

@@ -11,11 +11,13 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
 
+from activities.certificates import CertificateAuthority
 from runtime import search_attributes as sa
 from runtime.access import load_policy
 from runtime.astra_config import AstraEndpoints
@@ -25,6 +27,7 @@ from runtime.migrations import MigrationError, upgrade
 from runtime.settings import ENV_PREFIX, Settings
 from sandbox.db import migrate as migrate_sandbox
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
+from sandbox.kube.tls import TlsEndpoints
 from sandbox.servers import DataPlane, ServerError, start_data_plane, with_port
 from sandbox.servers.openbao import OpenBaoServer, openbao_server
 from sandbox.servers.plane import data_plane_record, same_server, topology_file
@@ -183,6 +186,25 @@ def vault_settings(settings: Settings, vault: OpenBaoServer) -> dict[str, Any]:
     }
 
 
+def sandbox_ca(settings: Settings) -> tuple[CertificateAuthority, dict[str, Path]]:
+    """The sandbox cluster's CA, kept in the state dir (its key 0600) so certificates a run
+    issued stay valid across restarts of the stack, and the settings that name it to
+    `tls-rotation` and `astra-ops sandbox fault cert-*`."""
+    folder = settings.state_dir / "tls-ca"
+    cert, key = folder / "ca.crt", folder / "ca.key"
+    if cert.is_file() and key.is_file():
+        ca = CertificateAuthority.load(cert.read_text(), key.read_text())
+    else:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ca = CertificateAuthority.create(
+            "astra sandbox CA", datetime.now(UTC), timedelta(days=3650)
+        )
+        key.touch(mode=0o600)
+        key.write_text(ca.key_pem)
+        cert.write_text(ca.cert_pem)
+    return ca, {"tls_ca_cert_file": cert, "tls_ca_key_file": key}
+
+
 async def run_dev(settings: Settings) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -225,6 +247,9 @@ async def run_stack(settings: Settings, plane: DataPlane) -> int:
     tokens = settings.api_tokens.get_secret_value() if settings.api_tokens else DEV_TOKENS
     alert_senders = alert_sender_setting(settings)
     endpoints = data_plane_env(settings, plane)
+    ca, ca_files = sandbox_ca(settings)
+    if settings.tls_ca_cert_file is None:
+        settings = settings.model_copy(update=ca_files)
     common = {
         "TEMPORAL_ADDRESS": address,
         "CODEC_KEY_FILE": str(keys),
@@ -245,6 +270,8 @@ async def run_stack(settings: Settings, plane: DataPlane) -> int:
                 "vault_token_file",
                 "vault_unseal_keys_file",
                 "vault_source_root",
+                "tls_ca_cert_file",
+                "tls_ca_key_file",
             )
             if (value := getattr(settings, name)) is not None
         },
@@ -273,8 +300,10 @@ async def run_stack(settings: Settings, plane: DataPlane) -> int:
     seed_astra(
         cluster,
         endpoints=AstraEndpoints(database_url=settings.database_url, redis_url=settings.redis_url),
+        ca=ca,
     )
     kube = FakeKubeServer(cluster, port=settings.kube_port)
+    tls = TlsEndpoints(cluster, namespace=settings.kube_namespace)
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -304,6 +333,7 @@ async def run_stack(settings: Settings, plane: DataPlane) -> int:
         )
         await wait_for_temporal(settings, stack.children["temporal"])
         await kube.start()
+        tls.start()
         me = [sys.executable, "-m", "starters.cli"]
         child_env = stack.env({**common, "KUBE_URL": kube.url})
         await stack.spawn("worker", *me, "worker", env=child_env)
@@ -322,7 +352,9 @@ async def run_stack(settings: Settings, plane: DataPlane) -> int:
             f"  Temporal UI     http://127.0.0.1:{settings.ui_port}  (history: "
             f"{settings.state_dir / 'temporal.db'})\n"
             f"  HTTP API        {settings.api_url}  (OpenAPI at {settings.api_url}/docs)\n"
-            f"  sandbox cluster {kube.url}  (namespace {settings.kube_namespace})\n"
+            f"  sandbox cluster {kube.url}  (namespace {settings.kube_namespace}; TLS services "
+            f"serve on {', '.join(tls.address(s) for s in tls.services)}, CA "
+            f"{settings.tls_ca_cert_file})\n"
             f"  sandbox Astra   {settings.database_url}, {settings.redis_url} "
             f"(keys {settings.redis_key_prefix}*)\n"
             f"{data_plane_banner(settings, plane)}"
@@ -351,4 +383,5 @@ async def run_stack(settings: Settings, plane: DataPlane) -> int:
     finally:
         marker.unlink(missing_ok=True)
         await stack.stop()
+        tls.stop()
         await kube.stop()

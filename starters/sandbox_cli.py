@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from urllib3.exceptions import HTTPError
 
+from activities.certificates import CertificateAuthority
 from activities.kubernetes import unauthenticated_client
 from runtime.migrations import MigrationError
 from runtime.redact import redact
@@ -265,6 +266,73 @@ def _break_servers(
         out.print_json(result.model_dump_json())
     else:
         out.print(describe.format(r=result), highlight=False)
+
+
+def _certificate_fault(
+    name: str,
+    fault: Callable[[Any, CertificateAuthority], Coroutine[Any, Any, faults.CertificateFault]],
+    as_json: bool,
+) -> None:
+    """Re-issue certificates with the CA the worker signs with (the dev stack's sandbox CA)."""
+    settings = _settings()
+    if not settings.kube_url or not settings.tls_ca_cert_file or not settings.tls_ca_key_file:
+        _fail(
+            f"{name} writes certificates into the sandbox cluster's TLS Secrets: set "
+            "ASTRA_OPS_KUBE_URL and ASTRA_OPS_TLS_CA_CERT_FILE/_KEY_FILE (`astra-ops dev` prints "
+            "both)"
+        )
+    ca = CertificateAuthority.load(
+        settings.tls_ca_cert_file.read_text(), settings.tls_ca_key_file.read_text()
+    )
+    api = unauthenticated_client(settings.kube_url)
+    try:
+        result = asyncio.run(fault(api, ca))
+    except (ApiException, HTTPError) as e:
+        _fail(f"the sandbox cluster at {settings.kube_url} did not answer ({e}); is it running?")
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
+    if as_json:
+        out.print_json(result.model_dump_json())
+        return
+    written = ", ".join(f"{s} now holds {f}" for s, f in result.fingerprints.items())
+    then = (
+        "their services restart onto them"
+        if result.rolled
+        else "their endpoints keep serving the old ones"
+    )
+    out.print(f"{written} (until {result.not_after:%Y-%m-%d %H:%M}Z); {then}", highlight=False)
+
+
+Services = Annotated[
+    list[str] | None, typer.Option("--service", help="A TLS service (repeatable; default: all).")
+]
+
+
+@fault_app.command("cert-expiring")
+def cert_expiring(
+    service: Services = None,
+    days_left: Annotated[
+        float, typer.Option(help="Days until it expires (negative: already expired).")
+    ] = 5,
+    as_json: Json = False,
+) -> None:
+    """Services' certificates close to expiry (or expired), served: tls-rotation renews them."""
+    namespace = _settings().kube_namespace
+    _certificate_fault(
+        "cert-expiring",
+        lambda api, ca: faults.cert_expiring(api, ca, namespace, service, days_left),
+        as_json,
+    )
+
+
+@fault_app.command("cert-mismatch")
+def cert_mismatch(service: Services = None, as_json: Json = False) -> None:
+    """A new certificate in a service's Secret (default: gateway) that its endpoint does not
+    serve, since nobody restarted it: tls-rotation's scan finds the mismatch."""
+    namespace = _settings().kube_namespace
+    _certificate_fault(
+        "cert-mismatch", lambda api, ca: faults.cert_mismatch(api, ca, namespace, service), as_json
+    )
 
 
 @fault_app.command("pg-primary-down")

@@ -27,7 +27,7 @@ from runtime.keys import new_key_line
 from runtime.settings import REPO_ROOT, Settings
 from sandbox.kube import seed_astra
 from starters.runs import Runs
-from tests.conftest_kube import KubeSandbox, eventually, kube
+from tests.conftest_kube import KubeSandbox, eventually, kube, sandbox_ca, sandbox_ca_files
 from tests.helpers import TEST_SIGNER, TEST_SIGNING_KEY
 from workers.worker import running_worker
 
@@ -39,7 +39,7 @@ pytest_plugins = [
     "tests.conftest_incident",
     "tests.stubs",
 ]
-__all__ = ["eventually", "kube"]
+__all__ = ["eventually", "kube", "sandbox_ca_files"]
 
 TEMPORAL = Path(sys.executable).parent / "temporal"
 # The dev server fires a timer up to a second late by default (it shifts timers into batches).
@@ -129,7 +129,7 @@ def task_queue() -> str:
 def namespace(kube: KubeSandbox) -> str:
     """A fresh Kubernetes namespace seeded with Astra, so the run's workflow id is unique."""
     name = f"astra-{uuid.uuid4().hex[:8]}"
-    seed_astra(kube.cluster, namespace=name)
+    seed_astra(kube.cluster, namespace=name, ca=sandbox_ca())
     return name
 
 
@@ -176,6 +176,7 @@ def settings(
     task_queue: str,
     signing_key_file: Path,
     signer: Signer,
+    sandbox_ca_files: tuple[Path, Path],
 ) -> Settings:
     """Production settings (not dev mode): identities are proven by the API's signature."""
     return Settings(
@@ -187,6 +188,8 @@ def settings(
         access_policy=REPO_ROOT / "deploy" / "access-policy.yaml",
         signing_key_file=signing_key_file,
         trusted_keys=signer.public_line(),
+        tls_ca_cert_file=sandbox_ca_files[0],
+        tls_ca_key_file=sandbox_ca_files[1],
     )
 
 

@@ -11,23 +11,46 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from pathlib import Path
 
 import pytest
 from kubernetes.client import ApiClient
 
+from activities.certificates import CertificateAuthority
 from activities.kubernetes import unauthenticated_client
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
+from sandbox.kube.tls import TlsEndpoints
 
 TEST_ROLLOUT_SECONDS = 0.2
 
 
+@cache
+def sandbox_ca() -> CertificateAuthority:
+    """The CA of every test's sandbox cluster (one per process: making one costs little, but its
+    files are written once, for the workers' settings)."""
+    return CertificateAuthority.create("astra test CA", datetime.now(UTC), timedelta(days=3650))
+
+
+def write_ca(ca: CertificateAuthority, folder: Path) -> tuple[Path, Path]:
+    """The CA's certificate and key as files, for ASTRA_OPS_TLS_CA_CERT_FILE/_KEY_FILE."""
+    cert, key = folder / "ca.crt", folder / "ca.key"
+    cert.write_text(ca.cert_pem)
+    key.touch(mode=0o600)
+    key.write_text(ca.key_pem)
+    return cert, key
+
+
 @dataclass
 class KubeSandbox:
-    """What a test needs to drive the sandbox: the store, the server and a real client."""
+    """What a test needs to drive the sandbox: the store, the server, a real client, and the
+    services' TLS endpoints."""
 
     cluster: FakeCluster
     server: FakeKubeServer
     api: ApiClient
+    tls: TlsEndpoints
 
     @property
     def url(self) -> str:
@@ -37,18 +60,25 @@ class KubeSandbox:
 
 @contextmanager
 def kube_sandbox() -> Iterator[KubeSandbox]:
-    """A running sandbox seeded with Astra's objects; rollouts take ~0.2 s."""
+    """A running sandbox seeded with Astra's objects (certificates by ``sandbox_ca()``), its TLS
+    services serving on loopback; rollouts take ~0.2 s."""
     cluster = FakeCluster(rollout_seconds=TEST_ROLLOUT_SECONDS)
-    seed_astra(cluster)
+    seed_astra(cluster, ca=sandbox_ca())
     server = FakeKubeServer(cluster)
     # Sync start/stop: usable from sync and async tests alike, whatever loop they run in.
     server.start_blocking()
     api = unauthenticated_client(server.url)
     try:
-        yield KubeSandbox(cluster=cluster, server=server, api=api)
+        with TlsEndpoints(cluster) as tls:
+            yield KubeSandbox(cluster=cluster, server=server, api=api, tls=tls)
     finally:
         api.close()  # type: ignore[no-untyped-call]
         server.stop_blocking()
+
+
+@pytest.fixture(scope="session")
+def sandbox_ca_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_ca(sandbox_ca(), tmp_path_factory.mktemp("sandbox-ca"))
 
 
 @pytest.fixture

@@ -45,6 +45,7 @@ from activities.kubernetes import KubernetesActivities, unauthenticated_client
 from activities.mutation import Mutation, MutationResult
 from runtime.settings import ENV_PREFIX, REPO_ROOT, Settings
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
+from sandbox.kube.seed import TLS_SERVICES
 from starters.cli import app
 from tests.conftest_kube import TEST_ROLLOUT_SECONDS
 
@@ -385,6 +386,11 @@ def run_every_kubernetes_activity(k8s: KubernetesActivities) -> set[str]:
     k8s.put_secret_data(
         DEFAULT_NAMESPACE, DEFAULT_VAULT_SECRET, {"ASTRA_VAULT_PATH": "kv/x"}, version
     )
+    # And what the TLS activities call on each service's certificate Secret.
+    for service in TLS_SERVICES:
+        k8s.read_deployment(DEFAULT_NAMESPACE, service)
+        data, version, _ = k8s.secret_object(DEFAULT_NAMESPACE, f"{service}-tls")
+        k8s.put_secret_data(DEFAULT_NAMESPACE, f"{service}-tls", data, version, {"a/b": "c"})
     return ran
 
 
@@ -450,5 +456,5 @@ def test_worker_role_grants_exactly_what_the_kubernetes_activities_call(
     unused = sorted((g for g in granted if not any(g.covers(c) for c in traffic.calls)), key=str)
     assert not unused, (
         f"the worker's Role in {namespace} grants what no Kubernetes activity calls: {unused}; "
-        "remove it from deploy/k8s/rbac.yaml (least privilege: no Secret but astra-vault)"
+        "remove it from deploy/k8s/rbac.yaml (least privilege: no Secret but those written)"
     )

@@ -30,6 +30,7 @@ from activities.postgres import PostgresActivities
 from activities.postgres_nodes import PostgresNodeActivities
 from activities.redis_nodes import RedisNodeActivities
 from activities.redis_store import RedisActivities
+from activities.tls import TlsActivities, TlsConfig
 from activities.vault import VaultActivities, VaultConfig
 from runtime.client import connect
 from runtime.identity import parse_trusted_keys
@@ -165,6 +166,7 @@ async def running_worker(
         settings.data_plane_topology, settings.database_url, key_prefix=settings.redis_key_prefix
     )
     vault = VaultActivities(vault_config(settings), kubernetes)
+    tls = TlsActivities(TlsConfig(settings.tls_ca_cert_file, settings.tls_ca_key_file), kubernetes)
     worker = Worker(
         client,
         task_queue=task_queue or settings.task_queue,
@@ -181,6 +183,7 @@ async def running_worker(
             postgres_nodes,
             redis_nodes,
             vault,
+            tls,
         ),
         activity_executor=executor,
         graceful_shutdown_timeout=timedelta(seconds=30),

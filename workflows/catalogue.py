@@ -9,6 +9,7 @@ from workflows.postgres_outage import PostgresOutage
 from workflows.redis_failure import RedisFailure
 from workflows.runbook import Runbook
 from workflows.shard_scaling import ShardScaling
+from workflows.tls_rotation import TlsRotation
 from workflows.vault_setup import VaultSetup
 from workflows.worker_lost import WorkerLost
 
@@ -23,5 +24,6 @@ RUNBOOKS: dict[str, type[Runbook]] = {
         PostgresOutage,
         RedisFailure,
         VaultSetup,
+        TlsRotation,
     )
 }

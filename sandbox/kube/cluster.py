@@ -19,7 +19,7 @@ from typing import Any
 from sandbox.kube.deployments import DeploymentController
 from sandbox.kube.kubelet import Kubelet
 from sandbox.kube.objects import Obj
-from sandbox.kube.store import STRATEGIC_MERGE_PATCH, ObjectStore
+from sandbox.kube.store import STRATEGIC_MERGE_PATCH, ObjectStore, Watcher
 
 
 class FakeCluster:
@@ -103,6 +103,11 @@ class FakeCluster:
     def delete(self, kind: str, namespace: str | None, name: str, *, dry_run: bool = False) -> Obj:
         """DELETE: remove an object (immediately: the sandbox has no grace periods)."""
         return self._store.delete(kind, namespace, name, dry_run=dry_run)
+
+    def watch(self, watcher: Watcher) -> None:
+        """Tell ``watcher`` of every change from now on (synchronously, under the store's lock):
+        what plays the pods' own behaviour, such as ``TlsEndpoints``, follows the cluster so."""
+        self._store.watch(watcher)
 
     # ----- fault injection ------------------------------------------------------------------
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from activities.certificates import CertificateAuthority
 from activities.kube_annotations import CHANGE_CAUSE
 from runtime.astra_config import AstraEndpoints
 from sandbox.kube.cluster import FakeCluster
@@ -21,6 +23,10 @@ DEPLOYMENTS: dict[str, int] = {
     "gateway": 2,
 }
 TLS_SERVICES = ("agent-service", "goal-service", "gateway")
+"""The services that serve TLS with the certificate of their ``<name>-tls`` Secret."""
+CERT_LIFETIME = timedelta(days=90)
+CERT_AGE = timedelta(days=30)
+"""How old the seeded certificates are: a third of their life, outside the renewal window."""
 RELEASE = "1.0.0"
 ASTRA_CONFIG: dict[str, str] = {"TASK_SHARD_COUNT": "8"}
 VAULT_SETTINGS: dict[str, str] = {
@@ -34,12 +40,33 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+def tls_secret(service: str) -> str:
+    return f"{service}-tls"
+
+
+def service_names(service: str, namespace: str) -> list[str]:
+    """The DNS names a service's certificate is for, as its clients address it."""
+    return [f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local", service]
+
+
+def tls_secret_manifest(service: str, cert_pem: str, key_pem: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": tls_secret(service), "labels": {"app": service, "part-of": "astra"}},
+        "type": "kubernetes.io/tls",
+        "data": {"tls.crt": _b64(cert_pem), "tls.key": _b64(key_pem)},
+    }
+
+
 def deployment_manifest(
     name: str, replicas: int, namespace: str = ASTRA_NAMESPACE
 ) -> dict[str, Any]:
-    """A Deployment as Astra ships it: ``app: <name>`` labels, config from ``astra-config``, and
-    a change cause, so its first revision reads well in ``kubectl rollout history``."""
+    """A Deployment as Astra ships it: ``app: <name>`` labels, config from ``astra-config``, its
+    TLS Secret mounted where it serves TLS, and a change cause, so its first revision reads well
+    in ``kubectl rollout history``."""
     labels = {"app": name}
+    serves_tls = name in TLS_SERVICES
+    mounts = [{"name": "tls", "mountPath": "/etc/astra/tls", "readOnly": True}]
+    volumes = [{"name": "tls", "secret": {"secretName": tls_secret(name)}}]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -63,8 +90,10 @@ def deployment_manifest(
                                 {"configMapRef": {"name": CONFIG_MAP}},
                                 {"secretRef": {"name": VAULT_SECRET}},
                             ],
+                            **({"volumeMounts": mounts} if serves_tls else {}),
                         }
-                    ]
+                    ],
+                    **({"volumes": volumes} if serves_tls else {}),
                 },
             },
         },
@@ -75,8 +104,10 @@ def seed_astra(
     cluster: FakeCluster,
     namespace: str = ASTRA_NAMESPACE,
     endpoints: AstraEndpoints | None = None,
-) -> None:
-    """Create Astra's namespace, config, secrets and deployments, with every pod already Running.
+    ca: CertificateAuthority | None = None,
+) -> CertificateAuthority:
+    """Create Astra's namespace, config, secrets and deployments, with every pod already Running;
+    returns the CA that signed the services' certificates (``ca``, or a new one).
 
     ``endpoints`` are the database and Redis the sandbox's Astra really uses (the dev stack's
     settings); the simulated platform connects to what ``astra-config`` names, so a seed with
@@ -101,28 +132,14 @@ def seed_astra(
             "data": {key: _b64(value) for key, value in VAULT_SETTINGS.items()},
         },
     )
+    now = datetime.now(UTC)
+    ca = ca or CertificateAuthority.create("astra sandbox CA", now, timedelta(days=3650))
     for service in TLS_SERVICES:
-        cluster.create(
-            "secrets",
-            namespace,
-            {
-                "metadata": {
-                    "name": f"{service}-tls",
-                    "labels": {"app": service, "part-of": "astra"},
-                },
-                "type": "kubernetes.io/tls",
-                "data": {
-                    "tls.crt": _b64(
-                        f"-----BEGIN CERTIFICATE-----\nsandbox placeholder for {service}"
-                        "\n-----END CERTIFICATE-----\n"
-                    ),
-                    "tls.key": _b64(
-                        "-----BEGIN PRIVATE KEY-----\nsandbox placeholder"
-                        "\n-----END PRIVATE KEY-----\n"
-                    ),
-                },
-            },
+        cert, key = ca.issue(
+            service_names(service, namespace), now - CERT_AGE, now - CERT_AGE + CERT_LIFETIME
         )
+        cluster.create("secrets", namespace, tls_secret_manifest(service, cert, key))
     for name, replicas in DEPLOYMENTS.items():
         cluster.create("deployments", namespace, deployment_manifest(name, replicas, namespace))
     cluster.settle()
+    return ca

@@ -49,7 +49,7 @@ from sandbox.servers.redis import start_redis
 from starters.runs import Runs
 from tests.conftest_data import migrated, own_data_plane
 from tests.conftest_incident import Desk, incident_settings
-from tests.conftest_kube import KubeSandbox, kube_sandbox
+from tests.conftest_kube import KubeSandbox, kube_sandbox, sandbox_ca, write_ca
 from tests.conftest_sandbox import running_astra
 from tests.helpers import TEST_SIGNER
 from tests.histories.scenarios import SCENARIOS, RedisPlane, Scenario, Stage, WrongBranch
@@ -152,7 +152,10 @@ async def staged(
         ):
             plane = postgres_plane or redis_plane
             topology = postgres_topology or redis_topology
+            ca_cert, ca_key = write_ca(sandbox_ca(), Path(folder))
             settings = Settings(
+                tls_ca_cert_file=ca_cert,
+                tls_ca_key_file=ca_key,
                 vault_addr=openbao.address,
                 vault_token_file=openbao.token_file,
                 vault_unseal_keys_file=openbao.unseal_keys_file,

@@ -25,16 +25,24 @@ import redis.asyncio as aioredis
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from activities.access import KILL_SWITCH_ID
+from activities.certificates import describe, read_pem
 from activities.metrics import SqlMetrics
 from runtime.settings import Settings
-from sandbox.faults import bad_rollout, cost_spike, dead_letters, error_spike, worker_lost
+from sandbox.faults import (
+    bad_rollout,
+    cert_expiring,
+    cost_spike,
+    dead_letters,
+    error_spike,
+    worker_lost,
+)
 from sandbox.loadgen import Knobs, SandboxKeys, write_knobs
 from sandbox.servers import DataPlane, Replication
 from sandbox.servers import faults as server_faults
 from sandbox.servers.openbao import OpenBaoServer
 from starters.runs import Runs
 from tests.conftest_incident import Desk, kinds, notification
-from tests.conftest_kube import KubeSandbox, eventually
+from tests.conftest_kube import KubeSandbox, eventually, sandbox_ca
 from tests.conftest_sandbox import TICK_SECONDS, RunningAstra, worker_pods
 from tests.helpers import handle_of, status, wait_for_step
 from workflows.incident_models import ActionKind, IncidentState, Severity
@@ -928,3 +936,73 @@ async def _(stage: Stage) -> list[Handle]:
     await stage.decide(handle, "approve unsealing Vault", "bob")
     await stage.decide(handle, APPROVE_VAULT, "bob")
     return [await stage.ends(handle, Outcome.DONE)]
+
+
+# -- TLS Rotation: the sandbox's services serve TLS; the faults make their certificates due ----
+
+RENEW_CERTS = "approve renewing certificates"
+
+
+async def certificates_expiring(stage: Stage) -> None:
+    """Every TLS service's certificate five days from expiry, and served (its pods restarted)."""
+    fault = await cert_expiring(stage.kube.api, sandbox_ca(), days_left=5)
+    for service, fingerprint in fault.fingerprints.items():
+
+        def serving(service: str = service, fingerprint: str = fingerprint) -> bool:
+            pair = stage.kube.tls.served(service)
+            return pair is not None and describe(read_pem(pair.cert_pem)).fingerprint == fingerprint
+
+        await eventually(serving, timeout=30, message=f"{service} serving the expiring one")
+
+
+async def renewed(stage: Stage) -> Handle:
+    handle = await stage.start("tls-rotation", {}, requester="alice")
+    await stage.decide(handle, RENEW_CERTS, "bob")
+    return await stage.ends(handle, Outcome.DONE)
+
+
+@scenario("tls-rotation", "approved")
+async def _(stage: Stage) -> list[Handle]:
+    await certificates_expiring(stage)
+    return [await renewed(stage)]
+
+
+@scenario("tls-rotation", "rejected")
+async def _(stage: Stage) -> list[Handle]:
+    await certificates_expiring(stage)
+    handle = await stage.start("tls-rotation", {}, requester="alice")
+    await stage.decide(handle, RENEW_CERTS, "bob", "reject")
+    return [await stage.ends(handle, Outcome.REJECTED)]
+
+
+@scenario("tls-rotation", "dry-run")
+async def _(stage: Stage) -> list[Handle]:
+    await certificates_expiring(stage)
+    handle = await stage.start("tls-rotation", {}, requester="alice", dry_run=True)
+    return [await stage.ends(handle, Outcome.DONE, saying="dry-run")]
+
+
+@scenario("tls-rotation", "no-change")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("tls-rotation", {}, requester="alice")
+    return [await stage.ends(handle, Outcome.NO_CHANGE)]
+
+
+@scenario("tls-rotation", "rolled-back")
+async def _(stage: Stage) -> list[Handle]:
+    """A renewal, then the run that puts every previous certificate back: the one stored."""
+    await certificates_expiring(stage)
+    await renewed(stage)
+    handle = await stage.start("tls-rotation", {"rollback": True}, requester="alice")
+    await stage.decide(handle, "approve rolling back certificates", "bob")
+    return [await stage.ends(handle, Outcome.DONE, saying="rolled back")]
+
+
+@scenario("tls-rotation", "not-served")
+async def _(stage: Stage) -> list[Handle]:
+    """The gateway never reloads its certificate: the run fails at its verify step."""
+    await certificates_expiring(stage)
+    stage.kube.tls.pin("gateway")
+    handle = await stage.start("tls-rotation", {"verify_timeout_seconds": 1}, requester="alice")
+    await stage.decide(handle, RENEW_CERTS, "bob")
+    return [await stage.fails(handle, "verify gateway serves the certificate in its Secret")]
