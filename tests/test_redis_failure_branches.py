@@ -144,7 +144,10 @@ def primary_down(stubs: Stubs, before: RedisSurvey = PRIMARY_DOWN, target: str =
     """The platform's primary down; ``target`` lacks four tasks, is promoted, and afterwards is
     the one primary holding every task."""
     stubs.answer(EndpointActivities.platform_endpoint, Endpoint(store="redis", node="primary"))
-    after = survey(*(up(target, "primary") if n.name == target else n for n in before.nodes))
+    after = survey(
+        *(up(target, "primary") if n.name == target else n for n in before.nodes),
+        sentinel=target if before.sentinel else None,
+    )
     stubs.answer(RedisNodeActivities.survey, before, after)
     stubs.answer(RedisNodeActivities.compare_streams, streams(target, missing=4), streams(target))
     stubs.answer(
