@@ -71,7 +71,7 @@ class PostgresOutageRequest(RunbookRequest):
         default="astra-config", description="holds DATABASE_URL, the platform's endpoint"
     )
     grace_seconds: float = Field(
-        default=30,
+        default=15,
         gt=0,
         le=HOUR,
         description="a primary that answers and takes a write within this long was a blip: no "
