@@ -25,7 +25,7 @@ The platform's endpoints:
   synchronously, the only failover the policy lets go unattended), the sandbox cluster with
   Astra's pods played on it, and the production worker with the example policy, its unattended
   budgets widened to cover every trial. The fault starts ``postgres-outage`` (with its grace
-  window at 30 s, its default, or 5 s) or ``redis-failure`` ``--alert-delay`` seconds later, as
+  window at its default, or 5 s) or ``redis-failure`` ``--alert-delay`` seconds later, as
   an alert would: by default 0, so the alert pipeline's own latency (scrape and evaluation
   intervals, Alertmanager's group_wait) is not counted, where Patroni and Sentinel detect the
   loss themselves. The writer connects to what ``astra-config`` names, read again on every
@@ -647,6 +647,7 @@ RUNBOOK_ROLLOUT_SECONDS = 2.0
 TICK_SECONDS = 0.2
 """How often the sandbox's Astra (its pods, the load generator) acts."""
 UNATTENDED = {"max": 10_000, "per_seconds": 3600}
+DEFAULT_GRACE = PostgresOutageRequest.model_fields["grace_seconds"].default
 
 
 @dataclass(frozen=True)
@@ -926,7 +927,7 @@ def runbook_leg(store: Store, grace: float = 0) -> Leg:
 LEGS: dict[str, Leg] = {
     "patroni-default": patroni_leg(PATRONI_DEFAULT),
     "patroni-tuned": patroni_leg(PATRONI_TUNED),
-    "runbook-pg-default": runbook_leg("postgres", grace=30),
+    "runbook-pg-default": runbook_leg("postgres", grace=DEFAULT_GRACE),
     "runbook-pg-tuned": runbook_leg("postgres", grace=5),
     "sentinel-default": sentinel_leg(30_000),
     "sentinel-tuned": sentinel_leg(5_000),

@@ -41,6 +41,17 @@ log = logging.getLogger(__name__)
 POSTGRES = "postgres"
 REDIS = "redis"
 CONNECT_TIMEOUT_SECONDS = 2
+# The tick reads the lost workers when it starts and heartbeats when it ends; a worker lost in
+# between (a fault) must not get one more heartbeat over the fault's aged one, so the check is
+# made again, atomically with the write. KEYS: the lost set, then each heartbeat key; ARGV: the
+# time, then each worker id.
+HEARTBEAT_UNLESS_LOST = """
+for i = 2, #KEYS do
+  if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 0 then
+    redis.call('SET', KEYS[i], ARGV[1])
+  end
+end
+"""
 """How long a pod waits for its database or Redis in one tick: an endpoint that does not answer
 costs the tick's work, never stalls the platform (libpq's shortest connect timeout is 2 s)."""
 
@@ -421,8 +432,16 @@ class LoadGenerator:
                 entries[shard] = [entry for entry, f in stream if f.get("task_id") in wanted]
         now_ms = int(time.time() * 1000)
         async with client.pipeline(transaction=False) as pipe:
-            for worker in beating:
-                pipe.set(self.keys.heartbeat(worker), now_ms)
+            if beating:
+                heartbeats = [self.keys.heartbeat(worker) for worker in beating]
+                pipe.eval(
+                    HEARTBEAT_UNLESS_LOST,
+                    1 + len(beating),
+                    self.keys.lost_workers,
+                    *heartbeats,
+                    str(now_ms),
+                    *beating,
+                )
             for fields in published.dead_letters:
                 pipe.xadd(self.keys.dead_letter, fields)  # type: ignore[arg-type]
             for task_id, goal_id, shard in published.queued:

@@ -229,7 +229,7 @@ async def run_dev(settings: Settings) -> int:
             settings = settings.model_copy(update=vault_settings(settings, vault))
         if plane.servers:
             plane.write(record)
-        if settings.data_plane_topology is None and plane.postgres and plane.redis:
+        if settings.data_plane_topology is None:
             plane.topology().write(topology)
             settings = settings.model_copy(update={"data_plane_topology": topology})
         return await run_stack(settings, plane)

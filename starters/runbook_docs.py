@@ -183,9 +183,45 @@ def _wrappers(module: ModuleType) -> dict[str, tuple[str, str | None]]:
     return found
 
 
+def _composite(call: ast.Call, scope: ast.AST, names: Mapping[str, Any]) -> Iterator[StepCall]:
+    """The steps a call to a function of the workflows package runs for its caller (such as
+    ``rollouts.roll``, whose steps are named after the Deployment it is given): each step name
+    of the function, with the caller's argument in place of the parameter it names."""
+    function = names.get(call.func.id) if isinstance(call.func, ast.Name) else None
+    if not (inspect.isfunction(function) and function.__module__.startswith("workflows.")):
+        return
+    (definition,) = ast.parse(inspect.getsource(function)).body
+    assert isinstance(definition, ast.FunctionDef | ast.AsyncFunctionDef)
+    params = [a.arg for a in definition.args.args]
+    given = dict(zip(params, call.args, strict=False)) | {
+        k.arg: k.value for k in call.keywords if k.arg
+    }
+    inner = vars(sys.modules[function.__module__])
+    for step in _calls(definition):
+        assert isinstance(step.func, ast.Attribute)
+        if step.func.attr not in STEP_KINDS or not _is_step_runner(step.func.value):
+            continue
+        name = step.args[0]
+        if not isinstance(name, ast.JoinedStr):
+            continue
+        parts = []
+        for part in name.values:
+            if isinstance(part, ast.Constant):
+                parts.append(re.escape(str(part.value)))
+            elif isinstance(part, ast.FormattedValue) and isinstance(part.value, ast.Name):
+                argument = given.get(part.value.id)
+                parts.append(
+                    (_pattern(argument, scope, names) if argument is not None else None) or ".*"
+                )
+            else:
+                parts.append(".*")
+        activity = _activity(step.args[1] if len(step.args) > 1 else None, inner)
+        yield StepCall("".join(parts), step.func.attr, activity, ast.unparse(call))
+
+
 def step_calls(module: ModuleType) -> list[StepCall]:
     """Every step the workflow module runs, directly or through a helper of the workflows
-    package (such as ``Knob``)."""
+    package (such as ``Knob``, or ``rollouts.roll``)."""
     names = vars(module)
     helpers = {module} | {
         sys.modules[value.__module__]
@@ -193,8 +229,11 @@ def step_calls(module: ModuleType) -> list[StepCall]:
         if inspect.isclass(value) and value.__module__.startswith("workflows.")
     }
     wrappers = {k: v for helper in helpers for k, v in _wrappers(helper).items()}
-    found = []
+    found: list[StepCall] = []
     for function in _functions(ast.parse(inspect.getsource(module))):
+        for node in ast.walk(function):
+            if isinstance(node, ast.Call):
+                found.extend(_composite(node, function, names))
         for call in _calls(function):
             assert isinstance(call.func, ast.Attribute)
             if call.func.attr in STEP_KINDS and _is_step_runner(call.func.value):

@@ -158,6 +158,31 @@ async def test_worker_lost_fault_leaves_leased_tasks_and_a_stale_heartbeat(
     assert beat is not None and time.time() * 1000 - int(beat) >= 90_000
 
 
+async def test_a_worker_lost_during_a_tick_gets_no_heartbeat_from_it(
+    data_plane: SandboxTarget, redis_client: "aioredis.Redis"
+) -> None:
+    """The fault lands after the tick read the lost workers and before it heartbeats: the
+    fault's aged heartbeat stays, or the runbook would find the worker alive."""
+    gen = generator(data_plane, ["w-1", "w-2"], tasks_per_step=4, lease_per_worker=2)
+    read_control = gen._control
+
+    async def fault_mid_tick() -> tuple[Knobs, set[str]]:
+        control = await read_control()
+        await worker_lost(data_plane, worker_id="w-1", heartbeat_age_seconds=90)
+        return control
+
+    try:
+        await gen.step()
+        gen._control = fault_mid_tick  # type: ignore[method-assign]
+        await gen.step()
+    finally:
+        await gen.aclose()
+    keys = SandboxKeys(data_plane.key_prefix)
+    lost, alive = await redis_client.mget([keys.heartbeat("w-1"), keys.heartbeat("w-2")])
+    assert lost is not None and time.time() * 1000 - int(lost) >= 90_000
+    assert alive is not None and time.time() * 1000 - int(alive) < 5_000
+
+
 async def test_worker_lost_fault_works_on_an_empty_sandbox(
     data_plane: SandboxTarget, redis_client: "aioredis.Redis"
 ) -> None:

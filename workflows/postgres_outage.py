@@ -45,14 +45,13 @@ from workflows.models import (
     RunbookRequest,
     RunbookResult,
 )
+from workflows.rollouts import roll
 from workflows.runbook import Runbook, RunbookSpec
 from workflows.steps import failure_message
 from workflows.task_health import PROBES
 
 with workflow.unsafe.imports_passed_through():
     from activities.endpoints import PLATFORM_CLIENTS, EndpointActivities, EndpointRef, Repoint
-    from activities.kube_models import RolloutRestart, RolloutWait
-    from activities.kubernetes import KubernetesActivities
     from activities.postgres_nodes import (
         Fence,
         NodesReport,
@@ -72,7 +71,7 @@ class PostgresOutageRequest(RunbookRequest):
         default="astra-config", description="holds DATABASE_URL, the platform's endpoint"
     )
     grace_seconds: float = Field(
-        default=30,
+        default=15,
         gt=0,
         le=HOUR,
         description="a primary that answers and takes a write within this long was a blip: no "
@@ -291,24 +290,14 @@ class PostgresOutage(Runbook):
         )
         actions = [fence.detail, promote.detail, repoint.detail]
         for service in PLATFORM_CLIENTS:
-            restart = await self.steps.act(
-                f"restart {service}",
-                KubernetesActivities.rollout_restart,
-                RolloutRestart(namespace=req.namespace, name=service, config_map=req.config_map),
+            restart = await roll(
+                self.steps,
+                req.namespace,
+                service,
+                req.rollout_timeout_seconds,
+                config_map=req.config_map,
             )
             actions.append(restart.detail)
-            if not req.dry_run:
-                await self.steps.check(
-                    f"wait for {service}",
-                    KubernetesActivities.wait_rollout,
-                    RolloutWait(
-                        namespace=req.namespace,
-                        name=service,
-                        timeout_seconds=req.rollout_timeout_seconds,
-                    ),
-                    start_to_close_timeout=timedelta(seconds=req.rollout_timeout_seconds + 60),
-                    heartbeat_timeout=timedelta(seconds=30),
-                )
         reattach = await self.steps.act(
             REATTACH,
             PostgresNodeActivities.reattach_postgres,

@@ -44,13 +44,12 @@ from workflows.models import (
     RunbookRequest,
     RunbookResult,
 )
+from workflows.rollouts import roll
 from workflows.runbook import Runbook, RunbookSpec
 from workflows.task_health import PROBES, wait_until
 
 with workflow.unsafe.imports_passed_through():
     from activities.endpoints import PLATFORM_CLIENTS, EndpointActivities, EndpointRef, Repoint
-    from activities.kube_models import RolloutRestart, RolloutWait
-    from activities.kubernetes import KubernetesActivities
     from activities.redis_nodes import (
         NodeWorkers,
         Promote,
@@ -263,25 +262,14 @@ class RedisFailure(Runbook):
         return await self._verify(req, target, restarted_at, rebuild.detail)
 
     async def _restart(self, req: RedisFailureRequest, deployment: str) -> None:
-        """Roll a Deployment's pods, so they connect to the endpoints the config names now, and
-        wait for it (a dry-run only reports the restart)."""
-        await self.steps.act(
-            f"restart {deployment}",
-            KubernetesActivities.rollout_restart,
-            RolloutRestart(namespace=req.namespace, name=deployment, config_map=req.config_map),
+        """Roll a Deployment's pods, so they connect to the endpoints the config names now."""
+        await roll(
+            self.steps,
+            req.namespace,
+            deployment,
+            req.rollout_timeout_seconds,
+            config_map=req.config_map,
         )
-        if not req.dry_run:
-            await self.steps.check(
-                f"wait for {deployment}",
-                KubernetesActivities.wait_rollout,
-                RolloutWait(
-                    namespace=req.namespace,
-                    name=deployment,
-                    timeout_seconds=req.rollout_timeout_seconds,
-                ),
-                start_to_close_timeout=timedelta(seconds=req.rollout_timeout_seconds + 60),
-                heartbeat_timeout=timedelta(seconds=30),
-            )
 
     @staticmethod
     def _failover_target(survey: RedisSurvey, current: str) -> str | None:

@@ -35,11 +35,10 @@ from workflows.models import (
     RunbookRequest,
     RunbookResult,
 )
+from workflows.rollouts import roll
 from workflows.runbook import Runbook, RunbookSpec
 
 with workflow.unsafe.imports_passed_through():
-    from activities.kube_models import RolloutRestart, RolloutWait
-    from activities.kubernetes import KubernetesActivities
     from activities.tls import (
         DEFAULT_WINDOW_SHARE,
         CertificateScan,
@@ -232,25 +231,11 @@ class TlsRotation(Runbook):
     async def _roll(self, req: TlsRotationRequest, service: str, expected: str | None) -> bool:
         """Restart the service onto its Secret's certificate and prove it serves it; False in a
         dry-run, which changed nothing to prove."""
-        await self.steps.act(
-            f"restart {service}",
-            KubernetesActivities.rollout_restart,
-            RolloutRestart(namespace=req.namespace, name=service),
-        )
+        await roll(self.steps, req.namespace, service, req.rollout_timeout_seconds)
         verify = f"verify {service} serves the certificate in its Secret"
         if req.dry_run:
-            self.steps.skip(f"wait for {service}", "dry-run: nothing restarted")
             self.steps.skip(verify, "dry-run: nothing changed")
             return False
-        await self.steps.check(
-            f"wait for {service}",
-            KubernetesActivities.wait_rollout,
-            RolloutWait(
-                namespace=req.namespace, name=service, timeout_seconds=req.rollout_timeout_seconds
-            ),
-            start_to_close_timeout=timedelta(seconds=req.rollout_timeout_seconds + 60),
-            heartbeat_timeout=timedelta(seconds=30),
-        )
         if expected is None:
             raise self.steps.fail(verify, f"{service}'s Secret holds no certificate to verify")
         verdict = await self.steps.verify(

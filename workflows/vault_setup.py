@@ -16,8 +16,6 @@ Rollback: none. Written secret versions stay in KV-v2's history (a person restor
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from pydantic import Field
 from temporalio import workflow
 
@@ -29,10 +27,11 @@ from workflows.models import (
     RunbookRequest,
     RunbookResult,
 )
+from workflows.rollouts import roll
 from workflows.runbook import Runbook, RunbookSpec
 
 with workflow.unsafe.imports_passed_through():
-    from activities.kube_models import RolloutRestart, RolloutWait, SecretRef
+    from activities.kube_models import SecretRef
     from activities.kubernetes import KubernetesActivities
     from activities.secret_sources import SOURCE_PATTERN
     from activities.vault import (
@@ -284,23 +283,7 @@ class VaultSetup(Runbook):
                 self.steps.skip(f"restart {service}", f"not needed: it does not read {req.secret}")
                 self.steps.skip(f"wait for {service}", "not needed")
                 continue
-            await self.steps.act(
-                f"restart {service}",
-                KubernetesActivities.rollout_restart,
-                RolloutRestart(namespace=req.namespace, name=service),
-            )
-            if not req.dry_run:
-                await self.steps.check(
-                    f"wait for {service}",
-                    KubernetesActivities.wait_rollout,
-                    RolloutWait(
-                        namespace=req.namespace,
-                        name=service,
-                        timeout_seconds=req.rollout_timeout_seconds,
-                    ),
-                    start_to_close_timeout=timedelta(seconds=req.rollout_timeout_seconds + 60),
-                    heartbeat_timeout=timedelta(seconds=30),
-                )
+            await roll(self.steps, req.namespace, service, req.rollout_timeout_seconds)
         if req.dry_run:
             return self.steps.finish(
                 Outcome.DONE,

@@ -50,6 +50,10 @@ def data_plane_record(state_dir: Path) -> Path:
     return state_dir / "data-plane.json"
 
 
+CONFIGURED = "configured"
+"""The topology's name for a configured server, not one of ours."""
+
+
 def topology_file(state_dir: Path) -> Path:
     """Where a dev stack writes its servers' topology for its worker's data-plane runbooks."""
     return state_dir / "data-plane-topology.json"
@@ -83,26 +87,36 @@ class DataPlane(BaseModel):
         return "\n".join(lines)
 
     def topology(self) -> DataPlaneTopology:
-        """Our servers as the data-plane runbooks see them: each PostgreSQL server with its
-        data directory (the worker runs beside it), the platform's URLs with each one's port."""
+        """The servers as the data-plane runbooks see them: each PostgreSQL server of ours with
+        its data directory (the worker runs beside it), the platform's URLs with each one's
+        port; a configured server stands alone, under the name ``configured``, with no control
+        over it (the runbooks check it and report, and have no replica to fail over to)."""
+        postgres = [
+            PostgresNode(
+                name=pg.name,
+                admin_dsn=pg.dsn,
+                platform_dsn=with_port(self.postgres_url, pg.port),
+                control=PostgresControl(data_dir=pg.dir, bin_dir=pg.bin_dir, os_user=pg.user),
+                synchronous=pg is not self.postgres[0] and self.replication == "sync",
+            )
+            for pg in self.postgres
+        ] or [
+            PostgresNode(
+                name=CONFIGURED,
+                admin_dsn=make_conninfo(self.postgres_url, dbname="postgres"),
+                platform_dsn=self.postgres_url,
+            )
+        ]
+        redis = [
+            RedisNode(
+                name=node.name, url=node.url, platform_url=with_port(self.redis_url, node.port)
+            )
+            for node in self.redis
+            if not node.sentinel_of
+        ] or [RedisNode(name=CONFIGURED, url=self.redis_url, platform_url=self.redis_url)]
         return DataPlaneTopology(
-            postgres=[
-                PostgresNode(
-                    name=pg.name,
-                    admin_dsn=pg.dsn,
-                    platform_dsn=with_port(self.postgres_url, pg.port),
-                    control=PostgresControl(data_dir=pg.dir, bin_dir=pg.bin_dir, os_user=pg.user),
-                    synchronous=pg is not self.postgres[0] and self.replication == "sync",
-                )
-                for pg in self.postgres
-            ],
-            redis=[
-                RedisNode(
-                    name=node.name, url=node.url, platform_url=with_port(self.redis_url, node.port)
-                )
-                for node in self.redis
-                if not node.sentinel_of
-            ],
+            postgres=postgres,
+            redis=redis,
             sentinels=[node.url for node in self.redis if node.sentinel_of],
             sentinel_master=SENTINEL_MASTER,
         )

@@ -41,22 +41,26 @@ from runtime.astra_config import DATABASE_URL_KEY
 from runtime.client import plain_data_converter
 from runtime.settings import REPO_ROOT, Settings
 from sandbox.db import create_database
+from sandbox.faults import SandboxTarget
 from sandbox.kube.seed import ASTRA_NAMESPACE, CONFIG_MAP
 from sandbox.servers import DataPlane, Replication, running_data_plane, scratch_dir
 from sandbox.servers.openbao import running_openbao
+from sandbox.servers.redis import start_redis
 from starters.runs import Runs
 from tests.conftest_data import migrated, own_data_plane
 from tests.conftest_incident import Desk, incident_settings
 from tests.conftest_kube import KubeSandbox, kube_sandbox, sandbox_ca, write_ca
 from tests.conftest_sandbox import running_astra
 from tests.helpers import TEST_SIGNER
-from tests.histories.scenarios import SCENARIOS, Scenario, Stage, WrongBranch
+from tests.histories.scenarios import SCENARIOS, RedisPlane, Scenario, Stage, WrongBranch
 from tests.receivers import Receiver, pagerduty_answer, slack_answer, statuspage_answer
 from workers.worker import running_worker
 
 HERE = Path(__file__).parent
 ASTRA_DATABASE = "postgresql://postgres@127.0.0.1:5432/astra_sandbox"
 """The shape of Astra's DATABASE_URL on a replicated plane: its servers' addresses replace it."""
+SENTINEL_DOWN_AFTER_MS = 60_000
+"""Long enough that a scenario's Sentinel never fails over on its own: the runbook asks it."""
 
 
 @asynccontextmanager
@@ -89,6 +93,36 @@ async def replicated(
 
 
 @asynccontextmanager
+async def replicated_redis(
+    redis: RedisPlane | None, shared: SandboxTarget
+) -> AsyncIterator[tuple[SandboxTarget, DataPlane | None, Path | None]]:
+    """For a Redis runbook's scenario: a Redis primary and replica of its own (and a Sentinel
+    watching them, where asked) in place of the shared Redis, so Astra is played on them from
+    its first tick (``running_astra`` names the primary in ``astra-config``), and the topology
+    file its worker reads. ``shared`` and nothing for the other scenarios."""
+    if redis is None:
+        yield shared, None, None
+        return
+    directory = scratch_dir("astra-record-")
+    try:
+        servers = await start_redis(
+            directory,
+            replica=True,
+            sentinel=redis == "sentinel",
+            down_after_ms=SENTINEL_DOWN_AFTER_MS,
+        )
+        plane = DataPlane(postgres_url=shared.dsn, redis_url=servers[0].url, redis=servers)
+        try:
+            path = directory / "topology.json"
+            plane.topology().write(path)
+            yield shared.model_copy(update={"redis_url": plane.redis_url}), plane, path
+        finally:
+            await plane.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@asynccontextmanager
 async def staged(
     client: Client, executor: ThreadPoolExecutor, scenario: Scenario
 ) -> AsyncIterator[Stage]:
@@ -111,10 +145,13 @@ async def staged(
         (sources / "astra" / "DB_PASSWORD").write_text("recorded-db-password\n")
         async with (
             running_openbao(Path(folder)) as openbao,
-            own_data_plane() as target,
+            own_data_plane() as shared,
+            replicated_redis(scenario.redis, shared) as (target, redis_plane, redis_topology),
             running_astra(target, kube.url) as astra,
-            replicated(scenario.replication, kube) as (plane, topology),
+            replicated(scenario.replication, kube) as (postgres_plane, postgres_topology),
         ):
+            plane = postgres_plane or redis_plane
+            topology = postgres_topology or redis_topology
             ca_cert, ca_key = write_ca(sandbox_ca(), Path(folder))
             settings = Settings(
                 tls_ca_cert_file=ca_cert,

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import hvac
 import psycopg
@@ -60,6 +60,8 @@ from workflows.models import (
 from workflows.tls_scan import TlsScanRequest, TlsScanResult
 
 Handle = WorkflowHandle[Any, Any]
+RedisPlane = Literal["replica", "sentinel"]
+"""A Redis primary with a replica; with ``sentinel``, a Sentinel watching them too."""
 
 
 class WrongBranch(Exception):
@@ -80,8 +82,8 @@ class Stage:
     openbao: OpenBaoServer
     """The stage's OpenBao dev server, the worker's Vault."""
     plane: DataPlane | None = None
-    """The replicated PostgreSQL of a data-plane runbook's scenario, which ``astra-config``
-    names and the worker's topology lists."""
+    """The replicated PostgreSQL or Redis of a data-plane runbook's scenario, which
+    ``astra-config`` names and the worker's topology lists."""
 
     def servers(self) -> DataPlane:
         assert self.plane is not None, "the scenario asks for no replicated plane"
@@ -144,6 +146,8 @@ class Scenario:
     """Other workflows whose runs the scenario stores, after its own, in the order played."""
     replication: Replication | None = None
     """A PostgreSQL primary and replica of its own (for postgres-outage), replicated so."""
+    redis: RedisPlane | None = None
+    """A Redis primary and replica of its own (for redis-failure), Astra's Redis from the start."""
 
     @property
     def name(self) -> str:
@@ -164,9 +168,10 @@ def scenario(
     policy: PolicyEdit | None = None,
     also: tuple[str, ...] = (),
     replication: Replication | None = None,
+    redis: RedisPlane | None = None,
 ) -> Callable[[Play], Play]:
     def register(play: Play) -> Play:
-        recorded = Scenario(workflow, branch, play, policy, also, replication)
+        recorded = Scenario(workflow, branch, play, policy, also, replication, redis)
         SCENARIOS[recorded.name] = recorded
         return play
 
@@ -800,6 +805,92 @@ async def _(stage: Stage) -> list[Handle]:
     """The alert fired, but the primary takes writes: nothing to fail over."""
     handle = await stage.start("postgres-outage", POSTGRES_OUTAGE, requester="alice")
     return [await stage.ends(handle, Outcome.NO_CHANGE, saying="a blip")]
+
+
+# -- Redis Failure: on a Redis primary and replica of the scenario's own ----------------------
+
+REDIS_FAILURE = {"rollout_timeout_seconds": 60, "verify_timeout_seconds": 20}
+REDIS_FAILOVER = "approve the Redis failover"
+REBUILD = "approve the rebuild"
+FAIL_OVER = "fail over to the replica"
+
+
+async def redis_primary_killed(stage: Stage) -> None:
+    """Astra's Redis primary killed between ticks; the ticks after it commit tasks in
+    PostgreSQL that never reach a stream, for the rebuild to put back."""
+    async with stage.astra.between_ticks():
+        await server_faults.redis_primary_down(stage.servers())
+    await stage.astra.advance(5)
+
+
+def unattended_redis_failover(policy: dict[str, Any]) -> None:
+    """The example allows no Redis failover without a person; a deployment's policy may."""
+    policy["runbooks"]["redis-failure"]["automatic"] = {FAIL_OVER: {"max": 1, "per_seconds": 3600}}
+
+
+@scenario("redis-failure", "approved", redis="replica")
+async def _(stage: Stage) -> list[Handle]:
+    """The primary is killed: the replica is promoted with Kernel SRE's approval, and what it
+    never received is rebuilt from PostgreSQL."""
+    await redis_primary_killed(stage)
+    handle = await stage.start("redis-failure", REDIS_FAILURE, requester="alice")
+    await stage.decide(handle, REDIS_FAILOVER, "bob")
+    return [await stage.ends(handle, Outcome.DONE, saying="workers heartbeat")]
+
+
+@scenario("redis-failure", "rejected", redis="replica")
+async def _(stage: Stage) -> list[Handle]:
+    await redis_primary_killed(stage)
+    handle = await stage.start("redis-failure", REDIS_FAILURE, requester="alice")
+    await stage.decide(handle, REDIS_FAILOVER, "bob", "reject")
+    return [await stage.ends(handle, Outcome.REJECTED)]
+
+
+@scenario("redis-failure", "dry-run", redis="replica")
+async def _(stage: Stage) -> list[Handle]:
+    await redis_primary_killed(stage)
+    handle = await stage.start("redis-failure", REDIS_FAILURE, requester="alice", dry_run=True)
+    return [await stage.ends(handle, Outcome.DONE, saying="dry-run")]
+
+
+@scenario("redis-failure", "no-change", redis="replica")
+async def _(stage: Stage) -> list[Handle]:
+    """The alert fired, but the primary answers and holds everything PostgreSQL says it must."""
+    handle = await stage.start("redis-failure", REDIS_FAILURE, requester="alice")
+    return [await stage.ends(handle, Outcome.NO_CHANGE, saying="nothing to do")]
+
+
+@scenario("redis-failure", "data-loss", redis="replica")
+async def _(stage: Stage) -> list[Handle]:
+    """The primary is flushed and keeps answering: no failover, a rebuild Kernel SRE approves."""
+    async with stage.astra.between_ticks():
+        await server_faults.redis_data_loss(stage.servers())
+    handle = await stage.start("redis-failure", REDIS_FAILURE, requester="alice")
+    await stage.decide(handle, REBUILD, "bob")
+    return [await stage.ends(handle, Outcome.DONE, saying="workers heartbeat")]
+
+
+@scenario("redis-failure", "unattended", policy=unattended_redis_failover, redis="replica")
+async def _(stage: Stage) -> list[Handle]:
+    """Within the policy's budget of unattended failovers, nobody is asked."""
+    await redis_primary_killed(stage)
+    handle = await stage.start("redis-failure", REDIS_FAILURE, requester="alice")
+    return [await stage.ends(handle, Outcome.DONE, saying="workers heartbeat")]
+
+
+@scenario("redis-failure", "sentinel", redis="sentinel")
+async def _(stage: Stage) -> list[Handle]:
+    """Sentinel watches the servers: the runbook asks it to fail over instead of promoting."""
+    await redis_primary_killed(stage)
+    params = {**REDIS_FAILURE, "failover_timeout_seconds": 30}
+    handle = await stage.start("redis-failure", params, requester="alice")
+    await stage.decide(handle, REDIS_FAILOVER, "bob")
+    await stage.ends(handle, Outcome.DONE, saying="workers heartbeat")
+    result: RunbookResult = await handle.result()
+    failover = {step.name: step.detail for step in result.steps}[FAIL_OVER]
+    if "asked Sentinel" not in failover:
+        raise WrongBranch(f"{handle.id} failed over otherwise: {failover}")
+    return [handle]
 
 
 # -- Vault Setup ------------------------------------------------------------------------------
