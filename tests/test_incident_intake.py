@@ -316,6 +316,15 @@ async def test_actions_are_signed_updates_and_each_refusal_has_its_status(
     incident = opened.json()["incident_id"]
     bare = incident.removeprefix("incident/")  # as people may copy it
 
+    async def shown() -> bool:
+        """People act on an incident they have seen: once it has begun, not in the moment its
+        start is still queued (the stub would take an early action before its opening)."""
+        view = (await api.get(f"/v1/incidents/{bare}", headers=auth("dave"))).json()
+        timeline = (view.get("incident") or {}).get("timeline", [])
+        return any(entry["kind"] == "opened" for entry in timeline)
+
+    await eventually(shown, timeout=20, message="the incident has opened")
+
     async def act(kind: str, user: str, body: dict[str, Any] | None = None) -> httpx.Response:
         return await api.post(
             f"/v1/incidents/{bare}/actions/{kind}", json=body or {}, headers=auth(user)

@@ -65,6 +65,13 @@ TEXTS: dict[str, object] = {
     "control characters": "nul\x00bell\x07",
     "lone surrogate": "\ud800",
 }
+FLAGS: dict[str, object] = {
+    "true": True,
+    "text yes": "yes",
+    "number 2": 2,
+    "null": None,
+    "list": [True],
+}
 LISTS: dict[str, object] = {
     "empty": [],
     "very long": ["TimeoutError"] * 10_000,
@@ -73,19 +80,21 @@ LISTS: dict[str, object] = {
 
 
 def kind_of(field: FieldInfo) -> type:
-    """int, float, str or list: what a field holds, under ``| None`` and ``Annotated``."""
+    """bool, int, float, str or list: what a field holds, under ``| None`` and ``Annotated``."""
     annotation: Any = field.annotation
     if get_origin(annotation) in (Union, types.UnionType):
         annotation = next(a for a in get_args(annotation) if a is not type(None))
     if get_origin(annotation) is Annotated:
         annotation = get_args(annotation)[0]
     kind = get_origin(annotation) or annotation
-    assert kind in (int, float, str, list), f"no extreme values for {field}; add its kind here"
+    assert kind in (bool, int, float, str, list), (
+        f"no extreme values for {field}; add its kind here"
+    )
     return kind  # type: ignore[no-any-return]
 
 
 def extremes(field: FieldInfo) -> dict[str, object]:
-    return {int: NUMBERS, float: NUMBERS, str: TEXTS, list: LISTS}[kind_of(field)]
+    return {bool: FLAGS, int: NUMBERS, float: NUMBERS, str: TEXTS, list: LISTS}[kind_of(field)]
 
 
 def baseline(model: type[RunbookRequest]) -> dict[str, Any]:
