@@ -474,10 +474,14 @@ class VaultActivities:
         """Revoke the tokens (and destroy the unspent secret_ids) an earlier attempt of this
         step made: a worker that died before writing the Secret left them live and unheld.
         Found by the step's idempotency token in their metadata; ``keep`` (the Secret's
-        token) is never touched. Returns their fingerprints."""
+        token) is never touched. Returns their fingerprints.
+
+        Only a retry looks: listing every token's accessor costs a lookup per token, and a first
+        attempt (the step runner retries only through the activity's retry policy) has nothing
+        earlier to find."""
         import hvac.exceptions as vault
 
-        if not req.token:
+        if not req.token or (activity.in_activity() and activity.info().attempt == 1):
             return []
         mine = {"issued_by": ISSUED_BY, "step": req.token}
         gone: list[str] = []

@@ -8,6 +8,7 @@ the run, or the worker's log records.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +23,7 @@ import pytest
 from google.protobuf.message import Message
 from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, WorkflowFailureError
+from temporalio.testing import ActivityEnvironment
 
 from activities.kubernetes import KubernetesActivities
 from activities.vault import ISSUED_BY, IssueCredential, VaultActivities
@@ -311,9 +313,13 @@ async def test_an_approle_login_gives_the_platform_its_token_and_no_secret_id_ou
     plant(tmp_path, canary)
     path = f"astra-{uuid.uuid4().hex[:8]}"
     root = root_client(openbao)
-    async with vault_worker(client, settings_for(settings, openbao, tmp_path)):
-        periodic = await setup(runs, client, params(namespace, path))
-    assert periodic.outcome == Outcome.DONE, periodic.summary
+    # The platform holds a periodic token for the path (issued as the default settings do).
+    periodic = VaultActivities(
+        vault_config(settings_for(settings, openbao, tmp_path)), KubernetesActivities(kube.api)
+    )
+    periodic.issue_credential(
+        IssueCredential(namespace=namespace, mount="secret", path=path, policy=path)
+    )
     old = platform_secret(kube, namespace)["ASTRA_VAULT_TOKEN"]
 
     approle = settings_for(settings, openbao, tmp_path, vault_credential="approle")
@@ -375,18 +381,20 @@ def test_a_retry_after_the_worker_died_before_writing_the_secret_leaves_one_live
     step = f"vault-setup/{namespace}/update astra-vault/{uuid.uuid4().hex}"
     req = IssueCredential(namespace=namespace, mount="secret", path=path, policy=path, token=step)
     root = root_client(openbao)
+    first, retry = ActivityEnvironment(), ActivityEnvironment()
+    retry.info = dataclasses.replace(retry.info, attempt=2)
     with pytest.raises(RuntimeError, match="worker lost"):
-        vault.issue_credential(req)  # its credential is made, but its result is lost
+        first.run(vault.issue_credential, req)  # its credential is made, its result is lost
     (orphan,) = live_tokens(root, issued_by=ISSUED_BY, step=step)
     if credential == "approle":  # and an attempt that died between issuing and spending one
         root.auth.approle.generate_secret_id(path, metadata={"issued_by": ISSUED_BY, "step": step})
         assert len(unspent_secret_ids(root, path)) == 1
 
-    retried = vault.issue_credential(req)  # the activity's retry: the same step token
+    retried = retry.run(vault.issue_credential, req)  # the same step token
 
     assert "left by an earlier attempt of this step" in retried.detail, retried.detail
     held = root.auth.token.lookup(platform_secret(kube, namespace)["ASTRA_VAULT_TOKEN"])["data"]
     assert live_tokens(root, issued_by=ISSUED_BY, step=step) == [held["accessor"]]
     assert held["accessor"] != orphan
     assert unspent_secret_ids(root, path) == []
-    assert vault.issue_credential(req).changed is False  # and a third attempt finds it done
+    assert retry.run(vault.issue_credential, req).changed is False  # a third finds it done
