@@ -9,7 +9,20 @@ settings (the token file is read each time, so rotating it needs no restart).
 Idempotent by construction: loads compare before they write and write with check-and-set on the
 version the run read, so a retry writes nothing twice and a concurrent writer is never
 overwritten; the platform's credential carries the accessor of the one it replaces in its own
-metadata, so revoking that one can be retried after the new one is in place.
+metadata, so revoking that one can be retried after the new one is in place. It also carries
+the idempotency token of the step that made it: a retry of that step (after a worker died
+between making a credential and writing the Secret) first revokes what its earlier attempts
+made, so no credential is left live that nothing holds.
+
+AppRole (``ASTRA_OPS_VAULT_CREDENTIAL=approle``): the Astra contract gives the services a
+token (ASTRA_VAULT_TOKEN); they do not log in. So the worker is AppRole's trusted broker: it
+issues a single-use, short-lived secret_id and spends it at once on a login whose (periodic)
+token goes into the Secret. Writing ASTRA_VAULT_ROLE_ID and ASTRA_VAULT_SECRET_ID into the
+Secret instead would need services that log in (they do not), and would put both halves of the
+AppRole side by side in one Secret, a long-lived credential as strong as a token but harder to
+revoke (the tokens it had made would live on). What AppRole adds over a periodic token: the
+token's policies come from the role (not from whoever issues it), Vault gives the platform an
+entity of its own (audit, identity), and no secret_id outlives the step that made it.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 from temporalio import activity
@@ -66,6 +79,10 @@ class VaultConfig:
     source_root: Path | None
     source_env_prefix: str | None
     token_period_seconds: int
+    credential: Literal["token", "approle"] = "token"
+    """How the platform's token is made: a periodic orphan token, or an AppRole login."""
+    approle_mount: str = "approle"
+    secret_id_ttl_seconds: int = 600
 
 
 # ----- inputs and results ---------------------------------------------------------------------
@@ -390,11 +407,15 @@ class VaultActivities:
         goal_path = f"{req.mount}/{req.path}"
         with self._errors("look up the platform's token"):
             found = self._lookup(self._client(), data.get(TOKEN_KEY, ""))
+        meta = (found or {}).get("meta") or {}
         current = bool(
             found
             and sorted(found.get("policies") or []) == sorted(["default", req.policy])
             and int(found.get("period") or 0) > 0
-            and (found.get("meta") or {}).get("path") == goal_path
+            and meta.get("path") == goal_path
+            # Of the kind the settings ask for: an AppRole login's token names its role.
+            and meta.get("role_name")
+            == (req.policy if self.config.credential == "approle" else None)
         )
         state = PlatformCredential(
             address=data.get(ADDR_KEY),
@@ -405,6 +426,90 @@ class VaultActivities:
             token_current=current,
         )
         return state, found, data.get(TOKEN_KEY, "")
+
+    def _periodic_token(
+        self, client: hvac.Client, policy: str, meta: dict[str, str]
+    ) -> tuple[str, str]:
+        """A new periodic orphan token with only the platform's policy: (token, accessor)."""
+        created = client.auth.token.create_orphan(
+            policies=[policy],
+            period=f"{self.config.token_period_seconds}s",
+            display_name="astra-platform",
+            renewable=True,
+            meta=meta,
+        )
+        return created["auth"]["client_token"], created["auth"]["accessor"]
+
+    def _approle_login(
+        self, client: hvac.Client, role: str, meta: dict[str, str]
+    ) -> tuple[str, str]:
+        """Log in to the platform's AppRole (made or brought up to date here) with a new
+        single-use secret_id: (token, accessor). The secret_id's metadata is set on the token,
+        so the token names the step that made it, the path and the token it replaces."""
+        mount = self.config.approle_mount
+        methods: dict[str, Any] = client.sys.list_auth_methods()
+        if f"{mount}/" not in (methods.get("data") or methods):
+            client.sys.enable_auth_method("approle", path=mount)
+        approle = client.auth.approle
+        # Written on every issue: a role someone loosened by hand is brought back to this.
+        approle.create_or_update_approle(
+            role,
+            token_policies=[role],
+            token_period=f"{self.config.token_period_seconds}s",
+            token_type="service",
+            secret_id_num_uses=1,
+            secret_id_ttl=f"{self.config.secret_id_ttl_seconds}s",
+            mount_point=mount,
+        )
+        role_id = approle.read_role_id(role, mount_point=mount)["data"]["role_id"]
+        secret_id = approle.generate_secret_id(role, metadata=meta, mount_point=mount)["data"]
+        login = self._client("").auth.approle.login(
+            role_id, secret_id["secret_id"], use_token=False, mount_point=mount
+        )["auth"]
+        return login["client_token"], login["accessor"]
+
+    def _discard_earlier_attempts(
+        self, client: hvac.Client, req: IssueCredential, keep: str
+    ) -> list[str]:
+        """Revoke the tokens (and destroy the unspent secret_ids) an earlier attempt of this
+        step made: a worker that died before writing the Secret left them live and unheld.
+        Found by the step's idempotency token in their metadata; ``keep`` (the Secret's
+        token) is never touched. Returns their fingerprints.
+
+        Only a retry looks: listing every token's accessor costs a lookup per token, and a first
+        attempt (the step runner retries only through the activity's retry policy) has nothing
+        earlier to find."""
+        import hvac.exceptions as vault
+
+        if not req.token or (activity.in_activity() and activity.info().attempt == 1):
+            return []
+        mine = {"issued_by": ISSUED_BY, "step": req.token}
+        gone: list[str] = []
+        tokens = client.auth.token
+        for accessor in tokens.list_accessors()["data"]["keys"]:
+            try:
+                meta = tokens.lookup_accessor(accessor)["data"].get("meta") or {}
+            except (vault.InvalidRequest, vault.InvalidPath):
+                continue  # revoked or expired since it was listed
+            if accessor != keep and mine.items() <= meta.items():
+                tokens.revoke_accessor(accessor)
+                gone.append(f"token {fingerprint(accessor)}")
+        if self.config.credential != "approle":
+            return gone
+        approle, mount = client.auth.approle, self.config.approle_mount
+        try:
+            unspent = approle.list_secret_id_accessors(req.policy, mount_point=mount)
+        except (vault.InvalidPath, vault.InvalidRequest):
+            return gone  # no secret_id of the role left, or no role yet
+        for accessor in unspent["data"]["keys"]:
+            try:
+                found = approle.read_secret_id_accessor(req.policy, accessor, mount_point=mount)
+            except (vault.InvalidRequest, vault.InvalidPath):
+                continue
+            if mine.items() <= ((found.get("data") or {}).get("metadata") or {}).items():
+                approle.destroy_secret_id_accessor(req.policy, accessor, mount_point=mount)
+                gone.append(f"secret_id {fingerprint(accessor)}")
+        return gone
 
     # -- checks ----------------------------------------------------------------------------
 
@@ -653,8 +758,10 @@ class VaultActivities:
     @activity.defn
     def issue_credential(self, req: IssueCredential) -> CredentialIssued:
         """Update the keys of the platform's Secret that differ from the goal; a token that is
-        not current is replaced by a new periodic one, which records the old one's accessor so
-        a later step revokes it (after the services run with the new one)."""
+        not current is replaced by a new one (periodic orphan token or AppRole login, per the
+        settings), which records the old one's accessor so a later step revokes it (after the
+        services run with the new one), and this step's token, so a retry revokes what an
+        earlier attempt made but never wrote."""
         state, found, _ = self._state(req)
         stale = state.stale_keys
         target = f"{req.namespace}/{req.secret}"
@@ -670,23 +777,27 @@ class VaultActivities:
             )
         values = {ADDR_KEY: state.goal_address, PATH_KEY: state.goal_path}
         token_fp = state.token
+        discarded: list[str] = []
         if TOKEN_KEY in stale:
-            created = self._call(
-                "create the platform's token",
-                lambda: self._client().auth.token.create_orphan(
-                    policies=[req.policy],
-                    period=f"{self.config.token_period_seconds}s",
-                    display_name="astra-platform",
-                    renewable=True,
-                    meta={
-                        "issued_by": ISSUED_BY,
-                        "path": state.goal_path,
-                        "replaces": found["accessor"] if found else "",
-                    },
-                ),
-            )
-            values[TOKEN_KEY] = created["auth"]["client_token"]
-            token_fp = fingerprint(created["auth"]["accessor"])
+            client = self._client()
+            # No empty values: AppRole refuses them in a secret_id's metadata.
+            meta = {
+                "issued_by": ISSUED_BY,
+                "path": state.goal_path,
+                **({"replaces": found["accessor"]} if found else {}),
+                **({"step": req.token} if req.token else {}),
+            }
+            with self._errors("revoke what an earlier attempt of this step issued"):
+                discarded = self._discard_earlier_attempts(
+                    client, req, keep=found["accessor"] if found else ""
+                )
+            with self._errors(f"issue the platform's token ({self.config.credential})"):
+                values[TOKEN_KEY], accessor = (
+                    self._approle_login(client, req.policy, meta)
+                    if self.config.credential == "approle"
+                    else self._periodic_token(client, req.policy, meta)
+                )
+            token_fp = fingerprint(accessor)
         # Read again just before the write: its version is the write's precondition.
         data, version = self._platform_secret(req.namespace, req.secret)
         updates = {k: v for k, v in values.items() if data.get(k) != v}
@@ -694,7 +805,12 @@ class VaultActivities:
         return CredentialIssued(
             changed=True,
             detail=f"updated {', '.join(sorted(updates))} in {target}"
-            + (f" (token {token_fp}, replacing {replaced})" if replaced else ""),
+            + (f" (token {token_fp}, replacing {replaced})" if replaced else "")
+            + (
+                f"; revoked {', '.join(discarded)}, left by an earlier attempt of this step"
+                if discarded
+                else ""
+            ),
             updated=sorted(updates),
             token=token_fp,
             replaced=replaced,

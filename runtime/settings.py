@@ -174,7 +174,25 @@ class Settings(BaseSettings):
     vault_token_period_seconds: int = Field(
         default=24 * 3600,
         ge=600,
-        description="The renewal period of the periodic token `vault-setup` issues the platform.",
+        description="The renewal period of the periodic token `vault-setup` issues the platform "
+        "(of an AppRole login's token too).",
+    )
+    vault_credential: Literal["token", "approle"] = Field(
+        default="token",
+        description="How `vault-setup` makes the platform's token: `token`, a periodic orphan "
+        "token; `approle`, a login to an AppRole bound to the platform's policy (role named "
+        "like the policy) with a single-use secret_id the worker issues and spends at once.",
+    )
+    vault_approle_mount: str = Field(
+        default="approle",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Where the AppRole auth method is (enabled there if missing).",
+    )
+    vault_secret_id_ttl_seconds: int = Field(
+        default=600,
+        ge=60,
+        description="How long an AppRole secret_id lives if the worker dies before spending it.",
     )
 
     # TLS: the CA `tls-rotation` signs services' certificates with, and verifies them against.

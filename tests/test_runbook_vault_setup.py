@@ -8,6 +8,7 @@ the run, or the worker's log records.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,13 +23,16 @@ import pytest
 from google.protobuf.message import Message
 from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, WorkflowFailureError
+from temporalio.testing import ActivityEnvironment
 
+from activities.kubernetes import KubernetesActivities
+from activities.vault import ISSUED_BY, IssueCredential, VaultActivities
 from runtime.settings import Settings
 from sandbox.servers.openbao import OpenBaoServer
 from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox
 from tests.helpers import awaiting_approval, handle_of
-from workers.worker import running_worker
+from workers.worker import running_worker, vault_config
 from workflows.models import Decision, Outcome, RunbookResult, StepState
 
 
@@ -277,3 +281,120 @@ async def test_a_sealed_vault_stops_the_run_unless_unseal_keys_are_set_and_appro
     assert steps["unseal Vault"].detail == f"unsealed Vault at {server.address}"
     assert steps["mount KV-v2"].detail == "mounted KV-v2 at secret/"  # none on a new Vault
     assert platform_secret(kube, namespace)["ASTRA_VAULT_PATH"] == "secret/astra"
+
+
+def live_tokens(root: hvac.Client, **meta: str) -> list[str]:
+    """The accessors of the live tokens whose metadata has all of ``meta``."""
+    tokens = root.auth.token
+    found = (tokens.lookup_accessor(a)["data"] for a in tokens.list_accessors()["data"]["keys"])
+    return [t["accessor"] for t in found if meta.items() <= (t.get("meta") or {}).items()]
+
+
+def unspent_secret_ids(root: hvac.Client, role: str) -> list[str]:
+    try:
+        listed = root.auth.approle.list_secret_id_accessors(role)
+    except (hvac.exceptions.InvalidPath, hvac.exceptions.InvalidRequest):  # none, or no role
+        return []
+    return list(listed["data"]["keys"])
+
+
+async def test_an_approle_login_gives_the_platform_its_token_and_no_secret_id_outlives_the_run(
+    runs: Runs,
+    client: Client,
+    settings: Settings,
+    kube: KubeSandbox,
+    namespace: str,
+    openbao: OpenBaoServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    canary = f"canary-{uuid.uuid4().hex}"
+    plant(tmp_path, canary)
+    path = f"astra-{uuid.uuid4().hex[:8]}"
+    root = root_client(openbao)
+    # The platform holds a periodic token for the path (issued as the default settings do).
+    periodic = VaultActivities(
+        vault_config(settings_for(settings, openbao, tmp_path)), KubernetesActivities(kube.api)
+    )
+    periodic.issue_credential(
+        IssueCredential(namespace=namespace, mount="secret", path=path, policy=path)
+    )
+    old = platform_secret(kube, namespace)["ASTRA_VAULT_TOKEN"]
+
+    approle = settings_for(settings, openbao, tmp_path, vault_credential="approle")
+    async with vault_worker(client, approle):
+        # The same input, but the settings now ask for an AppRole: the token is replaced.
+        switched = await setup(runs, client, params(namespace, path))
+        assert switched.outcome == Outcome.DONE, switched.summary
+        first = platform_secret(kube, namespace)["ASTRA_VAULT_TOKEN"]
+        moved = await setup(runs, client, params(namespace, f"{path}-b"))
+    assert moved.outcome == Outcome.DONE, moved.summary
+    token = platform_secret(kube, namespace)["ASTRA_VAULT_TOKEN"]
+    for replaced in (old, first):
+        with pytest.raises(hvac.exceptions.Forbidden):
+            root.auth.token.lookup(replaced)  # revoked
+    found = root.auth.token.lookup(token)["data"]
+    policy = f"{path}-b"  # params() names the policy (and so the role) like the path
+    assert found["meta"]["role_name"] == policy
+    assert found["meta"]["path"] == f"secret/{path}-b"
+    assert sorted(found["policies"]) == sorted(["default", policy])
+    assert found["period"] > 0 and found["orphan"]
+    role = root.auth.approle.read_role(policy)["data"]
+    assert role["token_policies"] == [policy] and role["secret_id_num_uses"] == 1
+    for name in (path, policy):
+        assert unspent_secret_ids(root, name) == []  # each was spent by its login
+    steps = {s.name: s for s in moved.steps}
+    verified = steps["verify the credential reads its path and nothing else"].detail
+    assert verified.startswith("reads its path; denied read secret/"), verified
+    assert steps["revoke the replaced credential"].detail.startswith("revoked the replaced token")
+    logs = "\n".join(r.getMessage() for r in caplog.records)
+    secrets = [canary, first, token]
+    hits = await leaks(client, runs, f"vault-setup/{namespace}", moved, logs, secrets)
+    assert hits == {where: [] for where in hits}
+
+
+class DyingKubernetes(KubernetesActivities):
+    """The worker dies (once) between making the platform's credential and writing it."""
+
+    died = False
+
+    def put_secret_data(self, *args: Any, **kwargs: Any) -> None:
+        if not self.died:
+            self.died = True
+            raise RuntimeError("worker lost")
+        super().put_secret_data(*args, **kwargs)
+
+
+@pytest.mark.parametrize("credential", ["token", "approle"])
+def test_a_retry_after_the_worker_died_before_writing_the_secret_leaves_one_live_credential(
+    credential: str,
+    settings: Settings,
+    kube: KubeSandbox,
+    namespace: str,
+    openbao: OpenBaoServer,
+    tmp_path: Path,
+) -> None:
+    path = f"astra-{uuid.uuid4().hex[:8]}"
+    config = vault_config(settings_for(settings, openbao, tmp_path, vault_credential=credential))
+    vault = VaultActivities(config, DyingKubernetes(kube.api))
+    step = f"vault-setup/{namespace}/update astra-vault/{uuid.uuid4().hex}"
+    req = IssueCredential(namespace=namespace, mount="secret", path=path, policy=path, token=step)
+    root = root_client(openbao)
+    first, retry = ActivityEnvironment(), ActivityEnvironment()
+    retry.info = dataclasses.replace(retry.info, attempt=2)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        first.run(vault.issue_credential, req)  # its credential is made, its result is lost
+    (orphan,) = live_tokens(root, issued_by=ISSUED_BY, step=step)
+    if credential == "approle":  # and an attempt that died between issuing and spending one
+        root.auth.approle.generate_secret_id(path, metadata={"issued_by": ISSUED_BY, "step": step})
+        assert len(unspent_secret_ids(root, path)) == 1
+
+    retried = retry.run(vault.issue_credential, req)  # the same step token
+
+    assert "left by an earlier attempt of this step" in retried.detail, retried.detail
+    held = root.auth.token.lookup(platform_secret(kube, namespace)["ASTRA_VAULT_TOKEN"])["data"]
+    assert live_tokens(root, issued_by=ISSUED_BY, step=step) == [held["accessor"]]
+    assert held["accessor"] != orphan
+    assert unspent_secret_ids(root, path) == []
+    assert retry.run(vault.issue_credential, req).changed is False  # a third finds it done

@@ -65,6 +65,9 @@ def vault_config(settings: Settings) -> VaultConfig:
         source_root=settings.vault_source_root,
         source_env_prefix=settings.vault_source_env_prefix,
         token_period_seconds=settings.vault_token_period_seconds,
+        credential=settings.vault_credential,
+        approle_mount=settings.vault_approle_mount,
+        secret_id_ttl_seconds=settings.vault_secret_id_ttl_seconds,
     )
 
 

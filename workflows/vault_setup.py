@@ -7,6 +7,11 @@ a token for them does; the services are restarted onto the new Secret before the
 replaces is revoked (revoking first would cut them off); and the new token must read its path
 and be refused everything else before the run succeeds.
 
+The platform's token is a periodic orphan token or, when the worker's settings say
+``ASTRA_OPS_VAULT_CREDENTIAL=approle``, the token of a login to an AppRole bound to the policy
+(the services read a token; they do not log in). A worker that dies between issuing it and
+writing the Secret leaves nothing behind: the step's retry revokes what its attempt issued.
+
 No value passes through this workflow: activities read the source, the worker's token and the
 platform's token themselves, and report key names, versions and fingerprints.
 
