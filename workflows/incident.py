@@ -93,6 +93,11 @@ with workflow.unsafe.imports_passed_through():
     )
 
 SYSTEM = "astra-ops"
+IN_ORDER = "deliveries-in-order-per-receiver"
+"""A patch: each receiver gets the incident's messages one at a time, in the order they were
+written, so a status page never ends on an older status than the incident's (a late
+"investigating" after "identified") and a pager never hears "resolve" before "trigger". Runs
+begun before it delivered them side by side, and replay so."""
 """The actor of what the incident does on its own (escalation, stage moves, drafts)."""
 DELIVERY_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -321,17 +326,25 @@ class Incident:
 
     def _dispatch(self) -> None:
         """Start, in the background, what waits: messages, the alerts' runbooks, the draft."""
+        in_order = workflow.patched(IN_ORDER)
+        busy = {o.channel for o in self.carry.outbox if self._key(o) in self._sending}
         for outgoing in self.carry.outbox:
-            key = f"{outgoing.channel}/{outgoing.event_key}"
-            if key not in self._sending:
-                self._sending.add(key)
-                self._spawn(self._deliver(key, outgoing))
+            key = self._key(outgoing)
+            if key in self._sending or (in_order and outgoing.channel in busy):
+                continue
+            busy.add(outgoing.channel)
+            self._sending.add(key)
+            self._spawn(self._deliver(key, outgoing))
         if self.carry.runbook_queue and not self._planning:
             self._planning = True
             self._spawn(self._runbooks_for_alerts())
         if self.state.stage == Stage.POSTMORTEM and not self._writing:
             self._writing = True
             self._spawn(self._write_postmortem())
+
+    @staticmethod
+    def _key(outgoing: Outgoing) -> str:
+        return f"{outgoing.channel}/{outgoing.event_key}"
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -515,7 +528,7 @@ class Incident:
                 self._unconfigured(outgoing, result.detail)
         # Not in a ``finally``: a run evicted from the worker's cache closes these coroutines,
         # and workflow calls then are not allowed.
-        self.carry.outbox = [o for o in self.carry.outbox if f"{o.channel}/{o.event_key}" != key]
+        self.carry.outbox = [o for o in self.carry.outbox if self._key(o) != key]
         self._sending.discard(key)
         self._changed()
 
