@@ -13,7 +13,7 @@ from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from runtime import search_attributes as sa
 from sandbox.faults import worker_lost
 from tests.conftest_incident import Desk, incident_worker, kinds, lost_worker_alert, notification
-from tests.conftest_kube import KubeSandbox
+from tests.conftest_kube import KubeSandbox, eventually
 from tests.conftest_sandbox import RunningAstra, worker_pods
 from tests.helpers import decide, shard_count, status, wait_for_step
 from workflows.incident_models import ActionKind, AlertNotification, IncidentState, Severity
@@ -106,6 +106,12 @@ async def proposal(
         handle = await desk.open(title, Severity.SEV3, opened_by="alertmanager", notification=alert)
         proposed = await desk.until(
             handle, lambda s: "runbook_proposed" in kinds(s), "the proposal"
+        )
+        # The channel hears it after the opening message: one message at a time, in order.
+        await eventually(
+            lambda: any("astra-ops incident runbook" in t for t in desk.chat_texts()),
+            timeout=20,
+            message="the proposal in the channel",
         )
     [entry] = [e for e in proposed.timeline if e.kind == "runbook_proposed"]
     return handle.id, proposed, entry.text

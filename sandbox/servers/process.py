@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -25,11 +26,32 @@ class ServerError(RuntimeError):
     """A server could not be started, found or stopped; the message says which and why."""
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel picks ports from, for outgoing connections and for port 0."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on now (the kernel's pick)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on now, chosen at random below the kernel's ephemeral
+    range. The kernel's own pick (port 0) is no good for a server started a moment later: the
+    port may go to an outgoing connection or to another process's port-0 pick meanwhile, as two
+    test processes side by side showed. Below the range only other callers of this function
+    compete, each drawing from thousands of ports."""
+    low, _ = ephemeral_ports()
+    chooser = random.SystemRandom()
+    for _ in range(200):
+        port = chooser.randrange(max(1024, low - 16384), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ServerError(f"no free loopback port below {low} after 200 tries")
 
 
 def alive(pid: int) -> bool:
