@@ -19,7 +19,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.notify import NotifyActivities
-from activities.postgres import connect
+from activities.postgres import AstraDatabase
 from runtime import search_attributes as sa
 from runtime.access import (
     AccessPolicy,
@@ -116,12 +116,14 @@ class AccessActivities:
         client: Client,
         notify: NotifyActivities,
         state_dsn: str,
+        topology: Path | None = None,
     ) -> None:
         self.policy_path = policy_path
         self.trust = trust
         self.client = client
         self.notify = notify
-        self.state_dsn = state_dsn
+        # astra-ops's own tables; beside Astra's (the dev stack), they follow its failovers too.
+        self.state = AstraDatabase(state_dsn, topology)
         self._policy_file = PolicyFile(policy_path)
 
     def _policy(self) -> AccessPolicy:
@@ -233,7 +235,7 @@ class AccessActivities:
         since = datetime.now(UTC) - timedelta(seconds=req.per_seconds)
         scope = f"{req.runbook}/{req.step}/{req.scope}"
         # astra_ops_automatic_actions comes from astra-ops's migrations (`astra-ops setup`).
-        async with await connect(self.state_dsn) as conn, conn.transaction():
+        async with await self.state.connect() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (scope,))
             mine = await (
                 await conn.execute(

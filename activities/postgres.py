@@ -7,6 +7,7 @@ connection that outlives a failover would only point at the old primary.
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, LiteralString, Self
 
 from pydantic import BaseModel, Field, model_validator
@@ -14,6 +15,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.mutation import Mutation, MutationResult
+from runtime.data_plane import DataPlaneTopology
 
 if TYPE_CHECKING:
     import psycopg
@@ -213,6 +215,46 @@ async def connect(dsn: str, *, autocommit: bool = False) -> psycopg.AsyncConnect
     return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit)
 
 
+class AstraDatabase:
+    """Where Astra's database is now, for astra-ops's own reads and repairs of it.
+
+    Configured as a DSN. When that DSN is one of the data-plane topology's servers (the dev
+    stack's, or production's without a pooler in front), it follows whichever listed server is
+    the primary now: after `postgres-outage` fails over, the runbooks that read or repair tasks
+    must reach the new primary, not the old one, which is down or has become a read-only
+    replica. A DSN outside the topology (a pooler, a service name) is used as it is. The
+    topology is read, and the primary asked for, on every connection, as every activity here
+    opens its own short one.
+    """
+
+    def __init__(self, dsn: str, topology: Path | None = None) -> None:
+        self.configured = dsn
+        self.topology = topology
+
+    async def connect(self, *, autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
+        return await connect(await self.dsn(), autocommit=autocommit)
+
+    async def dsn(self) -> str:
+        import psycopg
+
+        if self.topology is None:
+            return self.configured
+        servers = DataPlaneTopology.load(self.topology).postgres
+        if self.configured not in {server.platform_dsn for server in servers}:
+            return self.configured
+        for server in servers:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    server.admin_dsn, connect_timeout=2, autocommit=True
+                ) as conn:
+                    row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
+            except psycopg.OperationalError:
+                continue
+            if row is not None and not row[0]:
+                return server.platform_dsn
+        return self.configured
+
+
 async def query_failure_rate(
     conn: psycopg.AsyncConnection[Any], window_seconds: float
 ) -> FailureRate:
@@ -268,8 +310,8 @@ async def _top_cost(
 class PostgresActivities:
     """Reads and repairs Astra's task and usage tables in one PostgreSQL database."""
 
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
+    def __init__(self, dsn: str, topology: Path | None = None) -> None:
+        self._database = AstraDatabase(dsn, topology)
 
     @activity.defn
     async def lease_summary(self, req: LeasedTasksRequest) -> LeaseSummary:
@@ -278,7 +320,7 @@ class PostgresActivities:
         A count and a sample rather than every id, because a worker of a big pool can hold more
         ids than fit in a Temporal payload.
         """
-        async with await connect(self._dsn) as conn:
+        async with await self._database.connect() as conn:
             await self._require_worker(conn, req.worker_id)
             row = await (
                 await conn.execute(
@@ -312,7 +354,7 @@ class PostgresActivities:
             "token": req.token,
             "batch": req.batch_size,
         }
-        async with await connect(self._dsn, autocommit=True) as conn:
+        async with await self._database.connect(autocommit=True) as conn:
             await self._require_worker(conn, req.worker_id)
             if req.dry_run:
                 row = await (await conn.execute(f"SELECT count(*) {where}", params)).fetchone()
@@ -359,7 +401,7 @@ class PostgresActivities:
     @activity.defn
     async def requeue_progress(self, req: RequeueProgressRequest) -> RequeueProgress:
         """How many of the tasks requeued under a token live workers have picked up since."""
-        async with await connect(self._dsn) as conn:
+        async with await self._database.connect() as conn:
             row = await (
                 await conn.execute(
                     "SELECT count(*), count(*) FILTER (WHERE t.status = 'pending')"
@@ -378,7 +420,7 @@ class PostgresActivities:
             "FROM tasks WHERE updated_at > now() - make_interval(secs => %s) AND status = ANY(%s)"
         )
         params = (req.window_seconds, list(FAILED_STATUSES), req.top)
-        async with await connect(self._dsn) as conn:
+        async with await self._database.connect() as conn:
 
             async def counts(key: LiteralString) -> list[Count]:
                 rows = await (
@@ -411,7 +453,7 @@ class PostgresActivities:
         requeues the task, so a retried activity (or a task that dead-letters again during the
         run) is never requeued a second time by the same run.
         """
-        async with await connect(self._dsn) as conn:
+        async with await self._database.connect() as conn:
             if req.dry_run:
                 rows = await (
                     await conn.execute(
@@ -458,7 +500,7 @@ class PostgresActivities:
     @activity.defn
     async def task_states(self, req: TaskStatesRequest) -> TaskStates:
         """The current state of given tasks, for a runbook's verify step."""
-        async with await connect(self._dsn) as conn:
+        async with await self._database.connect() as conn:
             rows = await (
                 await conn.execute(
                     "SELECT id, status, worker_id, retries, max_retries, last_error, updated_at"

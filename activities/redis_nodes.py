@@ -33,7 +33,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.mutation import Mutation, MutationResult
-from activities.postgres import connect
+from activities.postgres import AstraDatabase
 from activities.redis_store import AstraKeys, live_workers, task_entry
 from runtime.data_plane import DataPlaneTopology, NodeName, RedisNode
 from runtime.redact import redact
@@ -312,7 +312,7 @@ class RedisNodeActivities:
         self, topology: Path | None, database_url: str, key_prefix: str = "astra:"
     ) -> None:
         self.topology_file = topology
-        self.database_url = database_url
+        self.database = AstraDatabase(database_url, topology)
         self.keys = AstraKeys(key_prefix)
 
     def _topology(self) -> DataPlaneTopology:
@@ -402,7 +402,7 @@ class RedisNodeActivities:
         node = self._topology().redis_node(req.node)
         client = _client(node.url, ACTION_TIMEOUT_SECONDS)
         try:
-            async with await connect(self.database_url, autocommit=True) as conn:
+            async with await self.database.connect(autocommit=True) as conn:
                 return await self._compare(conn, client, req)
         finally:
             await client.aclose()
@@ -619,7 +619,7 @@ class RedisNodeActivities:
                     f"{req.node} is a replica and cannot take writes: rebuild on the primary",
                     non_retryable=True,
                 )
-            async with await connect(self.database_url, autocommit=True) as conn:
+            async with await self.database.connect(autocommit=True) as conn:
                 cutoff = await self._cutoff(conn, req.publish_grace_seconds)
                 for shard in await self._shards(conn, client):
                     stream = self.keys.task_stream(shard)
@@ -724,7 +724,7 @@ class RedisNodeActivities:
                     changed=False,
                     detail=f"would restore the data marker on {req.node} once rebuilt",
                 )
-            async with await connect(self.database_url, autocommit=True) as conn:
+            async with await self.database.connect(autocommit=True) as conn:
                 report = await self._compare(
                     conn,
                     client,

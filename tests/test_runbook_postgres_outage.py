@@ -27,6 +27,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.endpoints import PLATFORM_CLIENTS, EndpointActivities, Repoint
 from activities.kubernetes import KubernetesActivities
+from activities.postgres import AstraDatabase
 from activities.postgres_nodes import (
     Fence,
     NodesRequest,
@@ -205,6 +206,11 @@ async def test_a_killed_synchronous_primary_fails_over_unattended_and_loses_noth
             return await query(old.dsn, "SELECT id FROM acked WHERE id = -1") == [(-1,)]
 
         await eventually(streamed, timeout=SECONDS, message="the old primary follows the new")
+        # astra-ops's own reads and repairs of Astra's database follow the failover, though its
+        # setting still names the old primary; a DSN outside the topology is taken as it is.
+        topology = tmp_path / "topology.json"
+        assert await AstraDatabase(platform["primary"], topology).dsn() == platform["replica"]
+        assert await AstraDatabase(pg_dsn, topology).dsn() == pg_dsn
 
 
 async def test_a_killed_asynchronous_primary_fails_over_with_two_approvers_losing_what_it_said(

@@ -178,10 +178,17 @@ async def running_worker(
     kubernetes = KubernetesActivities(kubernetes_api)
     notify = NotifyActivities(settings.access_policy, settings.chat_webhook_url)
     identity = trust(settings)
-    access = AccessActivities(settings.access_policy, identity, client, notify, settings.state_dsn)
+    access = AccessActivities(
+        settings.access_policy,
+        identity,
+        client,
+        notify,
+        settings.state_dsn,
+        settings.data_plane_topology,
+    )
     incident = IncidentActivities(settings.access_policy, identity, settings.postmortems)
     communication = CommunicationActivities.from_settings(settings)
-    postgres = PostgresActivities(settings.database_url)
+    postgres = PostgresActivities(settings.database_url, settings.data_plane_topology)
     redis = RedisActivities(settings.redis_url, key_prefix=settings.redis_key_prefix)
     metrics = MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url))
     endpoints = EndpointActivities(kubernetes, settings.data_plane_topology)
