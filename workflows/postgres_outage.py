@@ -45,7 +45,7 @@ from workflows.models import (
     RunbookRequest,
     RunbookResult,
 )
-from workflows.rollouts import roll
+from workflows.rollouts import roll, roll_steps
 from workflows.runbook import Runbook, RunbookSpec
 from workflows.steps import failure_message
 from workflows.task_health import PROBES
@@ -123,7 +123,7 @@ SPEC = RunbookSpec(
         PROMOTE,
         ONE_PRIMARY,
         REPOINT,
-        *(step for s in PLATFORM_CLIENTS for step in (f"restart {s}", f"wait for {s}")),
+        *roll_steps(*PLATFORM_CLIENTS),
         REATTACH,
         VERIFY_ENDPOINT,
         VERIFY_WRITE,

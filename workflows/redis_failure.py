@@ -44,7 +44,7 @@ from workflows.models import (
     RunbookRequest,
     RunbookResult,
 )
-from workflows.rollouts import roll
+from workflows.rollouts import roll, roll_steps
 from workflows.runbook import Runbook, RunbookSpec
 from workflows.task_health import PROBES, wait_until
 
@@ -119,11 +119,10 @@ def steps(req: RedisFailureRequest) -> list[str]:
         APPROVE_REBUILD,
         FAIL_OVER,
         REPOINT,
-        f"restart {PRODUCER}",
-        f"wait for {PRODUCER}",
+        *roll_steps(PRODUCER),
         REBUILD,
         MARKER,
-        *(step for d in CONSUMERS for step in (f"restart {d}", f"wait for {d}")),
+        *roll_steps(*CONSUMERS),
         VERIFY_PRIMARY,
         VERIFY_STREAMS,
         VERIFY_HEARTBEATS,

@@ -22,6 +22,12 @@ with workflow.unsafe.imports_passed_through():
 WAIT_HEARTBEAT = timedelta(seconds=30)
 
 
+def roll_steps(*deployments: str) -> list[str]:
+    """The steps :func:`roll` takes for each Deployment, in order: for a runbook's catalogue
+    entry, and for the steps a run skips."""
+    return [step for d in deployments for step in (f"restart {d}", f"wait for {d}")]
+
+
 async def roll(
     steps: StepRunner,
     namespace: str,

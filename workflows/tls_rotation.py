@@ -35,7 +35,7 @@ from workflows.models import (
     RunbookRequest,
     RunbookResult,
 )
-from workflows.rollouts import roll
+from workflows.rollouts import roll, roll_steps
 from workflows.runbook import Runbook, RunbookSpec
 
 with workflow.unsafe.imports_passed_through():
@@ -79,8 +79,7 @@ def _service_steps(service: str) -> list[str]:
     return [
         f"renew {service}'s certificate",
         f"roll back {service}'s certificate",
-        f"restart {service}",
-        f"wait for {service}",
+        *roll_steps(service),
         f"verify {service} serves the certificate in its Secret",
     ]
 

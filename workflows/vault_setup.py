@@ -32,7 +32,7 @@ from workflows.models import (
     RunbookRequest,
     RunbookResult,
 )
-from workflows.rollouts import roll
+from workflows.rollouts import roll, roll_steps
 from workflows.runbook import Runbook, RunbookSpec
 
 with workflow.unsafe.imports_passed_through():
@@ -120,11 +120,7 @@ SPEC = RunbookSpec(
         "write the changed secrets",
         "write the platform's policy",
         f"update {req.secret}",
-        *[
-            step
-            for service in req.services
-            for step in (f"restart {service}", f"wait for {service}")
-        ],
+        *roll_steps(*req.services),
         "verify the credential reads its path and nothing else",
         "revoke the replaced credential",
     ],
@@ -285,8 +281,9 @@ class VaultSetup(Runbook):
         )
         for service in req.services:
             if service not in restarted:
-                self.steps.skip(f"restart {service}", f"not needed: it does not read {req.secret}")
-                self.steps.skip(f"wait for {service}", "not needed")
+                restart, wait = roll_steps(service)
+                self.steps.skip(restart, f"not needed: it does not read {req.secret}")
+                self.steps.skip(wait, "not needed")
                 continue
             await roll(self.steps, req.namespace, service, req.rollout_timeout_seconds)
         if req.dry_run:
