@@ -207,12 +207,19 @@ class RequeueProgress(BaseModel):
         return f"{self.waiting} of {self.requeued} requeued tasks still waiting"
 
 
-async def connect(dsn: str, *, autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
-    """A new connection to ``dsn``. psycopg is imported here, not with this module: the workflows
+async def connect(
+    dsn: str, *, autocommit: bool = False, seconds: float | None = None
+) -> psycopg.AsyncConnection[Any]:
+    """A new connection to ``dsn``, giving up after ``seconds`` when given (libpq counts whole
+    seconds, at least one). psycopg is imported here, not with this module: the workflows
     import this module for its models (and so does the CLI, through the catalogue)."""
     import psycopg
 
-    return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit)
+    if seconds is None:
+        return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit)
+    return await psycopg.AsyncConnection.connect(
+        dsn, autocommit=autocommit, connect_timeout=max(1, round(seconds))
+    )
 
 
 class AstraDatabase:
@@ -244,9 +251,7 @@ class AstraDatabase:
             return self.configured
         for server in servers:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    server.admin_dsn, connect_timeout=2, autocommit=True
-                ) as conn:
+                async with await connect(server.admin_dsn, autocommit=True, seconds=2) as conn:
                     row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
             except psycopg.OperationalError:
                 continue

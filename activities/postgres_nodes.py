@@ -32,6 +32,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.mutation import Mutation, MutationResult
+from activities.postgres import connect
 from runtime.data_plane import DataPlaneTopology, NodeName, PostgresControl, PostgresNode
 from runtime.errors import ConfigError
 from runtime.redact import redact
@@ -61,18 +62,6 @@ def lsn(text: str | None) -> int | None:
 
 def lsn_text(position: int | None) -> str:
     return "-" if position is None else f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
-
-
-async def connect(
-    dsn: str, seconds: float, *, autocommit: bool = True
-) -> psycopg.AsyncConnection[Any]:
-    """A connection that gives up after ``seconds`` (psycopg is imported here, not with
-    this module: the workflows import the models above)."""
-    import psycopg
-
-    return await psycopg.AsyncConnection.connect(
-        dsn, connect_timeout=max(1, round(seconds)), autocommit=autocommit
-    )
 
 
 def failure(err: BaseException) -> str:
@@ -268,7 +257,7 @@ class PostgresNodeActivities:
         return state
 
     async def _read_state(self, node: PostgresNode, state: NodeState, seconds: float) -> None:
-        async with await connect(node.admin_dsn, seconds) as conn:
+        async with await connect(node.admin_dsn, autocommit=True, seconds=seconds) as conn:
             state.reachable = True
             row = await (
                 await conn.execute(
@@ -320,7 +309,7 @@ class PostgresNodeActivities:
             await _pg_ctl(node.control, "stop", "-m", "fast", "-w", "-t", "60")
             return MutationResult(changed=True, detail=f"stopped {node.name} (pg_ctl stop -m fast)")
         try:
-            async with await connect(node.admin_dsn, 5) as conn:
+            async with await connect(node.admin_dsn, autocommit=True, seconds=5) as conn:
                 mode = await (await conn.execute("SHOW default_transaction_read_only")).fetchone()
                 sessions = await _client_sessions(conn)
                 if mode is not None and mode[0] == "on" and not sessions:
@@ -357,7 +346,7 @@ class PostgresNodeActivities:
         """Promote the replica, only if it is still in recovery: a retry, or a second run, finds
         it promoted and does nothing (promoting twice would fork a second timeline)."""
         node = self._node(req.node)
-        async with await connect(node.admin_dsn, 5) as conn:
+        async with await connect(node.admin_dsn, autocommit=True, seconds=5) as conn:
             row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
             if row is None or not row[0]:
                 return MutationResult(
@@ -449,7 +438,7 @@ async def _rewind(
     }
     # A retry after a rewind rewinds again: single-user recovery refuses a standby.signal.
     (control.data_dir / "standby.signal").unlink(missing_ok=True)
-    async with await connect(primary.admin_dsn, 5) as conn:
+    async with await connect(primary.admin_dsn, autocommit=True, seconds=5) as conn:
         # A promoted server's control file names its new timeline only after a checkpoint;
         # before one, pg_rewind sees one timeline and says "no rewind required".
         await conn.execute("CHECKPOINT")
@@ -470,7 +459,7 @@ async def _rewind(
     finally:
         for name, content in kept.items():
             _write_owned(control, control.data_dir / name, content)
-    async with await connect(primary.admin_dsn, 5) as conn:
+    async with await connect(primary.admin_dsn, autocommit=True, seconds=5) as conn:
         await conn.execute(
             "SELECT pg_create_physical_replication_slot(%(slot)s) WHERE NOT EXISTS "
             "(SELECT FROM pg_replication_slots WHERE slot_name = %(slot)s)",
@@ -530,7 +519,10 @@ async def _probe_write(dsn: str, name: str, seconds: float) -> int | None:
     transaction mode (so a read-only fence refuses it); the WAL position after the commit."""
     import psycopg
 
-    async with asyncio.timeout(seconds * 2), await connect(dsn, seconds) as conn:
+    async with (
+        asyncio.timeout(seconds * 2),
+        await connect(dsn, autocommit=True, seconds=seconds) as conn,
+    ):
         await conn.execute(f"SET statement_timeout = {round(seconds * 1000)}")
         upsert = (
             f"INSERT INTO {PROBE_TABLE} (node, at) VALUES (%s, now()) "
@@ -562,7 +554,7 @@ async def _client_sessions(conn: psycopg.AsyncConnection[Any]) -> list[int]:
 async def _in_recovery(node: PostgresNode) -> bool:
     """Whether the server says it is a replica (unreachable: not known to be one)."""
     try:
-        async with await connect(node.admin_dsn, 3) as conn:
+        async with await connect(node.admin_dsn, autocommit=True, seconds=3) as conn:
             row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
     except (OSError, _psycopg_error()):
         return False
@@ -571,7 +563,7 @@ async def _in_recovery(node: PostgresNode) -> bool:
 
 async def _streams_from(primary: PostgresNode, name: str) -> bool:
     try:
-        async with await connect(primary.admin_dsn, 3) as conn:
+        async with await connect(primary.admin_dsn, autocommit=True, seconds=3) as conn:
             row = await (
                 await conn.execute(
                     "SELECT 1 FROM pg_stat_replication WHERE application_name = %s"
