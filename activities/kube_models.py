@@ -75,6 +75,8 @@ class RolloutStatus(BaseModel):
     failed_message: str | None = None
     restart_token: str | None = None
     config_hash: str | None = None
+    image: str | None = None
+    """The image of the pod template's first container: what the rollout rolls out."""
 
     def summary(self) -> str:
         """One line for heartbeats and error messages."""
@@ -219,3 +221,58 @@ class SecretReaders(BaseModel):
 
     def summary(self) -> str:
         return f"{', '.join(self.deployments) or 'no Deployment'} read {self.secret}"
+
+
+def canary_name(stable: str) -> str:
+    """The canary Deployment of ``stable``: one per Deployment, so a run and its retries and the
+    rollback all find the same one."""
+    return f"{stable}-canary"
+
+
+class CanaryScale(Mutation):
+    """Run ``replicas`` pods of ``image`` beside a Deployment's own (the stable ones): its canary,
+    which takes that share of the work because the Service selects both."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    stable: str
+    image: str
+    replicas: int = Field(ge=0, le=10_000)
+
+
+class CanaryRef(Mutation):
+    """The canary of a Deployment, to remove."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    stable: str
+
+
+class ImageChange(Mutation):
+    """Roll a Deployment's first container onto ``image``."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+    image: str
+    expected: str | None = None
+    """Change it only while it runs this image: a rollback leaves an image someone else set."""
+
+
+class ImageCheck(BaseModel):
+    """Which image every pod of a Deployment should run."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+    image: str
+
+
+class ImageVerification(BaseModel):
+    """Whether every pod the Deployment owns is ready and runs the image."""
+
+    ok: bool
+    image: str
+    pods_total: int
+    pods_current: int
+    stale: list[str]
+
+    def summary(self) -> str:
+        stale = f"; not yet: {', '.join(self.stale)}" if self.stale else ""
+        return f"{self.pods_current} of {self.pods_total} pods run {self.image}{stale}"

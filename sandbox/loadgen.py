@@ -337,6 +337,7 @@ class LoadGenerator:
         self._started_with: dict[str, AstraEndpoints] = {}  # pod uid -> what it connected to
         self._unreachable: set[str] = set()
         self._rng = random.Random(self.config.seed)
+        self._ticks = 0
 
     async def aclose(self) -> None:
         for client in self._clients.values():
@@ -357,6 +358,7 @@ class LoadGenerator:
         stays pending in PostgreSQL without its stream entry, as in Astra, until someone
         rebuilds the streams (the redis-failure runbook).
         """
+        self._ticks += 1
         knobs, lost = await self._control()
         platform = PlatformConfig()
         images: dict[str, str] = {}
@@ -536,7 +538,10 @@ class LoadGenerator:
         if share.submit:
             published.queued = await self._submit(conn)
             done.submitted = [task_id for task_id, _, _ in published.queued]
-        for worker in share.live:
+        # Each tick a different worker leases first, so every pod takes an equal share of the
+        # work (a canary of one pod in four runs a quarter of the tasks), whatever its name.
+        start = self._ticks % len(share.live) if share.live else 0
+        for worker in share.live[start:] + share.live[:start]:
             published.dead_letters += await self._finish(
                 conn, worker, images.get(worker), knobs, platform, done
             )
