@@ -477,7 +477,7 @@ class LoadGenerator:
             database_url=view.database_url or self._given.database_url,
             redis_url=view.redis_url or self._given.redis_url,
         )
-        running = {pod.uid for pods in view.pods.values() for pod in pods}
+        running = {pod.uid for pod in view.running}
         for gone in self._started_with.keys() - running:
             del self._started_with[gone]
         for started in running - self._started_with.keys():

@@ -1,0 +1,135 @@
+"""Which pods do the simulated Astra's work: the ones its Kubernetes Services select.
+
+What makes an upgrade in the sandbox real: a green Deployment does nothing until the Service's
+selector is switched to it, and then the blue pods stop; a canary's pods matching the stable
+selector take their share of the leases. The load generator is driven tick by tick
+(``step()``) against a real PostgreSQL and Redis and the sandbox cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from kubernetes.client import AppsV1Api, CoreV1Api
+
+from sandbox.faults import SandboxTarget
+from sandbox.kube.seed import deployment_manifest
+from sandbox.loadgen import LoadConfig, LoadGenerator, StepReport
+from sandbox.platform import ClusterView
+from tests.conftest_kube import KubeSandbox, canary_manifest
+
+NS = "astra"
+WORKERS = "astra-worker"
+STABLE_IMAGE = "registry.sandbox.local/astra/astra-worker:1.0.0"
+CANARY_IMAGE = "registry.sandbox.local/astra/astra-worker:1.1.0"
+
+
+@pytest.fixture
+async def generator(data_plane: SandboxTarget, kube: KubeSandbox) -> AsyncIterator[LoadGenerator]:
+    """Astra played on the sandbox cluster: every worker leases two of the tasks submitted each
+    tick (eight a tick, for up to four workers); a failed task waits for its retry past the
+    test, so it keeps the id of the worker that failed it."""
+    generator = LoadGenerator(
+        data_plane.dsn,
+        data_plane.redis_url,
+        [],
+        LoadConfig(seed=7, tasks_per_step=8, lease_per_worker=2, retry_delay_seconds=3600),
+        key_prefix=data_plane.key_prefix,
+        cluster=ClusterView(kube.api),
+    )
+    try:
+        yield generator
+    finally:
+        await generator.aclose()
+
+
+def pods(kube: KubeSandbox, **labels: str) -> set[str]:
+    return {p["metadata"]["name"] for p in kube.cluster.pods(NS, labels)}
+
+
+# Typed as Any, as in test_fake_kube: the tests read optional fields freely.
+def apps(kube: KubeSandbox) -> Any:
+    return AppsV1Api(kube.api)
+
+
+def deploy(kube: KubeSandbox, manifest: dict[str, Any]) -> None:
+    """Create a Deployment and let its pods start at once."""
+    apps(kube).create_namespaced_deployment(NS, manifest)
+    kube.cluster.settle()
+
+
+def select(kube: KubeSandbox, selector: dict[str, str]) -> None:
+    """Switch the workers' Service, as a blue/green switch does: a JSON patch replaces the
+    selector whole (a strategic merge patch would merge it key by key)."""
+    CoreV1Api(kube.api).patch_namespaced_service(
+        WORKERS, NS, [{"op": "replace", "path": "/spec/selector", "value": selector}]
+    )
+
+
+def leasing(report: StepReport) -> set[str]:
+    """The workers that leased tasks in a tick."""
+    return {worker for worker, tasks in report.leased.items() if tasks}
+
+
+async def failures_by_worker(dsn: str) -> dict[str, int]:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT worker_id, count(*) FROM tasks"
+                " WHERE status IN ('failed', 'dead_letter') GROUP BY worker_id"
+            )
+        ).fetchall()
+    return {str(worker): int(count) for worker, count in rows}
+
+
+async def test_switching_the_service_selector_moves_the_work_to_the_green_pods(
+    kube: KubeSandbox, generator: LoadGenerator
+) -> None:
+    deploy(kube, deployment_manifest("astra-worker-green", 3))
+    blue, green = pods(kube, app=WORKERS), pods(kube, app="astra-worker-green")
+    assert len(blue) == len(green) == 3
+
+    for _ in range(2):
+        report = await generator.step()
+        assert leasing(report) == blue
+        assert set(report.heartbeats) == blue
+    held_by_blue = [task for worker in blue for task in report.leased[worker]]
+
+    select(kube, {"app": "astra-worker-green"})
+    for _ in range(2):
+        report = await generator.step()
+        assert leasing(report) == green
+        assert set(report.heartbeats) == green
+        assert not set(report.succeeded) & set(held_by_blue)  # blue is out of service
+
+    select(kube, {"app": WORKERS})  # the instant switch back
+    report = await generator.step()
+    assert leasing(report) == blue
+    assert set(held_by_blue) <= set(report.succeeded)  # blue finishes what it held
+
+
+async def test_canary_pods_matching_the_stable_selector_take_their_share_of_the_leases(
+    kube: KubeSandbox, generator: LoadGenerator
+) -> None:
+    deploy(kube, canary_manifest(CANARY_IMAGE))
+    canary = pods(kube, app=WORKERS, track="canary")
+    assert len(canary) == 1 and len(pods(kube, app=WORKERS)) == 4
+
+    view = await ClusterView(kube.api).observe()
+    assert set(view.workers) == pods(kube, app=WORKERS)
+    assert {view.images[pod] for pod in canary} == {CANARY_IMAGE}
+    assert {view.images[pod] for pod in set(view.workers) - canary} == {STABLE_IMAGE}
+
+    leases = canary_leases = 0
+    for _ in range(3):
+        report = await generator.step()
+        leases += sum(len(tasks) for tasks in report.leased.values())
+        canary_leases += sum(len(report.leased[pod]) for pod in canary)
+    assert leases > 0
+    assert canary_leases / leases == 0.25  # one pod of four
+
+    select(kube, {"app": WORKERS, "track": "stable"})  # a selector the canary does not match
+    assert not leasing(await generator.step())  # nor does the stable pod, unlabelled
