@@ -2,8 +2,9 @@
 
 What makes an upgrade in the sandbox real: a green Deployment does nothing until the Service's
 selector is switched to it, and then the blue pods stop; a canary's pods matching the stable
-selector take their share of the leases. The load generator is driven tick by tick
-(``step()``) against a real PostgreSQL and Redis and the sandbox cluster.
+selector take their share of the leases; and an image marked as a bad build fails only on the
+pods that run it. The load generator is driven tick by tick (``step()``) against a real
+PostgreSQL and Redis and the sandbox cluster.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import psycopg
 import pytest
 from kubernetes.client import AppsV1Api, CoreV1Api
 
-from sandbox.faults import SandboxTarget
+from sandbox.faults import BAD_BUILD_ERROR, SandboxTarget, bad_canary, clear_bad_build
+from sandbox.faults import bad_canary_image as default_bad_canary_image
 from sandbox.kube.seed import deployment_manifest
 from sandbox.loadgen import LoadConfig, LoadGenerator, StepReport
 from sandbox.platform import ClusterView
@@ -133,3 +135,33 @@ async def test_canary_pods_matching_the_stable_selector_take_their_share_of_the_
 
     select(kube, {"app": WORKERS, "track": "stable"})  # a selector the canary does not match
     assert not leasing(await generator.step())  # nor does the stable pod, unlabelled
+
+
+async def test_a_bad_canary_fails_only_the_tasks_its_canary_pods_run(
+    kube: KubeSandbox, generator: LoadGenerator, data_plane: SandboxTarget
+) -> None:
+    image = await default_bad_canary_image(kube.api)
+    assert image == "registry.sandbox.local/astra/astra-worker:bad-canary"
+    before = apps(kube).read_namespaced_deployment(WORKERS, NS)
+    fault = await bad_canary(data_plane, image, share=1.0)
+    assert (fault.image, fault.share, fault.error) == (image, 1.0, BAD_BUILD_ERROR)
+    after = apps(kube).read_namespaced_deployment(WORKERS, NS)
+    assert after.metadata.generation == before.metadata.generation  # nothing was rolled out
+    assert after.spec.template.spec.containers[0].image == STABLE_IMAGE
+
+    for _ in range(2):
+        assert not (await generator.step()).failed  # no pod runs the bad image yet
+
+    deploy(kube, canary_manifest(image))
+    canary = pods(kube, app=WORKERS, track="canary")
+    for _ in range(3):
+        await generator.step()
+    failed = await failures_by_worker(data_plane.dsn)
+    assert set(failed) == canary and failed[next(iter(canary))] > 0
+
+    cleared = await clear_bad_build(data_plane, image)
+    assert cleared.was_bad
+    await generator.step()  # the canary finishes what it leased while it was bad
+    report = await generator.step()
+    assert not report.failed and report.succeeded
+    assert not (await clear_bad_build(data_plane, image)).was_bad
