@@ -337,6 +337,7 @@ class LoadGenerator:
         self._started_with: dict[str, AstraEndpoints] = {}  # pod uid -> what it connected to
         self._unreachable: set[str] = set()
         self._rng = random.Random(self.config.seed)
+        self._ticks = 0
 
     async def aclose(self) -> None:
         for client in self._clients.values():
@@ -357,6 +358,7 @@ class LoadGenerator:
         stays pending in PostgreSQL without its stream entry, as in Astra, until someone
         rebuilds the streams (the redis-failure runbook).
         """
+        self._ticks += 1
         knobs, lost = await self._control()
         platform = PlatformConfig()
         images: dict[str, str] = {}
@@ -536,7 +538,11 @@ class LoadGenerator:
         if share.submit:
             published.queued = await self._submit(conn)
             done.submitted = [task_id for task_id, _, _ in published.queued]
-        for worker in share.live:
+        # Who leases first takes turns, tick by tick: while there are fewer tasks than the
+        # workers could take, each still gets its share (a canary pod its replicas' share),
+        # whatever its name sorts as.
+        turn = self._ticks % len(share.live) if share.live else 0
+        for worker in share.live[turn:] + share.live[:turn]:
             published.dead_letters += await self._finish(
                 conn, worker, images.get(worker), knobs, platform, done
             )

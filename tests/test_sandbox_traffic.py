@@ -31,14 +31,14 @@ CANARY_IMAGE = "registry.sandbox.local/astra/astra-worker:1.1.0"
 
 @pytest.fixture
 async def generator(data_plane: SandboxTarget, kube: KubeSandbox) -> AsyncIterator[LoadGenerator]:
-    """Astra played on the sandbox cluster: every worker leases two of the tasks submitted each
-    tick (eight a tick, for up to four workers); a failed task waits for its retry past the
-    test, so it keeps the id of the worker that failed it."""
+    """Astra played on the sandbox cluster at its steady rate: four tasks a tick, up to two per
+    worker, so the workers have room to spare and take turns; a failed task waits for its retry
+    past the test, so it keeps the id of the worker that failed it."""
     generator = LoadGenerator(
         data_plane.dsn,
         data_plane.redis_url,
         [],
-        LoadConfig(seed=7, tasks_per_step=8, lease_per_worker=2, retry_delay_seconds=3600),
+        LoadConfig(seed=7, tasks_per_step=4, lease_per_worker=2, retry_delay_seconds=3600),
         key_prefix=data_plane.key_prefix,
         cluster=ClusterView(kube.api),
     )
@@ -71,9 +71,18 @@ def select(kube: KubeSandbox, selector: dict[str, str]) -> None:
     )
 
 
-def leasing(report: StepReport) -> set[str]:
-    """The workers that leased tasks in a tick."""
-    return {worker for worker, tasks in report.leased.items() if tasks}
+async def ticks(generator: LoadGenerator, count: int) -> list[StepReport]:
+    return [await generator.step() for _ in range(count)]
+
+
+def leasing(reports: list[StepReport]) -> set[str]:
+    """The workers that leased tasks in any of these ticks."""
+    return {worker for r in reports for worker, tasks in r.leased.items() if tasks}
+
+
+def beating(reports: list[StepReport]) -> set[str]:
+    """The workers that heartbeat in every one of these ticks."""
+    return set.intersection(*(set(r.heartbeats) for r in reports))
 
 
 async def failures_by_worker(dsn: str) -> dict[str, int]:
@@ -94,23 +103,20 @@ async def test_switching_the_service_selector_moves_the_work_to_the_green_pods(
     blue, green = pods(kube, app=WORKERS), pods(kube, app="astra-worker-green")
     assert len(blue) == len(green) == 3
 
-    for _ in range(2):
-        report = await generator.step()
-        assert leasing(report) == blue
-        assert set(report.heartbeats) == blue
-    held_by_blue = [task for worker in blue for task in report.leased[worker]]
+    before = await ticks(generator, 3)
+    assert leasing(before) == beating(before) == blue
+    held_by_blue = {task for worker in blue for task in before[-1].leased[worker]}
+    assert held_by_blue
 
     select(kube, {"app": "astra-worker-green"})
-    for _ in range(2):
-        report = await generator.step()
-        assert leasing(report) == green
-        assert set(report.heartbeats) == green
-        assert not set(report.succeeded) & set(held_by_blue)  # blue is out of service
+    after = await ticks(generator, 3)
+    assert leasing(after) == beating(after) == green
+    assert not held_by_blue & {task for r in after for task in r.succeeded}  # blue is idle
 
     select(kube, {"app": WORKERS})  # the instant switch back
-    report = await generator.step()
-    assert leasing(report) == blue
-    assert set(held_by_blue) <= set(report.succeeded)  # blue finishes what it held
+    [back] = await ticks(generator, 1)
+    assert leasing([back]) <= blue and beating([back]) == blue
+    assert held_by_blue <= set(back.succeeded)  # blue finishes what it held
 
 
 async def test_canary_pods_matching_the_stable_selector_take_their_share_of_the_leases(
@@ -125,16 +131,15 @@ async def test_canary_pods_matching_the_stable_selector_take_their_share_of_the_
     assert {view.images[pod] for pod in canary} == {CANARY_IMAGE}
     assert {view.images[pod] for pod in set(view.workers) - canary} == {STABLE_IMAGE}
 
-    leases = canary_leases = 0
-    for _ in range(3):
-        report = await generator.step()
-        leases += sum(len(tasks) for tasks in report.leased.values())
-        canary_leases += sum(len(report.leased[pod]) for pod in canary)
-    assert leases > 0
+    # Four tasks a tick for four workers that could take eight: each takes its turn.
+    reports = await ticks(generator, 4)
+    leases = sum(len(tasks) for r in reports for tasks in r.leased.values())
+    canary_leases = sum(len(r.leased[pod]) for r in reports for pod in canary)
+    assert leases == 16
     assert canary_leases / leases == 0.25  # one pod of four
 
     select(kube, {"app": WORKERS, "track": "stable"})  # a selector the canary does not match
-    assert not leasing(await generator.step())  # nor does the stable pod, unlabelled
+    assert not leasing(await ticks(generator, 1))  # nor does the stable pod, unlabelled
 
 
 async def test_a_bad_canary_fails_only_the_tasks_its_canary_pods_run(
@@ -149,19 +154,17 @@ async def test_a_bad_canary_fails_only_the_tasks_its_canary_pods_run(
     assert after.metadata.generation == before.metadata.generation  # nothing was rolled out
     assert after.spec.template.spec.containers[0].image == STABLE_IMAGE
 
-    for _ in range(2):
-        assert not (await generator.step()).failed  # no pod runs the bad image yet
+    assert not any(r.failed for r in await ticks(generator, 3))  # no pod runs it yet
 
     deploy(kube, canary_manifest(image))
     canary = pods(kube, app=WORKERS, track="canary")
-    for _ in range(3):
-        await generator.step()
+    await ticks(generator, 5)
     failed = await failures_by_worker(data_plane.dsn)
     assert set(failed) == canary and failed[next(iter(canary))] > 0
 
     cleared = await clear_bad_build(data_plane, image)
     assert cleared.was_bad
-    await generator.step()  # the canary finishes what it leased while it was bad
-    report = await generator.step()
-    assert not report.failed and report.succeeded
+    after = await ticks(generator, 4)
+    assert not any(r.failed for r in after)
+    assert canary & leasing(after)  # the canary still works, now without failing
     assert not (await clear_bad_build(data_plane, image)).was_bad
