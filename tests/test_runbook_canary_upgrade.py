@@ -18,7 +18,7 @@ from temporalio.client import Client, WorkflowHandle
 from activities.kube_models import canary_name
 from runtime.settings import Settings
 from sandbox.kube.seed import RELEASE
-from sandbox.loadgen import BadBuild, read_knobs, write_knobs
+from sandbox.faults import bad_canary
 from starters.run_views import DecisionRefused
 from starters.runs import Runs
 from tests.conftest import ChatReceiver
@@ -65,13 +65,6 @@ def canary(kube: KubeSandbox) -> dict[str, Any] | None:
     return kube.cluster.get("deployments", "astra", canary_name("astra-worker"))
 
 
-async def bad_build(astra: RunningAstra, image: str, share: float = 1.0) -> None:
-    generator = astra.generator
-    knobs = await read_knobs(generator._redis, generator.keys)
-    knobs.bad_build = BadBuild(image=image, share=share, error="RuntimeError: canary broke")
-    await write_knobs(generator._redis, generator.keys, knobs)
-
-
 @pytest.mark.usefixtures("astra_worker")
 async def test_a_healthy_canary_is_promoted_after_its_window_and_approval(
     client: Client, task_queue: str, kube: KubeSandbox, astra: RunningAstra
@@ -102,7 +95,7 @@ async def test_a_healthy_canary_is_promoted_after_its_window_and_approval(
 async def test_a_bad_canary_is_rolled_back_before_its_window_ends(
     client: Client, task_queue: str, kube: KubeSandbox, astra: RunningAstra, chat: ChatReceiver
 ) -> None:
-    await bad_build(astra, NEW)
+    await bad_canary(astra.target, NEW, share=1.0)
     handle = await start(client, CanaryUpgrade, request(pause=600), task_queue)
 
     result = await asyncio.wait_for(handle.result(), timeout=60)
