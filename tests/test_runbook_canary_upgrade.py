@@ -17,8 +17,8 @@ from temporalio.client import Client, WorkflowHandle
 
 from activities.kube_models import canary_name
 from runtime.settings import Settings
-from sandbox.kube.seed import RELEASE
 from sandbox.faults import bad_canary
+from sandbox.kube.seed import RELEASE
 from starters.run_views import DecisionRefused
 from starters.runs import Runs
 from tests.conftest import ChatReceiver
