@@ -21,6 +21,9 @@ CERT_RENEWED_BY = "astra-ops/cert-renewed-by"
 CANARY_OF = "astra-ops/canary-of"
 """On a canary Deployment: the Deployment it is the canary of. astra-ops changes or deletes a
 ``<name>-canary`` Deployment only when it carries this, so it never touches one it did not make."""
+BLUE_GREEN_OF = "astra-ops/blue-green-of"
+"""On a ``<service>-green`` Deployment: the service it is the second colour of. astra-ops changes
+one only when it carries this."""
 IMAGE_SET_BY = "astra-ops/image-set-by"
 """On a Deployment: the step that last changed its image (a full rollout, or its rollback)."""
 TRACK_LABEL = "track"

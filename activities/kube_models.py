@@ -276,3 +276,57 @@ class ImageVerification(BaseModel):
     def summary(self) -> str:
         stale = f"; not yet: {', '.join(self.stale)}" if self.stale else ""
         return f"{self.pods_current} of {self.pods_total} pods run {self.image}{stale}"
+
+
+def green_name(service: str) -> str:
+    """The second colour of a service's Deployment: blue is the Deployment named like the
+    service, green ``<service>-green``; a release moves the Service between the two."""
+    return f"{service}-green"
+
+
+class ServiceRef(BaseModel):
+    """A Service, and the Deployments of its two colours."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+
+
+class Slots(BaseModel):
+    """Which of a service's two Deployments its Service sends the work to (live), and which is
+    the other (idle): where a blue/green release brings up the new image."""
+
+    service: str
+    live: str
+    idle: str
+    idle_exists: bool
+
+    def summary(self) -> str:
+        spare = "exists" if self.idle_exists else "does not exist yet"
+        return f"Service {self.service} selects {self.live}; {self.idle} {spare}"
+
+
+class SlotDeploy(Mutation):
+    """Run ``replicas`` pods of ``image`` in the idle Deployment, from the live one's template."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    service: str
+    name: str
+    source: str
+    image: str
+    replicas: int = Field(ge=1, le=10_000)
+
+
+class ServicePoint(Mutation):
+    """Point a Service at a Deployment's pods: its selector becomes the Deployment's."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    service: str
+    deployment: str
+    expected: str | None = None
+    """Switch only while it selects this Deployment's pods: never over someone else's switch."""
+
+
+class DeploymentScale(Mutation):
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+    replicas: int = Field(ge=0, le=10_000)

@@ -27,6 +27,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.kube_annotations import (
+    BLUE_GREEN_OF,
     CANARY_OF,
     CHANGE_CAUSE,
     CONFIG_HASH,
@@ -48,6 +49,7 @@ from activities.kube_models import (
     ConfigValue,
     ConfigVerification,
     DeploymentRef,
+    DeploymentScale,
     ImageChange,
     ImageCheck,
     ImageVerification,
@@ -62,7 +64,12 @@ from activities.kube_models import (
     RolloutWait,
     SecretReaders,
     SecretRef,
+    ServicePoint,
+    ServiceRef,
+    SlotDeploy,
+    Slots,
     canary_name,
+    green_name,
 )
 from activities.mutation import MutationResult
 from activities.rollout_history import (
@@ -184,6 +191,27 @@ def _owned(pod: Any, deployment: str) -> bool:
         ref.kind == "ReplicaSet" and ref.name == f"{deployment}-{pod_hash}"
         for ref in pod.metadata.owner_references or []
     )
+
+
+def _slot_body(source: Any, req: SlotDeploy, api: Any) -> Any:
+    """The other colour of ``source``: its pod template on the new image, labelled (and
+    selected) ``app: <name>``, so the Service that selects ``source``'s pods does not select
+    these until it is switched; marked as ours."""
+    body: dict[str, Any] = api.sanitize_for_serialization(
+        {"spec": {"template": source.spec.template}}
+    )
+    spec = body["spec"]
+    spec["replicas"] = req.replicas
+    spec["selector"] = {"matchLabels": {"app": req.name}}
+    spec["template"].setdefault("metadata", {}).setdefault("labels", {})["app"] = req.name
+    spec["template"]["spec"]["containers"][0]["image"] = req.image
+    body["metadata"] = {
+        "name": req.name,
+        "namespace": req.namespace,
+        "labels": dict(source.metadata.labels or {}),
+        "annotations": {BLUE_GREEN_OF: req.service, CHANGE_CAUSE: f"green of {req.image}"},
+    }
+    return body
 
 
 def _canary_body(stable: Any, name: str, image: str, replicas: int, api: Any) -> Any:
@@ -724,18 +752,189 @@ class KubernetesActivities:
         )
 
     @activity.defn
-    def canary_pods(self, req: DeploymentRef) -> PodList:
-        """The pods of ``req.name``'s canary (none when it has none): whose work the canary
-        analysis measures."""
-        name = canary_name(req.name)
-        canary = self._canary(req.namespace, req.name, name)
-        if canary is None:
-            return PodList(pods=[])
-        selector = _selector_text(canary.spec.selector)
+    def deployment_pods(self, req: DeploymentRef) -> PodList:
+        """The pods a Deployment owns (not those of another whose selector overlaps), oldest
+        first; none when it does not exist: whose work a release's analysis measures."""
+        from kubernetes.client.exceptions import ApiException
+
+        target = f"{req.namespace}/{req.name}"
+        with kube_errors("read Deployment", target):
+            try:
+                deployment: Any = self.apps.read_namespaced_deployment(req.name, req.namespace)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                return PodList(pods=[])
+        selector = _selector_text(deployment.spec.selector)
         pods: Any = self._call(
             "list pods",
-            f"{req.namespace}/{name}",
+            target,
             lambda: self.core.list_namespaced_pod(req.namespace, label_selector=selector),
         )
-        infos = [_pod_info(p) for p in pods.items if _owned(p, name)]
+        infos = [_pod_info(p) for p in pods.items if _owned(p, req.name)]
         return PodList(pods=sorted(infos, key=lambda p: (p.created is None, p.created, p.name)))
+
+    def _service(self, namespace: str, name: str) -> Any:
+        return self._call(
+            "read Service",
+            f"{namespace}/{name}",
+            lambda: self.core.read_namespaced_service(name, namespace),
+        )
+
+    def _maybe_deployment(self, namespace: str, name: str) -> Any | None:
+        from kubernetes.client.exceptions import ApiException
+
+        with kube_errors("read Deployment", f"{namespace}/{name}"):
+            try:
+                return self.apps.read_namespaced_deployment(name, namespace)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                return None
+
+    @activity.defn
+    def read_slots(self, req: ServiceRef) -> Slots:
+        """Which of the service's Deployments (blue: named like it; green: ``-green``) its
+        Service selects now, and the other."""
+        target = f"{req.namespace}/{req.name}"
+        selector = dict(self._service(req.namespace, req.name).spec.selector or {})
+        found = {
+            name: self._maybe_deployment(req.namespace, name)
+            for name in (req.name, green_name(req.name))
+        }
+        selected = [
+            name
+            for name, deployment in found.items()
+            if deployment is not None
+            and selector
+            and selector.items() <= (deployment.spec.template.metadata.labels or {}).items()
+        ]
+        if len(selected) != 1:
+            which = " and ".join(selected) or f"neither {' nor '.join(found)}"
+            raise ApplicationError(
+                f"Service {target} (selector {selector}) selects the pods of {which}; a "
+                "blue/green release needs it to select exactly one of them. Point it at the "
+                "live one by hand, then start again",
+                type="NoLiveSlot",
+                non_retryable=True,
+            )
+        (live,) = selected
+        (idle,) = [name for name in found if name != live]
+        return Slots(service=req.name, live=live, idle=idle, idle_exists=found[idle] is not None)
+
+    @activity.defn
+    def deploy_slot(self, req: SlotDeploy) -> MutationResult:
+        """Bring the idle colour up on the new image: create it from the live Deployment's
+        template (labelled ``app: <its name>``, so the Service does not select it yet), or bring
+        the one kept from the last release to the image and count."""
+        target = f"{req.namespace}/{req.name}"
+        _require_token("deploy_slot", target, req.token)
+        existing = self._maybe_deployment(req.namespace, req.name)
+        goal = f"{req.replicas} pod(s) of {req.image}"
+        if existing is None and req.name != green_name(req.service):
+            raise ApplicationError(
+                f"{target} does not exist; only {green_name(req.service)} is created by astra-ops",
+                type="NotOurs",
+                non_retryable=True,
+            )
+        if (
+            existing is not None
+            and req.name == green_name(req.service)
+            and (existing.metadata.annotations or {}).get(BLUE_GREEN_OF) != req.service
+        ):
+            raise ApplicationError(
+                f"{target} exists but astra-ops did not make it (no {BLUE_GREEN_OF}="
+                f"{req.service} annotation); rename or delete it, then start again",
+                type="NotOurs",
+                non_retryable=True,
+            )
+        if (
+            existing is not None
+            and _image(existing) == req.image
+            and existing.spec.replicas == req.replicas
+        ):
+            return MutationResult(changed=False, detail=f"{target} already runs {goal}")
+        if req.dry_run:
+            return MutationResult(changed=False, detail=f"would run {goal} as {target}")
+        if existing is None:
+            source = self._deployment(req.namespace, req.source)
+            body = _slot_body(source, req, self.apps.api_client)
+            self._call(
+                "create Deployment",
+                target,
+                lambda: self.apps.create_namespaced_deployment(req.namespace, body),
+            )
+            return MutationResult(changed=True, detail=f"created {target}: {goal}")
+        container = existing.spec.template.spec.containers[0].name
+        patch = {
+            "metadata": {"annotations": {IMAGE_SET_BY: req.token}},
+            "spec": {
+                "replicas": req.replicas,
+                "template": {"spec": {"containers": [{"name": container, "image": req.image}]}},
+            },
+        }
+        self._call(
+            "change image of Deployment",
+            target,
+            lambda: self.apps.patch_namespaced_deployment(req.name, req.namespace, patch),
+        )
+        return MutationResult(changed=True, detail=f"{target} -> {goal}")
+
+    @activity.defn
+    def point_service(self, req: ServicePoint) -> MutationResult:
+        """Send the Service's work to ``req.deployment``'s pods: its selector becomes that
+        Deployment's (replaced whole, on the version read, so a concurrent edit is retried)."""
+        target = f"{req.namespace}/{req.service}"
+        _require_token("point_service", target, req.token)
+        service = self._service(req.namespace, req.service)
+        selector = dict(service.spec.selector or {})
+        goal = dict(self._deployment(req.namespace, req.deployment).spec.selector.match_labels)
+        if selector == goal:
+            return MutationResult(
+                changed=False, detail=f"Service {target} already selects {req.deployment}"
+            )
+        if req.expected is not None:
+            expected = self._deployment(req.namespace, req.expected).spec.selector.match_labels
+            if selector != dict(expected):
+                raise ApplicationError(
+                    f"Service {target} selects {selector}, not {req.expected}'s pods as this "
+                    "run left it: someone switched it since; astra-ops leaves it to them",
+                    type="ServiceChangedMeanwhile",
+                    non_retryable=True,
+                )
+        if req.dry_run:
+            return MutationResult(
+                changed=False, detail=f"would point Service {target} at {req.deployment}"
+            )
+        service.spec.selector = goal
+        self._call(
+            "switch Service",
+            target,
+            lambda: self.core.replace_namespaced_service(req.service, req.namespace, service),
+        )
+        return MutationResult(
+            changed=True, detail=f"Service {target}: {selector} -> {goal} ({req.deployment})"
+        )
+
+    @activity.defn
+    def scale_deployment(self, req: DeploymentScale) -> MutationResult:
+        """Set a Deployment's replicas (the idle colour goes to 0 and is kept for next time);
+        one that does not exist has no pods to scale."""
+        target = f"{req.namespace}/{req.name}"
+        deployment = self._maybe_deployment(req.namespace, req.name)
+        if deployment is None:
+            return MutationResult(changed=False, detail=f"{target} does not exist")
+        if deployment.spec.replicas == req.replicas:
+            return MutationResult(changed=False, detail=f"{target} already has {req.replicas}")
+        if req.dry_run:
+            return MutationResult(changed=False, detail=f"would scale {target} to {req.replicas}")
+        patch = {"spec": {"replicas": req.replicas}}
+        self._call(
+            "scale Deployment",
+            target,
+            lambda: self.apps.patch_namespaced_deployment(req.name, req.namespace, patch),
+        )
+        return MutationResult(
+            changed=True,
+            detail=f"scaled {target} from {deployment.spec.replicas} to {req.replicas}",
+        )

@@ -662,6 +662,32 @@ def canary_resume(run_id: str, reason: Reason = "", user: As = None) -> None:
     steer_release(run_id, SteerAction.RESUME, reason, user)
 
 
+blue_green_app = typer.Typer(
+    help="Steer a blue-green-upgrade run while blue is kept: send the work back to blue, or "
+    "end the window.",
+    no_args_is_help=True,
+)
+app.add_typer(blue_green_app, name="blue-green")
+
+
+@blue_green_app.command("switch-back")
+def blue_green_switch_back(run_id: str, reason: Reason = "", user: As = None) -> None:
+    """Send the Service's work back to blue at once (while blue is kept), and end the run.
+
+    Example: astra-ops blue-green switch-back blue-green-upgrade/astra/astra-worker --reason "5xx"
+    """
+    steer_release(run_id, SteerAction.SWITCH_BACK, reason, user)
+
+
+@blue_green_app.command("promote")
+def blue_green_promote(run_id: str, reason: Reason = "", user: As = None) -> None:
+    """End the window now: blue is scaled down (its approvers may).
+
+    Example: astra-ops blue-green promote blue-green-upgrade/astra/astra-worker
+    """
+    steer_release(run_id, SteerAction.PROMOTE, reason, user)
+
+
 @app.command()
 def freeze(reason: Reason = "", user: As = None) -> None:
     """Kill switch: hold every mutating step of every run; refuse new starts but dry runs.

@@ -20,9 +20,11 @@ import argparse
 import ast
 import copy
 import inspect
+import json
 import os
 import re
 import sys
+from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,7 +214,8 @@ def _composite(
         assert isinstance(step.func, ast.Attribute)
         if step.func.attr not in STEP_KINDS or not _is_step_runner(step.func.value):
             continue
-        pattern = _pattern(_given(step.args[0], given), scope, names)
+        # The caller's arguments name the caller's variables; the rest, the function's own.
+        pattern = _pattern(_given(step.args[0], given), scope, ChainMap(dict(names), inner))
         if pattern is None:
             continue
         activity = _activity(step.args[1] if len(step.args) > 1 else None, inner)
@@ -651,7 +654,12 @@ class Page:
         listed = sorted(runbook_parameters(self.spec, self.access), key=lambda p: not p.required)
         for p in listed:
             # A list as `--param` takes it: comma-separated.
-            shown = ",".join(p.default) if isinstance(p.default, list) else p.default
+            if isinstance(p.default, list) and all(isinstance(d, str) for d in p.default):
+                shown: Any = ",".join(p.default)
+            elif isinstance(p.default, list):  # of objects: `--param` takes JSON
+                shown = json.dumps(p.default, separators=(",", ":"))
+            else:
+                shown = p.default
             default = "**required**" if p.required else _code(shown)
             lines.append(
                 f"| `{p.name}` | {p.type} | {_cell(default)} | {_cell(', '.join(p.bounds))} | "

@@ -105,6 +105,7 @@ DRY_RUNS: dict[str, Scenario] = {
     "vault-setup": first_vault_setup,
     "tls-rotation": certificates_in_window,
     "canary-upgrade": new_worker_image,
+    "blue-green-upgrade": new_worker_image,
 }
 """What each runbook's dry-run needs, so that it takes its whole path: the fault it is for."""
 

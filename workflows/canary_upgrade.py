@@ -26,58 +26,49 @@ meanwhile is left to them, and the rollback says it is incomplete.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
 
-from workflows.approval import RunbookStopped
 from workflows.models import (
     DAY,
-    HOUR,
-    ImageReference,
-    KubernetesLabel,
-    KubernetesName,
     Outcome,
-    RunbookRequest,
     RunbookResult,
     SteerAction,
     SteerRequest,
 )
+from workflows.releases import (
+    ROLLBACK_NOTICE,
+    Analysis,
+    ReleaseRequest,
+    Running,
+    check_release,
+    check_steps,
+    tell_rotation,
+)
 from workflows.rollouts import wait_for
 from workflows.runbook import Runbook, RunbookSpec
 from workflows.steering import Steering
-from workflows.steps import failure_message
 
 with workflow.unsafe.imports_passed_through():
-    from activities.access import AccessActivities, OpenIncidentsRequest
     from activities.canary_analysis import (
-        AnalysisCriteria,
-        CanaryMeasurementRequest,
         Verdict,
-        judge,
     )
     from activities.kube_models import (
         CanaryRef,
         CanaryScale,
-        DeploymentRef,
         ImageChange,
         ImageCheck,
         canary_name,
     )
     from activities.kubernetes import KubernetesActivities
-    from activities.notify import NotifyActivities, RotationNotice
-    from activities.postgres import PostgresActivities
-    from activities.releases import ReleaseActivities, ReleaseMigrationsRequest
 
 PROMOTION = "approve promoting the canary"
 INCONCLUSIVE = "approve going on after an inconclusive analysis"
-DURING_INCIDENT = "approve upgrading during an open incident"
-ROLLBACK_NOTICE = "tell the service's rotation about the rollback"
 
 
 class CanaryStep(BaseModel):
@@ -116,30 +107,25 @@ def seed_plan() -> list[CanaryStep]:
     ]
 
 
-class CanaryUpgradeRequest(RunbookRequest):
-    service: KubernetesName = Field(default="astra-worker", description="the Deployment to upgrade")
-    image: ImageReference = Field(
-        description="the new image of its first container",
-        examples=["registry.sandbox.local/astra/astra-worker:1.5.0"],
+def _json_text(value: object) -> object:
+    """``--param steps=[...]`` arrives as text: JSON, as the CLI's help says."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError as err:
+            raise ValueError(f"steps must be a JSON list of steps: {err}") from None
+    return value
+
+
+class CanaryUpgradeRequest(ReleaseRequest):
+    steps: Annotated[list[CanaryStep], BeforeValidator(_json_text)] = Field(
+        default_factory=seed_plan,
+        min_length=1,
+        max_length=20,
+        description="the plan, as Argo Rollouts' steps: each sets a `weight` (percent of the "
+        "replicas on the new image), holds a `pause_seconds` window (with `analysis`), or is an "
+        "`approval`; it ends at weight 100, after one approval (`--param` takes JSON)",
     )
-    namespace: KubernetesLabel = "astra"
-    steps: list[CanaryStep] = Field(default_factory=seed_plan, min_length=1, max_length=20)
-    analysis_interval_seconds: float = Field(
-        default=60, gt=0, le=HOUR, description="how often the canary is measured"
-    )
-    max_error_rate_increase: float = Field(
-        default=0.05, ge=0, le=1, description="a canary failing this much more than stable fails"
-    )
-    max_latency_ratio: float = Field(
-        default=2.0, ge=1, le=100, description="a canary p95 this many times stable's fails"
-    )
-    min_samples: int = Field(
-        default=20, ge=1, le=1_000_000, description="fewer canary tasks: inconclusive"
-    )
-    failure_limit: int = Field(
-        default=0, ge=0, le=100, description="failed measurements tolerated before the abort"
-    )
-    rollout_timeout_seconds: float = Field(default=600, gt=0, le=DAY)
 
     @model_validator(mode="after")
     def _a_plan_a_person_approves(self) -> Self:
@@ -163,13 +149,6 @@ class CanaryUpgradeRequest(RunbookRequest):
                 held.add(weight)
         return self
 
-    def criteria(self) -> AnalysisCriteria:
-        return AnalysisCriteria(
-            max_error_rate_increase=self.max_error_rate_increase,
-            max_latency_ratio=self.max_latency_ratio,
-            min_samples=self.min_samples,
-        )
-
 
 def canary_replicas(weight: int, replicas: int) -> int:
     """The canary's pods for a weight: its share of the stable replicas, rounded up, at least
@@ -180,12 +159,7 @@ def canary_replicas(weight: int, replicas: int) -> int:
 def steps(req: CanaryUpgradeRequest) -> list[str]:
     """The plan's steps, after the checks; a run skips those it does not need."""
     service = req.service
-    names = [
-        f"check {service} health",
-        "check the release's migrations",
-        "check open incidents on its rotation",
-        DURING_INCIDENT,
-    ]
+    names = check_steps(service)
     weight = 0
     for step in req.steps:
         if step.approval:
@@ -235,9 +209,7 @@ class CanaryUpgrade(Runbook):
     def __init__(self) -> None:
         super().__init__()
         self.steering = Steering(self.steps, self.steer_actions, PROMOTION)
-        self.rotation = SPEC.rotation
-        self.canary_pods: set[str] = set()
-        self.verdicts: dict[Verdict, int] = dict.fromkeys(Verdict, 0)
+        self.analysis: Analysis | None = None
         self.stable_moved = False
 
     @workflow.update
@@ -256,27 +228,17 @@ class CanaryUpgrade(Runbook):
         return await self.steps.run(req, lambda: self._upgrade(req))
 
     async def _upgrade(self, req: CanaryUpgradeRequest) -> RunbookResult:
-        stable = DeploymentRef(namespace=req.namespace, name=req.service)
-        name = f"check {req.service} health"
-        health = await self.steps.check(name, KubernetesActivities.rollout_health, stable)
-        if not health.complete:
-            raise self.steps.fail(
-                name,
-                f"{req.service} is not healthy ({health.summary()}"
-                f"{', ' + health.failed_reason if health.failed_reason else ''}); an upgrade "
-                "now could not tell the new image's faults from the old; fix the rollout first",
-            )
-        previous = health.image or ""
-        if previous == req.image:
+        running = await check_release(self.steps, req, req.service, SPEC.rotation)
+        if running is None:
             return self.steps.finish(
                 Outcome.NO_CHANGE, f"{req.service} already runs {req.image}; nothing to do"
             )
-        await self._pre_checks(req, previous)
+        analysis = self.analysis = Analysis(self.steps, req)
 
         async def roll_back() -> None:
-            await self._roll_back(req, previous)
+            await self._roll_back(req, running)
 
-        async with self.steps.compensating(f"back to {previous}", roll_back):
+        async with self.steps.compensating(f"back to {running.image}", roll_back):
             weight = 0
             ready_at = workflow.now()
             for step in req.steps:
@@ -284,20 +246,20 @@ class CanaryUpgrade(Runbook):
                     await self.steps.approval(
                         PROMOTION,
                         f"{req.service}: canary of {req.image} at {weight}% "
-                        f"({self._verdict_counts()}); approve the full rollout: {req.reason}",
+                        f"({analysis.counts()}); approve the full rollout: {req.reason}",
                     )
                 if step.weight is not None and step.weight < 100:
                     weight = step.weight
-                    await self._set_weight(req, weight, health.replicas)
+                    await self._set_weight(req, weight, running.replicas)
                     ready_at = workflow.now()
                 if step.weight == 100:
                     await self._full_rollout(req)
                 if step.pause_seconds is not None:
-                    await self._hold(req, step, weight, ready_at)
+                    await self._hold(req, step, weight, ready_at, analysis)
             if req.dry_run:
                 return self.steps.finish(
                     Outcome.DONE,
-                    f"dry-run: would move {req.service} from {previous} to {req.image}",
+                    f"dry-run: would move {req.service} from {running.image} to {req.image}",
                 )
             name = f"verify every {req.service} pod runs the new image"
             check = await self.steps.verify(
@@ -309,40 +271,9 @@ class CanaryUpgrade(Runbook):
                 raise self.steps.fail(name, check.summary())
         return self.steps.finish(
             Outcome.DONE,
-            f"{req.service} runs {req.image} on all {check.pods_total} pods (was {previous}); "
-            f"canary analysis: {self._verdict_counts()}",
+            f"{req.service} runs {req.image} on all {check.pods_total} pods (was "
+            f"{running.image}); canary analysis: {analysis.counts()}",
         )
-
-    async def _pre_checks(self, req: CanaryUpgradeRequest, previous: str) -> None:
-        name = "check the release's migrations"
-        migrations = await self.steps.check(
-            name,
-            ReleaseActivities.check_release_migrations,
-            ReleaseMigrationsRequest(running_image=previous, new_image=req.image),
-        )
-        if not migrations.ok:
-            raise self.steps.fail(
-                name,
-                f"the release's migrations would break the running binary: "
-                f"{'; '.join(migrations.findings)}; ship them the expand/contract way "
-                "(docs/upgrades.md) before this image",
-            )
-        name = "check open incidents on its rotation"
-        incidents = await self.steps.check(
-            name, AccessActivities.open_incidents, OpenIncidentsRequest(service=req.service)
-        )
-        self.rotation = incidents.rotation or SPEC.rotation
-        if not incidents.incidents:
-            self.steps.skip(DURING_INCIDENT, "no open SEV1/SEV2 incident on its rotation")
-            return
-        assert self.steps.admission is not None
-        if self.steps.admission.access.open_incidents == "block":
-            raise self.steps.fail(
-                name,
-                f"{incidents.summary()}; upgrade once they are resolved (the access policy "
-                f"blocks upgrades during them: runbooks.{SPEC.name}.open_incidents)",
-            )
-        await self.steps.approval(DURING_INCIDENT, f"{incidents.summary()}: {req.reason}")
 
     async def _set_weight(self, req: CanaryUpgradeRequest, weight: int, replicas: int) -> None:
         pods = canary_replicas(weight, replicas)
@@ -385,65 +316,36 @@ class CanaryUpgrade(Runbook):
         )
 
     async def _hold(
-        self, req: CanaryUpgradeRequest, step: CanaryStep, weight: int, since: datetime
+        self,
+        req: CanaryUpgradeRequest,
+        step: CanaryStep,
+        weight: int,
+        since: datetime,
+        analysis: Analysis,
     ) -> None:
         name = f"hold the canary at {weight}%"
         if req.dry_run:
             self.steps.skip(name, "dry-run: no canary to hold")
             return
         assert step.pause_seconds is not None
-        before = dict(self.verdicts)
-        window_measure = self._measure(req, name) if step.analysis else None
+        passed = analysis.verdicts[Verdict.PASSED]
         ended = await self.steering.hold(
             f"hold the canary at {weight}%",
             since,
             step.pause_seconds,
-            measure=window_measure,
+            measure=analysis.measure(name, canary_name(req.service)) if step.analysis else None,
             interval=req.analysis_interval_seconds,
         )
-        passed = self.verdicts[Verdict.PASSED] - before[Verdict.PASSED]
-        if step.analysis and ended is None and passed == 0:
+        if step.analysis and ended is None and analysis.verdicts[Verdict.PASSED] == passed:
             await self.steps.approval(
                 INCONCLUSIVE,
                 f"no measurement of the canary at {weight}% passed in {step.pause_seconds:g}s "
-                f"({self._verdict_counts()}); approve to go on, reject to roll back",
+                f"({analysis.counts()}); approve to go on, reject to roll back",
             )
         else:
             self.steps.skip(INCONCLUSIVE, "the analysis passed" if step.analysis else "")
 
-    def _measure(self, req: CanaryUpgradeRequest, window: str) -> Callable[[], Awaitable[str]]:
-        """One measurement of the canary's pods (every pod it has had) against the others over
-        the last interval, judged; past the failure limit, the run aborts and rolls back."""
-        criteria = req.criteria()
-
-        async def measure() -> str:
-            pods = await self.steps.call(
-                KubernetesActivities.canary_pods,
-                DeploymentRef(namespace=req.namespace, name=req.service),
-                summary=f"{window}: list the canary's pods",
-            )
-            self.canary_pods |= {pod.name for pod in pods.pods}
-            measurement = await self.steps.call(
-                PostgresActivities.measure_canary,
-                CanaryMeasurementRequest(
-                    canary_workers=sorted(self.canary_pods),
-                    window_seconds=req.analysis_interval_seconds,
-                ),
-                summary=f"{window}: measure the canary",
-            )
-            verdict, why = judge(measurement, criteria)
-            self.verdicts[verdict] += 1
-            if verdict == Verdict.FAILED and self.verdicts[Verdict.FAILED] > req.failure_limit:
-                self.steps.fail(window, f"analysis {why}")
-                raise RunbookStopped(Outcome.ABORTED, f"the canary analysis {why}")
-            return f"{self._verdict_counts()}; last {why}"
-
-        return measure
-
-    def _verdict_counts(self) -> str:
-        return ", ".join(f"{n} {v.value}" for v, n in self.verdicts.items())
-
-    async def _roll_back(self, req: CanaryUpgradeRequest, previous: str) -> None:
+    async def _roll_back(self, req: CanaryUpgradeRequest, running: Running) -> None:
         await self.steps.act(
             "roll back: remove the canary",
             KubernetesActivities.remove_canary,
@@ -454,7 +356,10 @@ class CanaryUpgrade(Runbook):
                 f"roll back: put {req.service} back on its previous image",
                 KubernetesActivities.set_image,
                 ImageChange(
-                    namespace=req.namespace, name=req.service, image=previous, expected=req.image
+                    namespace=req.namespace,
+                    name=req.service,
+                    image=running.image,
+                    expected=req.image,
                 ),
             )
         await wait_for(
@@ -464,15 +369,10 @@ class CanaryUpgrade(Runbook):
             req.service,
             req.rollout_timeout_seconds,
         )
-        text = (
+        await tell_rotation(
+            self.steps,
+            running.rotation,
             f"{SPEC.name} run {workflow.info().workflow_id}: {req.service} rolled back to "
-            f"{previous} from {req.image} after '{self.steps.failed_step or self.steps.current}'"
+            f"{running.image} from {req.image} after "
+            f"'{self.steps.failed_step or self.steps.current}'",
         )
-        try:
-            await self.steps.act(
-                ROLLBACK_NOTICE,
-                NotifyActivities.notify_rotation,
-                RotationNotice(rotation=self.rotation, text=text),
-            )
-        except ActivityError as err:
-            self.steps.rollback_note += f"; telling {self.rotation} failed: {failure_message(err)}"

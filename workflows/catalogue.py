@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from workflows.blue_green_upgrade import BlueGreenUpgrade
 from workflows.canary_upgrade import CanaryUpgrade
 from workflows.dead_letter_repair import DeadLetterRepair
 from workflows.high_error_rate import HighErrorRate
@@ -28,6 +29,7 @@ RUNBOOKS: dict[str, type[Runbook]] = {
         VaultSetup,
         TlsRotation,
         CanaryUpgrade,
+        BlueGreenUpgrade,
     )
 }
 
