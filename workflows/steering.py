@@ -199,7 +199,9 @@ class Steering:
                 timeout = max(min(wakes) - now, timedelta(milliseconds=1)) if wakes else None
                 self._changed = False
                 with contextlib.suppress(TimeoutError):
-                    await workflow.wait_condition(lambda: self._changed, timeout=timeout)
+                    await workflow.wait_condition(
+                        lambda: self._changed, timeout=timeout, timeout_summary=name
+                    )
                 if next_measure is not None and measure and workflow.now() >= next_measure:
                     said = await measure()
                     next_measure = workflow.now() + every
