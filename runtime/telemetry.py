@@ -136,6 +136,7 @@ def tracer_provider(service: str, env: Mapping[str, str]) -> Any:
 def span_exporter(name: str, env: Mapping[str, str]) -> Any:
     """The installed span exporter registered under ``name`` (OpenTelemetry's entry points:
     ``console``, ``otlp_proto_http``, ...), ``otlp`` meaning the one for the OTLP protocol."""
+    asked = name
     if name == "otlp":
         protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
             "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
@@ -146,11 +147,12 @@ def span_exporter(name: str, env: Mapping[str, str]) -> Any:
                 f"with; use one of {', '.join(OTLP_PROTOCOLS)}"
             )
         name = OTLP_PROTOCOLS[protocol]
+        asked = f"otlp (over {protocol})"
     found = entry_points(group="opentelemetry_traces_exporter", name=name)
     if not found:
         package = "opentelemetry-exporter-" + name.replace("_", "-")
         raise TelemetryError(
-            f"OTEL_TRACES_EXPORTER asks for the '{name}' span exporter, which is not installed: "
+            f"OTEL_TRACES_EXPORTER asks for the {asked} span exporter, which is not installed: "
             f"pip install {package} (the 'tracing' extra brings otlp over http/protobuf and "
             "console)"
         )
