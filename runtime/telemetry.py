@@ -22,12 +22,15 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from runtime.errors import ConfigError
 from runtime.metrics import STEP_DURATION, STEP_DURATION_BUCKETS
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from temporalio.client import Interceptor
     from temporalio.runtime import Runtime
 
 OTLP_PROTOCOLS = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc"}
@@ -47,7 +50,7 @@ class Telemetry:
     from that client applies too)."""
 
     runtime: Runtime | None = None
-    interceptors: Sequence[Any] = ()
+    interceptors: Sequence[Interceptor] = ()
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -110,7 +113,7 @@ def tracing_wanted(env: Mapping[str, str]) -> bool:
     )
 
 
-def tracer_provider(service: str, env: Mapping[str, str]) -> Any:
+def tracer_provider(service: str, env: Mapping[str, str]) -> TracerProvider:
     """A TracerProvider exporting, in batches, to every exporter OTEL_TRACES_EXPORTER names
     (default ``otlp``)."""
     try:
@@ -133,7 +136,7 @@ def tracer_provider(service: str, env: Mapping[str, str]) -> Any:
     return provider
 
 
-def span_exporter(name: str, env: Mapping[str, str]) -> Any:
+def span_exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
     """The installed span exporter registered under ``name`` (OpenTelemetry's entry points:
     ``console``, ``otlp_proto_http``, ...), ``otlp`` meaning the one for the OTLP protocol."""
     asked = name
@@ -156,5 +159,5 @@ def span_exporter(name: str, env: Mapping[str, str]) -> Any:
             f"pip install {package} (the 'tracing' extra brings otlp over http/protobuf and "
             "console)"
         )
-    exporter_class = next(iter(found)).load()
-    return exporter_class()
+    exporter: SpanExporter = next(iter(found)).load()()
+    return exporter

@@ -319,9 +319,11 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         """Serve the system gauges while the API runs; send buffered spans when it stops."""
-        async with serving_gauges(telemetry, runs, settings.metrics_refresh_seconds):
-            yield
-        telemetry.close()
+        try:
+            async with serving_gauges(telemetry, runs, settings.metrics_refresh_seconds):
+                yield
+        finally:
+            telemetry.close()
 
     redact_logs()  # errors it logs may quote Temporal's or a client's URLs
     app = FastAPI(
