@@ -129,6 +129,10 @@ class RunbookAccess(BaseModel):
     on_schedule: Literal["start", "refuse"] = "refuse"
     """Whether a scheduled scan (``tls-scan``, a Temporal Schedule's workflow) may start it on
     its own, with the scan as requester; its approvals still apply."""
+    open_incidents: Literal["block", "ask"] = "block"
+    """What an upgrade does while a SEV1 or SEV2 incident is open on the rotation that owns its
+    service: refuse to go on, or ask its approvers (step ``approve upgrading during an open
+    incident``)."""
     dry_run: list[str] = []
     """Who may start dry runs besides those who may start real ones."""
     cancel: list[str] = []

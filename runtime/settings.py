@@ -185,6 +185,13 @@ class Settings(BaseSettings):
         description="Unseal keys (one per line) `vault-setup` may use, with approval, on a "
         "sealed Vault; unset, a sealed Vault stops the run.",
     )
+    releases_root: Path | None = Field(
+        default=None,
+        description="The folder of each release's files, by image tag: `<tag>/migrations/*.sql` "
+        "and `<tag>/uses/*.sql`; `canary-upgrade` and `blue-green-upgrade` check a release's new "
+        "migrations against the running binary's queries before they move any pod. Unset, they "
+        "say the check was skipped.",
+    )
     vault_source_root: Path | None = Field(
         default=None,
         description="The folder under which `vault-setup` may read the secret files and "

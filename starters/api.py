@@ -61,6 +61,7 @@ from workflows.models import (
     ApprovalSignal,
     Decision,
     PendingApproval,
+    SteerAction,
 )
 
 RETRY_AFTER_SECONDS = 5
@@ -164,6 +165,11 @@ class DecisionBody(BaseModel):
 
 
 class ReasonBody(BaseModel):
+    reason: str = Field(default="", max_length=MAX_COMMENT)
+
+
+class SteerBody(BaseModel):
+    action: SteerAction
     reason: str = Field(default="", max_length=MAX_COMMENT)
 
 
@@ -492,6 +498,11 @@ def create_app(settings: Settings) -> FastAPI:
         """Ask the run to stop: it records who and why, undoes what it changed, then ends."""
         said = await (await runs()).cancel(run_id, user, body.reason if body else "")
         return Message(message=said)
+
+    @app.post("/v1/runs/{run_id:path}/steer", tags=["runs"])
+    async def steer(run_id: str, body: SteerBody, user: User) -> Message:
+        """Promote, abort, pause or resume a release run; switch a blue/green one back."""
+        return Message(message=await (await runs()).steer(run_id, user, body.action, body.reason))
 
     @app.get("/v1/freeze", tags=["kill switch"])
     async def freeze_state(_: User) -> FreezeView:

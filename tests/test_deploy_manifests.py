@@ -30,16 +30,25 @@ from activities.kube_models import (
     DEFAULT_CONFIG_MAP,
     DEFAULT_NAMESPACE,
     DEFAULT_VAULT_SECRET,
+    CanaryRef,
+    CanaryScale,
     ConfigPatch,
     ConfigRef,
     ConfigRollout,
     DeploymentRef,
+    DeploymentScale,
+    ImageChange,
+    ImageCheck,
     PodDelete,
     PodSelector,
     RolloutRestart,
     RolloutUndo,
     RolloutWait,
     SecretRef,
+    ServicePoint,
+    ServiceRef,
+    SlotDeploy,
+    canary_name,
 )
 from activities.kubernetes import KubernetesActivities, unauthenticated_client
 from activities.mutation import Mutation, MutationResult
@@ -381,6 +390,22 @@ def run_every_kubernetes_activity(k8s: KubernetesActivities) -> set[str]:
     oldest = run(k8s.list_pods, PodSelector(labels={"app": worker})).pods[0]
     change(k8s.delete_pod, PodDelete(name=oldest.name, token=token))
     run(k8s.secret_readers, SecretRef())
+    # A canary release, then a blue/green one.
+    image = "registry.sandbox.local/astra/astra-worker:9.9.9"
+    change(k8s.scale_canary, CanaryScale(stable=worker, image=image, replicas=1, token=token))
+    run(k8s.deployment_pods, DeploymentRef(name=canary_name(worker)))
+    change(k8s.remove_canary, CanaryRef(stable=worker, token=token))
+    change(k8s.set_image, ImageChange(name=worker, image=image, token=token))
+    run(k8s.verify_image, ImageCheck(name=worker, image=image))
+    slots = run(k8s.read_slots, ServiceRef(name=worker))
+    change(
+        k8s.deploy_slot,
+        SlotDeploy(
+            service=worker, name=slots.idle, source=slots.live, image=image, replicas=1, token=token
+        ),
+    )
+    change(k8s.point_service, ServicePoint(service=worker, deployment=slots.idle, token=token))
+    change(k8s.scale_deployment, DeploymentScale(name=slots.live, replicas=0, token=token))
     # What the Vault activities call to keep the values out of history: not activities.
     _, version = k8s.secret_data(DEFAULT_NAMESPACE, DEFAULT_VAULT_SECRET)
     k8s.put_secret_data(

@@ -30,6 +30,7 @@ from activities.postgres import PostgresActivities
 from activities.postgres_nodes import PostgresNodeActivities
 from activities.redis_nodes import RedisNodeActivities
 from activities.redis_store import RedisActivities
+from activities.releases import ReleaseActivities
 from activities.tls import TlsActivities, TlsConfig, VaultPki
 from activities.vault import VaultActivities, VaultConfig
 from runtime.client import connect
@@ -219,6 +220,7 @@ async def running_worker(
             redis_nodes,
             vault,
             tls,
+            ReleaseActivities(settings.releases_root),
         ),
         activity_executor=executor,
         graceful_shutdown_timeout=timedelta(seconds=30),

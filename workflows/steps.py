@@ -35,6 +35,7 @@ from workflows.models import (
     RunbookRequest,
     RunbookResult,
     RunStatus,
+    SteerRecord,
     StepState,
     StepStatus,
 )
@@ -134,6 +135,8 @@ class StepRunner:
         self.admission: Admission | None = None
         self.cancel_request: CancelRequest | None = None
         self.frozen: FreezeNotice | None = None
+        self.steered: list[SteerRecord] = []
+        """What people steered a release run with (``workflows.steering``), for its status."""
         self._early: list[tuple[str, FreezeNotice]] = []
         self._body: asyncio.Task[RunbookResult] | None = None
 
@@ -341,6 +344,11 @@ class StepRunner:
         if why is not None:
             self.gate.refused_count += 1
             return why
+        return self.stop(req)
+
+    def stop(self, req: CancelRequest) -> str:
+        """Cancel the run's body for a request already validated (a cancel, or an abort outside
+        a window): the compensations undo what it changed."""
         assert self._body is not None
         self.cancel_request = req
         self._body.cancel()
@@ -565,6 +573,27 @@ class StepRunner:
             )
         return await self._step(name, activity, arg, start_to_close_timeout, heartbeat_timeout)
 
+    @overload
+    async def call(
+        self, activity: MethodAsyncSingleParam[Any, A, R], arg: A, *, summary: str
+    ) -> R: ...
+
+    @overload
+    async def call(
+        self, activity: MethodSyncSingleParam[Any, A, R], arg: A, *, summary: str
+    ) -> R: ...
+
+    async def call(self, activity: Callable[..., Any], arg: Any, *, summary: str) -> Any:
+        """A read that is part of the current step rather than a step of its own (a window's
+        measurements): the runner's timeout and retries, no record in the step list."""
+        return await workflow.execute_activity(
+            activity,
+            arg,
+            start_to_close_timeout=DEFAULT_TIMEOUT,
+            retry_policy=DEFAULT_RETRY,
+            summary=summary,
+        )
+
     async def approval(self, name: str, reason: str = "") -> None:
         """Wait for the people the access policy names for this step (dry-run: skipped)."""
         if self.request.dry_run:
@@ -593,6 +622,19 @@ class StepRunner:
             raise
         self._mark(name, StepState.DONE, f"approved by {', '.join(approvers)}")
 
+    def window(self, name: str, detail: str = "") -> None:
+        """A timed window the runbook holds itself (a canary's pause): running until
+        :meth:`note` changes what it shows and :meth:`done` (or :meth:`fail`) ends it."""
+        self._start(name, StepState.RUNNING)
+        self.note(name, detail)
+
+    def note(self, name: str, detail: str) -> None:
+        self.steps[name].detail = detail
+        self._show()
+
+    def done(self, name: str, detail: str) -> None:
+        self._mark(name, StepState.DONE, detail)
+
     def skip(self, name: str, why: str) -> None:
         """Record that this run does not need a step, and why (shown in status and the UI)."""
         self.steps.setdefault(name, StepStatus(name=name)).detail = why
@@ -614,6 +656,10 @@ class StepRunner:
         """
         try:
             yield
+        except GeneratorExit:
+            # The worker evicted the run from its cache (a restart, a full cache): nothing broke,
+            # the run goes on from its history elsewhere, and there is no event loop to undo in.
+            raise
         except BaseException as err:
             # Where the run broke, before the undo's own steps move ``current`` on.
             self.failed_step = failed_step = self.failed_step or self.current
@@ -746,4 +792,5 @@ class StepRunner:
             cancelled_by=self.cancel_request.actor if self.cancel_request else None,
             frozen_by=self.frozen.actor if self.frozen else None,
             frozen_reason=self.frozen.reason if self.frozen else "",
+            steered=list(self.steered),
         )
