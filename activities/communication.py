@@ -30,6 +30,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.postgres import connect
+from runtime.metrics import notification_failed
 from runtime.redact import MASK, redact
 
 if TYPE_CHECKING:
@@ -443,6 +444,7 @@ class CommunicationActivities:
                 try:
                     sent = await send(conn)
                 except ApplicationError as err:
+                    notification_failed(activity.metric_meter(), channel)
                     await conn.execute(
                         "UPDATE astra_ops_deliveries SET attempts = attempts + 1,"
                         f" last_error = %s {where}",

@@ -96,6 +96,31 @@ class Settings(BaseSettings):
     )
     dev_mode: bool = False
 
+    # What the worker and the API export (runtime/telemetry.py, runtime/logs.py). Tracing is
+    # configured by the standard OTEL_* variables, not here.
+    worker_metrics_address: str | None = Field(
+        default=None,
+        description="host:port where the worker serves Prometheus /metrics (the Temporal SDK's "
+        "and astra-ops's); unset, it serves none. Off by default: a port bound unasked makes a "
+        "second worker on the same host fail to start; deployments set it (deploy/k8s).",
+    )
+    api_metrics_address: str | None = Field(
+        default=None,
+        description="host:port where the API serves Prometheus /metrics (its client's SDK "
+        "metrics, and approvals waiting, the oldest one's age and the kill switch, read from "
+        "Temporal); unset, it serves none.",
+    )
+    metrics_refresh_seconds: float = Field(
+        default=15,
+        gt=0,
+        description="How often the API re-reads the gauges it serves from Temporal.",
+    )
+    log_format: Literal["auto", "text", "json"] = Field(
+        default="auto",
+        description="How the worker and the API log: text, or one JSON object per line; auto "
+        "is text on a terminal and JSON otherwise.",
+    )
+
     # Dev stack
     state_dir: Path = REPO_ROOT / ".astra"
     temporal_port: int = Field(default=7233, ge=1, le=65535)
@@ -246,9 +271,11 @@ class Settings(BaseSettings):
         description="PagerDuty Events v2 integration keys: 'rotation:key[,rotation:key...]'.",
     )
 
-    @field_validator("temporal_address")
+    @field_validator("temporal_address", "worker_metrics_address", "api_metrics_address")
     @classmethod
-    def _host_port(cls, value: str) -> str:
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"expected host:port, got {value!r}")

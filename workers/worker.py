@@ -35,8 +35,12 @@ from activities.tls import TlsActivities, TlsConfig, VaultPki
 from activities.vault import VaultActivities, VaultConfig
 from runtime.client import connect
 from runtime.identity import parse_trusted_keys
+from runtime.logs import configure_logging
+from runtime.metrics import worker_started
 from runtime.redact import redact_logs
 from runtime.settings import Settings, SettingsError
+from runtime.telemetry import process_telemetry
+from workers.log_context import StepContext, record_context
 from workflows.catalogue import RUNBOOKS
 from workflows.errors import CODE_ERRORS
 from workflows.incident import Incident
@@ -220,6 +224,7 @@ async def running_worker(
         ),
         activity_executor=executor,
         graceful_shutdown_timeout=timedelta(seconds=30),
+        interceptors=[StepContext()],
         **workflow_options(),
     )
     try:
@@ -231,18 +236,37 @@ async def running_worker(
 
 
 async def run_worker(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then let running activities finish (graceful shutdown)."""
-    client = await connect(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    with ThreadPoolExecutor(max_workers=16) as executor:
-        async with running_worker(client, settings, executor):
-            log.info(
-                "worker polling task queue %s at %s",
-                settings.task_queue,
-                settings.temporal_address,
-            )
-            await stop.wait()
-            log.info("stopping worker: waiting for running activities")
+    """Run until SIGTERM or SIGINT, then let running activities finish (graceful shutdown).
+
+    Metrics are served at ASTRA_OPS_WORKER_METRICS_ADDRESS when set; traces are sent when the
+    OTEL_* settings ask (runtime/telemetry.py).
+    """
+    configure_logging(settings.log_format, record_context)
+    telemetry = process_telemetry(settings.worker_metrics_address, service="astra-ops-worker")
+    try:
+        client = await connect(settings, telemetry=telemetry)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        with ThreadPoolExecutor(max_workers=16) as executor:
+            async with running_worker(client, settings, executor):
+                if telemetry.runtime is not None:
+                    worker_started(
+                        telemetry.runtime.metric_meter,
+                        settings.temporal_namespace,
+                        settings.task_queue,
+                        RUNBOOKS,
+                    )
+                log.info(
+                    "worker polling task queue %s at %s%s",
+                    settings.task_queue,
+                    settings.temporal_address,
+                    f"; metrics at http://{settings.worker_metrics_address}/metrics"
+                    if settings.worker_metrics_address
+                    else "",
+                )
+                await stop.wait()
+                log.info("stopping worker: waiting for running activities")
+    finally:
+        telemetry.close()

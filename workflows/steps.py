@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from functools import cached_property
 from typing import Any, TypeVar, overload
 
 from pydantic import ValidationError
@@ -19,6 +20,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 from temporalio.types import MethodAsyncSingleParam, MethodSyncSingleParam
 
 from runtime import search_attributes as sa
+from runtime.metrics import FAILED, RunMetrics
 from runtime.redact import redact
 from workflows.approval import ApprovalGate, RunbookStopped, on_exit, operator_refusal, proven
 from workflows.errors import CODE_ERRORS
@@ -138,6 +140,11 @@ class StepRunner:
         self._early: list[tuple[str, FreezeNotice]] = []
         self._body: asyncio.Task[RunbookResult] | None = None
 
+    @cached_property
+    def metrics(self) -> RunMetrics:
+        """The run's counters and step durations: replay-safe, so each is recorded once."""
+        return RunMetrics(workflow.metric_meter())
+
     # -- running a runbook -------------------------------------------------------------------
 
     async def run(
@@ -146,6 +153,7 @@ class StepRunner:
         """Admit the request, then run the runbook's body; a person stopping it is an outcome,
         not a failure."""
         self.request = request
+        self.metrics.started(self.runbook)
         # Declared before the first await, so the first status query already shows them all.
         self.steps = {name: StepStatus(name=name) for name in self.plan(request)}
         self.gate.requester = request.requester
@@ -180,6 +188,7 @@ class StepRunner:
             if is_cancelled_exception(err):
                 raise  # the run is being cancelled; the compensations have run
             self._close_pending(f"not reached: the run failed at '{self.failed_step}'")
+            self.metrics.finished(self.runbook, FAILED)
             raise ApplicationError(
                 f"{self.runbook} failed at step '{self.failed_step}': {failure_message(err)}"
                 + self.rollback_note,
@@ -188,6 +197,7 @@ class StepRunner:
             ) from err
         except CODE_ERRORS as err:
             self._close_pending("not reached: the run stopped on a bug in astra-ops")
+            self.metrics.finished(self.runbook, FAILED)
             raise ApplicationError(
                 f"{self.runbook} failed at step '{self.failed_step or self.current}': unexpected "
                 f"{type(err).__name__} in the runbook's code: {failure_message(err)}"
@@ -417,6 +427,8 @@ class StepRunner:
 
     def finish(self, outcome: Outcome, summary: str) -> RunbookResult:
         done = outcome in (Outcome.DONE, Outcome.NO_CHANGE)
+        if self.outcome is None:
+            self.metrics.finished(self.runbook, outcome.value)
         self._close_pending("not needed" if done else "not reached")
         self.outcome, self.summary, self.current = outcome, summary, None
         workflow.upsert_search_attributes([sa.OUTCOME.value_set(outcome.value)])
@@ -654,7 +666,9 @@ class StepRunner:
             try:
                 await undo()
                 self.rollback_note = f"; rolled back ({name}) after '{failed_step}'"
+                self.metrics.rolled_back(self.runbook, complete=True)
             except UNDO_ERRORS as undo_err:
+                self.metrics.rolled_back(self.runbook, complete=False)
                 incomplete = (
                     f"ROLLBACK INCOMPLETE ({name}) at '{self.current}': "
                     f"{failure_message(undo_err)}. Manual action needed"
@@ -732,6 +746,9 @@ class StepRunner:
         step = self.steps.setdefault(name, StepStatus(name=name))
         if state == StepState.FAILED and self.failed_step is None:
             self.failed_step = name
+        began = step.started_at if step.finished_at is None else None
+        if began is not None and state in (StepState.DONE, StepState.FAILED):
+            self.metrics.step(self.runbook, name, state.value, workflow.now() - began)
         step.state, step.detail = state, detail
         step.started_at = step.started_at or workflow.now()
         step.finished_at = workflow.now()
