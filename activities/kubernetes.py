@@ -630,7 +630,11 @@ class KubernetesActivities:
         _require_token("scale_canary", target, req.token)
         stable = self._deployment(req.namespace, req.stable)
         canary = self._canary(req.namespace, req.stable, name)
-        goal = f"{req.replicas} pod(s) of {req.image}"
+        beside = int(stable.spec.replicas or 0)
+        share = req.replicas / (req.replicas + beside) if req.replicas + beside else 0.0
+        goal = (
+            f"{req.replicas} pod(s) of {req.image} beside {beside} stable ({share:.0%} of the pods)"
+        )
         if (
             canary is not None
             and _image(canary) == req.image

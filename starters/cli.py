@@ -474,6 +474,11 @@ def print_view(view: RunView) -> None:
             f"{', '.join(pending.members)}) until {pending.deadline:%Y-%m-%d %H:%M:%S}Z:"
             f" `astra-ops approve {view.run_id}`"
         )
+    for steered in view.status.steered if view.status else []:
+        say(
+            f"{steered.action.value} by {steered.actor} at {steered.at:%Y-%m-%d %H:%M:%S}Z"
+            + (f": {steered.reason}" if steered.reason else "")
+        )
     if view.state != "running":
         say(outcome_line(view))
 

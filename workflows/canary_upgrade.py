@@ -342,8 +342,11 @@ class CanaryUpgrade(Runbook):
                 f"no measurement of the canary at {weight}% passed in {step.pause_seconds:g}s "
                 f"({analysis.counts()}); approve to go on, reject to roll back",
             )
-        else:
-            self.steps.skip(INCONCLUSIVE, "the analysis passed" if step.analysis else "")
+        elif step.analysis:
+            self.steps.skip(
+                INCONCLUSIVE,
+                f"promoted early by {ended.actor}" if ended is not None else "the analysis passed",
+            )
 
     async def _roll_back(self, req: CanaryUpgradeRequest, running: Running) -> None:
         await self.steps.act(
