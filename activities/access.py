@@ -298,10 +298,13 @@ class AccessActivities:
         incidents = self._policy().incidents
         if incidents is None:
             return OpenIncidents(rotation="", incidents=[])
-        rotation = incidents.rotation_for([req.service])
+        rotation = incidents.rotation_of_deployment(req.service)
+        # The incidents of this deployment of astra-ops: on its task queue (another's, on the
+        # same namespace, are another's to weigh).
         query = (
             f"WorkflowType = '{INCIDENT_WORKFLOW}' AND ExecutionStatus = 'Running' "
-            f"AND {sa.SEVERITY.name} IN ('SEV1', 'SEV2')"
+            f"AND {sa.SEVERITY.name} IN ('SEV1', 'SEV2') "
+            f"AND TaskQueue = '{activity.info().task_queue}'"
         )
         found = []
         async for execution in self.client.list_workflows(query):

@@ -215,6 +215,8 @@ class Rotation(BaseModel):
 
     components: list[str] = Field(min_length=1)
     """Astra components in lower case with hyphens (``state-manager``, ``llm-routing``)."""
+    deployments: list[str] = []
+    """The Deployments that run those components: a release names a Deployment."""
     escalation: Escalation
     ack_timeout_seconds: float = Field(default=300, gt=0, le=WEEK_SECONDS)
     """Without an acknowledgement this long after a page, the next level is paged."""
@@ -270,6 +272,13 @@ class IncidentPolicy(BaseModel):
                     )
                 owner[component] = name
         return self
+
+    def rotation_of_deployment(self, deployment: str) -> str:
+        """The rotation whose components the Deployment runs; else the default."""
+        for name, rotation in self.rotations.items():
+            if deployment in rotation.deployments:
+                return name
+        return self.default_rotation
 
     def rotation_for(self, components: list[str], hint: str | None = None) -> str:
         """The rotation owning the first component it knows; else ``hint`` (an alert's

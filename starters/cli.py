@@ -618,7 +618,8 @@ def cancel(run_id: str, reason: Reason = "", user: As = None) -> None:
 
 
 canary_app = typer.Typer(
-    help="Steer a canary-upgrade run: end its window now, stop its clock, or roll it back.",
+    help="Steer a canary-upgrade run: end its window now, stop its clock, or roll it back.\n\n"
+    "Example: astra-ops canary pause canary-upgrade/astra/astra-worker --reason 'a dip'",
     no_args_is_help=True,
 )
 app.add_typer(canary_app, name="canary")
@@ -669,7 +670,8 @@ def canary_resume(run_id: str, reason: Reason = "", user: As = None) -> None:
 
 blue_green_app = typer.Typer(
     help="Steer a blue-green-upgrade run while blue is kept: send the work back to blue, or "
-    "end the window.",
+    "end the window.\n\nExample: astra-ops blue-green switch-back "
+    "blue-green-upgrade/astra/astra-worker --reason '5xx'",
     no_args_is_help=True,
 )
 app.add_typer(blue_green_app, name="blue-green")
