@@ -28,9 +28,9 @@ from runtime.settings import ENV_PREFIX, REPO_ROOT, Settings
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 # The uid the pods run as (deploy/k8s/*.yaml): the image's user must be the same.
-POD_USER = yaml.safe_load((REPO_ROOT / "deploy" / "k8s" / "worker.yaml").read_text())["spec"][
-    "template"
-]["spec"]["securityContext"]["runAsUser"]
+POD_USER = next(yaml.safe_load_all((REPO_ROOT / "deploy" / "k8s" / "worker.yaml").read_text()))[
+    "spec"
+]["template"]["spec"]["securityContext"]["runAsUser"]
 
 
 @dataclass(frozen=True)
