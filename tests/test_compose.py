@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from sandbox.servers.process import free_port
 from starters.api import CODEC_PATH
 from starters.dev import DEV_TOKENS, alert_sender_setting
 from tests.conftest_data import NewDatabase
-from tests.conftest_dev import ALICE, BOB
+from tests.conftest_dev import BOB
 from tests.conftest_kube import eventually
 
 COMPOSE_FILE = REPO_ROOT / "deploy" / "compose.yaml"
@@ -207,6 +208,16 @@ def shell_words(words: list[str]) -> list[str]:
     return [w.replace("$$", "$") for w in words]
 
 
+def documented_exec() -> tuple[str, str]:
+    """The service and the command of the `exec` the file's header shows."""
+    [(service, command)] = re.findall(
+        r"^# +docker compose -f deploy/compose\.yaml exec (\S+) (astra-ops .+)$",
+        COMPOSE_FILE.read_text(),
+        re.M,
+    )
+    return service, command
+
+
 def order() -> list[str]:
     """The services in an order that starts each after what it depends on."""
     done: list[str] = []
@@ -317,13 +328,17 @@ async def test_the_services_run_a_runbook_together(
             [ui_origin, *_] = moved(api_settings[f"{ENV_PREFIX}UI_ORIGINS"]).split(",")
             ui = (await http.get(f"{ui_origin}/api/v1/settings")).json()
             assert ui["Codec"]["Endpoint"] == api + CODEC_PATH, "the UI decodes through the API"
-            started = await http.post(
-                "/v1/runbooks/shard-scaling/runs",
-                json={"params": {"shards": 12}, "reason": "compose test"},
-                headers=ALICE,
+            # Alice starts it as the file's header shows, in a service's container.
+            service, command = documented_exec()
+            started = await asyncio.create_subprocess_exec(
+                *shlex.split(stack.moved(command)),
+                env=stack.env(service),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
             )
-            assert started.status_code == 201, started.text
-            run_id = started.json()["run_id"]
+            output = (await asyncio.wait_for(started.communicate(), 60))[0].decode()
+            assert started.returncode == 0, output
+            [run_id] = re.findall(r"^(\S+) started", output, re.M)
 
             async def waiting() -> bool:
                 approvals = (await http.get("/v1/approvals", headers=BOB)).json()
