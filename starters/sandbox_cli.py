@@ -464,12 +464,51 @@ def reset_sandbox() -> None:
 
 
 @sandbox_app.command()
-def serve() -> None:
-    """Run the simulated Astra against the sandbox cluster, with /metrics, until Ctrl-C."""
+def serve(
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster",
+            help="Serve the sandbox cluster too, as `astra-ops dev` does: its Kubernetes API on "
+            "ASTRA_OPS_KUBE_PORT, its TLS services, its CA under ASTRA_OPS_STATE_DIR; for a "
+            "stack of separate processes (deploy/compose.yaml).",
+        ),
+    ] = False,
+) -> None:
+    """Run the simulated Astra against the sandbox cluster, with /metrics, until Ctrl-C.
+
+    Example: ASTRA_OPS_DEV_MODE=true astra-ops sandbox serve --cluster
+    """
     settings = _settings()
-    if not settings.kube_url:
-        _fail("serve plays the pods of the sandbox cluster: set ASTRA_OPS_KUBE_URL to its URL")
-    _run(settings, _serve(settings, settings.kube_url))
+    if cluster:
+        _run(settings, _serve_with_cluster(settings))
+    elif not settings.kube_url:
+        _fail(
+            "serve plays the pods of the sandbox cluster: set ASTRA_OPS_KUBE_URL to its URL, "
+            "or serve one with --cluster"
+        )
+    else:
+        _run(settings, _serve(settings, settings.kube_url))
+
+
+async def _serve_with_cluster(settings: Settings) -> None:
+    # Loaded here: the dev stack's module brings the API's, which the fault commands need not.
+    from starters.dev import sandbox_ca, sandbox_cluster
+
+    ca, _ = sandbox_ca(settings)
+    kube, tls = sandbox_cluster(settings, ca)
+    await kube.start()
+    tls.start()
+    print(
+        f"sandbox cluster: Kubernetes API at {kube.url} (namespace {settings.kube_namespace}); "
+        f"TLS services on {', '.join(tls.address(s) for s in tls.services)}",
+        flush=True,
+    )
+    try:
+        await _serve(settings, kube.url)
+    finally:
+        tls.stop()
+        await kube.stop()
 
 
 class _MetricsServer(uvicorn.Server):
