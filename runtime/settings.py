@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     temporal_tls_key: Path | None = None
     temporal_api_key: SecretStr | None = None
     task_queue: str = "astra-ops"
+    worker_kind: Literal["all", "standard", "privileged"] = Field(
+        default="all",
+        description="What a worker polls: `standard`, the runs and every activity that needs no "
+        "special rights, on ASTRA_OPS_TASK_QUEUE; `privileged`, only the activities on the data "
+        "plane's servers and the platform's secrets, on `<task queue>-privileged` (deploy it "
+        "with those rights); `all`, both (a laptop, a single worker).",
+    )
 
     # Payload encryption: "keyid:base64key[,keyid:base64key...]"; the first encrypts, all decrypt.
     codec_keys: SecretStr | None = None

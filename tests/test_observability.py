@@ -155,7 +155,7 @@ async def worker_process(
 
         async def polling() -> bool:
             assert proc.returncode is None, f"the worker exited: {worker.stderr.read_text()}"
-            return "worker polling task queue" in worker.stderr.read_text()
+            return "worker polling" in worker.stderr.read_text()
 
         await eventually(polling, timeout=STARTUP_SECONDS, message="the worker polls")
         yield worker

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import signal
@@ -28,6 +29,7 @@ from activities.metrics import MetricsActivities, metrics_source
 from activities.notify import NotifyActivities
 from activities.postgres import PostgresActivities
 from activities.postgres_nodes import PostgresNodeActivities
+from activities.privilege import is_privileged, privileged_queue
 from activities.redis_nodes import RedisNodeActivities
 from activities.redis_store import RedisActivities
 from activities.releases import ReleaseActivities
@@ -105,7 +107,15 @@ def activities_of(*instances: object) -> list[Callable[..., Any]]:
     return [
         getattr(instance, name)
         for instance in instances
-        for name, function in inspect.getmembers(type(instance), inspect.isfunction)
+        for name in activities_of_class(type(instance))
+    ]
+
+
+def activities_of_class(cls: type) -> list[str]:
+    """The names of the ``@activity.defn`` methods of ``cls``."""
+    return [
+        name
+        for name, function in inspect.getmembers(cls, inspect.isfunction)
         if activity._Definition.from_callable(function) is not None
     ]
 
@@ -203,33 +213,47 @@ async def running_worker(
     )
     vault = VaultActivities(vault_config(settings), kubernetes)
     tls = TlsActivities(tls_config(settings), kubernetes)
-    worker = Worker(
-        client,
-        task_queue=task_queue or settings.task_queue,
-        activities=activities_of(
-            access,
-            kubernetes,
-            notify,
-            postgres,
-            redis,
-            metrics,
-            incident,
-            communication,
-            endpoints,
-            postgres_nodes,
-            redis_nodes,
-            vault,
-            tls,
-            ReleaseActivities(settings.releases_root),
-        ),
-        activity_executor=executor,
-        graceful_shutdown_timeout=timedelta(seconds=30),
-        interceptors=[StepContext()],
-        **workflow_options(),
+    every = activities_of(
+        access,
+        kubernetes,
+        notify,
+        postgres,
+        redis,
+        metrics,
+        incident,
+        communication,
+        endpoints,
+        postgres_nodes,
+        redis_nodes,
+        vault,
+        tls,
+        ReleaseActivities(settings.releases_root),
     )
+    queue = task_queue or settings.task_queue
+    kind = settings.worker_kind
+    common: dict[str, Any] = {
+        "activity_executor": executor,
+        "graceful_shutdown_timeout": timedelta(seconds=30),
+        "interceptors": [StepContext()],
+    }
+    # The runs and the activities any worker may run; then those only a worker deployed with
+    # the rights to the data plane's servers and the secrets may (activities.privilege).
+    workers = []
+    if kind in ("all", "standard"):
+        standard = [a for a in every if not is_privileged(a)]
+        workers.append(
+            Worker(client, task_queue=queue, activities=standard, **common, **workflow_options())
+        )
+    if kind in ("all", "privileged"):
+        privileged = [a for a in every if is_privileged(a)]
+        workers.append(
+            Worker(client, task_queue=privileged_queue(queue), activities=privileged, **common)
+        )
     try:
-        async with worker:
-            yield worker
+        async with contextlib.AsyncExitStack() as stack:
+            for worker in workers:
+                await stack.enter_async_context(worker)
+            yield workers[0]
     finally:
         await redis.aclose()
         kubernetes_api.close()  # type: ignore[no-untyped-call]
@@ -259,8 +283,15 @@ async def run_worker(settings: Settings) -> None:
                         RUNBOOKS,
                     )
                 log.info(
-                    "worker polling task queue %s at %s%s",
-                    settings.task_queue,
+                    "%s worker polling %s at %s%s",
+                    settings.worker_kind,
+                    " and ".join(
+                        {
+                            "all": [settings.task_queue, privileged_queue(settings.task_queue)],
+                            "standard": [settings.task_queue],
+                            "privileged": [privileged_queue(settings.task_queue)],
+                        }[settings.worker_kind]
+                    ),
                     settings.temporal_address,
                     f"; metrics at http://{settings.worker_metrics_address}/metrics"
                     if settings.worker_metrics_address

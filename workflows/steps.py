@@ -50,6 +50,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.mutation import Mutation
     from activities.notify import NotifyActivities, RotationNotice
+    from activities.privilege import is_privileged, privileged_queue
 
 A = TypeVar("A")
 """An activity's argument."""
@@ -77,6 +78,14 @@ FREEZE_RECHECK = timedelta(seconds=30)
 ADMIT_TIMEOUT = timedelta(seconds=30)
 # An undo that fails, or hits a bug, leaves the rollback incomplete: said so, never hidden.
 UNDO_ERRORS: tuple[type[Exception], ...] = (ActivityError, *CODE_ERRORS)
+
+
+def task_queue_for(activity: Callable[..., Any]) -> str | None:
+    """The task queue ``activity`` runs on: the run's own (None), or for a privileged one
+    (``activities.privilege``) the queue only workers deployed with its rights poll."""
+    if is_privileged(activity):
+        return privileged_queue(workflow.info().task_queue)
+    return None
 
 
 class StepFailed(Exception):
@@ -589,6 +598,7 @@ class StepRunner:
         return await workflow.execute_activity(
             activity,
             arg,
+            task_queue=task_queue_for(activity),
             start_to_close_timeout=DEFAULT_TIMEOUT,
             retry_policy=DEFAULT_RETRY,
             summary=summary,
@@ -716,6 +726,7 @@ class StepRunner:
             result = await workflow.execute_activity(
                 activity,
                 arg,
+                task_queue=task_queue_for(activity),
                 start_to_close_timeout=start_to_close_timeout,
                 heartbeat_timeout=heartbeat_timeout,
                 retry_policy=DEFAULT_RETRY,

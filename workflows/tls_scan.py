@@ -25,7 +25,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from runtime import search_attributes as sa
 from workflows.models import MAX_COMMENT, TLS_SCAN_WORKFLOW, KubernetesLabel, RunbookResult
-from workflows.steps import ADMIT_TIMEOUT, DEFAULT_RETRY, DEFAULT_TIMEOUT
+from workflows.steps import ADMIT_TIMEOUT, DEFAULT_RETRY, DEFAULT_TIMEOUT, task_queue_for
 from workflows.tls_rotation import SPEC as TLS_ROTATION
 from workflows.tls_rotation import TlsRotationRequest
 
@@ -76,6 +76,7 @@ class TlsScan:
                 services=rotation.services,
                 window_share=rotation.renewal_window_share,
             ),
+            task_queue=task_queue_for(TlsActivities.scan_certificates),
             start_to_close_timeout=DEFAULT_TIMEOUT,
             retry_policy=DEFAULT_RETRY,
             summary=f"scan the certificates of {rotation.namespace}",
