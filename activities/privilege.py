@@ -1,10 +1,11 @@
 """Which activities need rights that only some workers are deployed with.
 
-Acting on the data plane's servers (fencing, promoting and re-attaching PostgreSQL, failing
-Redis over, rebuilding its streams) and on the platform's secrets (Vault, TLS private keys) takes
-credentials, network reach and RBAC on Secrets that most workers should not hold. A run schedules
-those activities on its own task queue plus :data:`PRIVILEGED_SUFFIX`, which only workers deployed
-with the rights poll (``ASTRA_OPS_WORKER_KIND``); everything else runs on any worker.
+Everything that acts on Astra (its cluster, its database and Redis, their servers, its secrets in
+Vault and its TLS keys) takes credentials, network reach and RBAC that the worker running every
+workflow should not hold: a compromise of that worker must not hand over Astra. A run schedules
+those activities on its own task queue plus :data:`PRIVILEGED_SUFFIX`, which only workers
+deployed with the rights poll (``ASTRA_OPS_WORKER_KIND``, ``deploy/k8s/worker.yaml``); the
+policy, notifications, incidents, metrics reads and release checks run on any worker.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from typing import Any
 
 PRIVILEGED_SUFFIX = "-privileged"
 PRIVILEGED = frozenset(
-    {"PostgresNodeActivities", "RedisNodeActivities", "VaultActivities", "TlsActivities"}
+    {
+        "KubernetesActivities",
+        "EndpointActivities",
+        "PostgresActivities",
+        "RedisActivities",
+        "PostgresNodeActivities",
+        "RedisNodeActivities",
+        "VaultActivities",
+        "TlsActivities",
+    }
 )
 """The activity classes whose every activity is privileged, by name (workflow code refers to
 activities as ``Class.method``, and needs no import of the class to route them)."""

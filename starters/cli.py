@@ -13,6 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeAlias, TypeVar
@@ -721,16 +722,34 @@ def unfreeze(reason: Reason = "", user: As = None) -> None:
     with_runs(action, user, acts=True)
 
 
+class WorkerKind(StrEnum):
+    ALL = "all"
+    STANDARD = "standard"
+    PRIVILEGED = "privileged"
+
+
 @app.command()
-def worker() -> None:
+def worker(
+    kind: Annotated[
+        WorkerKind | None,
+        typer.Option(
+            help="standard: the runs and what needs no rights on Astra; privileged: only what "
+            "acts on Astra's cluster, data plane and secrets (deploy it with those rights); "
+            "all: both. Default: ASTRA_OPS_WORKER_KIND, else all.",
+        ),
+    ] = None,
+) -> None:
     """Run one worker against the configured Temporal until SIGTERM.
 
-    Example: ASTRA_OPS_TEMPORAL_ADDRESS=temporal:7233 astra-ops worker
+    Example: ASTRA_OPS_TEMPORAL_ADDRESS=temporal:7233 astra-ops worker --kind standard
     """
     from workers.worker import run_worker
 
     with clear_errors():
-        asyncio.run(run_worker(settings()))
+        config = settings()
+        if kind is not None:
+            config = config.model_copy(update={"worker_kind": kind.value})
+        asyncio.run(run_worker(config))
 
 
 @app.command()

@@ -29,7 +29,6 @@ from typing import Any
 
 import httpx
 import jsonschema  # type: ignore[import-untyped]
-import pytest
 import yaml
 
 from runtime.settings import ENV_PREFIX, REPO_ROOT, Settings
@@ -121,15 +120,10 @@ def test_services_depend_on_what_exists_and_wait_on_what_can_tell() -> None:
                 assert source in COMPOSE["volumes"], (name, source)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`astra-ops worker --privileged` (issue 13's privileged task queue) is not written "
-    "yet; when it is, add its service here and remove this mark",
-)
 def test_it_runs_every_worker_kind_the_manifests_deploy() -> None:
     commands = {tuple(s.get("command", [])) for s in SERVICES.values()}
-    assert ("worker",) in commands
-    assert ("worker", "--privileged") in commands
+    assert ("worker", "--kind", "standard") in commands
+    assert ("worker", "--kind", "privileged") in commands
 
 
 # ----- the services as processes ---------------------------------------------------------------

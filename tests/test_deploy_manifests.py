@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar, get_args
 
-import click
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import typer
@@ -34,6 +33,8 @@ import yaml
 from pydantic import SecretStr
 from temporalio import activity
 from temporalio.testing import ActivityEnvironment
+from typer._click import Context
+from typer.core import TyperGroup
 
 import activities.kubernetes as kubernetes_activities
 from activities.kube_models import (
@@ -267,7 +268,7 @@ def test_only_the_privileged_worker_may_act_on_kubernetes(rendered: list[Obj]) -
 
 
 def test_the_two_workers_differ_only_in_their_rights(rendered: list[Obj]) -> None:
-    """The same pod but for its name, account, queue (the --privileged flag), the privileged
+    """The same pod but for its name, account, queue (its `--kind`), the privileged
     Secret, and the postmortem drafts only the workflows' worker writes: a change made to one
     and forgotten on the other fails here."""
     deployments = of_kind(rendered, "Deployment")
@@ -278,7 +279,7 @@ def test_the_two_workers_differ_only_in_their_rights(rendered: list[Obj]) -> Non
         copy: Obj = yaml.safe_load(yaml.safe_dump(deployment).replace(name, "worker"))
         pod = copy["spec"]["template"]["spec"]
         [container] = pod["containers"]
-        container["args"] = [a for a in container["args"] if a != "--privileged"]
+        container["args"] = container["args"][:1]
         container["envFrom"] = [
             e
             for e in container["envFrom"]
@@ -291,7 +292,7 @@ def test_the_two_workers_differ_only_in_their_rights(rendered: list[Obj]) -> Non
         return copy
 
     args = [d["spec"]["template"]["spec"]["containers"][0]["args"] for d in (plain, privileged)]
-    assert args == [["worker"], ["worker", "--privileged"]]
+    assert args == [["worker", "--kind", "standard"], ["worker", "--kind", "privileged"]]
     assert normalized(plain, WORKER) == normalized(privileged, PRIVILEGED_WORKER)
 
 
@@ -331,8 +332,8 @@ def test_containers_run_real_commands_and_mount_the_access_policy(rendered: list
     config_maps = of_kind(rendered, "ConfigMap")
     pods = pod_specs(rendered)
     assert {name: pod["containers"][0]["args"] for (_, name), pod in pods.items()} == {
-        WORKER: ["worker"],
-        PRIVILEGED_WORKER: ["worker", "--privileged"],
+        WORKER: ["worker", "--kind", "standard"],
+        PRIVILEGED_WORKER: ["worker", "--kind", "privileged"],
         "astra-ops-api": ["api"],
         "astra-ops-setup": ["setup"],  # astra-ops' migrations, listed in deploy/
     }
@@ -349,19 +350,13 @@ def test_containers_run_real_commands_and_mount_the_access_policy(rendered: list
         assert text == (DEPLOY / "access-policy.yaml").read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`astra-ops worker --privileged` (its own task queue, the privileged activities) is "
-    "the code side of issue 13's privileged queues, not written yet; when it lands this passes: "
-    "remove this mark",
-)
 def test_every_option_the_containers_pass_is_one_their_command_takes(base: list[Obj]) -> None:
     root = typer.main.get_command(app)
-    assert isinstance(root, click.Group)
+    assert isinstance(root, TyperGroup)
     for (_, deployment), pod in pod_specs(base).items():
         [container] = pod["containers"]
         command, *arguments = container["args"]
-        found = root.get_command(click.Context(root), command)
+        found = root.get_command(Context(root), command)
         assert found is not None, deployment
         options = {name for param in found.params for name in param.opts}
         assert {a for a in arguments if a.startswith("-")} <= options, deployment

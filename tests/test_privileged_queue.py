@@ -34,8 +34,12 @@ async def test_a_privileged_step_waits_for_a_privileged_worker(
     privileged = settings.model_copy(update={"worker_kind": "privileged"})
     with ThreadPoolExecutor(max_workers=8) as executor:
         async with running_worker(client, standard, executor):
+            # A wider window makes the sandbox's certificates due: the run has work to report.
             started = await runs.start(
-                "tls-rotation", {"namespace": namespace}, requester="alice", dry_run=True
+                "tls-rotation",
+                {"namespace": namespace, "renewal_window_share": 0.9},
+                requester="alice",
+                dry_run=True,
             )
             handle = handle_of(client, started.run_id)
 

@@ -183,52 +183,75 @@ def trust(settings: Settings) -> Trust:
     return Trust(dev_mode=settings.dev_mode, keys=keys)
 
 
+def standard_activities(client: Client, settings: Settings) -> list[Any]:
+    """What any worker may run: the policy, notifications, incidents, metrics reads and the
+    release checks; none of it acts on Astra (``activities.privilege``)."""
+    notify = NotifyActivities(settings.access_policy, settings.chat_webhook_url)
+    identity = trust(settings)
+    return [
+        AccessActivities(
+            settings.access_policy,
+            identity,
+            client,
+            notify,
+            settings.state_dsn,
+            settings.data_plane_topology,
+        ),
+        notify,
+        IncidentActivities(settings.access_policy, identity, settings.postmortems),
+        CommunicationActivities.from_settings(settings),
+        MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url)),
+        ReleaseActivities(settings.releases_root),
+    ]
+
+
+@asynccontextmanager
+async def privileged_activities(settings: Settings) -> AsyncIterator[list[Any]]:
+    """What only a worker deployed with the rights to Astra's cluster, data plane and secrets
+    may run; its clients are closed when the block ends."""
+    kubernetes_api = kube_api(settings)
+    kubernetes = KubernetesActivities(kubernetes_api)
+    redis = RedisActivities(settings.redis_url, key_prefix=settings.redis_key_prefix)
+    try:
+        yield [
+            kubernetes,
+            EndpointActivities(kubernetes, settings.data_plane_topology),
+            PostgresActivities(settings.database_url, settings.data_plane_topology),
+            redis,
+            PostgresNodeActivities(settings.data_plane_topology),
+            RedisNodeActivities(
+                settings.data_plane_topology,
+                settings.database_url,
+                key_prefix=settings.redis_key_prefix,
+            ),
+            VaultActivities(vault_config(settings), kubernetes),
+            TlsActivities(tls_config(settings), kubernetes),
+        ]
+    finally:
+        await redis.aclose()
+        kubernetes_api.close()  # type: ignore[no-untyped-call]
+
+
+def routed(activities: list[Any], privileged: bool) -> list[Any]:
+    """``activities``, checked to be what the runs route to this kind of worker: one the runs
+    send elsewhere would never be called here, and its runs would wait for it forever."""
+    strays = [a.__qualname__ for a in activities if is_privileged(a) != privileged]
+    if strays:
+        raise RuntimeError(
+            f"the worker composition disagrees with activities.privilege.PRIVILEGED about "
+            f"{', '.join(strays)}; fix one of the two"
+        )
+    return activities
+
+
 @asynccontextmanager
 async def running_worker(
     client: Client, settings: Settings, executor: ThreadPoolExecutor, task_queue: str | None = None
 ) -> AsyncIterator[Worker]:
-    """The worker, polling until the block ends; then its connections are released."""
+    """The worker(s) of ``settings.worker_kind``, polling until the block ends; then their
+    connections are released. Yields the one that runs the workflows (or, for a privileged
+    worker, the privileged one)."""
     redact_logs()  # activities' clients log URLs, the SDK logs their failures
-    kubernetes_api = kube_api(settings)
-    kubernetes = KubernetesActivities(kubernetes_api)
-    notify = NotifyActivities(settings.access_policy, settings.chat_webhook_url)
-    identity = trust(settings)
-    access = AccessActivities(
-        settings.access_policy,
-        identity,
-        client,
-        notify,
-        settings.state_dsn,
-        settings.data_plane_topology,
-    )
-    incident = IncidentActivities(settings.access_policy, identity, settings.postmortems)
-    communication = CommunicationActivities.from_settings(settings)
-    postgres = PostgresActivities(settings.database_url, settings.data_plane_topology)
-    redis = RedisActivities(settings.redis_url, key_prefix=settings.redis_key_prefix)
-    metrics = MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url))
-    endpoints = EndpointActivities(kubernetes, settings.data_plane_topology)
-    postgres_nodes = PostgresNodeActivities(settings.data_plane_topology)
-    redis_nodes = RedisNodeActivities(
-        settings.data_plane_topology, settings.database_url, key_prefix=settings.redis_key_prefix
-    )
-    vault = VaultActivities(vault_config(settings), kubernetes)
-    tls = TlsActivities(tls_config(settings), kubernetes)
-    every = activities_of(
-        access,
-        kubernetes,
-        notify,
-        postgres,
-        redis,
-        metrics,
-        incident,
-        communication,
-        endpoints,
-        postgres_nodes,
-        redis_nodes,
-        vault,
-        tls,
-        ReleaseActivities(settings.releases_root),
-    )
     queue = task_queue or settings.task_queue
     kind = settings.worker_kind
     common: dict[str, Any] = {
@@ -236,27 +259,28 @@ async def running_worker(
         "graceful_shutdown_timeout": timedelta(seconds=30),
         "interceptors": [StepContext()],
     }
-    # The runs and the activities any worker may run; then those only a worker deployed with
-    # the rights to the data plane's servers and the secrets may (activities.privilege).
-    workers = []
-    if kind in ("all", "standard"):
-        standard = [a for a in every if not is_privileged(a)]
-        workers.append(
-            Worker(client, task_queue=queue, activities=standard, **common, **workflow_options())
-        )
-    if kind in ("all", "privileged"):
-        privileged = [a for a in every if is_privileged(a)]
-        workers.append(
-            Worker(client, task_queue=privileged_queue(queue), activities=privileged, **common)
-        )
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            for worker in workers:
-                await stack.enter_async_context(worker)
-            yield workers[0]
-    finally:
-        await redis.aclose()
-        kubernetes_api.close()  # type: ignore[no-untyped-call]
+    async with contextlib.AsyncExitStack() as stack:
+        workers = []
+        if kind in ("all", "standard"):
+            standard = activities_of(*standard_activities(client, settings))
+            workers.append(
+                Worker(
+                    client, task_queue=queue, activities=standard, **common, **workflow_options()
+                )
+            )
+        if kind in ("all", "privileged"):
+            rights = await stack.enter_async_context(privileged_activities(settings))
+            workers.append(
+                Worker(
+                    client,
+                    task_queue=privileged_queue(queue),
+                    activities=activities_of(*rights),
+                    **common,
+                )
+            )
+        for worker in workers:
+            await stack.enter_async_context(worker)
+        yield workers[0]
 
 
 async def run_worker(settings: Settings) -> None:
