@@ -9,7 +9,6 @@ Hypothesis drives the generation on a thread and hands each request to the loop.
 from __future__ import annotations
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,7 +34,6 @@ from workers.worker import running_worker
 from workflows.catalogue import RUNBOOKS
 
 EXAMPLES_PER_OPERATION = 20
-BUDGET_SECONDS = 45
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -58,13 +56,11 @@ async def test_no_request_gets_a_server_error_and_every_refusal_says_why(
     schema = schemathesis.openapi.from_dict(app.openapi())
     starts = schema["/v1/runbooks/{name}/runs"]["POST"]
     loop = asyncio.get_running_loop()
-    started = time.monotonic()
 
     # A worker answers queries and updates (the kill switch among them) as in production.
     with ThreadPoolExecutor(max_workers=8) as executor:
         async with running_worker(own_temporal.env.client, ours, executor):
             await fuzz(app, schema, starts, loop)
-    assert time.monotonic() - started < BUDGET_SECONDS
 
 
 async def fuzz(app: FastAPI, schema: Any, starts: Any, loop: asyncio.AbstractEventLoop) -> None:
