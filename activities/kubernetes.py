@@ -601,16 +601,10 @@ class KubernetesActivities:
 
     def _canary(self, namespace: str, stable: str, name: str) -> Any | None:
         """The canary Deployment if there is one; refuses one astra-ops did not make."""
-        from kubernetes.client.exceptions import ApiException
-
         target = f"{namespace}/{name}"
-        with kube_errors("read Deployment", target):
-            try:
-                found: Any = self.apps.read_namespaced_deployment(name, namespace)
-            except ApiException as err:
-                if err.status != 404:
-                    raise
-                return None
+        found = self._maybe_deployment(namespace, name)
+        if found is None:
+            return None
         if (found.metadata.annotations or {}).get(CANARY_OF) != stable:
             raise ApplicationError(
                 f"{target} exists but is not a canary astra-ops made of {stable} (no "
@@ -759,16 +753,10 @@ class KubernetesActivities:
     def deployment_pods(self, req: DeploymentRef) -> PodList:
         """The pods a Deployment owns (not those of another whose selector overlaps), oldest
         first; none when it does not exist: whose work a release's analysis measures."""
-        from kubernetes.client.exceptions import ApiException
-
         target = f"{req.namespace}/{req.name}"
-        with kube_errors("read Deployment", target):
-            try:
-                deployment: Any = self.apps.read_namespaced_deployment(req.name, req.namespace)
-            except ApiException as err:
-                if err.status != 404:
-                    raise
-                return PodList(pods=[])
+        deployment = self._maybe_deployment(req.namespace, req.name)
+        if deployment is None:
+            return PodList(pods=[])
         selector = _selector_text(deployment.spec.selector)
         pods: Any = self._call(
             "list pods",

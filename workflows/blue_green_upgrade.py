@@ -28,7 +28,7 @@ from pydantic import Field
 from temporalio import workflow
 
 from workflows.approval import RunbookStopped
-from workflows.models import DAY, Outcome, RunbookResult, SteerAction, SteerRequest
+from workflows.models import DAY, Outcome, RunbookResult, SteerAction
 from workflows.releases import (
     ROLLBACK_NOTICE,
     Analysis,
@@ -39,8 +39,8 @@ from workflows.releases import (
     tell_rotation,
 )
 from workflows.rollouts import wait_for
-from workflows.runbook import Runbook, RunbookSpec
-from workflows.steering import Steering
+from workflows.runbook import RunbookSpec
+from workflows.steering import Release
 
 with workflow.unsafe.imports_passed_through():
     from activities.kube_models import (
@@ -97,25 +97,14 @@ SPEC = RunbookSpec(
 
 
 @workflow.defn(name=SPEC.name)
-class BlueGreenUpgrade(Runbook):
+class BlueGreenUpgrade(Release):
     spec = SPEC
+    promotion_step = SWITCH
     steer_actions = frozenset({SteerAction.SWITCH_BACK, SteerAction.PROMOTE, SteerAction.ABORT})
 
     def __init__(self) -> None:
         super().__init__()
-        self.steering = Steering(self.steps, self.steer_actions, SWITCH)
         self.switched = False
-
-    @workflow.update
-    def steer(self, req: SteerRequest) -> str:
-        """Switch back, promote (end the window) or abort (`astra-ops blue-green ...`)."""
-        return self.steering.apply(req)
-
-    @steer.validator
-    def _validate_steer(self, req: SteerRequest) -> None:
-        why = self.steering.validate(req)
-        if why is not None:
-            raise ValueError(why)
 
     @workflow.run
     async def run(self, req: BlueGreenUpgradeRequest) -> RunbookResult:

@@ -39,7 +39,6 @@ from workflows.models import (
     Outcome,
     RunbookResult,
     SteerAction,
-    SteerRequest,
 )
 from workflows.releases import (
     ROLLBACK_NOTICE,
@@ -51,8 +50,8 @@ from workflows.releases import (
     tell_rotation,
 )
 from workflows.rollouts import wait_for
-from workflows.runbook import Runbook, RunbookSpec
-from workflows.steering import Steering
+from workflows.runbook import RunbookSpec
+from workflows.steering import Release
 
 with workflow.unsafe.imports_passed_through():
     from activities.canary_analysis import (
@@ -200,28 +199,16 @@ SPEC = RunbookSpec(
 
 
 @workflow.defn(name=SPEC.name)
-class CanaryUpgrade(Runbook):
+class CanaryUpgrade(Release):
     spec = SPEC
+    promotion_step = PROMOTION
     steer_actions = frozenset(
         {SteerAction.PROMOTE, SteerAction.ABORT, SteerAction.PAUSE, SteerAction.RESUME}
     )
 
     def __init__(self) -> None:
         super().__init__()
-        self.steering = Steering(self.steps, self.steer_actions, PROMOTION)
-        self.analysis: Analysis | None = None
         self.stable_moved = False
-
-    @workflow.update
-    def steer(self, req: SteerRequest) -> str:
-        """Promote, abort, pause or resume the run (`astra-ops canary ...`)."""
-        return self.steering.apply(req)
-
-    @steer.validator
-    def _validate_steer(self, req: SteerRequest) -> None:
-        why = self.steering.validate(req)
-        if why is not None:
-            raise ValueError(why)
 
     @workflow.run
     async def run(self, req: CanaryUpgradeRequest) -> RunbookResult:
@@ -233,7 +220,7 @@ class CanaryUpgrade(Runbook):
             return self.steps.finish(
                 Outcome.NO_CHANGE, f"{req.service} already runs {req.image}; nothing to do"
             )
-        analysis = self.analysis = Analysis(self.steps, req)
+        analysis = Analysis(self.steps, req)
 
         async def roll_back() -> None:
             await self._roll_back(req, running)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import ClassVar
 
 from temporalio import workflow
 
@@ -28,6 +29,7 @@ from workflows.models import (
     SteerRecord,
     SteerRequest,
 )
+from workflows.runbook import Runbook
 from workflows.steps import StepRunner
 
 KEEP_RECORDS = 50
@@ -222,3 +224,27 @@ class Steering:
             else f"ends {end:%H:%M:%S}Z"
         )
         return f"from {since:%H:%M:%S}Z; {clock}" + (f"; {said}" if said else "")
+
+
+class Release(Runbook):
+    """Base of the runbooks people steer while they run (a release): the ``steer`` update,
+    its validator, and the :class:`Steering` that holds their windows."""
+
+    promotion_step: ClassVar[str]
+    """The approval step whose approvers may also promote."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steering = Steering(self.steps, self.steer_actions, self.promotion_step)
+
+    @workflow.update
+    def steer(self, req: SteerRequest) -> str:
+        """Promote, abort, pause or resume the run, or switch it back (`astra-ops canary ...`,
+        `astra-ops blue-green ...`): what the runbook's ``steer_actions`` take."""
+        return self.steering.apply(req)
+
+    @steer.validator
+    def _validate_steer(self, req: SteerRequest) -> None:
+        why = self.steering.validate(req)
+        if why is not None:
+            raise ValueError(why)
