@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     temporal_tls_key: Path | None = None
     temporal_api_key: SecretStr | None = None
     task_queue: str = "astra-ops"
+    worker_graceful_shutdown_seconds: float = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        description="After SIGTERM, how long the worker lets running activities finish before it "
+        "cancels them (those that only wait hand their work back at once). Keep it below the "
+        "pod's terminationGracePeriodSeconds.",
+    )
 
     # Payload encryption: "keyid:base64key[,keyid:base64key...]"; the first encrypts, all decrypt.
     codec_keys: SecretStr | None = None

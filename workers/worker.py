@@ -40,6 +40,7 @@ from workflows.catalogue import RUNBOOKS
 from workflows.errors import CODE_ERRORS
 from workflows.incident import Incident
 from workflows.kill_switch import KillSwitch
+from workflows.timeouts import HEARTBEAT_THROTTLE
 from workflows.tls_scan import TlsScan
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def workflow_runner() -> SandboxedWorkflowRunner:
             "workflows.steps",
             "workflows.approval",
             "workflows.errors",
+            "workflows.timeouts",
             "runtime",
             "pydantic",
             "pydantic_core",
@@ -217,7 +219,8 @@ async def running_worker(
             tls,
         ),
         activity_executor=executor,
-        graceful_shutdown_timeout=timedelta(seconds=30),
+        graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
+        max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
         **workflow_options(),
     )
     try:
