@@ -40,7 +40,7 @@ from workflows.catalogue import RUNBOOKS
 from workflows.errors import CODE_ERRORS
 from workflows.incident import Incident
 from workflows.kill_switch import KillSwitch
-from workflows.timeouts import HEARTBEAT_THROTTLE
+from workflows.timeouts import HEARTBEAT_THROTTLE, STICKY_QUEUE_TIMEOUT
 from workflows.tls_scan import TlsScan
 
 log = logging.getLogger(__name__)
@@ -221,6 +221,7 @@ async def running_worker(
         activity_executor=executor,
         graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
         max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+        sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
         **workflow_options(),
     )
     try:

@@ -36,6 +36,12 @@ HEARTBEAT_THROTTLE = timedelta(seconds=2)
 """The most a worker waits between sending an activity's heartbeats (the SDK's
 ``max_heartbeat_throttle_interval``; it would otherwise wait 80 % of ``HEARTBEAT_TIMEOUT``,
 which leaves a loaded worker one second to spare)."""
+STICKY_QUEUE_TIMEOUT = timedelta(seconds=3)
+"""How long a run's next workflow task waits for the worker that ran its last one before any
+worker may take it (the SDK's ``sticky_queue_schedule_to_start_timeout``, 10 s by default). A
+worker that died still holds its runs this long: when a step resumed on another worker
+completes within seconds of the death (a heartbeat timeout, a decision), the run waits for it.
+Any worker can take the task after it, at the cost of replaying the run's history."""
 DEFAULT_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
