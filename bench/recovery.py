@@ -12,10 +12,11 @@ random from the steps a run takes (``--steps`` narrows the draw):
 - the approval: the bench kills the worker while the run waits for a person, and decides once
   the new worker polls.
 
-The new worker starts as soon as the old one is gone. From the new worker's first poll the bench
-measures, from the run's history, when the run resumed (the first event the new worker wrote) and
-when it completed; and, on the cluster, how often each Deployment was restarted (its ReplicaSet
-revisions): once, whatever the kill. Printed beside them: the same run without a kill, start to
+The new worker starts as soon as the old one is gone (its imports and connection take seconds,
+printed as 'polling'). From the new worker's first poll the bench measures, from the run's
+history, when the run resumed (the first event the new worker wrote) and when it completed; and,
+on the cluster, how often each Deployment was restarted (its ReplicaSet revisions): once,
+whatever the kill. Printed beside them: the same run without a kill, start to
 end and from the killed step's start to the end, so that what a kill adds shows as the
 difference. Figures are printed, never asserted (the target, a resume within 15 s of the new
 worker polling, is printed beside them).
@@ -52,6 +53,7 @@ from runtime.access import load_policy
 from runtime.identity import Signer, load_signer, new_signing_key_line
 from runtime.keys import new_key_line
 from runtime.settings import ENV_PREFIX, REPO_ROOT
+from starters.run_views import DecisionRefused
 from starters.runs import Runs
 from workflows.models import Decision, RunbookResult, RunStatus
 
@@ -81,6 +83,8 @@ class Step:
 class Trial:
     step: Step
     died: str
+    polling: float
+    """The kill -> the new worker polling (its start: the process, its imports, its connection)."""
     resumed: float | None
     """New worker polling -> the first event it wrote in the run's history."""
     completed: float
@@ -145,9 +149,16 @@ class Bench:
         return self.client.get_workflow_handle(started.run_id, result_type=RunbookResult)
 
     async def approve(self, handle: WorkflowHandle[Any, RunbookResult]) -> None:
-        """Approve as bob once the run asks."""
-        await until(lambda: asking(handle), RUN_DEADLINE, f"{handle.id} asks for approval")
-        await self.runs.decide(handle.id, Decision(approver="bob", comment="recovery bench"))
+        """Approve as bob once the run asks; a decision while no worker runs the run (the
+        worker was killed meanwhile) is refused as unanswered, and made again."""
+
+        async def decided() -> bool:
+            if not await asking(handle):
+                return False
+            await self.runs.decide(handle.id, Decision(approver="bob", comment="recovery bench"))
+            return True
+
+        await until(decided, RUN_DEADLINE, f"{handle.id} approved")
 
     def restarts(self, namespace: str) -> dict[str, int]:
         """How often each Deployment was restarted: its ReplicaSet revisions past the seed's."""
@@ -167,14 +178,15 @@ async def asking(handle: WorkflowHandle[Any, RunbookResult]) -> bool:
 async def until(
     holds: Callable[[], bool | Awaitable[bool]], seconds: float, what: str, every: float = 0.05
 ) -> None:
-    """Poll ``holds`` until it is true; a query that finds no worker yet counts as not yet."""
+    """Poll ``holds`` until it is true; a query or decision that finds no worker yet counts as
+    not yet."""
     deadline = time.monotonic() + seconds
     while True:
         try:
             result = holds()
             if await result if isawaitable(result) else result:
                 return
-        except RPCError:
+        except (RPCError, DecisionRefused):
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {seconds:g} s")
@@ -249,6 +261,7 @@ async def trial(bench: Bench, number: int, step: Step, rng: random.Random) -> Tr
             await until(lambda: asking(handle), RUN_DEADLINE, f"{workflow_id} asks for approval")
             first.process.kill()
             await first.process.wait()
+            killed = time.time()
             second = await bench.worker()
             since = await second.polling_since()
             await bench.approve(handle)
@@ -264,6 +277,7 @@ async def trial(bench: Bench, number: int, step: Step, rng: random.Random) -> Tr
                     f"{workflow_id} ended and its worker never reached the trap at activity "
                     f"{step.activity_id} ('{step.name}'): {ended.result()}"
                 )
+            killed = time.time()
             second = await bench.worker()
             since = await second.polling_since()
             await approving
@@ -280,6 +294,7 @@ async def trial(bench: Bench, number: int, step: Step, rng: random.Random) -> Tr
     return Trial(
         step=step,
         died=died,
+        polling=since - killed,
         resumed=min(resumed) - since if resumed else None,
         completed=event_time(history.events[-1]) - since,
         restarts=await asyncio.to_thread(bench.restarts, namespace),
@@ -295,14 +310,14 @@ def print_report(
         f"{len(trials)} trials; sandbox rollouts take {rollout_seconds:g} s"
     )
     print(
-        f"{'trial':<6}{'killed at step':<32}{'resumed s':>10}{'completed s':>12}"
+        f"{'trial':<6}{'killed at step':<42}{'polling s':>10}{'resumed s':>10}{'completed s':>12}"
         f"{'unkilled s':>11}{'extra s':>9}  restarts  outcome; where it died"
     )
     for number, t in enumerate(trials, 1):
         resumed_text = f"{t.resumed:.1f}" if t.resumed is not None else "-"
         restarts = ",".join(str(t.restarts[d]) for d in DEPLOYMENTS)
         print(
-            f"{number:<6}{t.step.name:<32}{resumed_text:>10}{t.completed:>12.1f}"
+            f"{number:<6}{t.step.name:<42}{t.polling:>10.1f}{resumed_text:>10}{t.completed:>12.1f}"
             f"{t.step.remaining:>11.1f}{t.completed - t.step.remaining:>+9.1f}  {restarts:<8}  "
             f"{t.outcome}; {t.died}"
         )
@@ -311,11 +326,13 @@ def print_report(
     extra = [t.completed - t.step.remaining for t in trials]
     once = sum(all(n == 1 for n in t.restarts.values()) for t in trials)
     print(
-        "\n'resumed' and 'completed' count from the new worker's first poll; 'unkilled' is what "
-        "was left of a run without a kill from the killed step's start; 'extra' the difference"
+        "\n'polling': from the kill to the new worker's first poll; 'resumed' and 'completed' "
+        "count from that poll; 'unkilled' is what was left of a run without a kill from the "
+        "killed step's start; 'extra' the difference"
     )
     print(f"{'':<44}{'median':>8}{'max':>8}")
     for label, values in (
+        ("kill -> new worker polling", [t.polling for t in trials]),
         ("new worker polling -> run resumed", resumed),
         ("new worker polling -> run completed", completed),
         ("extra time, beside the run without a kill", extra),
