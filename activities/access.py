@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 from temporalio import activity
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -29,6 +29,7 @@ from runtime.access import (
     PolicyFile,
     RunbookAccess,
 )
+from workflows.incident_models import INCIDENT_WORKFLOW, STATE_QUERY, IncidentState
 from workflows.models import FreezeNotice
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,31 @@ class AutomaticClaim(BaseModel):
     allowed: bool
     used: int
     detail: str
+
+
+class OpenIncidentsRequest(BaseModel):
+    service: str
+    """A Deployment; the access policy's rotations say which rotation owns it."""
+
+
+class OpenIncident(BaseModel):
+    incident_id: str
+    severity: str
+    title: str
+
+
+class OpenIncidents(BaseModel):
+    """The open SEV1/SEV2 incidents on the rotation that owns a service."""
+
+    rotation: str
+    incidents: list[OpenIncident]
+
+    def summary(self) -> str:
+        if not self.incidents:
+            return f"no open SEV1/SEV2 incident on {self.rotation or 'any rotation'}"
+        return f"open on {self.rotation}: " + ", ".join(
+            f"{i.incident_id} ({i.severity}: {i.title})" for i in self.incidents
+        )
 
 
 class FreezeBroadcast(BaseModel):
@@ -266,6 +292,48 @@ class AccessActivities:
                 (req.token, scope),
             )
             return AutomaticClaim(allowed=True, used=used + 1, detail=f"{used + 1} of {window}")
+
+    @activity.defn
+    async def open_incidents(self, req: OpenIncidentsRequest) -> OpenIncidents:
+        """The SEV1/SEV2 incidents open on the rotation that owns ``req.service``: an upgrade
+        does not add a change to a platform that is already failing its users."""
+        incidents = self._policy().incidents
+        if incidents is None:
+            return OpenIncidents(rotation="", incidents=[])
+        rotation = incidents.rotation_of_deployment(req.service)
+        # The incidents of this deployment of astra-ops: on its task queue (another's, on the
+        # same namespace, are another's to weigh).
+        query = (
+            f"WorkflowType = '{INCIDENT_WORKFLOW}' AND ExecutionStatus = 'Running' "
+            f"AND {sa.SEVERITY.name} IN ('SEV1', 'SEV2') "
+            f"AND TaskQueue = '{activity.info().task_queue}'"
+        )
+        found = []
+        async for execution in self.client.list_workflows(query):
+            severity = execution.typed_search_attributes.get(sa.SEVERITY) or "?"
+            try:
+                state = await self.client.get_workflow_handle(execution.id).query(
+                    STATE_QUERY, result_type=IncidentState
+                )
+            except (RPCError, WorkflowQueryFailedError) as err:
+                if isinstance(err, RPCError) and err.status == RPCStatusCode.NOT_FOUND:
+                    continue  # closed since the listing
+                # Unanswered: it may be this rotation's, so it counts (the safe side).
+                found.append(
+                    OpenIncident(
+                        incident_id=execution.id,
+                        severity=severity,
+                        title=f"(does not answer: {err.message})",
+                    )
+                )
+                continue
+            if state.rotation == rotation:
+                found.append(
+                    OpenIncident(
+                        incident_id=execution.id, severity=state.severity.value, title=state.title
+                    )
+                )
+        return OpenIncidents(rotation=rotation, incidents=found)
 
     @activity.defn
     async def broadcast_freeze(self, req: FreezeBroadcast) -> int:

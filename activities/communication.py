@@ -31,6 +31,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.heartbeats import heartbeating
 from activities.postgres import connect
+from runtime.metrics import notification_failed
 from runtime.redact import MASK, redact
 
 if TYPE_CHECKING:
@@ -448,6 +449,7 @@ class CommunicationActivities:
                 try:
                     sent = await send(conn)
                 except ApplicationError as err:
+                    notification_failed(activity.metric_meter(), channel)
                     await conn.execute(
                         "UPDATE astra_ops_deliveries SET attempts = attempts + 1,"
                         f" last_error = %s {where}",

@@ -18,6 +18,17 @@ CONFIG_PATCHED_BY = "astra-ops/patched-by"
 ROLLED_BACK_BY = "astra-ops/rolled-back-by"
 CERT_RENEWED_BY = "astra-ops/cert-renewed-by"
 """On a TLS Secret: the step that last wrote its certificate (renewal or rollback)."""
+CANARY_OF = "astra-ops/canary-of"
+"""On a canary Deployment: the Deployment it is the canary of. astra-ops changes or deletes a
+``<name>-canary`` Deployment only when it carries this, so it never touches one it did not make."""
+BLUE_GREEN_OF = "astra-ops/blue-green-of"
+"""On a ``<service>-green`` Deployment: the service it is the second colour of. astra-ops changes
+one only when it carries this."""
+IMAGE_SET_BY = "astra-ops/image-set-by"
+"""On a Deployment: the step that last changed its image (a full rollout, or its rollback)."""
+TRACK_LABEL = "track"
+"""The label that tells a canary's pods (``track: canary``) from the stable ones: the Kubernetes
+docs' canary pattern, where the Service selects both by their shared labels."""
 TLS_ENDPOINT = "astra-ops/tls-endpoint"
 """On a Deployment: ``host:port`` where its service serves TLS, when not its Service's DNS name
 (the cluster's owner sets it; a request never names an endpoint)."""

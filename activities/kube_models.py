@@ -75,6 +75,8 @@ class RolloutStatus(BaseModel):
     failed_message: str | None = None
     restart_token: str | None = None
     config_hash: str | None = None
+    image: str | None = None
+    """The image of the pod template's first container: what the rollout rolls out."""
 
     def summary(self) -> str:
         """One line for heartbeats and error messages."""
@@ -219,3 +221,112 @@ class SecretReaders(BaseModel):
 
     def summary(self) -> str:
         return f"{', '.join(self.deployments) or 'no Deployment'} read {self.secret}"
+
+
+def canary_name(stable: str) -> str:
+    """The canary Deployment of ``stable``: one per Deployment, so a run and its retries and the
+    rollback all find the same one."""
+    return f"{stable}-canary"
+
+
+class CanaryScale(Mutation):
+    """Run ``replicas`` pods of ``image`` beside a Deployment's own (the stable ones): its canary,
+    which takes that share of the work because the Service selects both."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    stable: str
+    image: str
+    replicas: int = Field(ge=0, le=10_000)
+
+
+class CanaryRef(Mutation):
+    """The canary of a Deployment, to remove."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    stable: str
+
+
+class ImageChange(Mutation):
+    """Roll a Deployment's first container onto ``image``."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+    image: str
+    expected: str | None = None
+    """Change it only while it runs this image: a rollback leaves an image someone else set."""
+
+
+class ImageCheck(BaseModel):
+    """Which image every pod of a Deployment should run."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+    image: str
+
+
+class ImageVerification(BaseModel):
+    """Whether every pod the Deployment owns is ready and runs the image."""
+
+    ok: bool
+    image: str
+    pods_total: int
+    pods_current: int
+    stale: list[str]
+
+    def summary(self) -> str:
+        stale = f"; not yet: {', '.join(self.stale)}" if self.stale else ""
+        return f"{self.pods_current} of {self.pods_total} pods run {self.image}{stale}"
+
+
+def green_name(service: str) -> str:
+    """The second colour of a service's Deployment: blue is the Deployment named like the
+    service, green ``<service>-green``; a release moves the Service between the two."""
+    return f"{service}-green"
+
+
+class ServiceRef(BaseModel):
+    """A Service, and the Deployments of its two colours."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+
+
+class Slots(BaseModel):
+    """Which of a service's two Deployments its Service sends the work to (live), and which is
+    the other (idle): where a blue/green release brings up the new image."""
+
+    service: str
+    live: str
+    idle: str
+    idle_exists: bool
+
+    def summary(self) -> str:
+        spare = "exists" if self.idle_exists else "does not exist yet"
+        return f"Service {self.service} selects {self.live}; {self.idle} {spare}"
+
+
+class SlotDeploy(Mutation):
+    """Run ``replicas`` pods of ``image`` in the idle Deployment, from the live one's template."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    service: str
+    name: str
+    source: str
+    image: str
+    replicas: int = Field(ge=1, le=10_000)
+
+
+class ServicePoint(Mutation):
+    """Point a Service at a Deployment's pods: its selector becomes the Deployment's."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    service: str
+    deployment: str
+    expected: str | None = None
+    """Switch only while it selects this Deployment's pods: never over someone else's switch."""
+
+
+class DeploymentScale(Mutation):
+    namespace: str = DEFAULT_NAMESPACE
+    name: str
+    replicas: int = Field(ge=0, le=10_000)

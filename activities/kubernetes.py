@@ -28,20 +28,32 @@ from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities.heartbeats import beat
 from activities.kube_annotations import (
+    BLUE_GREEN_OF,
+    CANARY_OF,
+    CHANGE_CAUSE,
     CONFIG_HASH,
     CONFIG_PATCHED_BY,
+    IMAGE_SET_BY,
     RESTARTED_BY,
     ROLLED_BACK_BY,
+    TEMPLATE_HASH_LABEL,
+    TRACK_LABEL,
     config_hash,
 )
 from activities.kube_errors import kube_errors
 from activities.kube_models import (
+    CanaryRef,
+    CanaryScale,
     ConfigPatch,
     ConfigRef,
     ConfigRollout,
     ConfigValue,
     ConfigVerification,
     DeploymentRef,
+    DeploymentScale,
+    ImageChange,
+    ImageCheck,
+    ImageVerification,
     PodDelete,
     PodInfo,
     PodList,
@@ -53,6 +65,12 @@ from activities.kube_models import (
     RolloutWait,
     SecretReaders,
     SecretRef,
+    ServicePoint,
+    ServiceRef,
+    SlotDeploy,
+    Slots,
+    canary_name,
+    green_name,
 )
 from activities.mutation import MutationResult
 from activities.rollout_history import (
@@ -157,7 +175,65 @@ def _rollout_status(deployment: Any) -> RolloutStatus:
         failed_message=failed_message if observed >= generation else None,
         restart_token=annotations.get(RESTARTED_BY),
         config_hash=annotations.get(CONFIG_HASH),
+        image=_image(deployment),
     )
+
+
+def _image(deployment: Any) -> str:
+    """The image of the pod template's first container (the one a release changes)."""
+    return str(deployment.spec.template.spec.containers[0].image)
+
+
+def _owned(pod: Any, deployment: str) -> bool:
+    """Whether a pod belongs to ``deployment``'s own ReplicaSets (named ``<deployment>-<hash>``),
+    not to another Deployment whose selector overlaps, as a canary's does the stable's."""
+    pod_hash = (pod.metadata.labels or {}).get(TEMPLATE_HASH_LABEL)
+    return bool(pod_hash) and any(
+        ref.kind == "ReplicaSet" and ref.name == f"{deployment}-{pod_hash}"
+        for ref in pod.metadata.owner_references or []
+    )
+
+
+def _slot_body(source: Any, req: SlotDeploy, api: Any) -> Any:
+    """The other colour of ``source``: its pod template on the new image, labelled (and
+    selected) ``app: <name>``, so the Service that selects ``source``'s pods does not select
+    these until it is switched; marked as ours."""
+    body: dict[str, Any] = api.sanitize_for_serialization(
+        {"spec": {"template": source.spec.template}}
+    )
+    spec = body["spec"]
+    spec["replicas"] = req.replicas
+    spec["selector"] = {"matchLabels": {"app": req.name}}
+    spec["template"].setdefault("metadata", {}).setdefault("labels", {})["app"] = req.name
+    spec["template"]["spec"]["containers"][0]["image"] = req.image
+    body["metadata"] = {
+        "name": req.name,
+        "namespace": req.namespace,
+        "labels": dict(source.metadata.labels or {}),
+        "annotations": {BLUE_GREEN_OF: req.service, CHANGE_CAUSE: f"green of {req.image}"},
+    }
+    return body
+
+
+def _canary_body(stable: Any, name: str, image: str, replicas: int, api: Any) -> Any:
+    """The canary of ``stable``: its pod template on ``image``, its labels plus ``track:
+    canary`` (so the Service that selects the stable pods selects these too), marked as ours."""
+    body: dict[str, Any] = api.sanitize_for_serialization(
+        {"spec": {"selector": stable.spec.selector, "template": stable.spec.template}}
+    )
+    spec = body["spec"]
+    spec["replicas"] = replicas
+    spec["selector"].setdefault("matchLabels", {})[TRACK_LABEL] = "canary"
+    template_meta = spec["template"].setdefault("metadata", {})
+    template_meta.setdefault("labels", {})[TRACK_LABEL] = "canary"
+    spec["template"]["spec"]["containers"][0]["image"] = image
+    body["metadata"] = {
+        "name": name,
+        "namespace": stable.metadata.namespace,
+        "labels": dict(stable.metadata.labels or {}),
+        "annotations": {CANARY_OF: stable.metadata.name, CHANGE_CAUSE: f"canary of {image}"},
+    }
+    return body
 
 
 def _reads_secret(deployment: Any, secret: str) -> bool:
@@ -522,4 +598,348 @@ class KubernetesActivities:
             pods_total=len(infos),
             pods_current=current,
             stale=stale,
+        )
+
+    def _canary(self, namespace: str, stable: str, name: str) -> Any | None:
+        """The canary Deployment if there is one; refuses one astra-ops did not make."""
+        from kubernetes.client.exceptions import ApiException
+
+        target = f"{namespace}/{name}"
+        with kube_errors("read Deployment", target):
+            try:
+                found: Any = self.apps.read_namespaced_deployment(name, namespace)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                return None
+        if (found.metadata.annotations or {}).get(CANARY_OF) != stable:
+            raise ApplicationError(
+                f"{target} exists but is not a canary astra-ops made of {stable} (no "
+                f"{CANARY_OF}={stable} annotation); astra-ops will not change it: rename or "
+                "delete it, then start again",
+                type="NotOurs",
+                non_retryable=True,
+            )
+        return found
+
+    @activity.defn
+    def scale_canary(self, req: CanaryScale) -> MutationResult:
+        """Run ``replicas`` pods of the new image beside the stable ones: create the canary
+        Deployment from the stable one's template, or bring it to that image and count."""
+        name = canary_name(req.stable)
+        target = f"{req.namespace}/{name}"
+        _require_token("scale_canary", target, req.token)
+        stable = self._deployment(req.namespace, req.stable)
+        canary = self._canary(req.namespace, req.stable, name)
+        beside = int(stable.spec.replicas or 0)
+        share = req.replicas / (req.replicas + beside) if req.replicas + beside else 0.0
+        goal = (
+            f"{req.replicas} pod(s) of {req.image} beside {beside} stable ({share:.0%} of the pods)"
+        )
+        if (
+            canary is not None
+            and _image(canary) == req.image
+            and canary.spec.replicas == (req.replicas)
+        ):
+            return MutationResult(changed=False, detail=f"{target} already runs {goal}")
+        if req.dry_run:
+            return MutationResult(changed=False, detail=f"would run {goal} as {target}")
+        if canary is None:
+            body = _canary_body(stable, name, req.image, req.replicas, self.apps.api_client)
+            self._call(
+                "create Deployment",
+                target,
+                lambda: self.apps.create_namespaced_deployment(req.namespace, body),
+            )
+            return MutationResult(changed=True, detail=f"created {target}: {goal}")
+        container = canary.spec.template.spec.containers[0].name
+        patch = {
+            "spec": {
+                "replicas": req.replicas,
+                "template": {"spec": {"containers": [{"name": container, "image": req.image}]}},
+            }
+        }
+        self._call(
+            "scale Deployment",
+            target,
+            lambda: self.apps.patch_namespaced_deployment(name, req.namespace, patch),
+        )
+        return MutationResult(
+            changed=True,
+            detail=f"{target}: {canary.spec.replicas} pod(s) of {_image(canary)} -> {goal}",
+        )
+
+    @activity.defn
+    def remove_canary(self, req: CanaryRef) -> MutationResult:
+        """Delete the canary Deployment (its pods go with it); none is success, unchanged."""
+        from kubernetes.client.exceptions import ApiException
+
+        name = canary_name(req.stable)
+        target = f"{req.namespace}/{name}"
+        if self._canary(req.namespace, req.stable, name) is None:
+            return MutationResult(changed=False, detail=f"{target} is already gone")
+        if req.dry_run:
+            return MutationResult(changed=False, detail=f"would delete {target}")
+        with kube_errors("delete Deployment", target):
+            try:
+                self.apps.delete_namespaced_deployment(name, req.namespace)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                return MutationResult(changed=False, detail=f"{target} is already gone")
+        return MutationResult(changed=True, detail=f"deleted {target} and its pods")
+
+    @activity.defn
+    def set_image(self, req: ImageChange) -> MutationResult:
+        """Roll the Deployment's first container onto ``image`` (a no-op when it runs it)."""
+        target = f"{req.namespace}/{req.name}"
+        _require_token("set_image", target, req.token)
+        deployment = self._deployment(req.namespace, req.name)
+        current = _image(deployment)
+        if current == req.image:
+            return MutationResult(changed=False, detail=f"{target} already runs {req.image}")
+        if req.expected is not None and current != req.expected:
+            raise ApplicationError(
+                f"{target} runs {current}, not {req.expected} as this run left it: someone "
+                f"changed it since; astra-ops leaves it to them. Check "
+                f"`kubectl -n {req.namespace} rollout history deployment {req.name}`",
+                type="ImageChangedMeanwhile",
+                non_retryable=True,
+            )
+        if req.dry_run:
+            return MutationResult(changed=False, detail=f"would roll {target} onto {req.image}")
+        container = deployment.spec.template.spec.containers[0].name
+        patch = {
+            "metadata": {
+                "annotations": {
+                    IMAGE_SET_BY: req.token,
+                    CHANGE_CAUSE: f"astra-ops: {current} -> {req.image}",
+                }
+            },
+            "spec": {
+                "template": {"spec": {"containers": [{"name": container, "image": req.image}]}}
+            },
+        }
+        self._call(
+            "change image of Deployment",
+            target,
+            lambda: self.apps.patch_namespaced_deployment(req.name, req.namespace, patch),
+        )
+        return MutationResult(changed=True, detail=f"{target}: {current} -> {req.image}")
+
+    @activity.defn
+    def verify_image(self, req: ImageCheck) -> ImageVerification:
+        """Whether every pod the Deployment owns (not a canary's beside it) is ready on the
+        image, and there are as many as it wants. Does not raise: the workflow decides."""
+        deployment = self._deployment(req.namespace, req.name)
+        selector = _selector_text(deployment.spec.selector)
+        pods: Any = self._call(
+            "list pods",
+            f"{req.namespace}/{req.name}",
+            lambda: self.core.list_namespaced_pod(req.namespace, label_selector=selector),
+        )
+        live = [
+            p for p in pods.items if p.metadata.deletion_timestamp is None and _owned(p, req.name)
+        ]
+        stale = sorted(
+            p.metadata.name
+            for p in live
+            if p.spec.containers[0].image != req.image or not _pod_info(p).ready
+        )
+        desired = deployment.spec.replicas if deployment.spec.replicas is not None else 1
+        current = len(live) - len(stale)
+        return ImageVerification(
+            ok=not stale and current >= desired,
+            image=req.image,
+            pods_total=len(live),
+            pods_current=current,
+            stale=stale,
+        )
+
+    @activity.defn
+    def deployment_pods(self, req: DeploymentRef) -> PodList:
+        """The pods a Deployment owns (not those of another whose selector overlaps), oldest
+        first; none when it does not exist: whose work a release's analysis measures."""
+        from kubernetes.client.exceptions import ApiException
+
+        target = f"{req.namespace}/{req.name}"
+        with kube_errors("read Deployment", target):
+            try:
+                deployment: Any = self.apps.read_namespaced_deployment(req.name, req.namespace)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                return PodList(pods=[])
+        selector = _selector_text(deployment.spec.selector)
+        pods: Any = self._call(
+            "list pods",
+            target,
+            lambda: self.core.list_namespaced_pod(req.namespace, label_selector=selector),
+        )
+        infos = [_pod_info(p) for p in pods.items if _owned(p, req.name)]
+        return PodList(pods=sorted(infos, key=lambda p: (p.created is None, p.created, p.name)))
+
+    def _service(self, namespace: str, name: str) -> Any:
+        return self._call(
+            "read Service",
+            f"{namespace}/{name}",
+            lambda: self.core.read_namespaced_service(name, namespace),
+        )
+
+    def _maybe_deployment(self, namespace: str, name: str) -> Any | None:
+        from kubernetes.client.exceptions import ApiException
+
+        with kube_errors("read Deployment", f"{namespace}/{name}"):
+            try:
+                return self.apps.read_namespaced_deployment(name, namespace)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                return None
+
+    @activity.defn
+    def read_slots(self, req: ServiceRef) -> Slots:
+        """Which of the service's Deployments (blue: named like it; green: ``-green``) its
+        Service selects now, and the other."""
+        target = f"{req.namespace}/{req.name}"
+        selector = dict(self._service(req.namespace, req.name).spec.selector or {})
+        found = {
+            name: self._maybe_deployment(req.namespace, name)
+            for name in (req.name, green_name(req.name))
+        }
+        selected = [
+            name
+            for name, deployment in found.items()
+            if deployment is not None
+            and selector
+            and selector.items() <= (deployment.spec.template.metadata.labels or {}).items()
+        ]
+        if len(selected) != 1:
+            which = " and ".join(selected) or f"neither {' nor '.join(found)}"
+            raise ApplicationError(
+                f"Service {target} (selector {selector}) selects the pods of {which}; a "
+                "blue/green release needs it to select exactly one of them. Point it at the "
+                "live one by hand, then start again",
+                type="NoLiveSlot",
+                non_retryable=True,
+            )
+        (live,) = selected
+        (idle,) = [name for name in found if name != live]
+        return Slots(service=req.name, live=live, idle=idle, idle_exists=found[idle] is not None)
+
+    @activity.defn
+    def deploy_slot(self, req: SlotDeploy) -> MutationResult:
+        """Bring the idle colour up on the new image: create it from the live Deployment's
+        template (labelled ``app: <its name>``, so the Service does not select it yet), or bring
+        the one kept from the last release to the image and count."""
+        target = f"{req.namespace}/{req.name}"
+        _require_token("deploy_slot", target, req.token)
+        existing = self._maybe_deployment(req.namespace, req.name)
+        goal = f"{req.replicas} pod(s) of {req.image}"
+        if existing is None and req.name != green_name(req.service):
+            raise ApplicationError(
+                f"{target} does not exist; only {green_name(req.service)} is created by astra-ops",
+                type="NotOurs",
+                non_retryable=True,
+            )
+        if (
+            existing is not None
+            and req.name == green_name(req.service)
+            and (existing.metadata.annotations or {}).get(BLUE_GREEN_OF) != req.service
+        ):
+            raise ApplicationError(
+                f"{target} exists but astra-ops did not make it (no {BLUE_GREEN_OF}="
+                f"{req.service} annotation); rename or delete it, then start again",
+                type="NotOurs",
+                non_retryable=True,
+            )
+        if (
+            existing is not None
+            and _image(existing) == req.image
+            and existing.spec.replicas == req.replicas
+        ):
+            return MutationResult(changed=False, detail=f"{target} already runs {goal}")
+        if req.dry_run:
+            return MutationResult(changed=False, detail=f"would run {goal} as {target}")
+        if existing is None:
+            source = self._deployment(req.namespace, req.source)
+            body = _slot_body(source, req, self.apps.api_client)
+            self._call(
+                "create Deployment",
+                target,
+                lambda: self.apps.create_namespaced_deployment(req.namespace, body),
+            )
+            return MutationResult(changed=True, detail=f"created {target}: {goal}")
+        container = existing.spec.template.spec.containers[0].name
+        patch = {
+            "metadata": {"annotations": {IMAGE_SET_BY: req.token}},
+            "spec": {
+                "replicas": req.replicas,
+                "template": {"spec": {"containers": [{"name": container, "image": req.image}]}},
+            },
+        }
+        self._call(
+            "change image of Deployment",
+            target,
+            lambda: self.apps.patch_namespaced_deployment(req.name, req.namespace, patch),
+        )
+        return MutationResult(changed=True, detail=f"{target} -> {goal}")
+
+    @activity.defn
+    def point_service(self, req: ServicePoint) -> MutationResult:
+        """Send the Service's work to ``req.deployment``'s pods: its selector becomes that
+        Deployment's (replaced whole, on the version read, so a concurrent edit is retried)."""
+        target = f"{req.namespace}/{req.service}"
+        _require_token("point_service", target, req.token)
+        service = self._service(req.namespace, req.service)
+        selector = dict(service.spec.selector or {})
+        goal = dict(self._deployment(req.namespace, req.deployment).spec.selector.match_labels)
+        if selector == goal:
+            return MutationResult(
+                changed=False, detail=f"Service {target} already selects {req.deployment}"
+            )
+        if req.expected is not None:
+            expected = self._deployment(req.namespace, req.expected).spec.selector.match_labels
+            if selector != dict(expected):
+                raise ApplicationError(
+                    f"Service {target} selects {selector}, not {req.expected}'s pods as this "
+                    "run left it: someone switched it since; astra-ops leaves it to them",
+                    type="ServiceChangedMeanwhile",
+                    non_retryable=True,
+                )
+        if req.dry_run:
+            return MutationResult(
+                changed=False, detail=f"would point Service {target} at {req.deployment}"
+            )
+        service.spec.selector = goal
+        self._call(
+            "switch Service",
+            target,
+            lambda: self.core.replace_namespaced_service(req.service, req.namespace, service),
+        )
+        return MutationResult(
+            changed=True, detail=f"Service {target}: {selector} -> {goal} ({req.deployment})"
+        )
+
+    @activity.defn
+    def scale_deployment(self, req: DeploymentScale) -> MutationResult:
+        """Set a Deployment's replicas (the idle colour goes to 0 and is kept for next time);
+        one that does not exist has no pods to scale."""
+        target = f"{req.namespace}/{req.name}"
+        deployment = self._maybe_deployment(req.namespace, req.name)
+        if deployment is None:
+            return MutationResult(changed=False, detail=f"{target} does not exist")
+        if deployment.spec.replicas == req.replicas:
+            return MutationResult(changed=False, detail=f"{target} already has {req.replicas}")
+        if req.dry_run:
+            return MutationResult(changed=False, detail=f"would scale {target} to {req.replicas}")
+        patch = {"spec": {"replicas": req.replicas}}
+        self._call(
+            "scale Deployment",
+            target,
+            lambda: self.apps.patch_namespaced_deployment(req.name, req.namespace, patch),
+        )
+        return MutationResult(
+            changed=True,
+            detail=f"scaled {target} from {deployment.spec.replicas} to {req.replicas}",
         )

@@ -20,6 +20,7 @@ from temporalio.exceptions import ApplicationError
 from activities.heartbeats import heartbeating
 from activities.mutation import Mutation, MutationResult
 from runtime.access import AccessPolicyError, PolicyFile
+from runtime.metrics import notification_failed
 from runtime.redact import MASK
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class NotifyActivities:
             await self._post(text)
         except ChatUnavailable as err:
             log.warning("chat notification failed: %s", err)
+            notification_failed(activity.metric_meter(), "chat")
             return False, str(err)
         return True, "posted to chat"
 
@@ -99,6 +101,7 @@ class NotifyActivities:
             async with heartbeating(f"telling {req.rotation}"):
                 await self._post(text)
         except ChatUnavailable as err:
+            notification_failed(activity.metric_meter(), "chat")
             # Retryable: chat outages pass, and the step runner's retry policy bounds the wait.
             raise ApplicationError(f"could not tell {req.rotation}: {err}") from None
         return MutationResult(changed=True, detail=f"told {req.rotation} ({', '.join(members)})")

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.canary_analysis import CanaryMeasurement, CanaryMeasurementRequest, WorkerOutcomes
 from activities.heartbeats import beat, heartbeating
 from activities.mutation import Mutation, MutationResult
 from runtime.data_plane import DataPlaneTopology
@@ -318,6 +319,43 @@ class PostgresActivities:
 
     def __init__(self, dsn: str, topology: Path | None = None) -> None:
         self._database = AstraDatabase(dsn, topology)
+
+    @activity.defn
+    async def measure_canary(self, req: CanaryMeasurementRequest) -> CanaryMeasurement:
+        """The canary's pods against every other worker over the last window: failures, and
+        the p95 time from submission to success (a canary analysis measurement)."""
+        async with await self._database.connect() as conn:
+            rows = await (
+                await conn.execute(
+                    "SELECT worker_id = ANY(%(canary)s), count(*),"
+                    " count(*) FILTER (WHERE status = ANY(%(failed)s)),"
+                    " percentile_cont(0.95) WITHIN GROUP"
+                    "  (ORDER BY extract(epoch FROM updated_at - created_at))"
+                    "  FILTER (WHERE status = 'succeeded')"
+                    " FROM tasks WHERE updated_at > now() - make_interval(secs => %(window)s)"
+                    " AND status = ANY(%(outcomes)s) AND worker_id IS NOT NULL GROUP BY 1",
+                    {
+                        "canary": req.canary_workers,
+                        "failed": list(FAILED_STATUSES),
+                        "window": req.window_seconds,
+                        "outcomes": list(OUTCOME_STATUSES),
+                    },
+                )
+            ).fetchall()
+        groups = {
+            bool(canary): WorkerOutcomes(
+                tasks=int(tasks),
+                failed=int(failed),
+                p95_seconds=float(p95) if p95 is not None else None,
+            )
+            for canary, tasks, failed, p95 in rows
+        }
+        empty = WorkerOutcomes(tasks=0, failed=0)
+        return CanaryMeasurement(
+            window_seconds=req.window_seconds,
+            canary=groups.get(True, empty),
+            stable=groups.get(False, empty),
+        )
 
     @activity.defn
     async def lease_summary(self, req: LeasedTasksRequest) -> LeaseSummary:

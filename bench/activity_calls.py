@@ -12,6 +12,8 @@ from pydantic import BaseModel
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
 
+from activities.privilege import PRIVILEGED_SUFFIX
+
 
 class ActivityCall(BaseModel):
     """One activity call exactly as a run scheduled it: activity, input and timeouts."""
@@ -20,6 +22,8 @@ class ActivityCall(BaseModel):
     args: list[Any]
     start_to_close_seconds: float
     heartbeat_seconds: float | None = None
+    task_queue: str | None = None
+    """The queue it ran on, when not the run's own: a privileged activity's."""
 
 
 async def activity_calls(client: Client, history: WorkflowHistory) -> list[ActivityCall]:
@@ -36,6 +40,9 @@ async def activity_calls(client: Client, history: WorkflowHistory) -> list[Activ
                 args=await client.data_converter.decode(list(scheduled.input.payloads)),
                 start_to_close_seconds=scheduled.start_to_close_timeout.ToTimedelta().total_seconds(),
                 heartbeat_seconds=heartbeat or None,
+                task_queue=scheduled.task_queue.name
+                if scheduled.task_queue.name.endswith(PRIVILEGED_SUFFIX)
+                else None,
             )
         )
     return calls

@@ -25,6 +25,7 @@ class Bare:
             await workflow.execute_activity(
                 call.activity,
                 args=call.args,
+                task_queue=call.task_queue,
                 start_to_close_timeout=timedelta(seconds=call.start_to_close_seconds),
                 heartbeat_timeout=(
                     timedelta(seconds=call.heartbeat_seconds) if call.heartbeat_seconds else None

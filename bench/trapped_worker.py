@@ -8,10 +8,8 @@ fails) before then, the process dies right after, before the worker reports the 
 activity's effect happened, and Temporal does not know. Without the variable it is a plain
 worker, the one that takes over.
 
-The fault sits in an activity interceptor on the worker's very composition
-(``workers.worker.running_worker``): nothing in production code knows of it. The composition's
-own worker polls a queue nobody uses; a second worker with the same configuration and the trap
-polls the bench's queue (bench/step_overhead.py builds its bare worker the same way).
+The fault sits in an activity interceptor that joins the worker's own
+(``workers.worker.running_worker``): nothing in production code knows of it.
 
     ASTRA_OPS_...=... python bench/trapped_worker.py
 """
@@ -29,12 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from temporalio import activity
-from temporalio.worker import (
-    ActivityInboundInterceptor,
-    ExecuteActivityInput,
-    Interceptor,
-    Worker,
-)
+from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
 from runtime.client import connect
 from runtime.settings import load_settings
@@ -111,16 +104,11 @@ async def main() -> None:
     client = await connect(settings)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    unpolled = f"{settings.task_queue}-unpolled"
+    traps = [Trapped(trap)] if trap is not None else []
     with ThreadPoolExecutor(max_workers=16) as executor:
-        async with running_worker(client, settings, executor, task_queue=unpolled) as composed:
-            config = composed.config()
-            config["task_queue"] = settings.task_queue
-            if trap is not None:
-                config["interceptors"] = [*config.get("interceptors", []), Trapped(trap)]
-            async with Worker(**config):
-                log.info("%s %.3f", POLLING, time.time())
-                await stop.wait()
+        async with running_worker(client, settings, executor, interceptors=traps):
+            log.info("%s %.3f", POLLING, time.time())
+            await stop.wait()
 
 
 if __name__ == "__main__":

@@ -129,6 +129,10 @@ class RunbookAccess(BaseModel):
     on_schedule: Literal["start", "refuse"] = "refuse"
     """Whether a scheduled scan (``tls-scan``, a Temporal Schedule's workflow) may start it on
     its own, with the scan as requester; its approvals still apply."""
+    open_incidents: Literal["block", "ask"] = "block"
+    """What an upgrade does while a SEV1 or SEV2 incident is open on the rotation that owns its
+    service: refuse to go on, or ask its approvers (step ``approve upgrading during an open
+    incident``)."""
     dry_run: list[str] = []
     """Who may start dry runs besides those who may start real ones."""
     cancel: list[str] = []
@@ -211,6 +215,8 @@ class Rotation(BaseModel):
 
     components: list[str] = Field(min_length=1)
     """Astra components in lower case with hyphens (``state-manager``, ``llm-routing``)."""
+    deployments: list[str] = []
+    """The Deployments that run those components: a release names a Deployment."""
     escalation: Escalation
     ack_timeout_seconds: float = Field(default=300, gt=0, le=WEEK_SECONDS)
     """Without an acknowledgement this long after a page, the next level is paged."""
@@ -266,6 +272,13 @@ class IncidentPolicy(BaseModel):
                     )
                 owner[component] = name
         return self
+
+    def rotation_of_deployment(self, deployment: str) -> str:
+        """The rotation whose components the Deployment runs; else the default."""
+        for name, rotation in self.rotations.items():
+            if deployment in rotation.deployments:
+                return name
+        return self.default_rotation
 
     def rotation_for(self, components: list[str], hint: str | None = None) -> str:
         """The rotation owning the first component it knows; else ``hint`` (an alert's

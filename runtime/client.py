@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from temporalio.converter import DataConverter
     from temporalio.service import TLSConfig
 
+    from runtime.telemetry import Telemetry
+
 
 class TemporalUnavailable(Exception):
     """Temporal could not be reached; the message says where we looked and what to check."""
@@ -109,7 +111,15 @@ def _tls(settings: Settings) -> TLSConfig | bool:
     )
 
 
-async def connect(settings: Settings, *, converter: DataConverter | None = None) -> Client:
+async def connect(
+    settings: Settings,
+    *,
+    converter: DataConverter | None = None,
+    telemetry: Telemetry | None = None,
+) -> Client:
+    """A client of the configured Temporal; with ``telemetry`` (the worker's, the API's: see
+    runtime/telemetry.py), on its runtime and traced by its interceptors, which a worker made
+    from this client inherits."""
     from temporalio.client import Client
 
     api_key = settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None
@@ -120,6 +130,8 @@ async def connect(settings: Settings, *, converter: DataConverter | None = None)
             data_converter=converter or data_converter(settings),
             tls=_tls(settings) if api_key is None else (_tls(settings) or True),
             api_key=api_key,
+            runtime=telemetry.runtime if telemetry else None,
+            interceptors=telemetry.interceptors if telemetry else (),
         )
     except RuntimeError as err:
         # The core's message nests the transport error; its last clause is the useful part.

@@ -31,6 +31,9 @@ Act = Literal[
     "cancel",
     "freeze",
     "unfreeze",
+    # Promote, abort, pause or resume a release run (and switch back a blue/green one); the
+    # statement's ``decision`` names which.
+    "steer",
     # The incident's: opening one, the alert intake's notifications, and each person's action
     # (``incident.<ActionKind>``; tests/test_incident_policy.py keeps the two lists in step).
     "incident.open",

@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     temporal_tls_key: Path | None = None
     temporal_api_key: SecretStr | None = None
     task_queue: str = "astra-ops"
+    worker_kind: Literal["all", "standard", "privileged"] = Field(
+        default="all",
+        description="What a worker polls: `standard`, the runs and every activity that needs no "
+        "special rights, on ASTRA_OPS_TASK_QUEUE; `privileged`, only the activities on the data "
+        "plane's servers and the platform's secrets, on `<task queue>-privileged` (deploy it "
+        "with those rights); `all`, both (a laptop, a single worker).",
+    )
     worker_graceful_shutdown_seconds: float = Field(
         default=30,
         ge=0,
@@ -103,6 +110,31 @@ class Settings(BaseSettings):
         description="Origins of the Temporal UI allowed to call the codec endpoints (CORS).",
     )
     dev_mode: bool = False
+
+    # What the worker and the API export (runtime/telemetry.py, runtime/logs.py). Tracing is
+    # configured by the standard OTEL_* variables, not here.
+    worker_metrics_address: str | None = Field(
+        default=None,
+        description="host:port where the worker serves Prometheus /metrics (the Temporal SDK's "
+        "and astra-ops's); unset, it serves none. Off by default: a port bound unasked makes a "
+        "second worker on the same host fail to start; deployments set it (deploy/k8s).",
+    )
+    api_metrics_address: str | None = Field(
+        default=None,
+        description="host:port where the API serves Prometheus /metrics (its client's SDK "
+        "metrics, and approvals waiting, the oldest one's age and the kill switch, read from "
+        "Temporal); unset, it serves none.",
+    )
+    metrics_refresh_seconds: float = Field(
+        default=15,
+        gt=0,
+        description="How often the API re-reads the gauges it serves from Temporal.",
+    )
+    log_format: Literal["auto", "text", "json"] = Field(
+        default="auto",
+        description="How the worker and the API log: text, or one JSON object per line; auto "
+        "is text on a terminal and JSON otherwise.",
+    )
 
     # Dev stack
     state_dir: Path = REPO_ROOT / ".astra"
@@ -167,6 +199,13 @@ class Settings(BaseSettings):
         default=None,
         description="Unseal keys (one per line) `vault-setup` may use, with approval, on a "
         "sealed Vault; unset, a sealed Vault stops the run.",
+    )
+    releases_root: Path | None = Field(
+        default=None,
+        description="The folder of each release's files, by image tag: `<tag>/migrations/*.sql` "
+        "and `<tag>/uses/*.sql`; `canary-upgrade` and `blue-green-upgrade` check a release's new "
+        "migrations against the running binary's queries before they move any pod. Unset, they "
+        "say the check was skipped.",
     )
     vault_source_root: Path | None = Field(
         default=None,
@@ -247,9 +286,11 @@ class Settings(BaseSettings):
         description="PagerDuty Events v2 integration keys: 'rotation:key[,rotation:key...]'.",
     )
 
-    @field_validator("temporal_address")
+    @field_validator("temporal_address", "worker_metrics_address", "api_metrics_address")
     @classmethod
-    def _host_port(cls, value: str) -> str:
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"expected host:port, got {value!r}")

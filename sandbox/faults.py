@@ -5,6 +5,8 @@ not the load generator runs; the load generator's knobs are set as well, so a ru
 the fault going (a lost worker stays silent, failures and cost stay high) until ``reset``.
 A bad rollout is the exception: it is a change to the sandbox cluster, and its failures are the
 load generator's tasks run by the new pods, so it needs both running (as ``astra-ops dev`` does).
+A bad canary changes nothing yet: it marks an image as a bad build, so whatever later rolls that
+image out (a canary upgrade) gets pods that fail.
 """
 
 import asyncio
@@ -47,6 +49,8 @@ NON_RETRYABLE_ERRORS = (
     "PermissionError: tenant may not use this tool",
 )
 BAD_BUILD_ERROR = "ImportError: cannot import name 'run_step' from 'astra.worker'"
+BAD_CANARY_TAG = "bad-canary"
+"""The tag of the image ``bad_canary`` marks when none is named."""
 
 
 class SandboxTarget(BaseModel):
@@ -100,6 +104,19 @@ class BadRolloutFault(BaseModel):
     error: str
 
 
+class BadCanaryFault(BaseModel):
+    image: str
+    """The image that is now a bad build; nothing runs it until something rolls it out."""
+    share: float
+    error: str
+
+
+class BadBuildCleared(BaseModel):
+    image: str
+    was_bad: bool
+    """Whether the image was marked as a bad build (by ``bad_canary`` or ``bad_rollout``)."""
+
+
 class DeadLetterEntry(BaseModel):
     entry_id: str
     task_id: str
@@ -131,6 +148,18 @@ async def _set_knobs(target: SandboxTarget, **changes: Any) -> None:
     async with _redis(target) as client:
         knobs = await read_knobs(client, keys)
         await write_knobs(client, keys, knobs.model_copy(update=changes))
+
+
+async def _mark_bad_build(target: SandboxTarget, image: str, build: BadBuild | None) -> bool:
+    """Make ``build`` the bad build of ``image`` (None: no longer a bad build), keeping every
+    other image's; returns whether ``image`` was a bad build before."""
+    keys = SandboxKeys(target.key_prefix)
+    async with _redis(target) as client:
+        knobs = await read_knobs(client, keys)
+        others = [b for b in knobs.bad_builds if b.image != image]
+        bad = [*others, build] if build is not None else others
+        await write_knobs(client, keys, knobs.model_copy(update={"bad_builds": bad}))
+    return len(others) < len(knobs.bad_builds)
 
 
 async def _workers(conn: psycopg.AsyncConnection[Any]) -> list[str]:
@@ -410,6 +439,26 @@ def _tagged(image: str, tag: str) -> str:
     return f"{name}/{repository}:{tag}" if name else f"{repository}:{tag}"
 
 
+def _first_container(api: ApiClient, namespace: str, deployment: str) -> tuple[str, str]:
+    """The name and image of the Deployment's first container."""
+    try:
+        current: Any = AppsV1Api(api).read_namespaced_deployment(deployment, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            raise ValueError(
+                f"no Deployment {namespace}/{deployment} in the sandbox cluster; "
+                "name one of Astra's Deployments with --deployment"
+            ) from None
+        raise
+    container = current.spec.template.spec.containers[0]
+    return str(container.name), str(container.image)
+
+
+def _check_bad_build(fault: str, share: float, image: str) -> None:
+    if not 0 < share <= 1 or not image:
+        raise ValueError(f"{fault} needs 0 < share <= 1 and an image; got share={share}")
+
+
 def _roll_out_bad_build(
     api: ApiClient,
     namespace: str,
@@ -420,17 +469,8 @@ def _roll_out_bad_build(
     timeout_seconds: float,
 ) -> BadRolloutFault:
     apps: Any = AppsV1Api(api)
-    try:
-        current = apps.read_namespaced_deployment(deployment, namespace)
-    except ApiException as err:
-        if err.status == 404:
-            raise ValueError(
-                f"no Deployment {namespace}/{deployment} in the sandbox cluster; "
-                "name one of Astra's Deployments with --deployment"
-            ) from None
-        raise
-    container = current.spec.template.spec.containers[0]
-    previous, bad = str(container.image), _tagged(str(container.image), tag)
+    name, previous = _first_container(api, namespace, deployment)
+    bad = _tagged(previous, tag)
     cause = f"{deployment}:{tag} (sandbox fault bad-rollout)"
     ref = DeploymentRef(namespace=namespace, name=deployment)
     history = KubernetesActivities(api).rollout_history
@@ -441,9 +481,7 @@ def _roll_out_bad_build(
             namespace,
             {
                 "metadata": {"annotations": {CHANGE_CAUSE: cause}},
-                "spec": {
-                    "template": {"spec": {"containers": [{"name": container.name, "image": bad}]}}
-                },
+                "spec": {"template": {"spec": {"containers": [{"name": name, "image": bad}]}}},
             },
         )
     # The controller records the new revision on its next pass; report it once it has.
@@ -482,13 +520,44 @@ async def bad_rollout(
 
     Running it again while the bad build is out rolls nothing new.
     """
-    if not 0 < share <= 1 or not tag:
-        raise ValueError(f"bad rollout needs 0 < share <= 1 and a tag; got share={share}")
+    _check_bad_build("bad rollout", share, tag)
     fault = await asyncio.to_thread(
         _roll_out_bad_build, api, namespace, deployment, tag, share, error, timeout_seconds
     )
-    await _set_knobs(target, bad_build=BadBuild(image=fault.image, share=share, error=error))
+    bad = BadBuild(image=fault.image, share=share, error=error)
+    await _mark_bad_build(target, fault.image, bad)
     return fault
+
+
+async def bad_canary_image(
+    api: ApiClient,
+    namespace: str = ASTRA_NAMESPACE,
+    deployment: str = "astra-worker",
+    tag: str = BAD_CANARY_TAG,
+) -> str:
+    """The image ``bad_canary`` marks when none is named: the one ``deployment`` runs, tagged
+    ``tag``, so it is a new build of the same service."""
+    _, image = await asyncio.to_thread(_first_container, api, namespace, deployment)
+    return _tagged(image, tag)
+
+
+async def bad_canary(
+    target: SandboxTarget, image: str, share: float = 0.5, error: str = BAD_BUILD_ERROR
+) -> BadCanaryFault:
+    """Make ``image`` a bad build without rolling it out anywhere: the pods that run it later
+    (a canary upgrade to it) fail ``share`` of the tasks they run with ``error``, so the canary's
+    analysis has something real to catch, and pods of every other image run as before.
+
+    Marking it again changes its share and error; ``clear_bad_build`` (or ``reset``) undoes it.
+    """
+    _check_bad_build("bad canary", share, image)
+    await _mark_bad_build(target, image, BadBuild(image=image, share=share, error=error))
+    return BadCanaryFault(image=image, share=share, error=error)
+
+
+async def clear_bad_build(target: SandboxTarget, image: str) -> BadBuildCleared:
+    """``image`` is no longer a bad build: pods that run it stop failing; other images' stay."""
+    return BadBuildCleared(image=image, was_bad=await _mark_bad_build(target, image, None))
 
 
 class CertificateFault(BaseModel):

@@ -88,7 +88,7 @@ class SandboxKeys(AstraKeys):
 
 
 class BadBuild(BaseModel):
-    """A bad image rolled out to the worker pool: the tasks its pods run fail."""
+    """An image that is a bad build: the tasks run by pods that run it fail."""
 
     image: str
     share: float = Field(gt=0, le=1)
@@ -106,9 +106,10 @@ class Knobs(BaseModel):
     spike_model: str | None = None
     stuck_workers: list[str] = []
     """When set, only these workers fail tasks: a stuck pool that a restart (new pods) cures."""
-    bad_build: BadBuild | None = None
-    """Workers whose pods run this image fail a share of their tasks: a bad rollout, which a
-    rollback (pods of the previous image) cures."""
+    bad_builds: list[BadBuild] = []
+    """Workers whose pods run one of these images fail its share of their tasks: a bad rollout,
+    which a rollback (pods of the previous image) cures, or a canary of a bad image, which only
+    its canary pods fail and an abort cures. One entry per image."""
 
 
 async def read_knobs(client: "aioredis.Redis", keys: SandboxKeys) -> Knobs:
@@ -179,8 +180,7 @@ def _failure(
     causes: list[tuple[float, str]] = []
     if not knobs.stuck_workers or worker in knobs.stuck_workers:
         causes.append((knobs.failure_share, knobs.error))
-    if knobs.bad_build is not None and image == knobs.bad_build.image:
-        causes.append((knobs.bad_build.share, knobs.bad_build.error))
+    causes += [(b.share, b.error) for b in knobs.bad_builds if b.image == image]
     for share, error in causes:
         if draw < share and error_class(error) not in platform.paused_error_classes:
             return error
@@ -337,6 +337,7 @@ class LoadGenerator:
         self._started_with: dict[str, AstraEndpoints] = {}  # pod uid -> what it connected to
         self._unreachable: set[str] = set()
         self._rng = random.Random(self.config.seed)
+        self._ticks = 0
 
     async def aclose(self) -> None:
         for client in self._clients.values():
@@ -357,6 +358,7 @@ class LoadGenerator:
         stays pending in PostgreSQL without its stream entry, as in Astra, until someone
         rebuilds the streams (the redis-failure runbook).
         """
+        self._ticks += 1
         knobs, lost = await self._control()
         platform = PlatformConfig()
         images: dict[str, str] = {}
@@ -477,7 +479,7 @@ class LoadGenerator:
             database_url=view.database_url or self._given.database_url,
             redis_url=view.redis_url or self._given.redis_url,
         )
-        running = {pod.uid for pods in view.pods.values() for pod in pods}
+        running = {pod.uid for pod in view.running}
         for gone in self._started_with.keys() - running:
             del self._started_with[gone]
         for started in running - self._started_with.keys():
@@ -536,7 +538,11 @@ class LoadGenerator:
         if share.submit:
             published.queued = await self._submit(conn)
             done.submitted = [task_id for task_id, _, _ in published.queued]
-        for worker in share.live:
+        # Who leases first takes turns, tick by tick: while there are fewer tasks than the
+        # workers could take, each still gets its share (a canary pod its replicas' share),
+        # whatever its name sorts as.
+        turn = self._ticks % len(share.live) if share.live else 0
+        for worker in share.live[turn:] + share.live[:turn]:
             published.dead_letters += await self._finish(
                 conn, worker, images.get(worker), knobs, platform, done
             )

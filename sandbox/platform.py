@@ -5,6 +5,11 @@ the sandbox cluster the same questions through the real Kubernetes API each tick
 gives a runbook's containment (an intake pause, a budget guard), its remediation (a deleted,
 restarted or rolled-back pod) and its repoint (new endpoints, then a rolling restart) a real
 effect on the sandbox's data.
+
+A service's pods are the ones its Kubernetes Service selects, as traffic reaches the pods behind
+a Service: switching the Service's selector to a green Deployment's pods moves all the work to
+them (a blue/green switch), and a canary Deployment's pods that match the selector take their
+share of it. A service without a Service of its name is its pods labelled ``app: <name>``.
 """
 
 from __future__ import annotations
@@ -51,14 +56,20 @@ class RunningPod(BaseModel):
 
 class PlatformView(BaseModel):
     workers: list[str]
-    """Ready, non-terminating pods of the worker Deployment: the workers that run."""
+    """Ready, non-terminating pods of the worker service (stable and canary alike): the workers
+    that run."""
     images: dict[str, str] = {}
     """The image each of those workers runs (its pod's first container): a bad build is a
-    property of the pods that run it, so a rollback cures it."""
+    property of the pods that run it, so a rollback cures it, and a canary of it fails only on
+    the canary's pods."""
     config: PlatformConfig
     pods: dict[str, list[RunningPod]] = {}
     """The running pods of each service that holds connections (scheduler, workers, agents),
     oldest first: the oldest scheduler pod holds the lead until it goes."""
+    running: list[RunningPod] = []
+    """Every running pod of the namespace, whether a Service sends it work or not: a pod keeps
+    the endpoints it started with for its life, also while it waits out of service (green pods
+    before a switch, blue ones after)."""
     database_url: str | None = None
     """``astra-config``'s DATABASE_URL now: what a pod that starts now connects to."""
     redis_url: str | None = None
@@ -107,8 +118,10 @@ class ClusterView:
         return await asyncio.to_thread(self._observe)
 
     def _observe(self) -> PlatformView:
-        selector = f"app in ({','.join(self.services)})"
-        pods: Any = self._core.list_namespaced_pod(self.namespace, label_selector=selector)
+        # One list of the namespace's pods and one of its Services per tick, matched here.
+        pods: Any = self._core.list_namespaced_pod(self.namespace)
+        services: Any = self._core.list_namespaced_service(self.namespace)
+        selectors = {s.metadata.name: dict(s.spec.selector or {}) for s in services.items}
         running = sorted(
             (
                 pod
@@ -120,16 +133,19 @@ class ClusterView:
             ),
             key=lambda pod: (pod.metadata.creation_timestamp, pod.metadata.name),
         )
-        by_service: dict[str, list[RunningPod]] = {service: [] for service in self.services}
-        for pod in running:
-            by_service[pod.metadata.labels["app"]].append(
+        by_service: dict[str, list[RunningPod]] = {}
+        for service in self.services:
+            selector = selectors.get(service, {"app": service})
+            by_service[service] = [
                 RunningPod(name=pod.metadata.name, uid=pod.metadata.uid)
-            )
-        workers = sorted(pod.name for pod in by_service[self.pool])
+                for pod in running
+                if _selects(selector, pod.metadata.labels or {})
+            ]
+        workers = {pod.name for pod in by_service[self.pool]}
         images = {
             pod.metadata.name: pod.spec.containers[0].image
             for pod in running
-            if pod.metadata.labels["app"] == self.pool
+            if pod.metadata.name in workers
         }
         try:
             data = self._core.read_namespaced_config_map(self.config_map, self.namespace).data
@@ -139,13 +155,20 @@ class ClusterView:
             data = None
         data = data or {}
         return PlatformView(
-            workers=workers,
+            workers=sorted(workers),
             images=images,
             config=PlatformConfig(
                 paused_error_classes=paused_classes(data.get(INTAKE_PAUSED_KEY)),
                 budget_guard=BudgetGuard.parse(data.get(BUDGET_GUARD_KEY)),
             ),
             pods=by_service,
+            running=[RunningPod(name=pod.metadata.name, uid=pod.metadata.uid) for pod in running],
             database_url=data.get(DATABASE_URL_KEY),
             redis_url=data.get(REDIS_URL_KEY),
         )
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Whether a Service's selector picks a pod: every pair matches. An empty selector picks
+    none, as a Service without one gets no endpoints from Kubernetes."""
+    return bool(selector) and all(labels.get(key) == value for key, value in selector.items())

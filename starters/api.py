@@ -10,7 +10,8 @@ import binascii
 import hmac
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -29,8 +30,10 @@ from runtime.client import TemporalUnavailable, connect, data_converter
 from runtime.codec import UndecryptablePayload
 from runtime.identity import Signer, load_signer_file
 from runtime.keys import CodecKeyError
+from runtime.logs import configure_logging
 from runtime.redact import redact, redact_logs
 from runtime.settings import AlertSenders, Settings, SettingsError
+from runtime.telemetry import process_telemetry
 from starters.body_limit import BodyLimit, too_large_message
 from starters.incident_views import AlertsDelivered, IncidentSummary, IncidentView, OpenedIncident
 from starters.incidents import Incidents
@@ -44,6 +47,7 @@ from starters.run_views import (
 )
 from starters.runbook_cards import runbook_cards
 from starters.runs import TEMPORAL_ERRORS, Runs, temporal_error
+from starters.system_gauges import serving_gauges
 from workflows.incident_models import (
     ActionKind,
     ActionRequest,
@@ -57,6 +61,7 @@ from workflows.models import (
     ApprovalSignal,
     Decision,
     PendingApproval,
+    SteerAction,
 )
 
 RETRY_AFTER_SECONDS = 5
@@ -163,6 +168,11 @@ class ReasonBody(BaseModel):
     reason: str = Field(default="", max_length=MAX_COMMENT)
 
 
+class SteerBody(BaseModel):
+    action: SteerAction
+    reason: str = Field(default="", max_length=MAX_COMMENT)
+
+
 class SignalView(BaseModel):
     """A signed decision for the stock CLI: `temporal workflow signal --name <signal> --input`."""
 
@@ -252,6 +262,7 @@ def create_app(settings: Settings) -> FastAPI:
     senders = settings.alert_senders
     codec = data_converter(settings).payload_codec
     assert codec is not None
+    telemetry = process_telemetry(settings.api_metrics_address, service="astra-ops-api")
     connection: dict[str, Runs] = {}
     lock = asyncio.Lock()
 
@@ -259,7 +270,7 @@ def create_app(settings: Settings) -> FastAPI:
         """Connect on first use, so the API starts (and says it is not ready) without Temporal."""
         async with lock:
             if "runs" not in connection:
-                client = await connect(settings)
+                client = await connect(settings, telemetry=telemetry)
                 connection["runs"] = Runs(client, settings.task_queue, policy, signer)
             return connection["runs"]
 
@@ -311,12 +322,22 @@ def create_app(settings: Settings) -> FastAPI:
     async def sender(authorization: Annotated[str | None, Header()] = None) -> str:
         return alert_sender(senders, authorization)
 
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        """Serve the system gauges while the API runs; send buffered spans when it stops."""
+        try:
+            async with serving_gauges(telemetry, runs, settings.metrics_refresh_seconds):
+                yield
+        finally:
+            telemetry.close()
+
     redact_logs()  # errors it logs may quote Temporal's or a client's URLs
     app = FastAPI(
         title="astra-ops",
         description="Operations runbooks for the Astra agent platform.",
         version="0.1.0",
         responses=ERROR_RESPONSES,
+        lifespan=lifespan,
     )
     # Added before CORS, which then wraps it: the UI's codec calls see a 413 as a 413.
     limit = settings.api_max_body_bytes
@@ -478,6 +499,11 @@ def create_app(settings: Settings) -> FastAPI:
         said = await (await runs()).cancel(run_id, user, body.reason if body else "")
         return Message(message=said)
 
+    @app.post("/v1/runs/{run_id:path}/steer", tags=["runs"])
+    async def steer(run_id: str, body: SteerBody, user: User) -> Message:
+        """Promote, abort, pause or resume a release run; switch a blue/green one back."""
+        return Message(message=await (await runs()).steer(run_id, user, body.action, body.reason))
+
     @app.get("/v1/freeze", tags=["kill switch"])
     async def freeze_state(_: User) -> FreezeView:
         notice = await (await runs()).frozen()
@@ -579,11 +605,14 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def serve(settings: Settings) -> None:
-    """Run until SIGTERM; uvicorn finishes in-flight requests before it exits."""
+    """Run until SIGTERM; uvicorn finishes in-flight requests before it exits. Its log lines
+    go through this process's logging (ASTRA_OPS_LOG_FORMAT), not uvicorn's own."""
+    configure_logging(settings.log_format)
     uvicorn.run(
         create_app(settings),
         host=settings.api_host,
         port=settings.api_port,
         http="httptools",
         log_level="info",
+        log_config=None,
     )

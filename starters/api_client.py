@@ -29,7 +29,7 @@ from starters.run_views import (
     StartedRun,
     UnknownRun,
 )
-from workflows.models import Decision, FreezeNotice, PendingApproval
+from workflows.models import Decision, FreezeNotice, PendingApproval, SteerAction
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,12 @@ class ApiRuns(ApiClient):
 
     async def cancel(self, run_id: str, user: str = "", reason: str = "") -> str:
         answer = await self._call("POST", f"/v1/runs/{run_id}/cancel", json={"reason": reason})
+        return str(answer["message"])
+
+    async def steer(self, run_id: str, user: str, action: SteerAction, reason: str = "") -> str:
+        answer = await self._call(
+            "POST", f"/v1/runs/{run_id}/steer", json={"action": action.value, "reason": reason}
+        )
         return str(answer["message"])
 
     async def frozen(self) -> FreezeNotice | None:

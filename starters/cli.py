@@ -13,6 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeAlias, TypeVar
@@ -23,7 +24,7 @@ from runtime.client import DevStack, TemporalUnavailable, connect, dev_stack, de
 from runtime.errors import ConfigError
 from runtime.settings import Settings, SettingsError, load_settings
 from starters.run_views import RunbookCard, RunError, RunView
-from workflows.models import Decision
+from workflows.models import Decision, SteerAction
 
 if TYPE_CHECKING:
     from temporalio.client import Client
@@ -474,6 +475,11 @@ def print_view(view: RunView) -> None:
             f"{', '.join(pending.members)}) until {pending.deadline:%Y-%m-%d %H:%M:%S}Z:"
             f" `astra-ops approve {view.run_id}`"
         )
+    for steered in view.status.steered if view.status else []:
+        say(
+            f"{steered.action.value} by {steered.actor} at {steered.at:%Y-%m-%d %H:%M:%S}Z"
+            + (f": {steered.reason}" if steered.reason else "")
+        )
     if view.state != "running":
         say(outcome_line(view))
 
@@ -612,6 +618,84 @@ def cancel(run_id: str, reason: Reason = "", user: As = None) -> None:
     with_runs(action, user, acts=True)
 
 
+canary_app = typer.Typer(
+    help="Steer a canary-upgrade run: end its window now, stop its clock, or roll it back.\n\n"
+    "Example: astra-ops canary pause canary-upgrade/astra/astra-worker --reason 'a dip'",
+    no_args_is_help=True,
+)
+app.add_typer(canary_app, name="canary")
+
+
+def steer_release(run_id: str, action: SteerAction, reason: str, user: str | None) -> None:
+    async def act(runs: AnyRuns, config: Settings) -> None:
+        say(await runs.steer(run_id, caller(config, user), action, reason))
+
+    with_runs(act, user, acts=True)
+
+
+@canary_app.command("promote")
+def canary_promote(run_id: str, reason: Reason = "", user: As = None) -> None:
+    """End the canary's window now and go on to the next step (its approvers may).
+
+    Example: astra-ops canary promote canary-upgrade/astra/astra-worker --reason "dashboards clean"
+    """
+    steer_release(run_id, SteerAction.PROMOTE, reason, user)
+
+
+@canary_app.command("abort")
+def canary_abort(run_id: str, reason: Reason = "", user: As = None) -> None:
+    """Stop the canary and roll back to the image that ran before.
+
+    Example: astra-ops canary abort canary-upgrade/astra/astra-worker --reason "p95 doubled"
+    """
+    steer_release(run_id, SteerAction.ABORT, reason, user)
+
+
+@canary_app.command("pause")
+def canary_pause(run_id: str, reason: Reason = "", user: As = None) -> None:
+    """Stop the window's clock (the analysis goes on) until `resume`.
+
+    Example: astra-ops canary pause canary-upgrade/astra/astra-worker --reason "checking a dip"
+    """
+    steer_release(run_id, SteerAction.PAUSE, reason, user)
+
+
+@canary_app.command("resume")
+def canary_resume(run_id: str, reason: Reason = "", user: As = None) -> None:
+    """Start the paused window's clock again.
+
+    Example: astra-ops canary resume canary-upgrade/astra/astra-worker
+    """
+    steer_release(run_id, SteerAction.RESUME, reason, user)
+
+
+blue_green_app = typer.Typer(
+    help="Steer a blue-green-upgrade run while blue is kept: send the work back to blue, or "
+    "end the window.\n\nExample: astra-ops blue-green switch-back "
+    "blue-green-upgrade/astra/astra-worker --reason '5xx'",
+    no_args_is_help=True,
+)
+app.add_typer(blue_green_app, name="blue-green")
+
+
+@blue_green_app.command("switch-back")
+def blue_green_switch_back(run_id: str, reason: Reason = "", user: As = None) -> None:
+    """Send the Service's work back to blue at once (while blue is kept), and end the run.
+
+    Example: astra-ops blue-green switch-back blue-green-upgrade/astra/astra-worker --reason "5xx"
+    """
+    steer_release(run_id, SteerAction.SWITCH_BACK, reason, user)
+
+
+@blue_green_app.command("promote")
+def blue_green_promote(run_id: str, reason: Reason = "", user: As = None) -> None:
+    """End the window now: blue is scaled down (its approvers may).
+
+    Example: astra-ops blue-green promote blue-green-upgrade/astra/astra-worker
+    """
+    steer_release(run_id, SteerAction.PROMOTE, reason, user)
+
+
 @app.command()
 def freeze(reason: Reason = "", user: As = None) -> None:
     """Kill switch: hold every mutating step of every run; refuse new starts but dry runs.
@@ -638,16 +722,34 @@ def unfreeze(reason: Reason = "", user: As = None) -> None:
     with_runs(action, user, acts=True)
 
 
+class WorkerKind(StrEnum):
+    ALL = "all"
+    STANDARD = "standard"
+    PRIVILEGED = "privileged"
+
+
 @app.command()
-def worker() -> None:
+def worker(
+    kind: Annotated[
+        WorkerKind | None,
+        typer.Option(
+            help="standard: the runs and what needs no rights on Astra; privileged: only what "
+            "acts on Astra's cluster, data plane and secrets (deploy it with those rights); "
+            "all: both. Default: ASTRA_OPS_WORKER_KIND, else all.",
+        ),
+    ] = None,
+) -> None:
     """Run one worker against the configured Temporal until SIGTERM.
 
-    Example: ASTRA_OPS_TEMPORAL_ADDRESS=temporal:7233 astra-ops worker
+    Example: ASTRA_OPS_TEMPORAL_ADDRESS=temporal:7233 astra-ops worker --kind standard
     """
     from workers.worker import run_worker
 
     with clear_errors():
-        asyncio.run(run_worker(settings()))
+        config = settings()
+        if kind is not None:
+            config = config.model_copy(update={"worker_kind": kind.value})
+        asyncio.run(run_worker(config))
 
 
 @app.command()

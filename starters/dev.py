@@ -206,6 +206,26 @@ def sandbox_ca(settings: Settings) -> tuple[CertificateAuthority, dict[str, Path
     return ca, {"tls_ca_cert_file": cert, "tls_ca_key_file": key}
 
 
+def sandbox_cluster(
+    settings: Settings, ca: CertificateAuthority
+) -> tuple[FakeKubeServer, TlsEndpoints]:
+    """The sandbox cluster, not started: its Astra seeded with the data plane the settings name
+    and with service certificates from ``ca``, its API to serve on KUBE_PORT and its TLS services
+    on loopback. `astra-ops dev` runs it in-process; `astra-ops sandbox serve --cluster` alone
+    (deploy/compose.yaml)."""
+    cluster = FakeCluster(rollout_seconds=settings.kube_rollout_seconds)
+    # The sandbox's Astra connects to what its config names: the data plane this stack uses.
+    seed_astra(
+        cluster,
+        endpoints=AstraEndpoints(database_url=settings.database_url, redis_url=settings.redis_url),
+        ca=ca,
+    )
+    return (
+        FakeKubeServer(cluster, port=settings.kube_port),
+        TlsEndpoints(cluster, namespace=settings.kube_namespace),
+    )
+
+
 async def run_dev(settings: Settings) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -296,15 +316,7 @@ async def run_stack(settings: Settings, plane: DataPlane) -> int:
         print(f"astra-ops dev: {e}", flush=True)
         return 1
     stack = Stack(settings)
-    cluster = FakeCluster(rollout_seconds=settings.kube_rollout_seconds)
-    # The sandbox's Astra connects to what its config names: the data plane this stack uses.
-    seed_astra(
-        cluster,
-        endpoints=AstraEndpoints(database_url=settings.database_url, redis_url=settings.redis_url),
-        ca=ca,
-    )
-    kube = FakeKubeServer(cluster, port=settings.kube_port)
-    tls = TlsEndpoints(cluster, namespace=settings.kube_namespace)
+    kube, tls = sandbox_cluster(settings, ca)
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from runtime.access import ANYONE, AccessPolicy, RunbookAccess
 from starters.run_views import InvalidInput, Parameter, RunbookCard, UnknownRunbook
@@ -32,6 +32,16 @@ _BOUNDS = (
 def _number(value: float) -> str:
     """``2592000``, not ``2.592e+06``; ``0.05``, not ``0.05000000000000000277``."""
     return f"{value:.15g}"
+
+
+def _built_default(spec: RunbookSpec[Any], name: str) -> Any:
+    """A default made by a factory (a list of steps), as JSON, leaving out what each item
+    leaves at its own default; None when the parameter has none."""
+    field = spec.request.model_fields[name]
+    if field.default_factory is None:
+        return None
+    value = field.get_default(call_default_factory=True)
+    return TypeAdapter(field.annotation).dump_python(value, mode="json", exclude_defaults=True)
 
 
 def runbook_parameters(spec: RunbookSpec[Any], access: RunbookAccess | None) -> list[Parameter]:
@@ -58,7 +68,7 @@ def runbook_parameters(spec: RunbookSpec[Any], access: RunbookAccess | None) -> 
                 name=name,
                 type="|".join(k for k in kinds if k != "null") or "?",
                 required=name in required,
-                default=prop.get("default"),
+                default=prop["default"] if "default" in prop else _built_default(spec, name),
                 bounds=[f"{sign} {_number(prop[key])}" for key, sign in _BOUNDS if key in prop],
                 policy=policy,
                 description=prop.get("description", ""),

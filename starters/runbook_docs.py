@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import inspect
+import json
 import os
 import re
 import sys
+from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import yaml
 
@@ -49,7 +52,7 @@ DOCS = REPO_ROOT / "docs" / "runbooks"
 POLICY = REPO_ROOT / "deploy" / "access-policy.yaml"
 RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yaml"
 
-STEP_KINDS = ("check", "approval", "act", "verify")
+STEP_KINDS = ("check", "approval", "act", "verify", "window")
 """The step runner's methods (``workflows/steps.py``), each a kind of step."""
 
 ROLLBACK = "Rollback:"
@@ -183,11 +186,18 @@ def _wrappers(module: ModuleType) -> dict[str, tuple[str, str | None]]:
     return found
 
 
-def _composite(call: ast.Call, scope: ast.AST, names: Mapping[str, Any]) -> Iterator[StepCall]:
+def _composite(
+    call: ast.Call,
+    scope: ast.AST,
+    names: Mapping[str, Any],
+    lookup: Mapping[str, Any] | None = None,
+) -> Iterator[StepCall]:
     """The steps a call to a function of the workflows package runs for its caller (such as
     ``rollouts.roll``, whose steps are named after the Deployment it is given): each step name
-    of the function, with the caller's argument in place of the parameter it names."""
-    function = names.get(call.func.id) if isinstance(call.func, ast.Name) else None
+    of the function, with the caller's argument in place of the parameter it names; through the
+    functions of the package it calls in turn (``roll`` waits with ``wait_for``). ``lookup``:
+    where the called function's name is found, when not among the caller's ``names``."""
+    function = (lookup or names).get(call.func.id) if isinstance(call.func, ast.Name) else None
     if not (inspect.isfunction(function) and function.__module__.startswith("workflows.")):
         return
     (definition,) = ast.parse(inspect.getsource(function)).body
@@ -197,26 +207,35 @@ def _composite(call: ast.Call, scope: ast.AST, names: Mapping[str, Any]) -> Iter
         k.arg: k.value for k in call.keywords if k.arg
     }
     inner = vars(sys.modules[function.__module__])
+    for node in ast.walk(definition):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            yield from _composite(_given(node, given), scope, names, inner)
     for step in _calls(definition):
         assert isinstance(step.func, ast.Attribute)
         if step.func.attr not in STEP_KINDS or not _is_step_runner(step.func.value):
             continue
-        name = step.args[0]
-        if not isinstance(name, ast.JoinedStr):
+        # The caller's arguments name the caller's variables; the rest, the function's own.
+        pattern = _pattern(_given(step.args[0], given), scope, ChainMap(dict(names), inner))
+        if pattern is None:
             continue
-        parts = []
-        for part in name.values:
-            if isinstance(part, ast.Constant):
-                parts.append(re.escape(str(part.value)))
-            elif isinstance(part, ast.FormattedValue) and isinstance(part.value, ast.Name):
-                argument = given.get(part.value.id)
-                parts.append(
-                    (_pattern(argument, scope, names) if argument is not None else None) or ".*"
-                )
-            else:
-                parts.append(".*")
         activity = _activity(step.args[1] if len(step.args) > 1 else None, inner)
-        yield StepCall("".join(parts), step.func.attr, activity, ast.unparse(call))
+        yield StepCall(pattern, step.func.attr, activity, ast.unparse(call))
+
+
+_N = TypeVar("_N", bound=ast.AST)
+
+
+def _given(node: _N, given: Mapping[str, ast.expr]) -> _N:
+    """``node`` with each parameter in ``given`` replaced by the caller's argument for it; a
+    parameter the caller did not pass matches anything."""
+
+    class Substitute(ast.NodeTransformer):
+        def visit_Name(self, name: ast.Name) -> ast.AST:
+            if name.id in given:
+                return copy.deepcopy(given[name.id])
+            return name
+
+    return cast(_N, Substitute().visit(copy.deepcopy(node)))
 
 
 def step_calls(module: ModuleType) -> list[StepCall]:
@@ -521,7 +540,13 @@ class Page:
             "**check** reads and changes nothing (it runs in a dry run too); **approval** waits "
             "for people (skipped in a dry run); **act** changes Astra (a dry run only reports "
             "what it would do; while `astra-ops freeze` is on it waits); **verify** confirms the "
-            "change took (skipped in a dry run).",
+            "change took (skipped in a dry run)"
+            + (
+                "; **window** holds a timed window, measured, that people may end early, pause "
+                "or abort (skipped in a dry run)."
+                if any(step.kind == "window" for step in self.steps)
+                else "."
+            ),
             "",
             "| # | step | kind | what it runs | who |",
             "| --- | --- | --- | --- | --- |",
@@ -535,7 +560,7 @@ class Page:
                     f"the run alone at most {budget.max} times in {_seconds(budget.per_seconds)} "
                     "on the same target; past that a person approves"
                 )
-            kind = f"**{step.kind}**" if step.kind in ("approval", "act") else step.kind
+            kind = f"**{step.kind}**" if step.kind in ("approval", "act", "window") else step.kind
             lines.append(
                 f"| {number} | {_cell(step.name)} | {kind} | "
                 f"{_cell('; '.join(step.activities))} | {_cell(who)} |"
@@ -629,7 +654,12 @@ class Page:
         listed = sorted(runbook_parameters(self.spec, self.access), key=lambda p: not p.required)
         for p in listed:
             # A list as `--param` takes it: comma-separated.
-            shown = ",".join(p.default) if isinstance(p.default, list) else p.default
+            if isinstance(p.default, list) and all(isinstance(d, str) for d in p.default):
+                shown: Any = ",".join(p.default)
+            elif isinstance(p.default, list):  # of objects: `--param` takes JSON
+                shown = json.dumps(p.default, separators=(",", ":"))
+            else:
+                shown = p.default
             default = "**required**" if p.required else _code(shown)
             lines.append(
                 f"| `{p.name}` | {p.type} | {_cell(default)} | {_cell(', '.join(p.bounds))} | "

@@ -47,6 +47,7 @@ from starters.run_views import (
 )
 from starters.runbook_cards import runbook_request, runbook_spec
 from workflows.approval import refusal, step_of
+from workflows.catalogue import RUNBOOKS, steer_actions
 from workflows.kill_switch import KillSwitch
 from workflows.models import (
     ApprovalSignal,
@@ -57,6 +58,8 @@ from workflows.models import (
     RunbookRequest,
     RunbookResult,
     RunStatus,
+    SteerAction,
+    SteerRequest,
 )
 
 # A run whose worker is gone does not answer queries; say so instead of hanging the caller.
@@ -204,6 +207,13 @@ async def send_update(
             raise DecisionRefused(
                 f"{what} did not take the request within "
                 f"{UPDATE_TIMEOUT.total_seconds():g}s; is a worker running? Nothing changed"
+            ) from None
+        if err.status == RPCStatusCode.FAILED_PRECONDITION:
+            # The server's WorkflowNotReady: the run's latest workflow task has not completed
+            # (it is starting, or its worker just went).
+            raise DecisionRefused(
+                f"{what} is not ready to take requests yet ({err.message}); try again in a "
+                "moment. Nothing changed"
             ) from None
         raise
     return said
@@ -482,6 +492,31 @@ class Runs:
             ),
         )
         return await self._update(run_id, "cancel", request)
+
+    async def steer(self, run_id: str, user: str, action: SteerAction, reason: str = "") -> str:
+        """Promote, abort, pause or resume a release run, or switch a blue/green one back; the
+        run checks who may (the access policy) before it takes it."""
+        actor = self.identify(user)
+        handle, temporal_run = await self._running(run_id)
+        status = await self._status(handle)
+        takes = steer_actions(status.runbook)
+        if action not in takes:
+            which = sorted(name for name in RUNBOOKS if action in steer_actions(name))
+            raise DecisionRefused(
+                f"run {run_id} is a {status.runbook} run, which takes no {action.value}; "
+                f"{action.value} steers {' and '.join(which)} runs"
+            )
+        request = SteerRequest(
+            action=action,
+            actor=actor,
+            reason=reason,
+            authorization=self.vouch(
+                statement(
+                    "steer", actor, run_id, reason, run_id=temporal_run, decision=action.value
+                )
+            ),
+        )
+        return await self._update(run_id, "steer", request)
 
     async def _update(self, run_id: str, name: str, arg: BaseModel) -> str:
         return await send_update(self._handle(run_id), name, arg, f"run {run_id}")

@@ -17,6 +17,7 @@ import psycopg
 import redis.asyncio as aioredis
 import typer
 import uvicorn
+from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel
 from rich.console import Console
@@ -209,25 +210,35 @@ def dead_letters(
     )
 
 
+@contextlib.contextmanager
+def _cluster(settings: Settings, why: str) -> Iterator[ApiClient]:
+    """A client of the sandbox cluster; one line, not a traceback, when it is not there."""
+    if not settings.kube_url:
+        _fail(f"{why}: set ASTRA_OPS_KUBE_URL to its URL (`astra-ops dev` prints it)")
+    api = unauthenticated_client(settings.kube_url)
+    try:
+        yield api
+    except (ApiException, HTTPError) as e:
+        _fail(f"the sandbox cluster at {settings.kube_url} did not answer ({e}); is it running?")
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
+
+
+Share = Annotated[float, typer.Option(help="Share of its pods' tasks that fail (0-1].")]
+BuildError = Annotated[str, typer.Option(help="The error those tasks fail with.")]
+
+
 @fault_app.command("bad-rollout")
 def bad_rollout(
     deployment: Annotated[str, typer.Option(help="The Deployment to roll.")] = "astra-worker",
     tag: Annotated[str, typer.Option(help="Image tag of the bad build.")] = "bad",
-    share: Annotated[float, typer.Option(help="Share of its pods' tasks that fail (0-1].")] = 0.5,
-    error: Annotated[str, typer.Option(help="The error those tasks fail with.")] = (
-        faults.BAD_BUILD_ERROR
-    ),
+    share: Share = 0.5,
+    error: BuildError = faults.BAD_BUILD_ERROR,
     as_json: Json = False,
 ) -> None:
     """A bad build rolls out: its pods fail tasks until the Deployment is rolled back."""
     settings = _settings()
-    if not settings.kube_url:
-        _fail(
-            "bad-rollout rolls a Deployment of the sandbox cluster: set ASTRA_OPS_KUBE_URL to its "
-            "URL (`astra-ops dev` prints it)"
-        )
-    api = unauthenticated_client(settings.kube_url)
-    try:
+    with _cluster(settings, "bad-rollout rolls a Deployment of the sandbox cluster") as api:
         _inject(
             lambda t: faults.bad_rollout(
                 t, api, settings.kube_namespace, deployment, tag, share, error
@@ -239,10 +250,60 @@ def bad_rollout(
             ),
             as_json,
         )
-    except (ApiException, HTTPError) as e:
-        _fail(f"the sandbox cluster at {settings.kube_url} did not answer ({e}); is it running?")
-    finally:
-        api.close()  # type: ignore[no-untyped-call]
+
+
+@fault_app.command("bad-canary")
+def bad_canary(
+    image: Annotated[
+        str | None,
+        typer.Option(
+            help=f"The image that is a bad build (default: --deployment's image tagged "
+            f"{faults.BAD_CANARY_TAG}, read from the sandbox cluster)."
+        ),
+    ] = None,
+    deployment: Annotated[
+        str, typer.Option(help="The Deployment whose image the default is a new build of.")
+    ] = "astra-worker",
+    share: Share = 0.5,
+    error: BuildError = faults.BAD_BUILD_ERROR,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="The image is a good build again: undo this fault.")
+    ] = False,
+    as_json: Json = False,
+) -> None:
+    """An image is a bad build, rolled out nowhere yet: a canary of it fails a share of the tasks
+    its pods run, for the canary's analysis to catch."""
+    settings = _settings()
+    if image is None:
+        why = (
+            f"without --image, bad-canary reads the image {deployment} runs in the sandbox cluster"
+        )
+        with _cluster(settings, why) as api:
+            namespace = settings.kube_namespace
+            image = _run(settings, faults.bad_canary_image(api, namespace, deployment))
+    chosen = image
+    undo = f"astra-ops sandbox fault bad-canary --image {chosen} --clear"
+    if clear:
+        _inject(
+            lambda t: faults.clear_bad_build(t, chosen),
+            lambda r: (
+                f"{r.image} is a good build again: pods that run it stop failing"
+                if r.was_bad
+                else f"{r.image} was not a bad build; nothing changed"
+            ),
+            as_json,
+        )
+        return
+    _inject(
+        lambda t: faults.bad_canary(t, chosen, share, error),
+        lambda r: (
+            f"{r.image} is now a bad build: pods that run it fail {r.share:.0%} of their tasks "
+            f"with {r.error!r}. Nothing was rolled out: a canary-upgrade to this image makes its "
+            f"canary pods fail, and pods of other images run as before. Undo it with `{undo}` "
+            "(`astra-ops sandbox reset` undoes it too, with everything else in the sandbox)"
+        ),
+        as_json,
+    )
 
 
 def _break_servers(
@@ -403,12 +464,51 @@ def reset_sandbox() -> None:
 
 
 @sandbox_app.command()
-def serve() -> None:
-    """Run the simulated Astra against the sandbox cluster, with /metrics, until Ctrl-C."""
+def serve(
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster",
+            help="Serve the sandbox cluster too, as `astra-ops dev` does: its Kubernetes API on "
+            "ASTRA_OPS_KUBE_PORT, its TLS services, its CA under ASTRA_OPS_STATE_DIR; for a "
+            "stack of separate processes (deploy/compose.yaml).",
+        ),
+    ] = False,
+) -> None:
+    """Run the simulated Astra against the sandbox cluster, with /metrics, until Ctrl-C.
+
+    Example: ASTRA_OPS_DEV_MODE=true astra-ops sandbox serve --cluster
+    """
     settings = _settings()
-    if not settings.kube_url:
-        _fail("serve plays the pods of the sandbox cluster: set ASTRA_OPS_KUBE_URL to its URL")
-    _run(settings, _serve(settings, settings.kube_url))
+    if cluster:
+        _run(settings, _serve_with_cluster(settings))
+    elif not settings.kube_url:
+        _fail(
+            "serve plays the pods of the sandbox cluster: set ASTRA_OPS_KUBE_URL to its URL, "
+            "or serve one with --cluster"
+        )
+    else:
+        _run(settings, _serve(settings, settings.kube_url))
+
+
+async def _serve_with_cluster(settings: Settings) -> None:
+    # Loaded here: the dev stack's module brings the API's, which the fault commands need not.
+    from starters.dev import sandbox_ca, sandbox_cluster
+
+    ca, _ = sandbox_ca(settings)
+    kube, tls = sandbox_cluster(settings, ca)
+    await kube.start()
+    tls.start()
+    print(
+        f"sandbox cluster: Kubernetes API at {kube.url} (namespace {settings.kube_namespace}); "
+        f"TLS services on {', '.join(tls.address(s) for s in tls.services)}",
+        flush=True,
+    )
+    try:
+        await _serve(settings, kube.url)
+    finally:
+        tls.stop()
+        await kube.stop()
 
 
 class _MetricsServer(uvicorn.Server):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes.client import ApiClient
@@ -21,6 +22,7 @@ from kubernetes.client import ApiClient
 from activities.certificates import CertificateAuthority
 from activities.kubernetes import unauthenticated_client
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
+from sandbox.kube.seed import deployment_manifest
 from sandbox.kube.server import RequestObserver
 from sandbox.kube.tls import TlsEndpoints
 
@@ -87,6 +89,22 @@ def sandbox_ca_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
 def kube() -> Iterator[KubeSandbox]:
     with kube_sandbox() as sandbox:
         yield sandbox
+
+
+def canary_manifest(
+    image: str, replicas: int = 1, name: str = "astra-worker-canary", stable: str = "astra-worker"
+) -> dict[str, Any]:
+    """A canary Deployment beside ``stable``, running ``image``: its pods carry the stable
+    ``app`` label plus ``track: canary``, so the stable Service (and the stable Deployment's
+    selector) match them too, as in a real canary."""
+    manifest = deployment_manifest(stable, replicas)
+    labels = {"app": stable, "track": "canary"}
+    manifest["metadata"] = {"name": name, "labels": labels}
+    spec = manifest["spec"]
+    spec["selector"] = {"matchLabels": labels}
+    spec["template"]["metadata"]["labels"] = labels
+    spec["template"]["spec"]["containers"][0]["image"] = image
+    return manifest
 
 
 async def eventually(

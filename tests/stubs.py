@@ -33,6 +33,7 @@ from temporalio.worker import Worker
 import activities
 from activities.access import AccessActivities, Trust
 from activities.notify import NotifyActivities
+from activities.privilege import is_privileged, privileged_queue
 from runtime.identity import parse_trusted_keys
 from runtime.settings import REPO_ROOT
 from tests.helpers import TEST_SIGNER
@@ -151,12 +152,21 @@ async def stubbed_worker(
     access = AccessActivities(policy, trust, client, NotifyActivities(policy), state_dsn="")
     real: list[Callable[..., Any]] = [access.admit, access.request_approval, access.freeze_state]
     kept = {name_of(r) for r in real}
-    async with Worker(
-        client,
-        task_queue=task_queue,
-        activities=[*real, *(stubs.stub(f) for f in every_activity() if name_of(f) not in kept)],
-        **workflow_options(),
-    ) as worker:
+    stubbed = [f for f in every_activity() if name_of(f) not in kept]
+    # Each stub where the runs send its activity: the privileged ones on their own queue.
+    async with (
+        Worker(
+            client,
+            task_queue=task_queue,
+            activities=[*real, *(stubs.stub(f) for f in stubbed if not is_privileged(f))],
+            **workflow_options(),
+        ) as worker,
+        Worker(
+            client,
+            task_queue=privileged_queue(task_queue),
+            activities=[stubs.stub(f) for f in stubbed if is_privileged(f)],
+        ),
+    ):
         yield worker
 
 

@@ -11,11 +11,15 @@ import ast
 import importlib
 import inspect
 import pkgutil
+from typing import Any
 
 from temporalio import activity
-from temporalio.worker import Worker
+from temporalio.client import Client
 
 import workflows
+from activities.privilege import is_privileged
+from runtime.settings import Settings
+from workers.worker import activities_of, privileged_activities, standard_activities
 
 
 def called_by_workflows() -> dict[str, str]:
@@ -35,23 +39,30 @@ def called_by_workflows() -> dict[str, str]:
     return called
 
 
-def registered(worker: Worker) -> set[str | None]:
-    return {activity._Definition.must_from_callable(f).name for f in worker.config()["activities"]}
+def names(activities: list[Any]) -> list[str | None]:
+    return [activity._Definition.must_from_callable(f).name for f in activities]
 
 
 async def test_every_registered_activity_is_called_by_a_workflow_and_every_call_registered(
-    worker: Worker,
+    client: Client, settings: Settings
 ) -> None:
-    names = registered(worker)
+    standard = activities_of(*standard_activities(client, settings))
+    async with privileged_activities(settings) as rights:
+        privileged = activities_of(*rights)
+    every = names(standard) + names(privileged)
+    registered = set(every)
     called = called_by_workflows()
-    assert len(names) == len(worker.config()["activities"]), "two activities share a name"
-    unused = names - set(called)
+    assert len(registered) == len(every), "two activities share a name"
+    unused = registered - set(called)
     assert not unused, (
         f"registered, but no module of workflows/ calls {sorted(map(str, unused))}: remove the "
         "activity (and its tests), or call it from the runbook that needs it"
     )
-    unregistered = {name: where for name, where in called.items() if name not in names}
+    unregistered = {name: where for name, where in called.items() if name not in registered}
     assert not unregistered, (
         f"workflows call activities the worker does not register: {unregistered}; give their "
         "class's instance to activities_of in workers/worker.py"
     )
+    # Each kind of worker registers exactly what the runs send to its task queue.
+    assert not [a.__qualname__ for a in standard if is_privileged(a)]
+    assert all(is_privileged(a) for a in privileged)

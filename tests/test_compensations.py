@@ -20,7 +20,9 @@ from activities.kube_models import Revision, RolloutHistory
 from activities.kubernetes import KubernetesActivities
 from activities.metrics import MetricsActivities
 from activities.postgres import Count, FailureBreakdown, FailureRate, PostgresActivities
+from activities.privilege import privileged_queue
 from runtime.astra_config import INTAKE_PAUSED_KEY
+from runtime.settings import Settings
 from starters.runs import Runs
 from tests.conftest import ChatReceiver
 from tests.conftest_kube import KubeSandbox
@@ -35,6 +37,7 @@ from tests.helpers import (
     wait_for_step,
 )
 from tests.stubs import Stubs
+from workers.worker import activities_of, privileged_activities
 from workflows.high_error_rate import HighErrorRate, HighErrorRateRequest
 from workflows.models import Decision, Outcome, StepState
 
@@ -92,7 +95,7 @@ def previous_revision() -> int:
 
 @pytest.fixture
 async def triage_faked(
-    client: Client, worker: Worker, previous_revision: int
+    client: Client, worker: Worker, settings: Settings, previous_revision: int
 ) -> AsyncIterator[str]:
     """The production worker's composition on a task queue of its own, with triage's reads
     answered by stubs: failures on the pods of a fresh revision, going back to
@@ -133,8 +136,15 @@ async def triage_faked(
     config = worker.config()
     config["task_queue"] = f"faked-{uuid.uuid4().hex[:8]}"
     config["activities"] = stubs.standing_in(config["activities"])
-    async with Worker(**config):
-        yield config["task_queue"]
+    async with privileged_activities(settings) as rights:
+        privileged = Worker(
+            client,
+            task_queue=privileged_queue(config["task_queue"]),
+            activities=stubs.standing_in(activities_of(*rights)),
+            activity_executor=config["activity_executor"],
+        )
+        async with Worker(**config), privileged:
+            yield config["task_queue"]
 
 
 def request() -> HighErrorRateRequest:

@@ -5,7 +5,13 @@ Every object must pass the Kubernetes schemas, land in its namespace and refer o
 that exist there. The worker's Role is compared with what the Kubernetes activities really send:
 each activity runs against the sandbox API server, which records every request, and the RBAC
 verbs of those requests must be exactly the Role's grants. So an activity call the Role does not
-grant (a 403 in production), or a grant no activity uses (Secrets included), fails here.
+grant (a 403 in production), or a grant no activity uses (Secrets included), fails here. Only
+the privileged worker holds that Role; the other worker, the API and the setup Job carry no token.
+
+The components in ``deploy/temporal/`` (mTLS, Temporal Cloud) are rendered the way their README
+says to use them, from an overlay outside the repository, and checked the same way, plus: every
+file a setting names is mounted in every pod that reads the settings, and every secret comes
+from a Secret made out of band, never from a value in the manifests.
 """
 
 from __future__ import annotations
@@ -17,29 +23,43 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar, get_args
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
+import typer
 import yaml
+from pydantic import SecretStr
 from temporalio import activity
 from temporalio.testing import ActivityEnvironment
+from typer._click import Context
+from typer.core import TyperGroup
 
 import activities.kubernetes as kubernetes_activities
 from activities.kube_models import (
     DEFAULT_CONFIG_MAP,
     DEFAULT_NAMESPACE,
     DEFAULT_VAULT_SECRET,
+    CanaryRef,
+    CanaryScale,
     ConfigPatch,
     ConfigRef,
     ConfigRollout,
     DeploymentRef,
+    DeploymentScale,
+    ImageChange,
+    ImageCheck,
     PodDelete,
     PodSelector,
     RolloutRestart,
     RolloutUndo,
     RolloutWait,
     SecretRef,
+    ServicePoint,
+    ServiceRef,
+    SlotDeploy,
+    canary_name,
 )
 from activities.kubernetes import KubernetesActivities, unauthenticated_client
 from activities.mutation import Mutation, MutationResult
@@ -50,10 +70,15 @@ from starters.cli import app
 from tests.conftest_kube import TEST_ROLLOUT_SECONDS
 
 DEPLOY = REPO_ROOT / "deploy"
+TEMPORAL_COMPONENTS = DEPLOY / "temporal"
 OWN_NAMESPACE = "astra-ops"
 # Astra's namespace: where its Deployments and config live, so where the worker's Role must be.
 ASTRA_NAMESPACE = DEFAULT_NAMESPACE
-SECRETS = "astra-ops-secrets"  # made out of band (from Vault), never rendered from this repository
+# Made out of band (from Vault, cert-manager), never rendered from this repository.
+SECRETS = "astra-ops-secrets"  # every pod
+PRIVILEGED_SECRETS = "astra-ops-privileged-secrets"  # the privileged worker's alone
+TEMPORAL_SECRETS = {"astra-ops-temporal-tls", "astra-ops-temporal-api-key"}  # deploy/temporal/
+WORKER, PRIVILEGED_WORKER = "astra-ops-worker", "astra-ops-worker-privileged"
 
 _Request = TypeVar("_Request")
 _Result = TypeVar("_Result")
@@ -65,9 +90,8 @@ Obj = dict[str, Any]
 # ----- rendering ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rendered() -> list[Obj]:
-    """``deploy/`` as ``kubectl apply -k deploy/`` would send it to the cluster."""
+def kustomize(directory: Path) -> list[Obj]:
+    """A kustomization as ``kubectl apply -k`` would send it to the cluster."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail(
@@ -75,10 +99,57 @@ def rendered() -> list[Obj]:
             "kubernetes-client` (.ci/run installs it where kubectl is missing)"
         )
     done = subprocess.run(
-        [kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True, check=False, timeout=60
+        [kubectl, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
-    assert done.returncode == 0, f"`kubectl kustomize deploy/` failed: {done.stderr.strip()}"
+    assert done.returncode == 0, f"`kubectl kustomize {directory}` failed: {done.stderr.strip()}"
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def temporal_components() -> list[str]:
+    return sorted(p.parent.name for p in TEMPORAL_COMPONENTS.glob("*/kustomization.yaml"))
+
+
+def overlay_example() -> str:
+    """The overlay deploy/temporal/README.md tells people to write."""
+    readme = (TEMPORAL_COMPONENTS / "README.md").read_text()
+    [example] = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    return str(example)
+
+
+def with_component(component: str, root: Path) -> list[Obj]:
+    """``deploy/`` with one Temporal component, through the README's overlay, laid out as it
+    says: the overlay beside a checkout of astra-ops."""
+    (root / "astra-ops").symlink_to(REPO_ROOT)
+    overlay = root / "my-astra-ops"
+    overlay.mkdir()
+    example = overlay_example()
+    assert "deploy/temporal/cloud-api-key" in example
+    (overlay / "kustomization.yaml").write_text(
+        example.replace("deploy/temporal/cloud-api-key", f"deploy/temporal/{component}")
+    )
+    return kustomize(overlay)
+
+
+BASE = "deploy/"
+
+
+@pytest.fixture(scope="module", params=[BASE, *temporal_components()])
+def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[Obj]:
+    """What the cluster gets: ``kubectl apply -k deploy/``, and the same with each component of
+    deploy/temporal/ through the overlay its README shows. Every check below holds for each."""
+    if request.param == BASE:
+        return kustomize(DEPLOY)
+    return with_component(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def base() -> list[Obj]:
+    """``deploy/`` alone."""
+    return kustomize(DEPLOY)
 
 
 def where(obj: Obj) -> tuple[str | None, str]:
@@ -134,17 +205,28 @@ def test_every_reference_resolves_in_its_namespace(rendered: list[Obj]) -> None:
     accounts = of_kind(rendered, "ServiceAccount")
     config_maps = of_kind(rendered, "ConfigMap")
     assert not of_kind(rendered, "Secret"), "secrets never come from this repository"
+    out_of_band = {SECRETS, PRIVILEGED_SECRETS, *TEMPORAL_SECRETS}
     for (namespace, deployment), pod in pod_specs(rendered).items():
         assert (namespace, pod["serviceAccountName"]) in accounts, deployment
         for container in pod["containers"]:
             for source in container["envFrom"]:
                 if "secretRef" in source:
-                    assert source["secretRef"]["name"] == SECRETS, deployment
+                    assert source["secretRef"]["name"] in out_of_band, deployment
                 else:
                     assert (namespace, source["configMapRef"]["name"]) in config_maps, deployment
         for volume in pod["volumes"]:
             if "configMap" in volume:
                 assert (namespace, volume["configMap"]["name"]) in config_maps, deployment
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in out_of_band, deployment
+        # Only the privileged worker reads the privileged Secret.
+        reads = {
+            s["secretRef"]["name"]
+            for c in pod["containers"]
+            for s in c["envFrom"]
+            if "secretRef" in s
+        }
+        assert (PRIVILEGED_SECRETS in reads) is (deployment == PRIVILEGED_WORKER), deployment
     deployments = of_kind(rendered, "Deployment")
     for (namespace, name), service in of_kind(rendered, "Service").items():
         [backend] = [
@@ -160,7 +242,7 @@ def test_every_reference_resolves_in_its_namespace(rendered: list[Obj]) -> None:
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports, name
 
 
-def test_only_the_worker_may_act_on_kubernetes(rendered: list[Obj]) -> None:
+def test_only_the_privileged_worker_may_act_on_kubernetes(rendered: list[Obj]) -> None:
     roles = of_kind(rendered, "Role")
     [binding] = of_kind(rendered, "RoleBinding").values()
     namespace, _ = where(binding)
@@ -168,13 +250,50 @@ def test_only_the_worker_may_act_on_kubernetes(rendered: list[Obj]) -> None:
     [subject] = binding["subjects"]
     assert subject["kind"] == "ServiceAccount"
     pods = pod_specs(rendered)
-    worker = pods[OWN_NAMESPACE, "astra-ops-worker"]
-    assert (subject["namespace"], subject["name"]) == (OWN_NAMESPACE, worker["serviceAccountName"])
+    privileged = pods[OWN_NAMESPACE, PRIVILEGED_WORKER]
+    assert (subject["namespace"], subject["name"]) == (
+        OWN_NAMESPACE,
+        privileged["serviceAccountName"],
+    )
     accounts = of_kind(rendered, "ServiceAccount")
     for key, pod in pods.items():
-        if pod is not worker:  # nothing else calls the Kubernetes API: no token to steal
-            account = accounts[OWN_NAMESPACE, pod["serviceAccountName"]]
+        account = accounts[OWN_NAMESPACE, pod["serviceAccountName"]]
+        if pod is not privileged:  # nothing else calls the Kubernetes API: no token to steal
             assert account["automountServiceAccountToken"] is False, key
+        else:  # its own account, which nothing else uses
+            assert account.get("automountServiceAccountToken", True) is True
+            assert [p for p in pods.values() if p["serviceAccountName"] == subject["name"]] == [
+                privileged
+            ]
+
+
+def test_the_two_workers_differ_only_in_their_rights(rendered: list[Obj]) -> None:
+    """The same pod but for its name, account, queue (its `--kind`), the privileged
+    Secret, and the postmortem drafts only the workflows' worker writes: a change made to one
+    and forgotten on the other fails here."""
+    deployments = of_kind(rendered, "Deployment")
+    plain, privileged = (deployments[OWN_NAMESPACE, name] for name in (WORKER, PRIVILEGED_WORKER))
+
+    def normalized(deployment: Obj, name: str) -> Obj:
+        """The Deployment with its name, and what makes it its kind, taken out."""
+        copy: Obj = yaml.safe_load(yaml.safe_dump(deployment).replace(name, "worker"))
+        pod = copy["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        container["args"] = container["args"][:1]
+        container["envFrom"] = [
+            e
+            for e in container["envFrom"]
+            if e.get("secretRef", {}).get("name") != PRIVILEGED_SECRETS
+        ]
+        container["volumeMounts"] = [
+            m for m in container["volumeMounts"] if m["name"] != "postmortems"
+        ]
+        pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "postmortems"]
+        return copy
+
+    args = [d["spec"]["template"]["spec"]["containers"][0]["args"] for d in (plain, privileged)]
+    assert args == [["worker", "--kind", "standard"], ["worker", "--kind", "privileged"]]
+    assert normalized(plain, WORKER) == normalized(privileged, PRIVILEGED_WORKER)
 
 
 def test_pods_run_locked_down_with_secrets_only_by_reference(rendered: list[Obj]) -> None:
@@ -213,7 +332,8 @@ def test_containers_run_real_commands_and_mount_the_access_policy(rendered: list
     config_maps = of_kind(rendered, "ConfigMap")
     pods = pod_specs(rendered)
     assert {name: pod["containers"][0]["args"] for (_, name), pod in pods.items()} == {
-        "astra-ops-worker": ["worker"],
+        WORKER: ["worker", "--kind", "standard"],
+        PRIVILEGED_WORKER: ["worker", "--kind", "privileged"],
         "astra-ops-api": ["api"],
         "astra-ops-setup": ["setup"],  # astra-ops' migrations, listed in deploy/
     }
@@ -228,6 +348,68 @@ def test_containers_run_real_commands_and_mount_the_access_policy(rendered: list
         [(key, text)] = policy["data"].items()
         assert f"{mount['mountPath']}/{key}" == policy_file, deployment
         assert text == (DEPLOY / "access-policy.yaml").read_text()
+
+
+def test_every_option_the_containers_pass_is_one_their_command_takes(base: list[Obj]) -> None:
+    root = typer.main.get_command(app)
+    assert isinstance(root, TyperGroup)
+    for (_, deployment), pod in pod_specs(base).items():
+        [container] = pod["containers"]
+        command, *arguments = container["args"]
+        found = root.get_command(Context(root), command)
+        assert found is not None, deployment
+        options = {name for param in found.params for name in param.opts}
+        assert {a for a in arguments if a.startswith("-")} <= options, deployment
+
+
+def test_files_the_settings_name_are_mounted_in_every_pod_that_reads_them(
+    rendered: list[Obj],
+) -> None:
+    """A setting naming a file (a TLS certificate, a key) is checked at start: a pod that reads
+    the settings without the file mounted there would not start."""
+    validated = Settings.__pydantic_decorators__.field_validators["_file_exists"].info.fields
+    files = {
+        ENV_PREFIX + name.upper(): Path(value)
+        for name in validated
+        if (value := settings_data(rendered).get(ENV_PREFIX + name.upper()))
+    }
+    for (_, deployment), pod in pod_specs(rendered).items():
+        [container] = pod["containers"]
+        mounts = {Path(m["mountPath"]) for m in container["volumeMounts"]}
+        for setting, path in files.items():
+            assert path.parent in mounts, (deployment, setting, str(path))
+
+
+def test_no_secret_is_a_value_in_the_manifests(rendered: list[Obj]) -> None:
+    """Every setting that is a secret (a SecretStr) comes from a Secret made out of band: none in
+    the ConfigMap, no Secret object, no environment variable with a value."""
+    secret_settings = {
+        ENV_PREFIX + name.upper()
+        for name, field in Settings.model_fields.items()
+        if SecretStr in get_args(field.annotation)
+    }
+    assert f"{ENV_PREFIX}TEMPORAL_API_KEY" in secret_settings
+    assert not secret_settings & settings_data(rendered).keys()
+    assert not of_kind(rendered, "Secret")
+    for (_, deployment), pod in pod_specs(rendered).items():
+        for container in pod["containers"]:
+            assert all("value" not in e for e in container.get("env", [])), deployment
+    # The API key's Secret is documented with the one entry name the settings read.
+    readme = (TEMPORAL_COMPONENTS / "README.md").read_text()
+    documented = set(re.findall(r"--from-file=(ASTRA_OPS_[A-Z_]+)=", readme))
+    assert documented and documented <= secret_settings
+
+
+def test_settings_configmap_values_are_valid_settings(rendered: list[Obj]) -> None:
+    """Each value parses as its setting (an address as host:port, a flag as a bool), but the
+    files, which exist only in the pods."""
+    validated = Settings.__pydantic_decorators__.field_validators["_file_exists"].info.fields
+    values = {
+        key.removeprefix(ENV_PREFIX).lower(): value
+        for key, value in settings_data(rendered).items()
+        if key.removeprefix(ENV_PREFIX).lower() not in validated
+    }
+    Settings.model_validate(values)
 
 
 # ----- the worker's Role against the activities' real calls -----------------------------------
@@ -381,6 +563,22 @@ def run_every_kubernetes_activity(k8s: KubernetesActivities) -> set[str]:
     oldest = run(k8s.list_pods, PodSelector(labels={"app": worker})).pods[0]
     change(k8s.delete_pod, PodDelete(name=oldest.name, token=token))
     run(k8s.secret_readers, SecretRef())
+    # A canary release, then a blue/green one.
+    image = "registry.sandbox.local/astra/astra-worker:9.9.9"
+    change(k8s.scale_canary, CanaryScale(stable=worker, image=image, replicas=1, token=token))
+    run(k8s.deployment_pods, DeploymentRef(name=canary_name(worker)))
+    change(k8s.remove_canary, CanaryRef(stable=worker, token=token))
+    change(k8s.set_image, ImageChange(name=worker, image=image, token=token))
+    run(k8s.verify_image, ImageCheck(name=worker, image=image))
+    slots = run(k8s.read_slots, ServiceRef(name=worker))
+    change(
+        k8s.deploy_slot,
+        SlotDeploy(
+            service=worker, name=slots.idle, source=slots.live, image=image, replicas=1, token=token
+        ),
+    )
+    change(k8s.point_service, ServicePoint(service=worker, deployment=slots.idle, token=token))
+    change(k8s.scale_deployment, DeploymentScale(name=slots.live, replicas=0, token=token))
     # What the Vault activities call to keep the values out of history: not activities.
     _, version = k8s.secret_data(DEFAULT_NAMESPACE, DEFAULT_VAULT_SECRET)
     k8s.put_secret_data(
@@ -428,7 +626,7 @@ def traffic(monkeypatch: pytest.MonkeyPatch) -> Iterator[Traffic]:
 
 
 def test_worker_role_grants_exactly_what_the_kubernetes_activities_call(
-    rendered: list[Obj], traffic: Traffic
+    base: list[Obj], traffic: Traffic
 ) -> None:
     # The run reached every activity and every API call in the module, so its requests are all
     # the requests a runbook can make.
@@ -441,7 +639,7 @@ def test_worker_role_grants_exactly_what_the_kubernetes_activities_call(
         "run_every_kubernetes_activity must reach every kubernetes API call in "
         f"activities/kubernetes.py; not reached: {sorted(in_source - traffic.client_methods)}"
     )
-    [role] = of_kind(rendered, "Role").values()
+    [role] = of_kind(base, "Role").values()
     namespace, _ = where(role)
     called_in = {call.namespace for call in traffic.calls}
     assert called_in == {namespace}, (

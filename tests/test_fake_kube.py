@@ -10,10 +10,12 @@ import pytest
 from kubernetes.client import ApiException, AppsV1Api, CoreV1Api
 
 from activities.kube_annotations import REVISION, REVISION_HISTORY
+from activities.kube_models import DeploymentRef
+from activities.kubernetes import KubernetesActivities
 from runtime.astra_config import AstraEndpoints
 from sandbox.kube import seed_astra, template_hash
 from tests import conftest_kube
-from tests.conftest_kube import KubeSandbox, eventually
+from tests.conftest_kube import KubeSandbox, canary_manifest, eventually
 
 kube = conftest_kube.kube  # tests/conftest.py registers it too; this keeps the module standalone
 
@@ -474,3 +476,181 @@ async def test_replica_sets_go_with_their_deployment(kube: KubeSandbox) -> None:
     with pytest.raises(ApiException) as gone:
         apps(kube).list_namespaced_replica_set(NS, label_selector="app in (")
     assert gone.value.status == 400
+
+
+def service(name: str, selector: dict[str, str], ports: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"selector": selector, "ports": ports},
+    }
+
+
+def test_every_seeded_deployment_has_its_service(kube: KubeSandbox) -> None:
+    services = {s.metadata.name: s for s in core(kube).list_namespaced_service(NS).items}
+    deployments = {d.metadata.name for d in apps(kube).list_namespaced_deployment(NS).items}
+    assert set(services) == deployments
+    for name, svc in services.items():
+        assert svc.spec.selector == {"app": name}
+        assert svc.spec.type == "ClusterIP"
+        assert svc.spec.cluster_ip and svc.spec.cluster_ips == [svc.spec.cluster_ip]
+        assert len(svc.spec.ports) == 1
+    assert services["gateway"].spec.ports[0].port == 443
+    assert services["astra-worker"].spec.ports[0].port == 80
+
+
+def test_service_crud_through_the_client(kube: KubeSandbox) -> None:
+    api = core(kube)
+    created = api.create_namespaced_service(
+        NS, service("demo", {"app": "demo"}, [{"name": "http", "port": 80}])
+    )
+    assert created.metadata.uid and created.metadata.resource_version
+    assert created.spec.cluster_ip.startswith("10.96.")
+    assert created.spec.cluster_ips == [created.spec.cluster_ip]
+    assert (created.spec.ports[0].protocol, created.spec.ports[0].target_port) == ("TCP", 80)
+    assert created.spec.session_affinity == "None"
+    assert created.status.load_balancer is not None
+    cluster_ip = created.spec.cluster_ip
+    assert api.read_namespaced_service("demo", NS).spec.selector == {"app": "demo"}
+    with pytest.raises(ApiException) as exists:
+        api.create_namespaced_service(NS, service("demo", {"app": "demo"}, [{"port": 80}]))
+    assert exists.value.status == 409
+
+    # What patch_namespaced_service sends for a dict: a strategic merge patch. A selector merges
+    # key by key; ports merge on their port number, as Kubernetes' patch strategy says.
+    switched = api.patch_namespaced_service(
+        "demo",
+        NS,
+        {
+            "spec": {
+                "selector": {"app": "demo-green", "track": "stable"},
+                "ports": [{"port": 80, "targetPort": 8080}],
+            }
+        },
+    )
+    assert switched.spec.selector == {"app": "demo-green", "track": "stable"}
+    assert [(p.name, p.port, p.target_port) for p in switched.spec.ports] == [("http", 80, 8080)]
+    assert switched.spec.cluster_ip == cluster_ip
+    assert int(switched.metadata.resource_version) > int(created.metadata.resource_version)
+    merged = api.patch_namespaced_service(
+        "demo",
+        NS,
+        {"spec": {"selector": {"track": None}, "ports": [{"name": "web", "port": 8000}]}},
+        _content_type="application/merge-patch+json",
+    )
+    assert merged.spec.selector == {"app": "demo-green"}
+    assert [(p.name, p.port, p.target_port) for p in merged.spec.ports] == [("web", 8000, 8000)]
+    noop = api.patch_namespaced_service("demo", NS, {"spec": {"selector": {"app": "demo-green"}}})
+    assert noop.metadata.resource_version == merged.metadata.resource_version
+    json_patched = api.patch_namespaced_service(
+        "demo", NS, [{"op": "replace", "path": "/spec/selector", "value": {"app": "demo"}}]
+    )
+    assert json_patched.spec.selector == {"app": "demo"}
+
+    # A replace built from scratch keeps the allocated cluster IP; one that changes it is refused.
+    body = service("demo", {"app": "demo-blue"}, [{"name": "http", "port": 80}])
+    replaced = api.replace_namespaced_service("demo", NS, body)
+    assert replaced.spec.selector == {"app": "demo-blue"}
+    assert replaced.spec.cluster_ip == cluster_ip
+    stale = {
+        **body,
+        "metadata": {"name": "demo", "resourceVersion": created.metadata.resource_version},
+    }
+    with pytest.raises(ApiException) as conflict:
+        api.replace_namespaced_service("demo", NS, stale)
+    assert conflict.value.status == 409
+    moved = {**body, "spec": {**body["spec"], "clusterIP": "10.96.0.1"}}
+    with pytest.raises(ApiException) as immutable:
+        api.replace_namespaced_service("demo", NS, moved)
+    assert immutable.value.status == 422
+    assert "spec.clusterIP" in status_of(immutable)["message"]
+    assert api.read_namespaced_service_status("demo", NS).spec.cluster_ip == cluster_ip
+
+    listed = api.list_namespaced_service(NS, label_selector="app=demo").items
+    assert [s.metadata.name for s in listed] == ["demo"]
+    api.delete_namespaced_service("demo", NS)
+    with pytest.raises(ApiException) as gone:
+        api.read_namespaced_service("demo", NS)
+    assert gone.value.status == 404
+
+
+def test_invalid_services_are_rejected_with_422(kube: KubeSandbox) -> None:
+    path = f"/api/v1/namespaces/{NS}/services"
+    cases: list[tuple[str, list[dict[str, Any]]]] = [
+        ("spec.ports", []),
+        ("spec.ports[0].port", [{"port": 0}]),
+        ("spec.ports[1].name", [{"name": "a", "port": 80}, {"port": 81}]),
+        ("spec.ports[0].protocol", [{"port": 80, "protocol": "HTTP"}]),
+    ]
+    for problem, ports in cases:
+        with pytest.raises(ApiException) as invalid:
+            raw(kube, "POST", path, service("bad", {"app": "x"}, ports))
+        assert invalid.value.status == 422, problem
+        assert f"{problem}:" in status_of(invalid)["message"]
+    with pytest.raises(ApiException) as bad_selector:
+        core(kube).patch_namespaced_service(
+            "gateway", NS, {"spec": {"selector": {"app": "not a label"}}}
+        )
+    assert bad_selector.value.status == 422
+    assert core(kube).read_namespaced_service("gateway", NS).spec.selector == {"app": "gateway"}
+
+
+def pods_of(kube: KubeSandbox, deployment: str) -> dict[str, str]:
+    """Pod name -> uid of the pods a Deployment's ReplicaSets control, by owner reference."""
+    replica_sets = {
+        rs.metadata.uid
+        for rs in apps(kube).list_namespaced_replica_set(NS).items
+        if rs.metadata.owner_references[0].name == deployment
+    }
+    return {
+        p.metadata.name: p.metadata.uid
+        for p in core(kube).list_namespaced_pod(NS).items
+        if p.metadata.owner_references and p.metadata.owner_references[0].uid in replica_sets
+    }
+
+
+async def test_deployments_with_overlapping_selectors_manage_only_the_pods_they_own(
+    kube: KubeSandbox,
+) -> None:
+    stable = pods_of(kube, "astra-worker")
+    apps(kube).create_namespaced_deployment(
+        NS, canary_manifest("registry.sandbox.local/astra/astra-worker:1.1.0")
+    )
+    await eventually(lambda: rolled_out(kube, "astra-worker-canary"), message="canary up")
+    canary = pods_of(kube, "astra-worker-canary")
+    assert len(canary) == 1
+    assert len(pod_names(kube, "astra-worker")) == 4  # the stable selector matches all four
+    assert pods_of(kube, "astra-worker") == stable  # and the stable Deployment adopted none
+    assert rolled_out(kube, "astra-worker")
+    history = KubernetesActivities(kube.api).rollout_history
+    assert [
+        r.revision for r in history(DeploymentRef(namespace=NS, name="astra-worker")).revisions
+    ] == [1]
+
+    # Rolling the stable Deployment replaces its pods only; the canary's pod keeps running.
+    rolling = apps(kube).patch_namespaced_deployment(
+        "astra-worker",
+        NS,
+        {"spec": {"template": {"metadata": {"annotations": {"astra-ops/restarted-by": "t"}}}}},
+    )
+    await eventually(
+        lambda: rolled_out(kube, "astra-worker", rolling.metadata.generation),
+        message="stable rolled",
+    )
+    assert len(pods_of(kube, "astra-worker")) == 3
+    assert not pods_of(kube, "astra-worker").keys() & stable.keys()
+    assert pods_of(kube, "astra-worker-canary") == canary
+
+    # Scaling the canary to 0, then deleting it, takes its pod only.
+    apps(kube).patch_namespaced_deployment("astra-worker-canary", NS, {"spec": {"replicas": 0}})
+    await eventually(lambda: not pods_of(kube, "astra-worker-canary"), message="canary scaled to 0")
+    after_roll = pods_of(kube, "astra-worker")
+    assert len(after_roll) == 3 and rolled_out(kube, "astra-worker")
+    apps(kube).patch_namespaced_deployment("astra-worker-canary", NS, {"spec": {"replicas": 2}})
+    await eventually(lambda: rolled_out(kube, "astra-worker-canary"), message="canary back")
+    apps(kube).delete_namespaced_deployment("astra-worker-canary", NS)
+    await eventually(
+        lambda: len(pod_names(kube, "astra-worker")) == 3, message="canary's pods collected"
+    )
+    assert pods_of(kube, "astra-worker") == after_roll

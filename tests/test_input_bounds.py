@@ -10,6 +10,7 @@ worker and the accepted cases share one worker per runbook.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -29,14 +30,14 @@ from temporalio.worker import Worker
 from runtime.access import load_policy
 from runtime.identity import digest, statement
 from runtime.settings import REPO_ROOT, Settings
-from starters.run_views import InvalidInput
+from starters.run_views import DecisionRefused, InvalidInput
 from starters.runbook_cards import runbook_request
 from starters.runs import Runs
 from tests.conftest_kube import eventually
 from tests.helpers import TEST_SIGNER, handle_of, status
 from workers.worker import running_worker
-from workflows.catalogue import RUNBOOKS
-from workflows.models import Decision, RunbookRequest
+from workflows.catalogue import RUNBOOKS, steer_actions
+from workflows.models import Decision, RunbookRequest, SteerAction
 from workflows.worker_lost import WorkerLostRequest
 
 POLICY = load_policy(REPO_ROOT / "deploy" / "access-policy.yaml")
@@ -186,13 +187,18 @@ def test_every_runbook_and_parameter_is_tried() -> None:
 
 
 async def drive_to_an_end(runs: Runs, client: Client, run_id: str) -> WorkflowExecutionStatus:
-    """Reject whatever approval the run waits for (as an eligible person) until it closes."""
+    """Reject whatever approval the run waits for (as an eligible person) until it closes; a
+    release run's window (30 minutes by default) is aborted as its requester would."""
     handle = handle_of(client, run_id)
 
     async def closed() -> bool:
         if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
             return True
-        for pending in (await status(handle)).pending_approvals:
+        current = await status(handle)
+        if SteerAction.ABORT in steer_actions(current.runbook) and not current.steered:
+            with contextlib.suppress(DecisionRefused):  # still starting: the next poll aborts
+                await runs.steer(run_id, REQUESTER, SteerAction.ABORT, "extreme values")
+        for pending in current.pending_approvals:
             await runs.decide(
                 run_id,
                 Decision(approver=pending.members[0], step=pending.step, decision="reject"),

@@ -4,12 +4,15 @@ firing just above it, with the labels and annotations Alertmanager and the incid
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
+from runtime import metrics
 from runtime.settings import REPO_ROOT
 
 PROMETHEUS = REPO_ROOT / "deploy" / "prometheus"
@@ -30,16 +33,24 @@ def promtool(*args: str) -> str:
     return done.stdout
 
 
+def rule_files() -> list[Path]:
+    """Astra's alerts (rules.yaml) and astra-ops's own (astra-ops-rules.yaml)."""
+    return sorted(PROMETHEUS.glob("*.yaml"))
+
+
 def test_promtool_accepts_the_rules() -> None:
-    said = promtool("check", "rules", str(PROMETHEUS / "rules.yaml"))
-    assert "SUCCESS" in said
+    files = rule_files()
+    assert {f.name for f in files} == {"rules.yaml", "astra-ops-rules.yaml"}
+    said = promtool("check", "rules", *map(str, files))
+    assert said.count("SUCCESS") == len(files)
 
 
 def test_every_rule_has_a_unit_test_and_they_pass() -> None:
     tests = sorted((PROMETHEUS / "tests").glob("*.yaml"))
     rules = {
         rule["alert"]
-        for group in yaml.safe_load((PROMETHEUS / "rules.yaml").read_text())["groups"]
+        for path in rule_files()
+        for group in yaml.safe_load(path.read_text())["groups"]
         for rule in group["rules"]
     }
     tested = {
@@ -50,3 +61,15 @@ def test_every_rule_has_a_unit_test_and_they_pass() -> None:
     }
     assert rules and rules == tested, f"rules without a unit test: {sorted(rules - tested)}"
     assert "SUCCESS" in promtool("test", "rules", *map(str, tests))
+
+
+def test_astra_ops_rules_watch_metrics_astra_ops_defines() -> None:
+    """Each astra_ops_* name the rules use is one runtime/metrics.py defines (the exporter adds
+    ``_total`` to counters); tests/test_observability.py scrapes them from the processes."""
+    defined = {
+        value for name, value in vars(metrics).items() if name.isupper() and isinstance(value, str)
+    }
+    groups = yaml.safe_load((PROMETHEUS / "astra-ops-rules.yaml").read_text())["groups"]
+    exprs = " ".join(rule["expr"] for group in groups for rule in group["rules"])
+    used = {name.removesuffix("_total") for name in re.findall(r"\bastra_ops_\w+", exprs)}
+    assert used and used <= defined, used - defined

@@ -9,6 +9,7 @@ The histories are recorded by ``tests/histories/record.py`` from the scenarios i
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -56,13 +57,19 @@ def test_every_workflow_the_worker_runs_has_scenarios_and_every_runbook_its_bran
 
 
 def steps_taken(path: Path) -> set[str]:
-    """The steps a stored run scheduled activities for, read from the activities' summaries."""
+    """The steps a stored run scheduled activities (or a window's timers) for, read from their
+    summaries."""
     converter = plain_data_converter().payload_converter
     taken = set()
     for event in history(path).events:
-        if event.HasField("activity_task_scheduled_event_attributes"):
+        if event.HasField("activity_task_scheduled_event_attributes") or (
+            event.HasField("timer_started_event_attributes") and event.user_metadata.summary.data
+        ):
             summary = converter.from_payload(event.user_metadata.summary, str)
-            taken.add(summary.removesuffix(" (dry-run)").split(": ", 1)[-1])
+            # The gate's activities name the step after what they do ("ask for: <step>").
+            taken.add(
+                re.sub(r"^(ask for|escalate to [^:]+): ", "", summary.removesuffix(" (dry-run)"))
+            )
     return taken
 
 

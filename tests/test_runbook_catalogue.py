@@ -90,6 +90,10 @@ async def certificates_in_window(astra: RunningAstra) -> dict[str, Any]:
     return {"renewal_window_share": 0.9}
 
 
+async def new_worker_image(astra: RunningAstra) -> dict[str, Any]:
+    return {"image": "registry.sandbox.local/astra/astra-worker:1.1.0"}
+
+
 DRY_RUNS: dict[str, Scenario] = {
     "shard-scaling": scaling,
     "worker-lost": lost_worker,
@@ -100,6 +104,8 @@ DRY_RUNS: dict[str, Scenario] = {
     "redis-failure": flushed_redis,
     "vault-setup": first_vault_setup,
     "tls-rotation": certificates_in_window,
+    "canary-upgrade": new_worker_image,
+    "blue-green-upgrade": new_worker_image,
 }
 """What each runbook's dry-run needs, so that it takes its whole path: the fault it is for."""
 

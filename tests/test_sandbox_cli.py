@@ -21,7 +21,9 @@ from typer.testing import CliRunner
 
 from runtime.client import dev_stack_marker
 from runtime.settings import Settings
+from sandbox import faults
 from sandbox.faults import SandboxTarget
+from sandbox.loadgen import SandboxKeys, read_knobs
 from sandbox.servers.process import free_port
 from starters.cli import app, sandbox_commands
 from tests.conftest_data import NewDatabase
@@ -121,6 +123,71 @@ async def test_bad_rollout_rolls_the_workers_to_a_bad_build(
 
     code, output = await asyncio.to_thread(sandbox, env, "fault", "bad-rollout")
     assert code == 1 and "ASTRA_OPS_KUBE_URL" in output
+
+
+async def bad_images(redis_client: aioredis.Redis, target: SandboxTarget) -> set[str]:
+    """The images the load generator's knobs now say are bad builds."""
+    knobs = await read_knobs(redis_client, SandboxKeys(target.key_prefix))
+    return {build.image for build in knobs.bad_builds}
+
+
+async def test_bad_canary_marks_an_image_bad_without_rolling_it_out(
+    env: dict[str, str], kube: KubeSandbox, data_plane: SandboxTarget, redis_client: aioredis.Redis
+) -> None:
+    with_cluster = {**env, "ASTRA_OPS_KUBE_URL": kube.url}
+    code, output = await asyncio.to_thread(sandbox, with_cluster, "fault", "bad-canary")
+    assert code == 0, output
+    image = "registry.sandbox.local/astra/astra-worker:bad-canary"
+    assert f"{image} is now a bad build" in output and "50%" in output
+    assert f"astra-ops sandbox fault bad-canary --image {image} --clear" in output
+    assert "astra-ops sandbox reset" in output
+    deployment = kube.cluster.get("deployments", "astra", "astra-worker")
+    assert deployment is not None and deployment["metadata"]["generation"] == 1
+    assert await bad_images(redis_client, data_plane) == {image}
+
+    # A bad rollout's image stays bad beside it; --image needs no cluster.
+    code, output = await asyncio.to_thread(sandbox, with_cluster, "fault", "bad-rollout", "--json")
+    assert code == 0, output
+    rolled = json.loads(output)["image"]
+    code, output = await asyncio.to_thread(
+        sandbox,
+        env,
+        "fault",
+        "bad-canary",
+        "--image",
+        "astra/worker:2.0",
+        "--share",
+        "0.25",
+        "--json",
+    )
+    assert code == 0, output
+    assert json.loads(output) == {
+        "image": "astra/worker:2.0",
+        "share": 0.25,
+        "error": faults.BAD_BUILD_ERROR,
+    }
+    assert await bad_images(redis_client, data_plane) == {image, rolled, "astra/worker:2.0"}
+
+    code, output = await asyncio.to_thread(
+        sandbox, env, "fault", "bad-canary", "--image", "astra/worker:2.0", "--clear"
+    )
+    assert code == 0 and "astra/worker:2.0 is a good build again" in output, output
+    assert await bad_images(redis_client, data_plane) == {image, rolled}
+
+    code, output = await asyncio.to_thread(sandbox, env, "fault", "bad-canary")
+    assert code == 1 and "--image" in output and "ASTRA_OPS_KUBE_URL" in output, output
+    code, output = await asyncio.to_thread(
+        sandbox, with_cluster, "fault", "bad-canary", "--deployment", "nope"
+    )
+    assert code == 2 and "no Deployment astra/nope" in output, output
+    code, output = await asyncio.to_thread(
+        sandbox, env, "fault", "bad-canary", "--image", "a:b", "--share", "0"
+    )
+    assert code == 2 and "0 < share <= 1" in output, output
+
+    code, output = await asyncio.to_thread(sandbox, env, "reset")
+    assert code == 0, output
+    assert await bad_images(redis_client, data_plane) == set()
 
 
 def command_lines(group: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import signal
@@ -16,7 +17,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.worker import Worker, WorkflowRunner
+from temporalio.worker import Interceptor, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.access import AccessActivities, Trust
@@ -28,14 +29,20 @@ from activities.metrics import MetricsActivities, metrics_source
 from activities.notify import NotifyActivities
 from activities.postgres import PostgresActivities
 from activities.postgres_nodes import PostgresNodeActivities
+from activities.privilege import is_privileged, privileged_queue
 from activities.redis_nodes import RedisNodeActivities
 from activities.redis_store import RedisActivities
+from activities.releases import ReleaseActivities
 from activities.tls import TlsActivities, TlsConfig, VaultPki
 from activities.vault import VaultActivities, VaultConfig
 from runtime.client import connect
 from runtime.identity import parse_trusted_keys
+from runtime.logs import configure_logging
+from runtime.metrics import worker_started
 from runtime.redact import redact_logs
 from runtime.settings import Settings, SettingsError
+from runtime.telemetry import process_telemetry
+from workers.log_context import StepContext, record_context
 from workflows.catalogue import RUNBOOKS
 from workflows.errors import CODE_ERRORS
 from workflows.incident import Incident
@@ -101,7 +108,15 @@ def activities_of(*instances: object) -> list[Callable[..., Any]]:
     return [
         getattr(instance, name)
         for instance in instances
-        for name, function in inspect.getmembers(type(instance), inspect.isfunction)
+        for name in activities_of_class(type(instance))
+    ]
+
+
+def activities_of_class(cls: type) -> list[str]:
+    """The names of the ``@activity.defn`` methods of ``cls``."""
+    return [
+        name
+        for name, function in inspect.getmembers(cls, inspect.isfunction)
         if activity._Definition.from_callable(function) is not None
     ]
 
@@ -170,81 +185,152 @@ def trust(settings: Settings) -> Trust:
     return Trust(dev_mode=settings.dev_mode, keys=keys)
 
 
-@asynccontextmanager
-async def running_worker(
-    client: Client, settings: Settings, executor: ThreadPoolExecutor, task_queue: str | None = None
-) -> AsyncIterator[Worker]:
-    """The worker, polling until the block ends; then its connections are released."""
-    redact_logs()  # activities' clients log URLs, the SDK logs their failures
-    kubernetes_api = kube_api(settings)
-    kubernetes = KubernetesActivities(kubernetes_api)
+def standard_activities(client: Client, settings: Settings) -> list[Any]:
+    """What any worker may run: the policy, notifications, incidents, metrics reads and the
+    release checks; none of it acts on Astra (``activities.privilege``)."""
     notify = NotifyActivities(settings.access_policy, settings.chat_webhook_url)
     identity = trust(settings)
-    access = AccessActivities(
-        settings.access_policy,
-        identity,
-        client,
-        notify,
-        settings.state_dsn,
-        settings.data_plane_topology,
-    )
-    incident = IncidentActivities(settings.access_policy, identity, settings.postmortems)
-    communication = CommunicationActivities.from_settings(settings)
-    postgres = PostgresActivities(settings.database_url, settings.data_plane_topology)
-    redis = RedisActivities(settings.redis_url, key_prefix=settings.redis_key_prefix)
-    metrics = MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url))
-    endpoints = EndpointActivities(kubernetes, settings.data_plane_topology)
-    postgres_nodes = PostgresNodeActivities(settings.data_plane_topology)
-    redis_nodes = RedisNodeActivities(
-        settings.data_plane_topology, settings.database_url, key_prefix=settings.redis_key_prefix
-    )
-    vault = VaultActivities(vault_config(settings), kubernetes)
-    tls = TlsActivities(tls_config(settings), kubernetes)
-    worker = Worker(
-        client,
-        task_queue=task_queue or settings.task_queue,
-        activities=activities_of(
-            access,
-            kubernetes,
+    return [
+        AccessActivities(
+            settings.access_policy,
+            identity,
+            client,
             notify,
-            postgres,
-            redis,
-            metrics,
-            incident,
-            communication,
-            endpoints,
-            postgres_nodes,
-            redis_nodes,
-            vault,
-            tls,
+            settings.state_dsn,
+            settings.data_plane_topology,
         ),
-        activity_executor=executor,
-        graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
-        max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
-        sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
-        **workflow_options(),
-    )
+        notify,
+        IncidentActivities(settings.access_policy, identity, settings.postmortems),
+        CommunicationActivities.from_settings(settings),
+        MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url)),
+        ReleaseActivities(settings.releases_root),
+    ]
+
+
+@asynccontextmanager
+async def privileged_activities(settings: Settings) -> AsyncIterator[list[Any]]:
+    """What only a worker deployed with the rights to Astra's cluster, data plane and secrets
+    may run; its clients are closed when the block ends."""
+    kubernetes_api = kube_api(settings)
+    kubernetes = KubernetesActivities(kubernetes_api)
+    redis = RedisActivities(settings.redis_url, key_prefix=settings.redis_key_prefix)
     try:
-        async with worker:
-            yield worker
+        yield [
+            kubernetes,
+            EndpointActivities(kubernetes, settings.data_plane_topology),
+            PostgresActivities(settings.database_url, settings.data_plane_topology),
+            redis,
+            PostgresNodeActivities(settings.data_plane_topology),
+            RedisNodeActivities(
+                settings.data_plane_topology,
+                settings.database_url,
+                key_prefix=settings.redis_key_prefix,
+            ),
+            VaultActivities(vault_config(settings), kubernetes),
+            TlsActivities(tls_config(settings), kubernetes),
+        ]
     finally:
         await redis.aclose()
         kubernetes_api.close()  # type: ignore[no-untyped-call]
 
 
-async def run_worker(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then let running activities finish (graceful shutdown)."""
-    client = await connect(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    with ThreadPoolExecutor(max_workers=16) as executor:
-        async with running_worker(client, settings, executor):
-            log.info(
-                "worker polling task queue %s at %s",
-                settings.task_queue,
-                settings.temporal_address,
+def routed(activities: list[Any], privileged: bool) -> list[Any]:
+    """``activities``, checked to be what the runs route to this kind of worker: one the runs
+    send elsewhere would never be called here, and its runs would wait for it forever."""
+    strays = [a.__qualname__ for a in activities if is_privileged(a) != privileged]
+    if strays:
+        raise RuntimeError(
+            f"the worker composition disagrees with activities.privilege.PRIVILEGED about "
+            f"{', '.join(strays)}; fix one of the two"
+        )
+    return activities
+
+
+@asynccontextmanager
+async def running_worker(
+    client: Client,
+    settings: Settings,
+    executor: ThreadPoolExecutor,
+    task_queue: str | None = None,
+    interceptors: Sequence[Interceptor] = (),
+) -> AsyncIterator[Worker]:
+    """The worker(s) of ``settings.worker_kind``, polling until the block ends; then their
+    connections are released. Yields the one that runs the workflows (or, for a privileged
+    worker, the privileged one). ``interceptors`` join the worker's own (bench/recovery.py
+    injects its faults so)."""
+    redact_logs()  # activities' clients log URLs, the SDK logs their failures
+    queue = task_queue or settings.task_queue
+    kind = settings.worker_kind
+    common: dict[str, Any] = {
+        "activity_executor": executor,
+        "graceful_shutdown_timeout": timedelta(seconds=settings.worker_graceful_shutdown_seconds),
+        "max_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
+        "sticky_queue_schedule_to_start_timeout": STICKY_QUEUE_TIMEOUT,
+        "interceptors": [StepContext(), *interceptors],
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        workers = []
+        if kind in ("all", "standard"):
+            standard = activities_of(*standard_activities(client, settings))
+            workers.append(
+                Worker(
+                    client, task_queue=queue, activities=standard, **common, **workflow_options()
+                )
             )
-            await stop.wait()
-            log.info("stopping worker: waiting for running activities")
+        if kind in ("all", "privileged"):
+            rights = await stack.enter_async_context(privileged_activities(settings))
+            workers.append(
+                Worker(
+                    client,
+                    task_queue=privileged_queue(queue),
+                    activities=activities_of(*rights),
+                    **common,
+                )
+            )
+        for worker in workers:
+            await stack.enter_async_context(worker)
+        yield workers[0]
+
+
+async def run_worker(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then let running activities finish (graceful shutdown).
+
+    Metrics are served at ASTRA_OPS_WORKER_METRICS_ADDRESS when set; traces are sent when the
+    OTEL_* settings ask (runtime/telemetry.py).
+    """
+    configure_logging(settings.log_format, record_context)
+    telemetry = process_telemetry(settings.worker_metrics_address, service="astra-ops-worker")
+    try:
+        client = await connect(settings, telemetry=telemetry)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        with ThreadPoolExecutor(max_workers=16) as executor:
+            async with running_worker(client, settings, executor):
+                if telemetry.runtime is not None:
+                    worker_started(
+                        telemetry.runtime.metric_meter,
+                        settings.temporal_namespace,
+                        settings.task_queue,
+                        RUNBOOKS,
+                    )
+                log.info(
+                    "%s worker polling %s at %s%s",
+                    settings.worker_kind,
+                    " and ".join(
+                        {
+                            "all": [settings.task_queue, privileged_queue(settings.task_queue)],
+                            "standard": [settings.task_queue],
+                            "privileged": [privileged_queue(settings.task_queue)],
+                        }[settings.worker_kind]
+                    ),
+                    settings.temporal_address,
+                    f"; metrics at http://{settings.worker_metrics_address}/metrics"
+                    if settings.worker_metrics_address
+                    else "",
+                )
+                await stop.wait()
+                log.info("stopping worker: waiting for running activities")
+    finally:
+        telemetry.close()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from workflows.blue_green_upgrade import BlueGreenUpgrade
+from workflows.canary_upgrade import CanaryUpgrade
 from workflows.dead_letter_repair import DeadLetterRepair
 from workflows.high_error_rate import HighErrorRate
 from workflows.llm_cost_spike import LlmCostSpike
+from workflows.models import SteerAction
 from workflows.postgres_outage import PostgresOutage
 from workflows.redis_failure import RedisFailure
 from workflows.runbook import Runbook
@@ -25,5 +28,13 @@ RUNBOOKS: dict[str, type[Runbook]] = {
         RedisFailure,
         VaultSetup,
         TlsRotation,
+        CanaryUpgrade,
+        BlueGreenUpgrade,
     )
 }
+
+
+def steer_actions(runbook: str) -> frozenset[SteerAction]:
+    """What people may steer a run of ``runbook`` with (``astra-ops canary ...``)."""
+    workflow = RUNBOOKS.get(runbook)
+    return workflow.steer_actions if workflow is not None else frozenset()

@@ -100,6 +100,19 @@ KubernetesName = Annotated[
 ]
 """A ConfigMap, Deployment or pod (a worker id is its pod's name)."""
 
+ImageReference = Annotated[
+    str,
+    Field(min_length=1, max_length=512),
+    AfterValidator(
+        matching(
+            r"[a-z0-9]+([._/:-][a-z0-9]+)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+            r"(@sha256:[a-f0-9]{64})?",
+            "a container image reference (registry/repository:tag or @sha256:digest)",
+        )
+    ),
+]
+"""A container image, as a Deployment's pod template names it."""
+
 
 class RunbookRequest(BaseModel):
     """What every runbook run is started with; each runbook adds its own parameters.
@@ -228,6 +241,36 @@ class CancelRequest(BaseModel):
     authorization: Signed | None = None
 
 
+class SteerAction(StrEnum):
+    """What people do to a release while it runs, as Argo Rollouts' promote/abort/pause/resume."""
+
+    PROMOTE = "promote"
+    """End the current window now and go on to the next step."""
+    ABORT = "abort"
+    """Stop and roll back to what ran before."""
+    PAUSE = "pause"
+    """Stop the current window's clock (its analysis goes on) until ``resume``."""
+    RESUME = "resume"
+    SWITCH_BACK = "switch-back"
+    """Blue/green: send the traffic back to blue while it is kept, and end there."""
+
+
+class SteerRequest(BaseModel):
+    """A person steering a release run; like a decision, refused rather than dropped when bad."""
+
+    action: SteerAction
+    actor: str = ""
+    reason: str = ""
+    authorization: Signed | None = None
+
+
+class SteerRecord(BaseModel):
+    at: datetime
+    action: SteerAction
+    actor: str
+    reason: str = ""
+
+
 class FreezeNotice(BaseModel):
     """The kill switch telling a run to hold (or resume) every mutating step."""
 
@@ -263,6 +306,8 @@ class RunStatus(BaseModel):
     cancelled_by: str | None = None
     frozen_by: str | None = None
     frozen_reason: str = ""
+    steered: list[SteerRecord] = []
+    """A release run's promotions, aborts, pauses and resumes: who, what, when."""
 
 
 class RunbookResult(BaseModel):

@@ -15,7 +15,7 @@ from temporalio import workflow
 from workflows.steps import StepRunner
 
 with workflow.unsafe.imports_passed_through():
-    from activities.kube_models import RolloutRestart, RolloutWait
+    from activities.kube_models import RolloutRestart, RolloutStatus, RolloutWait
     from activities.kubernetes import KubernetesActivities
     from activities.mutation import MutationResult
 
@@ -44,10 +44,18 @@ async def roll(
     if steps.request.dry_run:
         steps.skip(f"wait for {deployment}", "dry-run: nothing restarted")
         return restarted
-    await steps.check(
-        f"wait for {deployment}",
+    await wait_for(steps, f"wait for {deployment}", namespace, deployment, timeout_seconds)
+    return restarted
+
+
+async def wait_for(
+    steps: StepRunner, name: str, namespace: str, deployment: str, timeout_seconds: float
+) -> RolloutStatus:
+    """The step ``name``: wait up to ``timeout_seconds`` for ``deployment``'s rollout to
+    complete, heartbeating, so a worker lost mid-wait is noticed soon."""
+    return await steps.check(
+        name,
         KubernetesActivities.wait_rollout,
         RolloutWait(namespace=namespace, name=deployment, timeout_seconds=timeout_seconds),
         start_to_close_timeout=timedelta(seconds=timeout_seconds + 60),
     )
-    return restarted

@@ -19,6 +19,7 @@ from workflows.models import (
     FreezeNotice,
     RunbookRequest,
     RunStatus,
+    SteerAction,
 )
 from workflows.steps import StepRunner
 
@@ -58,6 +59,8 @@ class Runbook:
     """Base of every runbook workflow class; subclasses set ``spec`` and write ``run``."""
 
     spec: RunbookSpec[Any]
+    steer_actions: frozenset[SteerAction] = frozenset()
+    """What its ``steer`` update takes (a release's promote, abort, ...): none for most."""
 
     def __init__(self) -> None:
         self.steps = StepRunner(self.spec.name, self.spec.steps_for, self.spec.rotation)

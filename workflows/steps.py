@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from functools import cached_property
 from typing import Any, TypeVar, overload
 
 from pydantic import ValidationError
@@ -18,6 +19,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 from temporalio.types import MethodAsyncSingleParam, MethodSyncSingleParam
 
 from runtime import search_attributes as sa
+from runtime.metrics import FAILED, RunMetrics
 from runtime.redact import redact
 from workflows.approval import ApprovalGate, RunbookStopped, on_exit, operator_refusal, proven
 from workflows.errors import CODE_ERRORS
@@ -32,6 +34,7 @@ from workflows.models import (
     RunbookRequest,
     RunbookResult,
     RunStatus,
+    SteerRecord,
     StepState,
     StepStatus,
 )
@@ -52,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.mutation import Mutation
     from activities.notify import NotifyActivities, RotationNotice
+    from activities.privilege import is_privileged, privileged_queue
 
 A = TypeVar("A")
 """An activity's argument."""
@@ -72,6 +76,14 @@ ADMIT_TIMEOUT = timedelta(seconds=30)
 times out on its own (10 s); this only bounds a slow policy read or Temporal lookup."""
 # An undo that fails, or hits a bug, leaves the rollback incomplete: said so, never hidden.
 UNDO_ERRORS: tuple[type[Exception], ...] = (ActivityError, *CODE_ERRORS)
+
+
+def task_queue_for(activity: Callable[..., Any]) -> str | None:
+    """The task queue ``activity`` runs on: the run's own (None), or for a privileged one
+    (``activities.privilege``) the queue only workers deployed with its rights poll."""
+    if is_privileged(activity):
+        return privileged_queue(workflow.info().task_queue)
+    return None
 
 
 class StepFailed(Exception):
@@ -130,8 +142,15 @@ class StepRunner:
         self.admission: Admission | None = None
         self.cancel_request: CancelRequest | None = None
         self.frozen: FreezeNotice | None = None
+        self.steered: list[SteerRecord] = []
+        """What people steered a release run with (``workflows.steering``), for its status."""
         self._early: list[tuple[str, FreezeNotice]] = []
         self._body: asyncio.Task[RunbookResult] | None = None
+
+    @cached_property
+    def metrics(self) -> RunMetrics:
+        """The run's counters and step durations: replay-safe, so each is recorded once."""
+        return RunMetrics(workflow.metric_meter())
 
     # -- running a runbook -------------------------------------------------------------------
 
@@ -141,6 +160,7 @@ class StepRunner:
         """Admit the request, then run the runbook's body; a person stopping it is an outcome,
         not a failure."""
         self.request = request
+        self.metrics.started(self.runbook)
         # Declared before the first await, so the first status query already shows them all.
         self.steps = {name: StepStatus(name=name) for name in self.plan(request)}
         self.gate.requester = request.requester
@@ -175,6 +195,7 @@ class StepRunner:
             if is_cancelled_exception(err):
                 raise  # the run is being cancelled; the compensations have run
             self._close_pending(f"not reached: the run failed at '{self.failed_step}'")
+            self.metrics.finished(self.runbook, FAILED)
             raise ApplicationError(
                 f"{self.runbook} failed at step '{self.failed_step}': {failure_message(err)}"
                 + self.rollback_note,
@@ -183,6 +204,7 @@ class StepRunner:
             ) from err
         except CODE_ERRORS as err:
             self._close_pending("not reached: the run stopped on a bug in astra-ops")
+            self.metrics.finished(self.runbook, FAILED)
             raise ApplicationError(
                 f"{self.runbook} failed at step '{self.failed_step or self.current}': unexpected "
                 f"{type(err).__name__} in the runbook's code: {failure_message(err)}"
@@ -329,6 +351,11 @@ class StepRunner:
         if why is not None:
             self.gate.refused_count += 1
             return why
+        return self.stop(req)
+
+    def stop(self, req: CancelRequest) -> str:
+        """Cancel the run's body for a request already validated (a cancel, or an abort outside
+        a window): the compensations undo what it changed."""
         assert self._body is not None
         self.cancel_request = req
         self._body.cancel()
@@ -407,6 +434,8 @@ class StepRunner:
 
     def finish(self, outcome: Outcome, summary: str) -> RunbookResult:
         done = outcome in (Outcome.DONE, Outcome.NO_CHANGE)
+        if self.outcome is None:
+            self.metrics.finished(self.runbook, outcome.value)
         self._close_pending("not needed" if done else "not reached")
         self.outcome, self.summary, self.current = outcome, summary, None
         workflow.upsert_search_attributes([sa.OUTCOME.value_set(outcome.value)])
@@ -544,6 +573,28 @@ class StepRunner:
             )
         return await self._step(name, activity, arg, start_to_close_timeout)
 
+    @overload
+    async def call(
+        self, activity: MethodAsyncSingleParam[Any, A, R], arg: A, *, summary: str
+    ) -> R: ...
+
+    @overload
+    async def call(
+        self, activity: MethodSyncSingleParam[Any, A, R], arg: A, *, summary: str
+    ) -> R: ...
+
+    async def call(self, activity: Callable[..., Any], arg: Any, *, summary: str) -> Any:
+        """A read that is part of the current step rather than a step of its own (a window's
+        measurements): the runner's timeout and retries, no record in the step list."""
+        return await workflow.execute_activity(
+            activity,
+            arg,
+            task_queue=task_queue_for(activity),
+            start_to_close_timeout=DEFAULT_TIMEOUT,
+            retry_policy=DEFAULT_RETRY,
+            summary=summary,
+        )
+
     async def approval(self, name: str, reason: str = "") -> None:
         """Wait for the people the access policy names for this step (dry-run: skipped)."""
         if self.request.dry_run:
@@ -572,6 +623,19 @@ class StepRunner:
             raise
         self._mark(name, StepState.DONE, f"approved by {', '.join(approvers)}")
 
+    def window(self, name: str, detail: str = "") -> None:
+        """A timed window the runbook holds itself (a canary's pause): running until
+        :meth:`note` changes what it shows and :meth:`done` (or :meth:`fail`) ends it."""
+        self._start(name, StepState.RUNNING)
+        self.note(name, detail)
+
+    def note(self, name: str, detail: str) -> None:
+        self.steps[name].detail = detail
+        self._show()
+
+    def done(self, name: str, detail: str) -> None:
+        self._mark(name, StepState.DONE, detail)
+
     def skip(self, name: str, why: str) -> None:
         """Record that this run does not need a step, and why (shown in status and the UI)."""
         self.steps.setdefault(name, StepStatus(name=name)).detail = why
@@ -593,13 +657,19 @@ class StepRunner:
         """
         try:
             yield
+        except GeneratorExit:
+            # The worker evicted the run from its cache (a restart, a full cache): nothing broke,
+            # the run goes on from its history elsewhere, and there is no event loop to undo in.
+            raise
         except BaseException as err:
             # Where the run broke, before the undo's own steps move ``current`` on.
             self.failed_step = failed_step = self.failed_step or self.current
             try:
                 await undo()
                 self.rollback_note = f"; rolled back ({name}) after '{failed_step}'"
+                self.metrics.rolled_back(self.runbook, complete=True)
             except UNDO_ERRORS as undo_err:
+                self.metrics.rolled_back(self.runbook, complete=False)
                 incomplete = (
                     f"ROLLBACK INCOMPLETE ({name}) at '{self.current}': "
                     f"{failure_message(undo_err)}. Manual action needed"
@@ -651,6 +721,7 @@ class StepRunner:
             result = await workflow.execute_activity(
                 activity,
                 arg,
+                task_queue=task_queue_for(activity),
                 start_to_close_timeout=start_to_close_timeout,
                 heartbeat_timeout=heartbeat_timeout(start_to_close_timeout),
                 retry_policy=DEFAULT_RETRY,
@@ -681,6 +752,9 @@ class StepRunner:
         step = self.steps.setdefault(name, StepStatus(name=name))
         if state == StepState.FAILED and self.failed_step is None:
             self.failed_step = name
+        began = step.started_at if step.finished_at is None else None
+        if began is not None and state in (StepState.DONE, StepState.FAILED):
+            self.metrics.step(self.runbook, name, state.value, workflow.now() - began)
         step.state, step.detail = state, detail
         step.started_at = step.started_at or workflow.now()
         step.finished_at = workflow.now()
@@ -724,4 +798,5 @@ class StepRunner:
             cancelled_by=self.cancel_request.actor if self.cancel_request else None,
             frozen_by=self.frozen.actor if self.frozen else None,
             frozen_reason=self.frozen.reason if self.frozen else "",
+            steered=list(self.steered),
         )

@@ -25,6 +25,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from runtime import search_attributes as sa
 from workflows.models import MAX_COMMENT, TLS_SCAN_WORKFLOW, KubernetesLabel, RunbookResult
+from workflows.steps import task_queue_for
 from workflows.timeouts import DEFAULT_RETRY, DEFAULT_TIMEOUT, heartbeat_timeout
 from workflows.tls_rotation import SPEC as TLS_ROTATION
 from workflows.tls_rotation import TlsRotationRequest, scan_timeout
@@ -76,6 +77,7 @@ class TlsScan:
                 services=rotation.services,
                 window_share=rotation.renewal_window_share,
             ),
+            task_queue=task_queue_for(TlsActivities.scan_certificates),
             start_to_close_timeout=scan_timeout(rotation.services),
             heartbeat_timeout=heartbeat_timeout(scan_timeout(rotation.services)),
             retry_policy=DEFAULT_RETRY,

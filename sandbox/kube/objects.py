@@ -28,7 +28,7 @@ class Resource:
     @property
     def has_status(self) -> bool:
         """Resources whose ``status`` is a subresource, ignored by writes to the main resource."""
-        return self.plural in ("pods", "deployments", "replicasets")
+        return self.plural in ("pods", "services", "deployments", "replicasets")
 
 
 RESOURCES: dict[str, Resource] = {
@@ -38,6 +38,7 @@ RESOURCES: dict[str, Resource] = {
         Resource("ConfigMap", "configmaps", "v1"),
         Resource("Secret", "secrets", "v1"),
         Resource("Pod", "pods", "v1"),
+        Resource("Service", "services", "v1"),
         Resource("Deployment", "deployments", "apps/v1"),
         Resource("ReplicaSet", "replicasets", "apps/v1"),
     )

@@ -1,8 +1,10 @@
 """The three patch formats the kubernetes client sends, applied to plain JSON objects.
 
 Strategic merge patch is approximated by JSON merge patch (RFC 7386) plus the one strategic rule
-runbooks actually lean on: lists of objects keyed by ``name`` (containers, env, volumes) merge
-item by item instead of being replaced wholesale.
+runbooks actually lean on: lists of objects with a merge key merge item by item instead of being
+replaced wholesale. The key is ``name`` (containers, env, volumes), except for ``ports``, which
+merge on ``containerPort`` in a container and on ``port`` in a Service, as Kubernetes' own
+patch strategies say.
 """
 
 from __future__ import annotations
@@ -17,11 +19,16 @@ class PatchError(ValueError):
     """A patch document that cannot be applied; the server answers 422 with this message."""
 
 
-def merge_patch(target: JSON, patch: JSON, *, strategic: bool = False) -> JSON:
-    """Apply an RFC 7386 merge patch (``null`` deletes a key); returns a new object."""
+_MERGE_KEYS: dict[str, tuple[str, ...]] = {"ports": ("containerPort", "port")}
+"""Lists whose merge key is not ``name``, by field: the first key every item carries wins."""
+
+
+def merge_patch(target: JSON, patch: JSON, *, strategic: bool = False, field: str = "") -> JSON:
+    """Apply an RFC 7386 merge patch (``null`` deletes a key); returns a new object. ``field``
+    is the name the patched value has in its parent, which picks a list's merge key."""
     if not isinstance(patch, dict):
         if strategic and isinstance(patch, list) and isinstance(target, list):
-            merged = _merge_named_lists(target, patch)
+            merged = _merge_keyed_lists(target, patch, field)
             if merged is not None:
                 return merged
         return copy.deepcopy(patch)
@@ -30,26 +37,29 @@ def merge_patch(target: JSON, patch: JSON, *, strategic: bool = False) -> JSON:
         if value is None:
             result.pop(key, None)
         else:
-            result[key] = merge_patch(result.get(key), value, strategic=strategic)
+            result[key] = merge_patch(result.get(key), value, strategic=strategic, field=key)
     return result
 
 
-def _merge_named_lists(target: list[JSON], patch: list[JSON]) -> list[JSON] | None:
-    """Merge two lists of ``{"name": ...}`` objects by name, or None if they are not such lists."""
+def _merge_keyed_lists(target: list[JSON], patch: list[JSON], field: str) -> list[JSON] | None:
+    """Merge two lists of objects by their merge key, or None if they are not such lists."""
     items = [*target, *patch]
-    if not items or not all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items):
+    if not items or not all(isinstance(i, dict) for i in items):
+        return None
+    key = next((k for k in _MERGE_KEYS.get(field, ()) if all(k in i for i in items)), "name")
+    if not all(isinstance(i.get(key), str | int) for i in items):
         return None
     result = copy.deepcopy(target)
-    index = {item["name"]: pos for pos, item in enumerate(result)}
+    index = {item[key]: pos for pos, item in enumerate(result)}
     for item in patch:
         if item.get("$patch") == "delete":
-            result = [r for r in result if r["name"] != item["name"]]
-            index = {r["name"]: pos for pos, r in enumerate(result)}
-        elif item["name"] in index:
-            pos = index[item["name"]]
+            result = [r for r in result if r[key] != item[key]]
+            index = {r[key]: pos for pos, r in enumerate(result)}
+        elif item[key] in index:
+            pos = index[item[key]]
             result[pos] = merge_patch(result[pos], item, strategic=True)
         else:
-            index[item["name"]] = len(result)
+            index[item[key]] = len(result)
             result.append(copy.deepcopy(item))
     return result
 

@@ -100,14 +100,38 @@ def deployment_manifest(
     }
 
 
+def service_port(name: str) -> dict[str, Any]:
+    """The one port a Deployment's Service exposes: HTTPS where the service serves TLS."""
+    if name in TLS_SERVICES:
+        return {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"}
+    return {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}
+
+
+def service_manifest(name: str, namespace: str = ASTRA_NAMESPACE) -> dict[str, Any]:
+    """The Service in front of a Deployment, named like it and selecting its pods by ``app``:
+    switching its selector to another Deployment's pods is a blue/green switch, and pods of a
+    canary Deployment that carry the same ``app`` label take their share of its work."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app": name, "part-of": "astra"},
+        },
+        "spec": {"type": "ClusterIP", "selector": {"app": name}, "ports": [service_port(name)]},
+    }
+
+
 def seed_astra(
     cluster: FakeCluster,
     namespace: str = ASTRA_NAMESPACE,
     endpoints: AstraEndpoints | None = None,
     ca: CertificateAuthority | None = None,
 ) -> CertificateAuthority:
-    """Create Astra's namespace, config, secrets and deployments, with every pod already Running;
-    returns the CA that signed the services' certificates (``ca``, or a new one).
+    """Create Astra's namespace, config, secrets, and Deployments each behind its Service, with
+    every pod already Running; returns the CA that signed the services' certificates (``ca``,
+    or a new one).
 
     ``endpoints`` are the database and Redis the sandbox's Astra really uses (the dev stack's
     settings); the simulated platform connects to what ``astra-config`` names, so a seed with
@@ -141,5 +165,6 @@ def seed_astra(
         cluster.create("secrets", namespace, tls_secret_manifest(service, cert, key))
     for name, replicas in DEPLOYMENTS.items():
         cluster.create("deployments", namespace, deployment_manifest(name, replicas, namespace))
+        cluster.create("services", namespace, service_manifest(name, namespace))
     cluster.settle()
     return ca

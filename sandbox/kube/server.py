@@ -127,7 +127,7 @@ def build_app(cluster: FakeCluster, observer: RequestObserver | None = None) -> 
                 )
             elif method == "DELETE" and subresource is None:
                 deleted = cluster.delete(plural, namespace, name, dry_run=dry_run)
-                if plural == "pods":
+                if plural in ("pods", "services"):  # their stores return what they deleted
                     return JSONResponse(deleted)
                 return JSONResponse(
                     {

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from sandbox.kube.admission import check_type, normalise, validate
+from sandbox.kube.admission import assign, check_type, normalise, validate
 from sandbox.kube.objects import (
     KubeError,
     Obj,
@@ -167,9 +167,12 @@ class ObjectStore:
                 obj["status"] = {}
             if resource.plural == "pods":
                 obj["status"] = pod_status(ready=False)
+            if resource.plural == "services":
+                obj["status"] = {"loadBalancer": {}}
             if resource.plural == "namespaces":
                 obj["spec"] = {"finalizers": ["kubernetes"]}
                 obj["status"] = {"phase": "Active"}
+            assign(resource, obj, None, self.random)
             normalise(resource, obj)
             validate(resource, obj)
             if dry_run:
@@ -277,6 +280,7 @@ class ObjectStore:
             else:
                 meta.pop(immutable, None)
         meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+        assign(resource, updated, current, self.random)
         normalise(resource, updated)
         if updated == current:
             return copy.deepcopy(current)  # a no-op write is not a write: nothing changes

@@ -27,8 +27,10 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from activities.access import KILL_SWITCH_ID
 from activities.certificates import describe, read_pem
 from activities.metrics import SqlMetrics
+from runtime import search_attributes as sa
 from runtime.settings import Settings
 from sandbox.faults import (
+    bad_canary,
     bad_rollout,
     cert_expiring,
     cost_spike,
@@ -55,6 +57,7 @@ from workflows.models import (
     FreezeNotice,
     Outcome,
     RunbookResult,
+    SteerAction,
     StepState,
 )
 from workflows.tls_scan import TlsScanRequest, TlsScanResult
@@ -1057,3 +1060,189 @@ async def _(stage: Stage) -> list[Handle]:
         raise WrongBranch(f"the scan did not find the open rotation: {result.summary}")
     await rotation.terminate("recorded")
     return [handle]
+
+
+# -- Releases: a canary, and blue/green ---------------------------------------------------------
+
+NEW_IMAGE = "registry.sandbox.local/astra/astra-worker:1.1.0"
+RUNNING_IMAGE = "registry.sandbox.local/astra/astra-worker:1.0.0"
+JUDGED = {"analysis_interval_seconds": 1, "min_samples": 3}
+
+
+def canary_plan(pause: float) -> dict[str, Any]:
+    """The seed's plan (5%: one pod of the three), with a window of ``pause`` seconds."""
+    return {
+        "image": NEW_IMAGE,
+        "steps": [
+            {"weight": 5, "pause_seconds": pause, "analysis": True},
+            {"approval": True},
+            {"weight": 100},
+        ],
+        **JUDGED,
+    }
+
+
+CANARY = canary_plan(2)
+LONG_CANARY = canary_plan(600)
+"""A window nobody waits out: the analysis, or a person, ends it."""
+PROMOTE_CANARY = "approve promoting the canary"
+SWITCH_TO_GREEN = "approve switching the traffic to green"
+
+
+async def open_sev1_on_workers(stage: Stage, runbook: str) -> None:
+    """A SEV1 open on Agent Platform (the rotation that owns astra-worker), as visibility sees
+    it, and the policy asking (not blocking) ``runbook`` during one."""
+    stage.desk.policy(runbooks={runbook: {"open_incidents": "ask"}})
+    handle = await stage.desk.open(
+        "Workers failing", Severity.SEV1, opened_by="carol", components=["workers"]
+    )
+    query = f"WorkflowId = '{handle.id}' AND {sa.SEVERITY.name} = 'SEV1'"
+
+    async def listed() -> bool:
+        return [e async for e in stage.client.list_workflows(query)] != []
+
+    await eventually(listed, timeout=30, interval=0.1, message="the incident in visibility")
+
+
+@scenario("canary-upgrade", "approved")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("canary-upgrade", CANARY, requester="erin")
+    await stage.decide(handle, PROMOTE_CANARY, "carol")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+@scenario("canary-upgrade", "rejected")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("canary-upgrade", CANARY, requester="erin")
+    await stage.decide(handle, PROMOTE_CANARY, "carol", "reject")
+    return [await stage.ends(handle, Outcome.ROLLED_BACK, saying="rejected")]
+
+
+@scenario("canary-upgrade", "dry-run")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("canary-upgrade", CANARY, requester="erin", dry_run=True)
+    return [await stage.ends(handle, Outcome.DONE, saying="dry-run")]
+
+
+@scenario("canary-upgrade", "no-change")
+async def _(stage: Stage) -> list[Handle]:
+    params = {**CANARY, "image": RUNNING_IMAGE}
+    handle = await stage.start("canary-upgrade", params, requester="erin")
+    return [await stage.ends(handle, Outcome.NO_CHANGE)]
+
+
+@scenario("canary-upgrade", "analysis-failed")
+async def _(stage: Stage) -> list[Handle]:
+    await bad_canary(stage.astra.target, NEW_IMAGE, share=1.0)
+    handle = await stage.start("canary-upgrade", LONG_CANARY, requester="erin")
+    return [await stage.ends(handle, Outcome.ROLLED_BACK, saying="analysis")]
+
+
+@scenario("canary-upgrade", "inconclusive")
+async def _(stage: Stage) -> list[Handle]:
+    """Too few canary tasks in any interval: a person decides, then the promotion."""
+    params = {**CANARY, "min_samples": 1_000_000}
+    handle = await stage.start("canary-upgrade", params, requester="erin")
+    await stage.decide(handle, "approve going on after an inconclusive analysis", "carol")
+    await stage.decide(handle, PROMOTE_CANARY, "carol")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+@scenario("canary-upgrade", "steered")
+async def _(stage: Stage) -> list[Handle]:
+    """Paused, resumed and promoted early by people, through the signed update."""
+    handle = await stage.start("canary-upgrade", LONG_CANARY, requester="erin")
+    await wait_for_step(handle, "hold the canary at 5%", StepState.RUNNING, within=30)
+    await stage.runs.steer(handle.id, "erin", SteerAction.PAUSE, "recorded")
+    await stage.runs.steer(handle.id, "erin", SteerAction.RESUME, "recorded")
+    await stage.runs.steer(handle.id, "carol", SteerAction.PROMOTE, "recorded")
+    await stage.decide(handle, PROMOTE_CANARY, "alice")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+@scenario("canary-upgrade", "aborted")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("canary-upgrade", LONG_CANARY, requester="erin")
+    await wait_for_step(handle, "hold the canary at 5%", StepState.RUNNING, within=30)
+    await stage.runs.steer(handle.id, "erin", SteerAction.ABORT, "recorded")
+    return [await stage.ends(handle, Outcome.ROLLED_BACK, saying="aborted by erin")]
+
+
+@scenario("canary-upgrade", "rollout-failed")
+async def _(stage: Stage) -> list[Handle]:
+    """The full rollout's new pods never start: the stable Deployment goes back to its image."""
+    cluster = stage.kube.cluster
+    cluster.patch("deployments", "astra", "astra-worker", {"spec": {"progressDeadlineSeconds": 1}})
+    cluster.stall("astra-worker")
+    handle = await stage.start("canary-upgrade", CANARY, requester="erin")
+    await stage.decide(handle, PROMOTE_CANARY, "carol")
+    await wait_for_step(handle, "wait for astra-worker", StepState.FAILED, within=30)
+    cluster.unstall("astra-worker")
+    return [await stage.fails(handle, "wait for astra-worker")]
+
+
+@scenario("canary-upgrade", "during-incident")
+async def _(stage: Stage) -> list[Handle]:
+    await open_sev1_on_workers(stage, "canary-upgrade")
+    handle = await stage.start("canary-upgrade", CANARY, requester="erin")
+    await stage.decide(handle, "approve upgrading during an open incident", "frank")
+    await stage.decide(handle, PROMOTE_CANARY, "carol")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+BLUE_GREEN = {"image": NEW_IMAGE, "keep_blue_seconds": 2, **JUDGED}
+
+
+@scenario("blue-green-upgrade", "approved")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("blue-green-upgrade", BLUE_GREEN, requester="erin")
+    await stage.decide(handle, SWITCH_TO_GREEN, "carol")
+    return [await stage.ends(handle, Outcome.DONE)]
+
+
+@scenario("blue-green-upgrade", "rejected")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("blue-green-upgrade", BLUE_GREEN, requester="erin")
+    await stage.decide(handle, SWITCH_TO_GREEN, "carol", "reject")
+    return [await stage.ends(handle, Outcome.ROLLED_BACK, saying="rejected")]
+
+
+@scenario("blue-green-upgrade", "dry-run")
+async def _(stage: Stage) -> list[Handle]:
+    handle = await stage.start("blue-green-upgrade", BLUE_GREEN, requester="erin", dry_run=True)
+    return [await stage.ends(handle, Outcome.DONE, saying="dry-run")]
+
+
+@scenario("blue-green-upgrade", "no-change")
+async def _(stage: Stage) -> list[Handle]:
+    params = {**BLUE_GREEN, "image": RUNNING_IMAGE}
+    handle = await stage.start("blue-green-upgrade", params, requester="erin")
+    return [await stage.ends(handle, Outcome.NO_CHANGE)]
+
+
+@scenario("blue-green-upgrade", "switched-back")
+async def _(stage: Stage) -> list[Handle]:
+    params = {**BLUE_GREEN, "keep_blue_seconds": 600}
+    handle = await stage.start("blue-green-upgrade", params, requester="erin")
+    await stage.decide(handle, SWITCH_TO_GREEN, "carol")
+    await wait_for_step(handle, "keep blue for a switch back", StepState.RUNNING, within=30)
+    await stage.runs.steer(handle.id, "erin", SteerAction.SWITCH_BACK, "recorded")
+    return [await stage.ends(handle, Outcome.ROLLED_BACK, saying="switched back by erin")]
+
+
+@scenario("blue-green-upgrade", "analysis-failed")
+async def _(stage: Stage) -> list[Handle]:
+    await bad_canary(stage.astra.target, NEW_IMAGE, share=1.0)
+    params = {**BLUE_GREEN, "keep_blue_seconds": 600}
+    handle = await stage.start("blue-green-upgrade", params, requester="erin")
+    await stage.decide(handle, SWITCH_TO_GREEN, "carol")
+    return [await stage.ends(handle, Outcome.ROLLED_BACK, saying="analysis")]
+
+
+@scenario("blue-green-upgrade", "during-incident")
+async def _(stage: Stage) -> list[Handle]:
+    await open_sev1_on_workers(stage, "blue-green-upgrade")
+    handle = await stage.start("blue-green-upgrade", BLUE_GREEN, requester="erin")
+    await stage.decide(handle, "approve upgrading during an open incident", "frank")
+    await stage.decide(handle, SWITCH_TO_GREEN, "carol")
+    return [await stage.ends(handle, Outcome.DONE)]
