@@ -18,6 +18,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowQueryFail
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.heartbeats import beat, heartbeating
 from activities.notify import NotifyActivities
 from activities.postgres import AstraDatabase
 from runtime import search_attributes as sa
@@ -240,7 +241,8 @@ class AccessActivities:
         )
         # A chat outage must not block an approval: people still find the run through
         # `astra-ops ps --awaiting-approval`, so a failed notification is reported, not raised.
-        notified, detail = await self.notify.tell(text)
+        async with heartbeating(f"asking {', '.join(groups)} for '{req.step}'"):
+            notified, detail = await self.notify.tell(text)
         return Approvers(
             policy=rule,
             groups=groups,
@@ -338,12 +340,14 @@ class AccessActivities:
         """Signal every open runbook run to hold (or resume) its mutating steps; how many."""
         query = f"{sa.RUNBOOK.name} IS NOT NULL AND ExecutionStatus = 'Running'"
         told = 0
-        async for execution in self.client.list_workflows(query):
-            try:
-                await self.client.get_workflow_handle(execution.id).signal(req.signal, req.notice)
-                told += 1
-            except RPCError as err:
-                if err.status != RPCStatusCode.NOT_FOUND:  # closed since the listing
-                    raise
-            activity.heartbeat(told)
+        async with heartbeating(f"telling every open run to {req.signal}"):
+            async for execution in self.client.list_workflows(query):
+                try:
+                    handle = self.client.get_workflow_handle(execution.id)
+                    await handle.signal(req.signal, req.notice)
+                    told += 1
+                except RPCError as err:
+                    if err.status != RPCStatusCode.NOT_FOUND:  # closed since the listing
+                        raise
+                beat(f"{told} runs told to {req.signal}")
         return told

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field, JsonValue, SecretStr, model_validator
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeats import heartbeating
 from activities.postgres import connect
 from runtime.metrics import notification_failed
 from runtime.redact import MASK, redact
@@ -412,7 +413,11 @@ class CommunicationActivities:
         key = (req.incident_id, channel, req.event_key)
         where = "WHERE incident_id = %s AND channel = %s AND event_key = %s"
         try:
-            async with await connect(self.state_dsn) as conn, conn.transaction():
+            async with (
+                heartbeating(f"delivering to the {channel}"),
+                await connect(self.state_dsn) as conn,
+                conn.transaction(),
+            ):
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtext(%s))",
                     (f"astra-ops/{channel}/{req.incident_id}",),

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from activities.heartbeats import beat
 from activities.kube_annotations import (
     BLUE_GREEN_OF,
     CANARY_OF,
@@ -472,7 +473,7 @@ class KubernetesActivities:
                     type="RolloutTimeout",
                     non_retryable=True,
                 )
-            activity.heartbeat(status.summary())
+            beat(status.summary())
             # Sleeping on the cancellation event lets a cancelled runbook stop waiting at once.
             activity.wait_for_cancelled_sync(timeout=req.poll_seconds)
             if activity.is_cancelled():

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeats import heartbeating
 from activities.postgres import (
     FAILED_STATUSES,
     OUTCOME_STATUSES,
@@ -157,9 +158,11 @@ class MetricsActivities:
     @activity.defn
     async def failure_rate(self, req: FailureRateRequest) -> FailureRate:
         """Task failure rate over the window (high-error-rate: > 5 % over 5 min)."""
-        return await self._source.failure_rate(req.window_seconds)
+        async with heartbeating("reading the task failure rate"):
+            return await self._source.failure_rate(req.window_seconds)
 
     @activity.defn
     async def cost_comparison(self, req: LlmCostRequest) -> CostComparison:
         """Last window's LLM cost against the trailing daily average (llm-cost-spike: > 2x)."""
-        return await self._source.llm_cost(req)
+        async with heartbeating("reading the LLM cost"):
+            return await self._source.llm_cost(req)

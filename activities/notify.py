@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeats import heartbeating
 from activities.mutation import Mutation, MutationResult
 from runtime.access import AccessPolicyError, PolicyFile
 from runtime.metrics import notification_failed
@@ -97,7 +98,8 @@ class NotifyActivities:
             activity.logger.info("%s", text)
             return MutationResult(changed=False, detail="no chat webhook configured; logged it")
         try:
-            await self._post(text)
+            async with heartbeating(f"telling {req.rotation}"):
+                await self._post(text)
         except ChatUnavailable as err:
             notification_failed(activity.metric_meter(), "chat")
             # Retryable: chat outages pass, and the step runner's retry policy bounds the wait.

@@ -15,6 +15,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.canary_analysis import CanaryMeasurement, CanaryMeasurementRequest, WorkerOutcomes
+from activities.heartbeats import beat, heartbeating
 from activities.mutation import Mutation, MutationResult
 from runtime.data_plane import DataPlaneTopology
 
@@ -417,7 +418,10 @@ class PostgresActivities:
                 )
             requeued = batches = 0
             while True:
-                async with conn.transaction():
+                async with (
+                    heartbeating(f"requeueing a batch of {req.worker_id}'s tasks"),
+                    conn.transaction(),
+                ):
                     cur = await conn.execute(
                         "WITH batch AS ("
                         f"  SELECT id {where} LIMIT %(batch)s FOR UPDATE SKIP LOCKED),"
@@ -432,7 +436,7 @@ class PostgresActivities:
                     break
                 requeued += cur.rowcount
                 batches += 1
-                activity.heartbeat(requeued)
+                beat(f"{requeued} tasks of {req.worker_id} requeued")
         return LostWorkerRequeue(
             changed=requeued > 0,
             detail=f"requeued {requeued} tasks of {req.worker_id} in {batches} batch(es)",

@@ -17,13 +17,11 @@ fencing is done over SQL and re-attaching is left to a person, with the commands
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import pwd
 import re
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +29,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeats import heartbeating
 from activities.mutation import Mutation, MutationResult
 from activities.postgres import connect
 from runtime.data_plane import DataPlaneTopology, NodeName, PostgresControl, PostgresNode
@@ -40,7 +39,10 @@ from runtime.redact import redact
 if TYPE_CHECKING:
     import psycopg
 
-HEARTBEAT_SECONDS = 5
+STOP_SECONDS = 60
+"""How long fencing waits for the old primary to stop (``pg_ctl stop -t``)."""
+PROMOTE_SECONDS = 60
+"""How long a promotion may take to finish (``pg_promote``'s wait)."""
 PROBE_TABLE = "astra_ops_write_probe"
 """One row per server in the database a DSN names, rewritten by each write probe: the smallest
 real write (a row, WAL, a commit) that a read-only or recovering server refuses. astra-ops creates
@@ -222,6 +224,10 @@ class PostgresNodeActivities:
     @activity.defn
     async def postgres_nodes(self, req: NodesRequest) -> NodesReport:
         """Every server at once, each probed within the timeout; and whether Patroni answers."""
+        async with heartbeating("probing the database servers"):
+            return await self._survey(req)
+
+    async def _survey(self, req: NodesRequest) -> NodesReport:
         topology = self._topology()
         states = await asyncio.gather(
             *(self._state(node, req.timeout_seconds) for node in topology.postgres)
@@ -306,7 +312,8 @@ class PostgresNodeActivities:
                 )
             if req.dry_run:
                 return MutationResult(changed=False, detail=f"would stop {node.name} (pg_ctl)")
-            await _pg_ctl(node.control, "stop", "-m", "fast", "-w", "-t", "60")
+            async with heartbeating(f"stopping {node.name}"):
+                await _pg_ctl(node.control, "stop", "-m", "fast", "-w", "-t", str(STOP_SECONDS))
             return MutationResult(changed=True, detail=f"stopped {node.name} (pg_ctl stop -m fast)")
         try:
             async with await connect(node.admin_dsn, autocommit=True, seconds=5) as conn:
@@ -354,13 +361,16 @@ class PostgresNodeActivities:
                 )
             if req.dry_run:
                 return MutationResult(changed=False, detail=f"would promote {node.name}")
-            done = await (
-                await conn.execute("SELECT pg_promote(wait => true, wait_seconds => 60)")
-            ).fetchone()
+            async with heartbeating(f"promoting {node.name}"):
+                done = await (
+                    await conn.execute(
+                        "SELECT pg_promote(wait => true, wait_seconds => %s)", (PROMOTE_SECONDS,)
+                    )
+                ).fetchone()
         if done is None or not done[0]:
             raise ApplicationError(
-                f"{node.name} did not finish promotion within 60s; see its log, then run the "
-                "step again (it promotes only a server still in recovery)"
+                f"{node.name} did not finish promotion within {PROMOTE_SECONDS}s; see its log, "
+                "then run the step again (it promotes only a server still in recovery)"
             )
         return MutationResult(changed=True, detail=f"promoted {node.name}")
 
@@ -393,7 +403,7 @@ class PostgresNodeActivities:
                 detail=f"would rewind {node.name} from {primary.name} (pg_rewind) and start it "
                 "as its replica",
             )
-        async with _heartbeating(f"re-attaching {node.name} to {primary.name}"):
+        async with heartbeating(f"re-attaching {node.name} to {primary.name}"):
             return await _rewind(node, node.control, primary, req.timeout_seconds)
 
     # -- verification ----------------------------------------------------------------------
@@ -405,7 +415,8 @@ class PostgresNodeActivities:
         was chosen in its history: its position now is at or past that point."""
         node = self._node(req.node)
         try:
-            position = await _probe_write(node.platform_dsn, node.name, req.timeout_seconds)
+            async with heartbeating(f"writing through the platform's endpoint on {node.name}"):
+                position = await _probe_write(node.platform_dsn, node.name, req.timeout_seconds)
         except (OSError, TimeoutError, _psycopg_error()) as e:
             raise ApplicationError(
                 f"a write through the platform's endpoint on {node.name} failed: {failure(e)}; "
@@ -487,25 +498,6 @@ async def _rewind(
         + (" (it had not diverged)" if "no rewind required" in rewound else "")
         + "; it streams from it as a replica",
     )
-
-
-@contextlib.asynccontextmanager
-async def _heartbeating(what: str) -> AsyncIterator[None]:
-    """Heartbeat while a long step runs (a rewind reads the whole changed data), so the
-    workflow's heartbeat timeout tells a stuck worker from a busy one."""
-
-    async def beat() -> None:
-        while True:
-            activity.heartbeat(what)
-            await asyncio.sleep(HEARTBEAT_SECONDS)
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _psycopg_error() -> type[Exception]:

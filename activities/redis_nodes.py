@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeats import beat, heartbeating
 from activities.mutation import Mutation, MutationResult
 from activities.postgres import AstraDatabase
 from activities.redis_store import AstraKeys, live_workers, task_entry
@@ -331,12 +332,15 @@ class RedisNodeActivities:
         """Every server's reachability, role, replication offset, persistence and data marker,
         and Sentinel's view where Sentinels are configured; each with a short timeout."""
         topology = self._topology()
-        nodes = await asyncio.gather(
-            *(self._state(topology, node, req.timeout_seconds) for node in topology.redis)
-        )
-        sentinel = (
-            await self._sentinel_view(topology, req.timeout_seconds) if topology.sentinels else None
-        )
+        async with heartbeating("asking the Redis servers and Sentinels"):
+            nodes = await asyncio.gather(
+                *(self._state(topology, node, req.timeout_seconds) for node in topology.redis)
+            )
+            sentinel = (
+                await self._sentinel_view(topology, req.timeout_seconds)
+                if topology.sentinels
+                else None
+            )
         return RedisSurvey(nodes=list(nodes), sentinel=sentinel)
 
     async def _state(
@@ -402,7 +406,10 @@ class RedisNodeActivities:
         node = self._topology().redis_node(req.node)
         client = _client(node.url, ACTION_TIMEOUT_SECONDS)
         try:
-            async with await self.database.connect(autocommit=True) as conn:
+            async with (
+                heartbeating(f"comparing {req.node}'s streams with PostgreSQL"),
+                await self.database.connect(autocommit=True) as conn,
+            ):
                 return await self._compare(conn, client, req)
         finally:
             await client.aclose()
@@ -503,22 +510,25 @@ class RedisNodeActivities:
 
         client = _client(self._topology().redis_node(req.node).url, ACTION_TIMEOUT_SECONDS)
         try:
-            if await self._role(client) == "master":
-                return Promotion(
-                    changed=False, detail=f"{req.node} is already a primary", node=req.node
-                )
-            if req.dry_run:
-                return Promotion(changed=False, detail=f"would promote {req.node}", node=req.node)
-            await client.replicaof("NO", "ONE")
-            try:
-                await client.config_rewrite()
-                kept = "its config rewritten"
-            except ResponseError as err:
-                kept = f"NOT written to its config ({err}): set `replicaof` off there by hand"
-            if await self._role(client) != "master":
-                raise ApplicationError(
-                    f"{req.node} still reports a replica's role after REPLICAOF NO ONE"
-                )
+            async with heartbeating(f"promoting {req.node}"):
+                if await self._role(client) == "master":
+                    return Promotion(
+                        changed=False, detail=f"{req.node} is already a primary", node=req.node
+                    )
+                if req.dry_run:
+                    return Promotion(
+                        changed=False, detail=f"would promote {req.node}", node=req.node
+                    )
+                await client.replicaof("NO", "ONE")
+                try:
+                    await client.config_rewrite()
+                    kept = "its config rewritten"
+                except ResponseError as err:
+                    kept = f"NOT written to its config ({err}): set `replicaof` off there by hand"
+                if await self._role(client) != "master":
+                    raise ApplicationError(
+                        f"{req.node} still reports a replica's role after REPLICAOF NO ONE"
+                    )
         finally:
             await client.aclose()
         return Promotion(
@@ -582,7 +592,7 @@ class RedisNodeActivities:
                 return Promotion(
                     changed=True, detail=f"{asked}; it made {moved} the primary", node=moved
                 )
-            activity.heartbeat(survey.summary())
+            beat(survey.summary())
             await asyncio.sleep(0.5)
         raise ApplicationError(
             f"{asked}, but after {req.timeout_seconds:g}s it names no new primary "
@@ -614,64 +624,65 @@ class RedisNodeActivities:
         client = _client(node.url, ACTION_TIMEOUT_SECONDS)
         requeued = dead_letters = batches = stale = 0
         try:
-            if not req.dry_run and await self._role(client) != "master":
-                raise ApplicationError(
-                    f"{req.node} is a replica and cannot take writes: rebuild on the primary",
-                    non_retryable=True,
-                )
-            async with await self.database.connect(autocommit=True) as conn:
-                cutoff = await self._cutoff(conn, req.publish_grace_seconds)
-                for shard in await self._shards(conn, client):
-                    stream = self.keys.task_stream(shard)
-                    entries = await _stream_entries(client, stream)
-                    stale += await self._trim(conn, client, stream, entries, req.dry_run)
-                    present = set(entries)
+            async with heartbeating(f"rebuilding the streams on {req.node}"):
+                if not req.dry_run and await self._role(client) != "master":
+                    raise ApplicationError(
+                        f"{req.node} is a replica and cannot take writes: rebuild on the primary",
+                        non_retryable=True,
+                    )
+                async with await self.database.connect(autocommit=True) as conn:
+                    cutoff = await self._cutoff(conn, req.publish_grace_seconds)
+                    for shard in await self._shards(conn, client):
+                        stream = self.keys.task_stream(shard)
+                        entries = await _stream_entries(client, stream)
+                        stale += await self._trim(conn, client, stream, entries, req.dry_run)
+                        present = set(entries)
+                        async for rows in _batches(
+                            conn,
+                            "pending",
+                            "goal_id",
+                            "AND shard = %s AND updated_at < %s",
+                            (shard, cutoff),
+                            req.batch_size,
+                            lock=True,
+                        ):
+                            missing = [(str(t), str(g)) for t, g in rows if t not in present]
+                            if missing and not req.dry_run:
+                                async with client.pipeline(transaction=False) as pipe:
+                                    for task_id, goal_id in missing:
+                                        pipe.xadd(stream, task_entry(task_id, goal_id))  # type: ignore[arg-type]
+                                    await pipe.execute()
+                            present.update(t for t, _ in missing)
+                            requeued += len(missing)
+                            batches += 1
+                            beat(f"shard {shard}: {requeued} tasks requeued")
+                    present = set(await _stream_tasks(client, self.keys.dead_letter))
                     async for rows in _batches(
                         conn,
-                        "pending",
-                        "goal_id",
-                        "AND shard = %s AND updated_at < %s",
-                        (shard, cutoff),
+                        "dead_letter",
+                        "coalesce(last_error, ''), retries, shard, coalesce(worker_id, '')",
+                        "",
+                        (),
                         req.batch_size,
                         lock=True,
                     ):
-                        missing = [(str(t), str(g)) for t, g in rows if t not in present]
-                        if missing and not req.dry_run:
+                        missing_letters = [r for r in rows if r[0] not in present]
+                        if missing_letters and not req.dry_run:
                             async with client.pipeline(transaction=False) as pipe:
-                                for task_id, goal_id in missing:
-                                    pipe.xadd(stream, task_entry(task_id, goal_id))  # type: ignore[arg-type]
+                                for task_id, error, retries, shard, worker in missing_letters:
+                                    fields = {
+                                        "task_id": task_id,
+                                        "error": error,
+                                        "retries": str(retries),
+                                        "shard": str(shard),
+                                        "worker_id": worker,
+                                    }
+                                    pipe.xadd(self.keys.dead_letter, fields)  # type: ignore[arg-type]
                                 await pipe.execute()
-                        present.update(t for t, _ in missing)
-                        requeued += len(missing)
+                        present.update(r[0] for r in missing_letters)
+                        dead_letters += len(missing_letters)
                         batches += 1
-                        activity.heartbeat(f"shard {shard}: {requeued} tasks requeued")
-                present = set(await _stream_tasks(client, self.keys.dead_letter))
-                async for rows in _batches(
-                    conn,
-                    "dead_letter",
-                    "coalesce(last_error, ''), retries, shard, coalesce(worker_id, '')",
-                    "",
-                    (),
-                    req.batch_size,
-                    lock=True,
-                ):
-                    missing_letters = [r for r in rows if r[0] not in present]
-                    if missing_letters and not req.dry_run:
-                        async with client.pipeline(transaction=False) as pipe:
-                            for task_id, error, retries, shard, worker in missing_letters:
-                                fields = {
-                                    "task_id": task_id,
-                                    "error": error,
-                                    "retries": str(retries),
-                                    "shard": str(shard),
-                                    "worker_id": worker,
-                                }
-                                pipe.xadd(self.keys.dead_letter, fields)  # type: ignore[arg-type]
-                            await pipe.execute()
-                    present.update(r[0] for r in missing_letters)
-                    dead_letters += len(missing_letters)
-                    batches += 1
-                    activity.heartbeat(f"{dead_letters} dead letters restored")
+                        beat(f"{dead_letters} dead letters restored")
         finally:
             await client.aclose()
         verb = "would put back" if req.dry_run else "put back"
@@ -724,7 +735,10 @@ class RedisNodeActivities:
                     changed=False,
                     detail=f"would restore the data marker on {req.node} once rebuilt",
                 )
-            async with await self.database.connect(autocommit=True) as conn:
+            async with (
+                heartbeating(f"checking {req.node}'s streams before restoring its marker"),
+                await self.database.connect(autocommit=True) as conn,
+            ):
                 report = await self._compare(
                     conn,
                     client,

@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeats import beat, heartbeating_sync
 from activities.kube_annotations import CERT_RENEWED_BY, TLS_ENDPOINT
 from activities.kubernetes import KubernetesActivities
 from activities.mutation import Mutation, MutationResult
@@ -359,14 +360,12 @@ class TlsActivities:
         handshake): expiry, issuer, names, fingerprints, and whether it is due."""
         now = datetime.now(UTC)
         ca_pem = self._ca_cert_pem()
-        return CertificateScan(
-            namespace=req.namespace,
-            scanned_at=now,
-            services=[
+        with heartbeating_sync(f"scanning the certificates of {req.namespace}"):
+            services = [
                 self._scan_one(req.namespace, service, req.window_share, now, ca_pem)
                 for service in req.services
-            ],
-        )
+            ]
+        return CertificateScan(namespace=req.namespace, scanned_at=now, services=services)
 
     @activity.defn
     def verify_served(self, req: ServedCheck) -> ServedVerdict:
@@ -379,16 +378,20 @@ class TlsActivities:
             self._ca()  # raises, saying which settings to set
         _, endpoint, server_name = self._target(req.namespace, req.service)
         deadline = time.monotonic() + req.timeout_seconds
-        while True:
-            seen = handshake(endpoint, server_name, self.config.handshake_timeout_seconds, ca_pem)
-            served = seen.served.fingerprint if seen.served else None
-            if served == req.expected or time.monotonic() >= deadline:
-                break
-            activity.heartbeat(f"{req.service} serves {served}")
-            time.sleep(req.poll_seconds)
-        stored = self._scan_one(
-            req.namespace, req.service, DEFAULT_WINDOW_SHARE, datetime.now(UTC), ca_pem
-        )
+        # A handshake may take its whole timeout: the heartbeat must not wait for it.
+        with heartbeating_sync(f"handshaking with {req.service}"):
+            while True:
+                seen = handshake(
+                    endpoint, server_name, self.config.handshake_timeout_seconds, ca_pem
+                )
+                served = seen.served.fingerprint if seen.served else None
+                if served == req.expected or time.monotonic() >= deadline:
+                    break
+                beat(f"{req.service} serves {served}")
+                time.sleep(req.poll_seconds)
+            stored = self._scan_one(
+                req.namespace, req.service, DEFAULT_WINDOW_SHARE, datetime.now(UTC), ca_pem
+            )
         return ServedVerdict(
             service=req.service,
             expected=req.expected,

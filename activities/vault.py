@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeats import heartbeating_sync
 from activities.kube_models import DEFAULT_NAMESPACE, DEFAULT_VAULT_SECRET
 from activities.kubernetes import KubernetesActivities
 from activities.mutation import Mutation, MutationResult
@@ -787,7 +788,11 @@ class VaultActivities:
                 **({"replaces": found["accessor"]} if found else {}),
                 **({"step": req.token} if req.token else {}),
             }
-            with self._errors("revoke what an earlier attempt of this step issued"):
+            # A retry looks up every token's accessor, one request each: it may take long.
+            with (
+                heartbeating_sync("revoking what an earlier attempt of this step issued"),
+                self._errors("revoke what an earlier attempt of this step issued"),
+            ):
                 discarded = self._discard_earlier_attempts(
                     client, req, keep=found["accessor"] if found else ""
                 )

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
         "plane's servers and the platform's secrets, on `<task queue>-privileged` (deploy it "
         "with those rights); `all`, both (a laptop, a single worker).",
     )
+    worker_graceful_shutdown_seconds: float = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        description="After SIGTERM, how long the worker lets running activities finish before it "
+        "cancels them (those that only wait hand their work back at once). Keep it below the "
+        "pod's terminationGracePeriodSeconds.",
+    )
 
     # Payload encryption: "keyid:base64key[,keyid:base64key...]"; the first encrypts, all decrypt.
     codec_keys: SecretStr | None = None

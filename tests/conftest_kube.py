@@ -23,6 +23,7 @@ from activities.certificates import CertificateAuthority
 from activities.kubernetes import unauthenticated_client
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
 from sandbox.kube.seed import deployment_manifest
+from sandbox.kube.server import RequestObserver
 from sandbox.kube.tls import TlsEndpoints
 
 TEST_ROLLOUT_SECONDS = 0.2
@@ -61,12 +62,13 @@ class KubeSandbox:
 
 
 @contextmanager
-def kube_sandbox() -> Iterator[KubeSandbox]:
+def kube_sandbox(observer: RequestObserver | None = None) -> Iterator[KubeSandbox]:
     """A running sandbox seeded with Astra's objects (certificates by ``sandbox_ca()``), its TLS
-    services serving on loopback; rollouts take ~0.2 s."""
+    services serving on loopback; rollouts take ~0.2 s. ``observer`` is told of each request
+    before it is served."""
     cluster = FakeCluster(rollout_seconds=TEST_ROLLOUT_SECONDS)
     seed_astra(cluster, ca=sandbox_ca())
-    server = FakeKubeServer(cluster)
+    server = FakeKubeServer(cluster, observer=observer)
     # Sync start/stop: usable from sync and async tests alike, whatever loop they run in.
     server.start_blocking()
     api = unauthenticated_client(server.url)

@@ -44,7 +44,6 @@ class RestartBeforeSet(ShardScaling):
                     timeout_seconds=req.rollout_timeout_seconds,
                 ),
                 start_to_close_timeout=timedelta(seconds=req.rollout_timeout_seconds + 60),
-                heartbeat_timeout=timedelta(seconds=30),
             )
         await self.steps.act(
             f"{prefix}set {SHARD_COUNT_KEY}",

@@ -17,7 +17,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.worker import Worker, WorkflowRunner
+from temporalio.worker import Interceptor, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.access import AccessActivities, Trust
@@ -47,6 +47,7 @@ from workflows.catalogue import RUNBOOKS
 from workflows.errors import CODE_ERRORS
 from workflows.incident import Incident
 from workflows.kill_switch import KillSwitch
+from workflows.timeouts import HEARTBEAT_THROTTLE, STICKY_QUEUE_TIMEOUT
 from workflows.tls_scan import TlsScan
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def workflow_runner() -> SandboxedWorkflowRunner:
             "workflows.steps",
             "workflows.approval",
             "workflows.errors",
+            "workflows.timeouts",
             "runtime",
             "pydantic",
             "pydantic_core",
@@ -246,18 +248,25 @@ def routed(activities: list[Any], privileged: bool) -> list[Any]:
 
 @asynccontextmanager
 async def running_worker(
-    client: Client, settings: Settings, executor: ThreadPoolExecutor, task_queue: str | None = None
+    client: Client,
+    settings: Settings,
+    executor: ThreadPoolExecutor,
+    task_queue: str | None = None,
+    interceptors: Sequence[Interceptor] = (),
 ) -> AsyncIterator[Worker]:
     """The worker(s) of ``settings.worker_kind``, polling until the block ends; then their
     connections are released. Yields the one that runs the workflows (or, for a privileged
-    worker, the privileged one)."""
+    worker, the privileged one). ``interceptors`` join the worker's own (bench/recovery.py
+    injects its faults so)."""
     redact_logs()  # activities' clients log URLs, the SDK logs their failures
     queue = task_queue or settings.task_queue
     kind = settings.worker_kind
     common: dict[str, Any] = {
         "activity_executor": executor,
-        "graceful_shutdown_timeout": timedelta(seconds=30),
-        "interceptors": [StepContext()],
+        "graceful_shutdown_timeout": timedelta(seconds=settings.worker_graceful_shutdown_seconds),
+        "max_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
+        "sticky_queue_schedule_to_start_timeout": STICKY_QUEUE_TIMEOUT,
+        "interceptors": [StepContext(), *interceptors],
     }
     async with contextlib.AsyncExitStack() as stack:
         workers = []

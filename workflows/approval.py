@@ -32,6 +32,7 @@ from workflows.models import (
     Outcome,
     PendingApproval,
 )
+from workflows.timeouts import REMOTE_CALL_TIMEOUT, heartbeat_timeout
 
 with workflow.unsafe.imports_passed_through():
     from activities.access import (
@@ -349,7 +350,8 @@ class ApprovalGate:
                 reason=reason,
                 escalate_to=escalate_to,
             ),
-            start_to_close_timeout=timedelta(seconds=30),
+            start_to_close_timeout=REMOTE_CALL_TIMEOUT,
+            heartbeat_timeout=heartbeat_timeout(REMOTE_CALL_TIMEOUT),
             summary=f"escalate to {escalate_to}: {step}" if escalate_to else f"ask for: {step}",
         )
         # Keys fetched now also verify decisions signed with a key rotated in during the wait.

@@ -35,6 +35,7 @@ from workflows.task_health import (
     TaskHealthRequest,
     holds_for,
 )
+from workflows.timeouts import REMOTE_CALL_TIMEOUT
 
 with workflow.unsafe.imports_passed_through():
     from activities.kube_models import (
@@ -205,7 +206,10 @@ class HighErrorRate(Runbook):
     async def _contain_and_fix(self, req: HighErrorRateRequest) -> RunbookResult:
         window = FailureRateRequest(window_seconds=req.window_seconds)
         rate = await self.steps.check(
-            "measure the failure rate", MetricsActivities.failure_rate, window
+            "measure the failure rate",
+            MetricsActivities.failure_rate,
+            window,
+            start_to_close_timeout=REMOTE_CALL_TIMEOUT,
         )
         over = f"{rate.rate:.1%} of {rate.total} tasks failed over {req.window_seconds:g}s"
         if rate.rate <= req.threshold:
@@ -247,7 +251,6 @@ class HighErrorRate(Runbook):
                     timeout_seconds=req.rollout_timeout_seconds,
                 ),
                 start_to_close_timeout=timedelta(seconds=req.rollout_timeout_seconds + 60),
-                heartbeat_timeout=timedelta(seconds=30),
             )
 
         await resume_intake()
@@ -259,7 +262,10 @@ class HighErrorRate(Runbook):
             )
         held, last = await holds_for(
             lambda: self.steps.verify(
-                "verify the rate stays under the threshold", MetricsActivities.failure_rate, window
+                "verify the rate stays under the threshold",
+                MetricsActivities.failure_rate,
+                window,
+                start_to_close_timeout=REMOTE_CALL_TIMEOUT,
             ),
             lambda r: bool(r.rate <= req.threshold),
             settle=req.settle_seconds,

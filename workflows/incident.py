@@ -72,7 +72,8 @@ from workflows.incident_rules import (
     refusal,
 )
 from workflows.models import RunbookResult, StepState
-from workflows.steps import ADMIT_TIMEOUT, DEFAULT_RETRY, failure_message
+from workflows.steps import ADMIT_TIMEOUT, failure_message
+from workflows.timeouts import DEFAULT_RETRY, DEFAULT_TIMEOUT, heartbeat_timeout
 
 with workflow.unsafe.imports_passed_through():
     from activities.communication import (
@@ -108,6 +109,7 @@ DELIVERY_RETRY = RetryPolicy(
 DELIVERY_GIVE_UP = timedelta(days=1)
 """A message not delivered within a day is reported failed on the timeline."""
 DELIVERY_ATTEMPT = timedelta(seconds=30)
+"""One delivery: a request whose client waits up to 10 s, and its bookkeeping; it heartbeats."""
 EARLY_ALERTS = 100
 """Notifications kept while the incident is still opening (it cannot check them yet)."""
 MAX_CONSIDERED = 1_000
@@ -545,6 +547,7 @@ class Incident:
     def _delivery(self, outgoing: Outgoing) -> Awaitable[DeliveryResult]:
         options: dict[str, Any] = {
             "start_to_close_timeout": DELIVERY_ATTEMPT,
+            "heartbeat_timeout": heartbeat_timeout(DELIVERY_ATTEMPT),
             "schedule_to_close_timeout": DELIVERY_GIVE_UP,
             "retry_policy": DELIVERY_RETRY,
             "summary": f"{outgoing.channel}: {outgoing.what}",
@@ -704,7 +707,7 @@ class Incident:
         return await workflow.execute_activity_method(
             IncidentActivities.plan_runbook,
             request,
-            start_to_close_timeout=ADMIT_TIMEOUT,
+            start_to_close_timeout=DEFAULT_TIMEOUT,
             retry_policy=DEFAULT_RETRY,
             summary=f"plan {request.runbook}",
         )
@@ -790,7 +793,7 @@ class Incident:
             written = await workflow.execute_activity_method(
                 IncidentActivities.write_postmortem,
                 PostmortemRequest(state=state, resolution=self.carry.resolutions),
-                start_to_close_timeout=timedelta(minutes=1),
+                start_to_close_timeout=DEFAULT_TIMEOUT,
                 retry_policy=DEFAULT_RETRY,
                 summary="write the postmortem draft",
             )

@@ -15,7 +15,7 @@ from temporalio import workflow
 
 from workflows.approval import operator_refusal
 from workflows.models import FreezeNotice
-from workflows.steps import ADMIT_TIMEOUT, DEFAULT_RETRY
+from workflows.timeouts import DEFAULT_RETRY, DEFAULT_TIMEOUT, heartbeat_timeout
 
 with workflow.unsafe.imports_passed_through():
     from activities.access import (
@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 SECOND_ROUND = timedelta(seconds=2)
+BROADCAST_TIMEOUT = timedelta(minutes=2)
 
 
 @workflow.defn(name="kill-switch")
@@ -38,7 +39,7 @@ class KillSwitch:
     async def run(self, notice: FreezeNotice) -> str:
         self.operators = await workflow.execute_activity_method(
             AccessActivities.operators,
-            start_to_close_timeout=ADMIT_TIMEOUT,
+            start_to_close_timeout=DEFAULT_TIMEOUT,
             retry_policy=DEFAULT_RETRY,
             summary="check the access policy",
         )
@@ -76,8 +77,8 @@ class KillSwitch:
         await workflow.execute_activity_method(
             AccessActivities.broadcast_freeze,
             FreezeBroadcast(signal=signal, notice=notice),
-            start_to_close_timeout=timedelta(minutes=2),
-            heartbeat_timeout=timedelta(seconds=30),
+            start_to_close_timeout=BROADCAST_TIMEOUT,
+            heartbeat_timeout=heartbeat_timeout(BROADCAST_TIMEOUT),
             retry_policy=DEFAULT_RETRY,
             summary=f"tell every open run to {signal} (round {round_})",
         )

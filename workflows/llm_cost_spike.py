@@ -22,6 +22,7 @@ from workflows.approval import RunbookStopped
 from workflows.models import DAY, Outcome, RunbookResult, matching
 from workflows.runbook import Runbook, RunbookSpec
 from workflows.task_health import Knob, TaskHealthRequest, wait_until
+from workflows.timeouts import REMOTE_CALL_TIMEOUT
 
 with workflow.unsafe.imports_passed_through():
     from activities.metrics import MetricsActivities
@@ -129,7 +130,10 @@ class LlmCostSpike(Runbook):
             window_seconds=req.window_seconds, baseline_seconds=req.baseline_seconds
         )
         cost = await self.steps.check(
-            "compare cost with the daily average", MetricsActivities.cost_comparison, request
+            "compare cost with the daily average",
+            MetricsActivities.cost_comparison,
+            request,
+            start_to_close_timeout=REMOTE_CALL_TIMEOUT,
         )
         if cost.ratio is None:
             return self.steps.finish(
@@ -163,6 +167,7 @@ class LlmCostSpike(Runbook):
                 text=f"LLM cost spike in {req.namespace}: {spend}. Budget guard on "
                 f"{', '.join(agents)} ({how}); top spenders: {ranking(cost)}",
             ),
+            start_to_close_timeout=REMOTE_CALL_TIMEOUT,
         )
         if req.dry_run:
             return self.steps.finish(
@@ -171,7 +176,10 @@ class LlmCostSpike(Runbook):
 
         after = await wait_until(
             lambda: self.steps.verify(
-                "verify cost falls under the threshold", MetricsActivities.cost_comparison, request
+                "verify cost falls under the threshold",
+                MetricsActivities.cost_comparison,
+                request,
+                start_to_close_timeout=REMOTE_CALL_TIMEOUT,
             ),
             lambda c: c.ratio is not None and c.ratio <= req.multiplier,
             within=req.verify_timeout_seconds,

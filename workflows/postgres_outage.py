@@ -53,6 +53,8 @@ from workflows.task_health import PROBES
 with workflow.unsafe.imports_passed_through():
     from activities.endpoints import PLATFORM_CLIENTS, EndpointActivities, EndpointRef, Repoint
     from activities.postgres_nodes import (
+        PROMOTE_SECONDS,
+        STOP_SECONDS,
         Fence,
         NodesReport,
         NodesRequest,
@@ -89,6 +91,16 @@ class PostgresOutageRequest(RunbookRequest):
         le=HOUR,
         description="how long the rewound old primary may take to stream from the new one",
     )
+
+
+ACTION_MARGIN = timedelta(seconds=30)
+"""Beyond the bound an action on a server sets itself: connecting, and the checks around it."""
+
+
+def survey_timeout(req: PostgresOutageRequest) -> timedelta:
+    """How long asking every server may take: each answers within twice the check timeout (a
+    connection, then a write), all at once; then Patroni within one."""
+    return timedelta(seconds=3 * req.check_timeout_seconds) + ACTION_MARGIN
 
 
 CHECK = "check the database servers"
@@ -155,6 +167,7 @@ class PostgresOutage(Runbook):
             step,
             PostgresNodeActivities.postgres_nodes,
             NodesRequest(timeout_seconds=req.check_timeout_seconds),
+            start_to_close_timeout=survey_timeout(req),
         )
 
     async def _fail_over(self, req: PostgresOutageRequest) -> RunbookResult:
@@ -247,11 +260,17 @@ class PostgresOutage(Runbook):
         else:
             self.steps.skip(APPROVE_LOSS, "not needed: no acknowledged commit is lost")
 
-        fence = await self.steps.act(FENCE, PostgresNodeActivities.fence_postgres, Fence(node=old))
+        fence = await self.steps.act(
+            FENCE,
+            PostgresNodeActivities.fence_postgres,
+            Fence(node=old),
+            start_to_close_timeout=timedelta(seconds=STOP_SECONDS) + ACTION_MARGIN,
+        )
         before = await self.steps.check(
             NO_SECOND_PRIMARY,
             PostgresNodeActivities.writable_postgres,
             NodesRequest(timeout_seconds=req.check_timeout_seconds),
+            start_to_close_timeout=survey_timeout(req),
         )
         others = [n for n in before.names if n != chosen.name]
         if others and not req.dry_run:
@@ -262,13 +281,17 @@ class PostgresOutage(Runbook):
                 "postgres-outage again",
             )
         promote = await self.steps.act(
-            PROMOTE, PostgresNodeActivities.promote_postgres, Promote(node=chosen.name)
+            PROMOTE,
+            PostgresNodeActivities.promote_postgres,
+            Promote(node=chosen.name),
+            start_to_close_timeout=timedelta(seconds=PROMOTE_SECONDS) + ACTION_MARGIN,
         )
         if not req.dry_run:
             after = await self.steps.verify(
                 ONE_PRIMARY,
                 PostgresNodeActivities.writable_postgres,
                 NodesRequest(timeout_seconds=req.check_timeout_seconds),
+                start_to_close_timeout=survey_timeout(req),
             )
             if after.names != [chosen.name]:
                 raise self.steps.fail(
@@ -303,7 +326,6 @@ class PostgresOutage(Runbook):
             PostgresNodeActivities.reattach_postgres,
             Reattach(node=old, primary=chosen.name, timeout_seconds=req.reattach_timeout_seconds),
             start_to_close_timeout=timedelta(seconds=req.reattach_timeout_seconds + 180),
-            heartbeat_timeout=timedelta(seconds=30),
         )
         if req.dry_run:
             return self.steps.finish(
@@ -322,10 +344,13 @@ class PostgresOutage(Runbook):
                 f"DATABASE_URL names {now.node or 'no server of the topology'}, not "
                 f"{chosen.name}: someone changed it during the run; check astra-config",
             )
+        write = PlatformWrite(node=chosen.name, at_least=chosen.received)
         written = await self.steps.verify(
             VERIFY_WRITE,
             PostgresNodeActivities.verify_platform_write,
-            PlatformWrite(node=chosen.name, at_least=chosen.received),
+            write,
+            # The probe gives up after twice its timeout.
+            start_to_close_timeout=timedelta(seconds=2 * write.timeout_seconds) + ACTION_MARGIN,
         )
         rebuild = f"; REBUILD NEEDED: {reattach.rebuild}" if reattach.rebuild else ""
         return self.steps.finish(

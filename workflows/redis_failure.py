@@ -64,6 +64,13 @@ with workflow.unsafe.imports_passed_through():
         SurveyRequest,
     )
 
+SURVEY_TIMEOUT = timedelta(minutes=1)
+"""A survey asks each server and Sentinel with a timeout of a few seconds each."""
+STREAMS_TIMEOUT = timedelta(minutes=30)
+"""Reading (or rebuilding) every stream against PostgreSQL's tasks: minutes on a large backlog."""
+PROMOTE_TIMEOUT = timedelta(minutes=2)
+"""``REPLICAOF NO ONE`` and ``CONFIG REWRITE``, each of which the server has 30 s to answer."""
+
 CHECK_SERVERS = "check the Redis servers"
 CHECK_ENDPOINT = "check the platform's Redis endpoint"
 COMPARE = "compare Redis with PostgreSQL"
@@ -159,7 +166,12 @@ class RedisFailure(Runbook):
         return await self.steps.run(req, lambda: self._recover(req))
 
     async def _recover(self, req: RedisFailureRequest) -> RunbookResult:
-        survey = await self.steps.check(CHECK_SERVERS, RedisNodeActivities.survey, SurveyRequest())
+        survey = await self.steps.check(
+            CHECK_SERVERS,
+            RedisNodeActivities.survey,
+            SurveyRequest(),
+            start_to_close_timeout=SURVEY_TIMEOUT,
+        )
         if len(survey.primaries()) > 1:
             raise self.steps.fail(
                 CHECK_SERVERS,
@@ -191,6 +203,7 @@ class RedisFailure(Runbook):
             COMPARE,
             RedisNodeActivities.compare_streams,
             StreamCheck(node=target, publish_grace_seconds=req.publish_grace_seconds),
+            start_to_close_timeout=STREAMS_TIMEOUT,
         )
         if not failover and not report.lost:
             return self.steps.finish(
@@ -242,13 +255,13 @@ class RedisFailure(Runbook):
                 publish_grace_seconds=req.publish_grace_seconds,
                 batch_size=req.rebuild_batch_size,
             ),
-            start_to_close_timeout=timedelta(minutes=30),
-            heartbeat_timeout=timedelta(seconds=60),
+            start_to_close_timeout=STREAMS_TIMEOUT,
         )
         await self.steps.act(
             MARKER,
             RedisNodeActivities.restore_marker,
             RestoreMarker(node=target, publish_grace_seconds=req.publish_grace_seconds),
+            start_to_close_timeout=STREAMS_TIMEOUT,
         )
         restarted_at = workflow.now()
         for deployment in CONSUMERS:
@@ -305,15 +318,22 @@ class RedisFailure(Runbook):
                 RedisNodeActivities.sentinel_failover,
                 SentinelFailover(away_from=current, timeout_seconds=req.failover_timeout_seconds),
                 start_to_close_timeout=timedelta(seconds=req.failover_timeout_seconds + 60),
-                heartbeat_timeout=timedelta(seconds=10),
             )
-        return await self.steps.act(FAIL_OVER, RedisNodeActivities.promote, Promote(node=target))
+        return await self.steps.act(
+            FAIL_OVER,
+            RedisNodeActivities.promote,
+            Promote(node=target),
+            start_to_close_timeout=PROMOTE_TIMEOUT,
+        )
 
     async def _verify(
         self, req: RedisFailureRequest, target: str, restarted_at: datetime, rebuilt: str
     ) -> RunbookResult:
         survey = await self.steps.verify(
-            VERIFY_PRIMARY, RedisNodeActivities.survey, SurveyRequest()
+            VERIFY_PRIMARY,
+            RedisNodeActivities.survey,
+            SurveyRequest(),
+            start_to_close_timeout=SURVEY_TIMEOUT,
         )
         if survey.primaries() != [target]:
             raise self.steps.fail(
@@ -326,6 +346,7 @@ class RedisFailure(Runbook):
             VERIFY_STREAMS,
             RedisNodeActivities.compare_streams,
             StreamCheck(node=target, publish_grace_seconds=req.publish_grace_seconds),
+            start_to_close_timeout=STREAMS_TIMEOUT,
         )
         if report.lost or report.duplicated:
             raise self.steps.fail(

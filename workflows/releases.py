@@ -24,6 +24,7 @@ from workflows.models import (
     RunbookRequest,
 )
 from workflows.steps import StepRunner, failure_message
+from workflows.timeouts import REMOTE_CALL_TIMEOUT
 
 with workflow.unsafe.imports_passed_through():
     from activities.access import AccessActivities, OpenIncidentsRequest
@@ -200,6 +201,7 @@ async def tell_rotation(steps: StepRunner, rotation: str, text: str) -> None:
             ROLLBACK_NOTICE,
             NotifyActivities.notify_rotation,
             RotationNotice(rotation=rotation, text=text),
+            start_to_close_timeout=REMOTE_CALL_TIMEOUT,
         )
     except ActivityError as err:
         steps.rollback_note += f"; telling {rotation} failed: {failure_message(err)}"

@@ -19,8 +19,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.kubernetes import KubernetesActivities
     from activities.mutation import MutationResult
 
-WAIT_HEARTBEAT = timedelta(seconds=30)
-
 
 def roll_steps(*deployments: str) -> list[str]:
     """The steps :func:`roll` takes for each Deployment, in order: for a runbook's catalogue
@@ -60,5 +58,4 @@ async def wait_for(
         KubernetesActivities.wait_rollout,
         RolloutWait(namespace=namespace, name=deployment, timeout_seconds=timeout_seconds),
         start_to_close_timeout=timedelta(seconds=timeout_seconds + 60),
-        heartbeat_timeout=WAIT_HEARTBEAT,
     )

@@ -183,5 +183,4 @@ class ShardScaling(Runbook):
                     timeout_seconds=req.rollout_timeout_seconds,
                 ),
                 start_to_close_timeout=timedelta(seconds=req.rollout_timeout_seconds + 60),
-                heartbeat_timeout=timedelta(seconds=30),
             )

@@ -15,7 +15,6 @@ from typing import Any, TypeVar, overload
 
 from pydantic import ValidationError
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 from temporalio.types import MethodAsyncSingleParam, MethodSyncSingleParam
 
@@ -39,6 +38,12 @@ from workflows.models import (
     StepState,
     StepStatus,
 )
+from workflows.timeouts import (
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT,
+    REMOTE_CALL_TIMEOUT,
+    heartbeat_timeout,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.access import (
@@ -59,15 +64,6 @@ M = TypeVar("M", bound=Mutation)
 R = TypeVar("R")
 """An activity's result."""
 
-DEFAULT_TIMEOUT = timedelta(minutes=2)
-DEFAULT_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=30),
-    maximum_attempts=5,
-)
-
-
 LEANER_RUNNER = "leaner-step-runner"
 """One patch for what the runner stopped doing per run in November 2026: admission as a local
 activity, and ``AstraStep`` set only by steps that change something or wait for people. Runs
@@ -76,6 +72,8 @@ begun before it replay the old way."""
 # A frozen run re-reads the kill switch this often, in case it missed the unfreeze broadcast.
 FREEZE_RECHECK = timedelta(seconds=30)
 ADMIT_TIMEOUT = timedelta(seconds=30)
+"""Admission runs as a local activity: a worker that dies inside it fails the workflow task, which
+times out on its own (10 s); this only bounds a slow policy read or Temporal lookup."""
 # An undo that fails, or hits a bug, leaves the rollback incomplete: said so, never hidden.
 UNDO_ERRORS: tuple[type[Exception], ...] = (ActivityError, *CODE_ERRORS)
 
@@ -241,7 +239,7 @@ class StepRunner:
             admission = await workflow.execute_activity_method(
                 AccessActivities.admit,
                 admit,
-                start_to_close_timeout=ADMIT_TIMEOUT,
+                start_to_close_timeout=DEFAULT_TIMEOUT,
                 retry_policy=DEFAULT_RETRY,
                 summary="check the access policy",
             )
@@ -395,7 +393,7 @@ class StepRunner:
             except TimeoutError:
                 self.frozen = await workflow.execute_activity_method(
                     AccessActivities.freeze_state,
-                    start_to_close_timeout=ADMIT_TIMEOUT,
+                    start_to_close_timeout=DEFAULT_TIMEOUT,
                     retry_policy=DEFAULT_RETRY,
                     summary="is the kill switch still on?",
                 )
@@ -455,6 +453,10 @@ class StepRunner:
     # Each kind is typed as ``workflow.execute_activity_method`` is: an activity method (async
     # or not) of one argument, the argument it takes, and what it returns; so mypy checks what
     # a runbook passes to a step and how it uses the answer.
+    #
+    # ``start_to_close_timeout`` is how long the step's activity may take. Past DEFAULT_TIMEOUT
+    # the step is a long one: its activity must heartbeat, and the runner gives it the heartbeat
+    # timeout that tells a dead worker within seconds (workflows/timeouts.py).
 
     @overload
     async def check(
@@ -464,7 +466,6 @@ class StepRunner:
         arg: A,
         *,
         start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
-        heartbeat_timeout: timedelta | None = None,
     ) -> R: ...
 
     @overload
@@ -475,7 +476,6 @@ class StepRunner:
         arg: A,
         *,
         start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
-        heartbeat_timeout: timedelta | None = None,
     ) -> R: ...
 
     async def check(
@@ -485,10 +485,9 @@ class StepRunner:
         arg: Any,
         *,
         start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
-        heartbeat_timeout: timedelta | None = None,
     ) -> Any:
         """A read-only step: runs in dry-run too, because its answer drives what comes next."""
-        return await self._step(name, activity, arg, start_to_close_timeout, heartbeat_timeout)
+        return await self._step(name, activity, arg, start_to_close_timeout)
 
     @overload
     async def act(
@@ -498,7 +497,6 @@ class StepRunner:
         arg: M,
         *,
         start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
-        heartbeat_timeout: timedelta | None = None,
     ) -> R: ...
 
     @overload
@@ -509,7 +507,6 @@ class StepRunner:
         arg: M,
         *,
         start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
-        heartbeat_timeout: timedelta | None = None,
     ) -> R: ...
 
     async def act(
@@ -519,7 +516,6 @@ class StepRunner:
         arg: Mutation,
         *,
         start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
-        heartbeat_timeout: timedelta | None = None,
     ) -> Any:
         """A mutating step, told to only report in dry-run, with a token that makes retries safe.
 
@@ -535,9 +531,7 @@ class StepRunner:
                 "token": f"{info.workflow_id}/{info.run_id}/{name}",
             }
         )
-        return await self._step(
-            name, activity, arg, start_to_close_timeout, heartbeat_timeout, changes=True
-        )
+        return await self._step(name, activity, arg, start_to_close_timeout, changes=True)
 
     @overload
     async def verify(
@@ -547,7 +541,6 @@ class StepRunner:
         arg: A,
         *,
         start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
-        heartbeat_timeout: timedelta | None = None,
     ) -> R: ...
 
     @overload
@@ -558,7 +551,6 @@ class StepRunner:
         arg: A,
         *,
         start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
-        heartbeat_timeout: timedelta | None = None,
     ) -> R: ...
 
     async def verify(
@@ -568,7 +560,6 @@ class StepRunner:
         arg: Any,
         *,
         start_to_close_timeout: timedelta = DEFAULT_TIMEOUT,
-        heartbeat_timeout: timedelta | None = None,
     ) -> Any:
         """Confirm the world reached the goal.
 
@@ -580,7 +571,7 @@ class StepRunner:
                 f"step '{name}' verifies in a dry-run, which changed nothing to verify; the "
                 "runbook must finish before its verify steps when request.dry_run is set"
             )
-        return await self._step(name, activity, arg, start_to_close_timeout, heartbeat_timeout)
+        return await self._step(name, activity, arg, start_to_close_timeout)
 
     @overload
     async def call(
@@ -704,7 +695,12 @@ class StepRunner:
             text=f"{self.runbook} run {workflow.info().workflow_id}: {incomplete}",
         )
         try:
-            await self.act(step, NotifyActivities.notify_rotation, notice)
+            await self.act(
+                step,
+                NotifyActivities.notify_rotation,
+                notice,
+                start_to_close_timeout=REMOTE_CALL_TIMEOUT,
+            )
         except ActivityError as err:
             self.rollback_note += f"; telling {self.rotation} failed too: {failure_message(err)}"
 
@@ -716,7 +712,6 @@ class StepRunner:
         activity: Callable[..., Any],
         arg: Any,
         start_to_close_timeout: timedelta,
-        heartbeat_timeout: timedelta | None,
         *,
         changes: bool = False,
     ) -> Any:
@@ -728,7 +723,7 @@ class StepRunner:
                 arg,
                 task_queue=task_queue_for(activity),
                 start_to_close_timeout=start_to_close_timeout,
-                heartbeat_timeout=heartbeat_timeout,
+                heartbeat_timeout=heartbeat_timeout(start_to_close_timeout),
                 retry_policy=DEFAULT_RETRY,
                 summary=summary,
             )

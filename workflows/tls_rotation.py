@@ -37,6 +37,7 @@ from workflows.models import (
 )
 from workflows.rollouts import roll, roll_steps
 from workflows.runbook import Runbook, RunbookSpec
+from workflows.timeouts import DEFAULT_TIMEOUT
 
 with workflow.unsafe.imports_passed_through():
     from activities.tls import (
@@ -51,6 +52,13 @@ with workflow.unsafe.imports_passed_through():
 
 TLS_SERVICES = ["agent-service", "goal-service", "gateway"]
 """The platform contract's services that serve TLS, each with a ``<name>-tls`` Secret."""
+SCAN_PER_SERVICE = timedelta(seconds=15)
+"""A scan's work per service: a handshake (5 s at most by default) and a Secret read."""
+
+
+def scan_timeout(services: list[str]) -> timedelta:
+    """How long scanning ``services``' certificates may take (the scan heartbeats)."""
+    return DEFAULT_TIMEOUT + len(services) * SCAN_PER_SERVICE
 
 
 class TlsRotationRequest(RunbookRequest):
@@ -118,6 +126,7 @@ class TlsRotation(Runbook):
                 services=req.services,
                 window_share=req.renewal_window_share,
             ),
+            start_to_close_timeout=scan_timeout(req.services),
         )
         if req.rollback:
             return await self._roll_back(req, scan)
@@ -247,7 +256,6 @@ class TlsRotation(Runbook):
                 timeout_seconds=req.verify_timeout_seconds,
             ),
             start_to_close_timeout=timedelta(seconds=req.verify_timeout_seconds + 60),
-            heartbeat_timeout=timedelta(seconds=30),
         )
         if not verdict.ok:
             raise self.steps.fail(

@@ -25,9 +25,10 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from runtime import search_attributes as sa
 from workflows.models import MAX_COMMENT, TLS_SCAN_WORKFLOW, KubernetesLabel, RunbookResult
-from workflows.steps import ADMIT_TIMEOUT, DEFAULT_RETRY, DEFAULT_TIMEOUT, task_queue_for
+from workflows.steps import task_queue_for
+from workflows.timeouts import DEFAULT_RETRY, DEFAULT_TIMEOUT, heartbeat_timeout
 from workflows.tls_rotation import SPEC as TLS_ROTATION
-from workflows.tls_rotation import TlsRotationRequest
+from workflows.tls_rotation import TlsRotationRequest, scan_timeout
 
 with workflow.unsafe.imports_passed_through():
     from activities.incident import IncidentActivities, RunbookPlanRequest
@@ -62,7 +63,7 @@ class TlsScan:
                 reason="the daily certificate scan",
                 params={"namespace": req.namespace},
             ),
-            start_to_close_timeout=ADMIT_TIMEOUT,
+            start_to_close_timeout=DEFAULT_TIMEOUT,
             retry_policy=DEFAULT_RETRY,
             summary=f"plan {TLS_ROTATION.name} of {req.namespace}",
         )
@@ -77,7 +78,8 @@ class TlsScan:
                 window_share=rotation.renewal_window_share,
             ),
             task_queue=task_queue_for(TlsActivities.scan_certificates),
-            start_to_close_timeout=DEFAULT_TIMEOUT,
+            start_to_close_timeout=scan_timeout(rotation.services),
+            heartbeat_timeout=heartbeat_timeout(scan_timeout(rotation.services)),
             retry_policy=DEFAULT_RETRY,
             summary=f"scan the certificates of {rotation.namespace}",
         )

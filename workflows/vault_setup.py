@@ -21,6 +21,8 @@ Rollback: none. Written secret versions stay in KV-v2's history (a person restor
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from pydantic import Field
 from temporalio import workflow
 
@@ -54,6 +56,10 @@ with workflow.unsafe.imports_passed_through():
         VaultCheck,
         WritePolicy,
     )
+
+ISSUE_TIMEOUT = timedelta(minutes=10)
+"""Issuing the platform's credential; a retried attempt first revokes what the earlier one issued,
+found by looking up every token's accessor, one request each."""
 
 SERVICES = ["astra-scheduler", "astra-worker", "agent-service", "goal-service", "gateway"]
 """The platform contract's Deployments, which all read ``astra-vault``."""
@@ -278,6 +284,7 @@ class VaultSetup(Runbook):
             f"update {req.secret}",
             VaultActivities.issue_credential,
             IssueCredential(**platform.model_dump()),
+            start_to_close_timeout=ISSUE_TIMEOUT,
         )
         for service in req.services:
             if service not in restarted:

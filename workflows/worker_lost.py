@@ -157,7 +157,6 @@ class WorkerLost(Runbook):
                 worker_id=worker, leased_before=leases.as_of, batch_size=req.requeue_batch_size
             ),
             start_to_close_timeout=timedelta(minutes=30),
-            heartbeat_timeout=timedelta(seconds=60),
         )
         if pod_deleted:
             await self.steps.act(

@@ -1,0 +1,116 @@
+"""The production worker with one fault of bench/recovery.py: it SIGKILLs its own process inside
+one activity of one run, as a node that dies or an OOM kill would end it.
+
+``ASTRA_BENCH_KILL_AT`` names the run's workflow id, the activity's id in that run (ids follow
+the order a run schedules its activities, so a run of the same shape gives the same step the same
+id) and how many seconds into the activity's first attempt to die. If the activity returns (or
+fails) before then, the process dies right after, before the worker reports the result: the
+activity's effect happened, and Temporal does not know. Without the variable it is a plain
+worker, the one that takes over.
+
+The fault sits in an activity interceptor that joins the worker's own
+(``workers.worker.running_worker``): nothing in production code knows of it.
+
+    ASTRA_OPS_...=... python bench/trapped_worker.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from temporalio import activity
+from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
+
+from runtime.client import connect
+from runtime.settings import load_settings
+from workers.worker import running_worker
+
+KILL_AT = "ASTRA_BENCH_KILL_AT"
+POLLING = "worker polling since"
+"""The line (with the epoch time) the bench reads to learn when this worker began to poll."""
+DYING = "SIGKILL:"
+"""The line the worker writes just before it kills itself, saying where."""
+
+log = logging.getLogger("trapped_worker")
+
+
+@dataclass(frozen=True)
+class Trap:
+    workflow_id: str
+    activity_id: str
+    delay: float
+
+    def encode(self) -> str:
+        return f"{self.workflow_id} {self.activity_id} {self.delay:.6f}"
+
+    @classmethod
+    def parse(cls, text: str) -> Trap:
+        workflow_id, activity_id, delay = text.split()
+        return cls(workflow_id, activity_id, float(delay))
+
+
+def die(where: str) -> None:
+    log.warning("%s %s", DYING, where)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillInActivity(ActivityInboundInterceptor):
+    def __init__(self, next: ActivityInboundInterceptor, trap: Trap) -> None:
+        super().__init__(next)
+        self.trap = trap
+
+    async def execute_activity(self, input: ExecuteActivityInput) -> Any:
+        info = activity.info()
+        if (
+            info.is_local
+            or info.attempt != 1
+            or (info.workflow_id, info.activity_id)
+            != (self.trap.workflow_id, self.trap.activity_id)
+        ):
+            return await self.next.execute_activity(input)
+        # A timer thread: it fires whether the activity runs on this event loop or on a thread
+        # of the executor, and whatever either is doing.
+        where = f"{info.activity_type} {self.trap.delay:.3f} s into its first attempt"
+        timer = threading.Timer(self.trap.delay, die, [where])
+        timer.start()
+        try:
+            return await self.next.execute_activity(input)
+        finally:
+            timer.cancel()
+            die(f"{info.activity_type} ended, before its result was reported")
+
+
+class Trapped(Interceptor):
+    def __init__(self, trap: Trap) -> None:
+        self.trap = trap
+
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
+        return KillInActivity(next, self.trap)
+
+
+async def main() -> None:
+    settings = load_settings()
+    trap = Trap.parse(os.environ[KILL_AT]) if os.environ.get(KILL_AT) else None
+    client = await connect(settings)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    traps = [Trapped(trap)] if trap is not None else []
+    with ThreadPoolExecutor(max_workers=16) as executor:
+        async with running_worker(client, settings, executor, interceptors=traps):
+            log.info("%s %.3f", POLLING, time.time())
+            await stop.wait()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(created).3f %(name)s %(message)s")
+    asyncio.run(main())
