@@ -95,18 +95,25 @@ def notification_failed(meter: MetricMeter, channel: str) -> None:
 
 
 def worker_started(
-    meter: MetricMeter, namespace: str, task_queue: str, runbooks: Iterable[str]
+    meter: MetricMeter,
+    namespace: str,
+    polled: list[str],
+    runs_queue: str | None,
+    runbooks: Iterable[str],
 ) -> None:
-    """Say that this process polls ``task_queue`` (the alert on no worker at all reads it), and
+    """Say which task queues this process polls (the alerts on no worker of a kind read it), and
+    on the queue its runs are on (``runs_queue``, None for a privileged worker, which runs none)
     start at 0 the series the alert rules watch, labelled as each run's meter labels them (the
     SDK adds namespace, task_queue and workflow_type): ``increase()`` cannot see a counter's
     first step from absent to 1, so the first failed run after a worker starts would go unseen.
     """
-    meter.create_gauge(WORKER_UP, "1 while this worker polls its task queue.").set(
-        1, {"task_queue": task_queue}
-    )
+    up = meter.create_gauge(WORKER_UP, "1 while this worker polls the task queue.")
+    for task_queue in polled:
+        up.set(1, {"task_queue": task_queue})
+    if runs_queue is None:
+        return
     for runbook in runbooks:
-        where = {"namespace": namespace, "task_queue": task_queue, "workflow_type": runbook}
+        where = {"namespace": namespace, "task_queue": runs_queue, "workflow_type": runbook}
         RunMetrics(meter.with_additional_attributes(where)).zero(runbook)
 
 

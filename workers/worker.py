@@ -308,23 +308,21 @@ async def run_worker(settings: Settings) -> None:
             loop.add_signal_handler(sig, stop.set)
         with ThreadPoolExecutor(max_workers=16) as executor:
             async with running_worker(client, settings, executor):
+                queue, kind = settings.task_queue, settings.worker_kind
+                polled = [queue] if kind != "privileged" else []
+                polled += [privileged_queue(queue)] if kind != "standard" else []
                 if telemetry.runtime is not None:
                     worker_started(
                         telemetry.runtime.metric_meter,
                         settings.temporal_namespace,
-                        settings.task_queue,
+                        polled,
+                        queue if kind != "privileged" else None,
                         RUNBOOKS,
                     )
                 log.info(
                     "%s worker polling %s at %s%s",
-                    settings.worker_kind,
-                    " and ".join(
-                        {
-                            "all": [settings.task_queue, privileged_queue(settings.task_queue)],
-                            "standard": [settings.task_queue],
-                            "privileged": [privileged_queue(settings.task_queue)],
-                        }[settings.worker_kind]
-                    ),
+                    kind,
+                    " and ".join(polled),
                     settings.temporal_address,
                     f"; metrics at http://{settings.worker_metrics_address}/metrics"
                     if settings.worker_metrics_address
