@@ -12,7 +12,7 @@ output: a result, not something to hide. The sizes are reduced from the benchmar
 run at full size by hand with the command shown.
 
     .venv/bin/python bench/report.py [--only step_overhead,cli_latency] [--out bench/RESULTS.md]
-        [--proof bench/proof.json]
+        [--proof bench/proof.json] [--page-only]
 """
 
 from __future__ import annotations
@@ -243,7 +243,33 @@ def page(results: list[Ran], proof: Path, began: datetime, total: float, load: s
     return "\n".join(lines) + "\n"
 
 
-async def main(only: list[str] | None, out: Path, proof: Path) -> None:
+def save(path: Path, results: list[Ran], began: datetime, seconds: float, load: str) -> None:
+    """The benchmarks' outputs, so that ``--page-only`` can write the page again (after a new
+    `make proof`) without running them again."""
+    runs = [
+        {"name": r.bench.name, "seconds": r.seconds, "returncode": r.returncode, "output": r.output}
+        for r in results
+    ]
+    record = {"began": began.isoformat(), "seconds": seconds, "load": load, "runs": runs}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def saved(path: Path) -> tuple[list[Ran], datetime, float, str]:
+    record = json.loads(path.read_text())
+    benches = {b.name: b for b in BENCHMARKS}
+    results = [
+        Ran(benches[r["name"]], r["seconds"], r["returncode"], r["output"]) for r in record["runs"]
+    ]
+    return results, datetime.fromisoformat(record["began"]), record["seconds"], record["load"]
+
+
+async def main(only: list[str] | None, out: Path, proof: Path, page_only: bool) -> None:
+    runs_file = out.with_suffix(".json")
+    if page_only:
+        results, began, seconds, load = saved(runs_file)
+        out.write_text(page(results, proof, began, seconds, load))
+        print(f"written to {out} from {runs_file}")
+        return
     began, start, load = datetime.now(UTC), time.monotonic(), load_average()
     chosen = [b for b in BENCHMARKS if only is None or b.name in only]
     if only and (unknown := set(only) - {b.name for b in BENCHMARKS}):
@@ -255,8 +281,10 @@ async def main(only: list[str] | None, out: Path, proof: Path) -> None:
         ran = await run(bench)
         print(f"  {ran.status} in {ran.seconds:.0f} s", flush=True)
         results.append(ran)
-    out.write_text(page(results, proof, began, time.monotonic() - start, load))
-    print(f"written to {out}")
+    seconds = time.monotonic() - start
+    save(runs_file, results, began, seconds, load)
+    out.write_text(page(results, proof, began, seconds, load))
+    print(f"written to {out} (the outputs to {runs_file})")
 
 
 if __name__ == "__main__":
@@ -267,5 +295,10 @@ if __name__ == "__main__":
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--proof", type=Path, default=HERE / "proof.json")
+    parser.add_argument(
+        "--page-only", action="store_true",
+        help="write the page again from the outputs the last run saved (RESULTS.json) and the "
+        "current proof.json, running nothing",
+    )  # fmt: skip
     args = parser.parse_args()
-    asyncio.run(main(args.only, args.out, args.proof))
+    asyncio.run(main(args.only, args.out, args.proof, args.page_only))
