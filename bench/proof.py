@@ -1,9 +1,11 @@
 """Proof by fault injection (`make proof`): runs whose worker or server dies mid-run, and what
 the targets say afterwards.
 
-Three kinds of trial, each a Shard Scaling run on a namespace of its own on the sandbox cluster
-(this covers one runbook of the catalogue; the others need the whole sandbox Astra, see the
-report's "not covered"):
+Three kinds of trial, each a Shard Scaling run on a namespace of its own on the sandbox cluster.
+Not covered yet: the other runbooks (they need the whole sandbox Astra: PostgreSQL, Redis, the
+chat receiver, OpenBao; worker-lost, high-error-rate, dead-letter-repair, llm-cost-spike,
+tls-rotation and canary-upgrade are next), the server killed during a canary window or an
+escalation wait, and target faults (the Kubernetes API answering 500 or 409 for a while).
 
 - ``worker``: bench/recovery.py's trial, ``--trials`` times (``PROOF_TRIALS``, default 100): the
   worker SIGKILLs itself at a random moment of a random step (or dies while the run waits for
