@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test check docs pytest bench services clean
+.PHONY: install run test check docs pytest bench proof services clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ pytest: install
 bench: install
 	$(BIN)/python bench/step_overhead.py
 	$(BIN)/python bench/cli_latency.py
+
+# Fault injection (long: about half a minute a trial; not part of `make test`, whose
+# tests/test_worker_recovery.py kills a worker inside one step): PROOF_TRIALS worker kills, two
+# workers under load, the dev server killed; the summary goes to bench/proof.json.
+PROOF_TRIALS ?= 100
+
+proof: install
+	PROOF_TRIALS=$(PROOF_TRIALS) $(BIN)/python bench/proof.py
 
 clean:
 	rm -rf $(VENV) .astra .mypy_cache .ruff_cache .pytest_cache

@@ -108,8 +108,8 @@ async def scratch_database() -> AsyncIterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def wait_until_listening(port: int) -> None:
-    deadline = time.monotonic() + 30
+async def wait_until_listening(port: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
     while True:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -135,7 +135,9 @@ async def sandbox_cluster(
         sys.executable, "-c", SERVE_KUBE, str(port), str(rollout_seconds), *namespaces
     )
     try:
-        await wait_until_listening(port)
+        # Seeding a namespace takes up to a second or two on a loaded machine: a proof of 100
+        # trials seeds over a hundred before it listens.
+        await wait_until_listening(port, 30 + 2 * len(namespaces))
         yield f"http://127.0.0.1:{port}", kube.pid
     finally:
         kube.terminate()
