@@ -184,6 +184,13 @@ def _image(deployment: Any) -> str:
     return str(deployment.spec.template.spec.containers[0].image)
 
 
+def _image_template(deployment: Any, image: str) -> dict[str, Any]:
+    """The pod template patch that puts the first container (the one :func:`_image` reads) on
+    ``image``, matched by its name as a strategic merge needs."""
+    container = deployment.spec.template.spec.containers[0].name
+    return {"spec": {"containers": [{"name": container, "image": image}]}}
+
+
 def _owned(pod: Any, deployment: str) -> bool:
     """Whether a pod belongs to ``deployment``'s own ReplicaSets (named ``<deployment>-<hash>``),
     not to another Deployment whose selector overlaps, as a canary's does the stable's."""
@@ -646,13 +653,7 @@ class KubernetesActivities:
                 lambda: self.apps.create_namespaced_deployment(req.namespace, body),
             )
             return MutationResult(changed=True, detail=f"created {target}: {goal}")
-        container = canary.spec.template.spec.containers[0].name
-        patch = {
-            "spec": {
-                "replicas": req.replicas,
-                "template": {"spec": {"containers": [{"name": container, "image": req.image}]}},
-            }
-        }
+        patch = {"spec": {"replicas": req.replicas, "template": _image_template(canary, req.image)}}
         self._call(
             "scale Deployment",
             target,
@@ -702,7 +703,6 @@ class KubernetesActivities:
             )
         if req.dry_run:
             return MutationResult(changed=False, detail=f"would roll {target} onto {req.image}")
-        container = deployment.spec.template.spec.containers[0].name
         patch = {
             "metadata": {
                 "annotations": {
@@ -710,9 +710,7 @@ class KubernetesActivities:
                     CHANGE_CAUSE: f"astra-ops: {current} -> {req.image}",
                 }
             },
-            "spec": {
-                "template": {"spec": {"containers": [{"name": container, "image": req.image}]}}
-            },
+            "spec": {"template": _image_template(deployment, req.image)},
         }
         self._call(
             "change image of Deployment",
@@ -858,13 +856,9 @@ class KubernetesActivities:
                 lambda: self.apps.create_namespaced_deployment(req.namespace, body),
             )
             return MutationResult(changed=True, detail=f"created {target}: {goal}")
-        container = existing.spec.template.spec.containers[0].name
         patch = {
             "metadata": {"annotations": {IMAGE_SET_BY: req.token}},
-            "spec": {
-                "replicas": req.replicas,
-                "template": {"spec": {"containers": [{"name": container, "image": req.image}]}},
-            },
+            "spec": {"replicas": req.replicas, "template": _image_template(existing, req.image)},
         }
         self._call(
             "change image of Deployment",
