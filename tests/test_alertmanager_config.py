@@ -30,6 +30,7 @@ from tests.monitoring import ALERTMANAGER_CONFIG, RULES, alertmanager_config, pr
 from tests.monitoring import alertmanager as running_alertmanager
 from tests.test_api import ALERTMANAGER
 from tests.test_cli import api_url
+from workers.worker import workflow_runner
 from workflows.incident_models import incident_id_for_group
 
 __all__ = ["api_url"]  # the API served on loopback, shared with test_cli
@@ -103,7 +104,12 @@ async def test_alertmanager_opens_an_incident_through_the_api_and_resolves_it(
     group_key = f'{{}}:{{alertname="AstraWorkerLost", worker_id="{worker_id}"}}'
     incident = incident_id_for_group(group_key)
     async with (
-        Worker(client, task_queue=settings.task_queue, workflows=[IncidentStub]),
+        Worker(
+            client,
+            task_queue=settings.task_queue,
+            workflows=[IncidentStub],
+            workflow_runner=workflow_runner(),
+        ),
         httpx.AsyncClient() as http,
     ):
         assert (await http.post(f"{alertmanager}/api/v2/alerts", json=[alert])).is_success

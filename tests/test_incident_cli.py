@@ -14,13 +14,19 @@ from temporalio.worker import Worker
 from runtime.settings import Settings
 from tests.incident_stub import DevIncidentStub, IncidentStub, Received
 from tests.test_cli import Cli, api_url, cli
+from workers.worker import workflow_runner
 
 __all__ = ["api_url", "cli"]  # the CLI fixtures, shared with test_cli
 
 
 @pytest.fixture
 async def stub(client: Client, settings: Settings) -> AsyncIterator[Worker]:
-    async with Worker(client, task_queue=settings.task_queue, workflows=[IncidentStub]) as w:
+    async with Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[IncidentStub],
+        workflow_runner=workflow_runner(),
+    ) as w:
         yield w
 
 
@@ -132,7 +138,12 @@ async def test_dev_mode_talks_to_temporal_and_trusts_as(
     cli: Cli, client: Client, settings: Settings
 ) -> None:
     dev = Cli({**cli.env, "ASTRA_OPS_DEV_MODE": "true"})
-    async with Worker(client, task_queue=settings.task_queue, workflows=[DevIncidentStub]):
+    async with Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[DevIncidentStub],
+        workflow_runner=workflow_runner(),
+    ):
         opened = await dev(
             "incident", "open", "--severity", "SEV2", "--title", "redis replica lost",
             "--as", "alice", "--json", user="",

@@ -30,6 +30,7 @@ from starters.incidents import act_of, incident_from_alerts
 from tests.conftest_kube import eventually
 from tests.incident_stub import IncidentStub, Received
 from tests.test_api import ALERT_SENDERS, ALERTMANAGER, TOKENS, asgi, auth
+from workers.worker import workflow_runner
 from workflows.incident_models import (
     ActionKind,
     AlertNotification,
@@ -70,7 +71,12 @@ async def api(api_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def stub(client: Client, settings: Settings) -> AsyncIterator[Worker]:
     """The stand-in incident workflow on this test's task queue, trusting the API's key."""
-    async with Worker(client, task_queue=settings.task_queue, workflows=[IncidentStub]) as w:
+    async with Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[IncidentStub],
+        workflow_runner=workflow_runner(),
+    ) as w:
         yield w
 
 

@@ -33,6 +33,7 @@ from starters.schedules import TLS_SCAN_SCHEDULE_ID, register_schedules
 from tests.conftest_kube import KubeSandbox, eventually, sandbox_ca
 from tests.helpers import awaiting_approval, handle_of, status
 from tests.test_runbook_tls_rotation import rolled_onto, tls_worker
+from workers.worker import workflow_runner
 from workflows.models import TLS_SCAN_WORKFLOW
 from workflows.tls_rotation import TlsRotationRequest
 from workflows.tls_scan import TlsScanRequest, TlsScanResult
@@ -177,7 +178,12 @@ async def test_a_scan_parent_cannot_start_the_rotation_in_a_persons_name(
     stub_queue = f"{settings.task_queue}-stub"
     async with (
         tls_worker(client, settings),
-        Worker(client, task_queue=stub_queue, workflows=[ScanClaimingAPerson]),
+        Worker(
+            client,
+            task_queue=stub_queue,
+            workflows=[ScanClaimingAPerson],
+            workflow_runner=workflow_runner(),
+        ),
     ):
         refused = await client.execute_workflow(
             ScanClaimingAPerson.run,

@@ -18,7 +18,7 @@ from kubernetes import config as k8s_config
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Interceptor, Worker, WorkflowRunner
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from temporalio.worker.workflow_sandbox import SandboxRestrictions
 
 from activities.access import AccessActivities, Trust
 from activities.communication import CommunicationActivities
@@ -43,6 +43,7 @@ from runtime.redact import redact_logs
 from runtime.settings import Settings, SettingsError
 from runtime.telemetry import process_telemetry
 from workers.log_context import StepContext, record_context
+from workers.sandbox import ImportSafeSandboxRunner
 from workflows.catalogue import RUNBOOKS
 from workflows.errors import CODE_ERRORS
 from workflows.incident import Incident
@@ -121,7 +122,7 @@ def activities_of_class(cls: type) -> list[str]:
     ]
 
 
-def workflow_runner() -> SandboxedWorkflowRunner:
+def workflow_runner() -> ImportSafeSandboxRunner:
     """The sandbox every worker and replayer runs workflows in.
 
     The sandbox imports a workflow's modules afresh for every run. What every runbook shares is
@@ -133,8 +134,9 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     shared the same way: every incident opened re-imported them. Each workflow's own module stays
     in the sandbox, with its checks.
     cryptography's native bindings (signature checks) cannot be loaded twice in one process.
+    The garbage collector is held off while it imports (workers/sandbox.py).
     """
-    return SandboxedWorkflowRunner(
+    return ImportSafeSandboxRunner(
         restrictions=SandboxRestrictions.default.with_passthrough_modules(
             "workflows.models",
             "workflows.incident_models",
