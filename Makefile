@@ -1,4 +1,5 @@
-# The two commands of the README: `make run` (the whole stack) and `make test` (the whole suite).
+# The two commands of the README: `make run` (the whole stack) and `make test` (the suite bar
+# the tests marked slow, which `make proof` runs).
 VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
@@ -34,19 +35,22 @@ docs: install
 # servers rather than the CPU, so two share a 2-core machine well (about half the time of one).
 PYTEST_WORKERS ?= 2
 
+# The tests marked slow run in `make proof` (pyproject.toml says which and why).
 pytest: install
-	$(BIN)/pytest -n $(PYTEST_WORKERS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "not slow"
 
 bench: install
 	$(BIN)/python bench/step_overhead.py
 	$(BIN)/python bench/cli_latency.py
 
-# Fault injection (long: about half a minute a trial; not part of `make test`, whose
-# tests/test_worker_recovery.py kills a worker inside one step): PROOF_TRIALS worker kills, two
-# workers under load, the dev server killed; the summary goes to bench/proof.json.
+# The long proof: the tests marked slow, then fault injection (about half a minute a trial; not
+# part of `make test`, whose tests/test_worker_recovery.py kills a worker inside one step):
+# PROOF_TRIALS worker kills, two workers under load, the dev server killed; the summary goes to
+# bench/proof.json.
 PROOF_TRIALS ?= 100
 
 proof: install
+	$(BIN)/pytest -n $(PYTEST_WORKERS) -m slow
 	PROOF_TRIALS=$(PROOF_TRIALS) $(BIN)/python bench/proof.py
 
 clean:

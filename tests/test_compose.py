@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 import jsonschema  # type: ignore[import-untyped]
+import pytest
 import yaml
 
 from runtime.settings import ENV_PREFIX, REPO_ROOT, Settings
@@ -309,6 +310,7 @@ async def compose_up(tmp: Path, moved: Relocation) -> AsyncIterator[Stack]:
         await stack.stop()
 
 
+@pytest.mark.slow
 async def test_the_services_run_a_runbook_together(
     tmp_path: Path, new_database: NewDatabase, data_servers: DataPlane, redis_prefix: str
 ) -> None:

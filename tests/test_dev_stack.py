@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+import pytest
 
 from runtime.data_plane import DataPlaneTopology
 from runtime.migrations import ASTRA, STATE, VERSIONS_TABLE, migrations
@@ -124,6 +125,7 @@ async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
         await eventually(completed, timeout=60, message="run completed after restart")
 
 
+@pytest.mark.slow
 async def test_dev_stack_runs_its_own_servers_where_none_answer(tmp_path: Path) -> None:
     """On a machine with only Python: nothing answers at the configured addresses, so the stack
     starts PostgreSQL and Redis of its own, and a lost worker is repaired on them."""

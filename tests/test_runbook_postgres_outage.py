@@ -213,6 +213,7 @@ async def test_a_killed_synchronous_primary_fails_over_unattended_and_loses_noth
         assert await AstraDatabase(pg_dsn, topology).dsn() == pg_dsn
 
 
+@pytest.mark.slow
 async def test_a_killed_asynchronous_primary_fails_over_with_two_approvers_losing_what_it_said(
     client: Client,
     task_queue: str,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import pytest
 import redis.asyncio as aioredis
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
@@ -243,6 +244,7 @@ async def test_a_dry_run_reports_and_changes_nothing(
         assert await stage.queued("replica") == before
 
 
+@pytest.mark.slow
 async def test_sentinel_fails_over_and_the_runbook_follows_it(
     client: Client,
     task_queue: str,

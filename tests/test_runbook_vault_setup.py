@@ -298,6 +298,7 @@ def unspent_secret_ids(root: hvac.Client, role: str) -> list[str]:
     return list(listed["data"]["keys"])
 
 
+@pytest.mark.slow
 async def test_an_approle_login_gives_the_platform_its_token_and_no_secret_id_outlives_the_run(
     runs: Runs,
     client: Client,
