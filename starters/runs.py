@@ -6,8 +6,10 @@ HTTP status and a JSON body) while meaning the same thing.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from datetime import timedelta
@@ -193,30 +195,50 @@ def refused(err: WorkflowUpdateFailedError) -> RunError:
 async def send_update(
     handle: WorkflowHandle[Any, Any], name: str, arg: BaseModel, what: str
 ) -> str:
-    """Run an update on ``what`` (``run x``, ``incident y``) and return what it says."""
-    try:
-        said: str = await handle.execute_update(
-            name, arg, result_type=str, rpc_timeout=UPDATE_TIMEOUT
+    """Run an update on ``what`` (``run x``, ``incident y``) and return what it says.
+
+    The server turns an update away with FAILED_PRECONDITION when the run's workflow task is
+    not in a state to take it: the run is starting, its worker just went, or the task that
+    carried the update failed because an event arrived meanwhile (a signal racing a run's last
+    task: "unexpected workflow task failure"). The update was not applied, so it is sent again
+    under the same update id (the server applies an id once) until ``UPDATE_TIMEOUT``; only then
+    is the person told to try again.
+    """
+    update_id = str(uuid.uuid4())
+    deadline = time.monotonic() + UPDATE_TIMEOUT.total_seconds()
+    pause = 0.05
+    while True:
+        left = timedelta(seconds=max(deadline - time.monotonic(), 1.0))
+        try:
+            said: str = await handle.execute_update(
+                name, arg, id=update_id, result_type=str, rpc_timeout=left
+            )
+        except WorkflowUpdateFailedError as err:
+            raise refused(err) from None
+        except RPCError as err:
+            if err.status == RPCStatusCode.FAILED_PRECONDITION and time.monotonic() < deadline:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
+            raise _update_error(err, what) from None
+        return said
+
+
+def _update_error(err: RPCError, what: str) -> Exception:
+    """What to tell a person whose update the server did not take."""
+    if err.status == RPCStatusCode.NOT_FOUND:
+        return DecisionRefused(f"{what} closed before the request reached it")
+    if err.status == RPCStatusCode.DEADLINE_EXCEEDED:
+        return DecisionRefused(
+            f"{what} did not take the request within "
+            f"{UPDATE_TIMEOUT.total_seconds():g}s; is a worker running? Nothing changed"
         )
-    except WorkflowUpdateFailedError as err:
-        raise refused(err) from None
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            raise DecisionRefused(f"{what} closed before the request reached it") from None
-        if err.status == RPCStatusCode.DEADLINE_EXCEEDED:
-            raise DecisionRefused(
-                f"{what} did not take the request within "
-                f"{UPDATE_TIMEOUT.total_seconds():g}s; is a worker running? Nothing changed"
-            ) from None
-        if err.status == RPCStatusCode.FAILED_PRECONDITION:
-            # The server's WorkflowNotReady: the run's latest workflow task has not completed
-            # (it is starting, or its worker just went).
-            raise DecisionRefused(
-                f"{what} is not ready to take requests yet ({err.message}); try again in a "
-                "moment. Nothing changed"
-            ) from None
-        raise
-    return said
+    if err.status == RPCStatusCode.FAILED_PRECONDITION:
+        return DecisionRefused(
+            f"{what} is not ready to take requests yet ({err.message}); try again in a "
+            "moment. Nothing changed"
+        )
+    return err
 
 
 class Runs:

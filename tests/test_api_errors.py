@@ -7,6 +7,8 @@ import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -21,10 +23,12 @@ from temporalio.service import RPCError, RPCStatusCode
 from runtime.client import TemporalUnavailable
 from runtime.codec import KEY_ID
 from runtime.settings import Settings
+from starters import runs as runs_module
 from starters.api import create_app
 from starters.run_views import DecisionRefused, InvalidInput, UnknownRun
-from starters.runs import Runs, temporal_error
+from starters.runs import Runs, send_update, temporal_error
 from tests.test_api import api, api_settings, auth
+from workflows.models import CancelRequest
 
 __all__ = ["api", "api_settings"]  # the API fixtures, shared with test_api
 
@@ -97,6 +101,48 @@ def test_temporal_errors_mean_something_to_the_caller(
 ) -> None:
     mapped = temporal_error(err, "r/1")
     assert isinstance(mapped, said) and needle in str(mapped)
+
+
+WFT_FAILED = RPCError(
+    "Unable to perform workflow execution update due to unexpected workflow task failure.",
+    RPCStatusCode.FAILED_PRECONDITION,
+    b"",
+)
+
+
+CANCEL = CancelRequest(actor="alice", reason="done")
+
+
+class UpdateTakenAfter:
+    """A run whose server turns ``failures`` updates away as not ready, as when the workflow
+    task carrying an update failed because a signal arrived meanwhile (UnhandledCommand)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.ids: list[str] = []
+
+    async def execute_update(self, name: str, arg: Any, *, id: str, **_: Any) -> str:
+        self.ids.append(id)
+        if len(self.ids) <= self.failures:
+            raise WFT_FAILED
+        return f"{name} done"
+
+
+async def test_an_update_the_server_was_not_ready_for_is_sent_again_under_one_id() -> None:
+    run: Any = UpdateTakenAfter(failures=3)
+    said = await send_update(run, "cancel", CANCEL, "run r/1")
+    assert said == "cancel done"
+    assert len(run.ids) == 4 and len(set(run.ids)) == 1
+
+
+async def test_a_run_never_ready_is_a_refusal_saying_try_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runs_module, "UPDATE_TIMEOUT", timedelta(seconds=0.3))
+    run: Any = UpdateTakenAfter(failures=10_000)
+    with pytest.raises(DecisionRefused, match=r"not ready to take requests yet.*try again"):
+        await send_update(run, "cancel", CANCEL, "run r/1")
+    assert len(set(run.ids)) == 1
 
 
 async def test_codec_errors_are_refusals_with_a_reason(api: httpx.AsyncClient) -> None:
