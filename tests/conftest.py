@@ -26,6 +26,7 @@ from runtime.identity import Signer
 from runtime.keys import new_key_line
 from runtime.settings import REPO_ROOT, Settings
 from sandbox.kube import seed_astra
+from sandbox.servers.process import free_port
 from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox, eventually, kube, sandbox_ca, sandbox_ca_files
 from tests.helpers import TEST_SIGNER, TEST_SIGNING_KEY
@@ -83,36 +84,57 @@ async def temporal(codec_keys: str) -> AsyncIterator[WorkflowEnvironment]:
         await env.shutdown()
 
 
-@dataclass
-class OwnTemporal:
-    """A dev server of one test's own, and the folder of its SQLite file."""
-
-    env: WorkflowEnvironment
-    files: Path
-
-    @property
-    def address(self) -> str:
-        return self.env.client.service_client.config.target_host
-
-
-@pytest.fixture
-async def own_temporal(tmp_path: Path, codec_keys: str) -> AsyncIterator[OwnTemporal]:
-    """For a test that reads what the server stored, or leaves runs open that no worker will
-    finish: the session's server stays as the other tests expect it."""
-    files = tmp_path / "temporal"
-    files.mkdir()
-    env = await WorkflowEnvironment.start_local(
+async def _dev_server_on(files: Path, port: int, codec_keys: str) -> WorkflowEnvironment:
+    return await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(TEMPORAL),
         dev_server_database_filename=str(files / "history.db"),
+        port=port,
         data_converter=data_converter(Settings(codec_keys=codec_keys)),
         search_attributes=sa.ALL,
         dev_server_log_level="error",
         dev_server_extra_args=DEV_SERVER_ARGS,
     )
+
+
+@dataclass
+class OwnTemporal:
+    """A dev server of one test's own, on a SQLite file in ``files``, at a port it keeps."""
+
+    env: WorkflowEnvironment
+    files: Path
+    port: int
+    codec_keys: str
+    running: bool = True
+
+    @property
+    def address(self) -> str:
+        return self.env.client.service_client.config.target_host
+
+    async def stop(self) -> None:
+        self.running = False
+        await self.env.shutdown()
+
+    async def start_again(self) -> Client:
+        """The server started again on its file and port, as after a crash or an upgrade: what
+        it stored (runs, timers, signals taken) must all be there."""
+        self.env = await _dev_server_on(self.files, self.port, self.codec_keys)
+        self.running = True
+        return self.env.client
+
+
+@pytest.fixture
+async def own_temporal(tmp_path: Path, codec_keys: str) -> AsyncIterator[OwnTemporal]:
+    """For a test that reads what the server stored, restarts it, or leaves runs open that no
+    worker will finish: the session's server stays as the other tests expect it."""
+    files = tmp_path / "temporal"
+    files.mkdir()
+    port = free_port()
+    own = OwnTemporal(await _dev_server_on(files, port, codec_keys), files, port, codec_keys)
     try:
-        yield OwnTemporal(env, files)
+        yield own
     finally:
-        await env.shutdown()
+        if own.running:
+            await own.env.shutdown()
 
 
 @pytest.fixture

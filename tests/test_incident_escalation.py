@@ -3,15 +3,20 @@ on the dev server with the pager and chat receivers recording what they took."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections import Counter
+from dataclasses import replace
 from datetime import timedelta
 
+import pytest
 from temporalio.client import WorkflowFailureError
 
 from runtime import search_attributes as sa
+from tests.conftest import OwnTemporal
 from tests.conftest_incident import Desk, incident_worker, kinds, state
 from tests.conftest_kube import eventually
-from workflows.incident_models import ActionKind, Severity, Stage
+from workflows.incident_models import ActionKind, IncidentState, Severity, Stage
 
 
 async def test_nobody_acknowledges_so_primary_then_secondary_then_manager_are_paged(
@@ -121,6 +126,40 @@ async def test_a_worker_stopped_during_the_ack_wait_resumes_without_a_lost_or_re
         "paged bob",
         "paged frank",
     ]
+    assert Counter(key for _, key in desk.pages()) == {
+        f"{handle.id}/primary": 1,
+        f"{handle.id}/secondary": 1,
+        f"{handle.id}/manager": 1,
+    }
+
+
+@pytest.mark.slow
+async def test_the_dev_server_down_through_the_ack_wait_pages_each_level_once_and_not_early(
+    desk: Desk, own_temporal: OwnTemporal
+) -> None:
+    """The server stopped right after the primary's page and kept down past the ack timeout,
+    then started again on its file: the timer still fires (late, never early), and each level
+    is paged once."""
+    ack = 3.0
+    desk.policy(ack_timeout_seconds=ack)
+    here = replace(desk, client=own_temporal.env.client, opened=[])
+    async with incident_worker(here):
+        handle = await here.open(components=["scheduler"])
+        await desk.pager_took(1)
+    await own_temporal.stop()
+    await asyncio.sleep(ack + 1)  # the outage itself: the ack timer falls due while it lasts
+    here = replace(here, client=await own_temporal.start_again())
+    handle = here.client.get_workflow_handle(handle.id, result_type=IncidentState)
+    async with incident_worker(here):
+        paged = await here.until(
+            handle, lambda s: kinds(s).count("page") == 3, "all levels paged", timeout=30
+        )
+        await desk.pager_took(3)
+        await handle.terminate("the test is over")
+
+    pages = [e for e in paged.timeline if e.kind == "page"]
+    assert [e.text.split(" (")[0] for e in pages] == ["paged alice", "paged bob", "paged frank"]
+    assert all(b.at - a.at >= timedelta(seconds=ack) for a, b in itertools.pairwise(pages))
     assert Counter(key for _, key in desk.pages()) == {
         f"{handle.id}/primary": 1,
         f"{handle.id}/secondary": 1,

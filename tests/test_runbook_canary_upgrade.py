@@ -9,24 +9,19 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
-from temporalio.testing import WorkflowEnvironment
 
 from activities.kube_models import canary_name
-from runtime import search_attributes as sa
-from runtime.client import data_converter
 from runtime.settings import Settings
 from sandbox.faults import bad_canary
 from sandbox.kube.seed import RELEASE
-from sandbox.servers.process import free_port
 from starters.run_views import DecisionRefused
 from starters.runs import Runs
-from tests.conftest import DEV_SERVER_ARGS, TEMPORAL, ChatReceiver
+from tests.conftest import ChatReceiver, OwnTemporal
 from tests.conftest_kube import KubeSandbox, eventually
 from tests.conftest_sandbox import RunningAstra
 from tests.helpers import decide, handle_of, start, status, wait_for_step
@@ -230,8 +225,7 @@ async def more_timers_fired(handle: WorkflowHandle[Any, Any], before: int) -> bo
 
 
 async def test_the_window_ends_on_time_across_a_dev_server_restart(
-    tmp_path: Path,
-    codec_keys: str,
+    own_temporal: OwnTemporal,
     task_queue: str,
     kube: KubeSandbox,
     astra: RunningAstra,
@@ -240,35 +234,18 @@ async def test_the_window_ends_on_time_across_a_dev_server_restart(
     """The dev server stopped mid-window and started again on its file: the run, its window's
     timers and the approval still to come are all still there."""
     pause = 4.0
-    port = free_port()
-
-    async def dev_server() -> WorkflowEnvironment:
-        return await WorkflowEnvironment.start_local(
-            dev_server_existing_path=str(TEMPORAL),
-            dev_server_database_filename=str(tmp_path / "history.db"),
-            port=port,
-            data_converter=data_converter(Settings(codec_keys=codec_keys)),
-            search_attributes=sa.ALL,
-            dev_server_log_level="error",
-            dev_server_extra_args=DEV_SERVER_ARGS,
-        )
-
-    env = await dev_server()
-    try:
-        with ThreadPoolExecutor(max_workers=8) as executor:
-            async with running_worker(env.client, astra_settings, executor):
-                plain = request(pause=pause, analysis=False)
-                handle = await start(env.client, CanaryUpgrade, plain, task_queue)
-                await wait_for_step(handle, WINDOW, StepState.RUNNING)
-                window = {s.name: s for s in (await status(handle)).steps}[WINDOW]
-            await env.shutdown()
-            env = await dev_server()
-            async with running_worker(env.client, astra_settings, executor):
-                handle = handle_of(env.client, handle.id)
-                await decide(handle, PROMOTION, "carol")
-                result = await handle.result()
-    finally:
-        await env.shutdown()
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        async with running_worker(own_temporal.env.client, astra_settings, executor):
+            plain = request(pause=pause, analysis=False)
+            handle = await start(own_temporal.env.client, CanaryUpgrade, plain, task_queue)
+            await wait_for_step(handle, WINDOW, StepState.RUNNING)
+            window = {s.name: s for s in (await status(handle)).steps}[WINDOW]
+        await own_temporal.stop()
+        client = await own_temporal.start_again()
+        async with running_worker(client, astra_settings, executor):
+            handle = handle_of(client, handle.id)
+            await decide(handle, PROMOTION, "carol")
+            result = await handle.result()
 
     assert result.outcome == Outcome.DONE, result.summary
     ended = {s.name: s for s in result.steps}[WINDOW]
