@@ -48,9 +48,11 @@ bench: install
 # PROOF_TRIALS worker kills, two workers under load, the dev server killed; the summary goes to
 # bench/proof.json.
 PROOF_TRIALS ?= 100
+# tests/test_kill_anywhere.py: worker kills at a random point of each other runbook, per runbook.
+PROOF_KILLS ?= 10
 
 proof: install
-	$(BIN)/pytest -n $(PYTEST_WORKERS) -m slow
+	ASTRA_OPS_PROOF_KILLS=$(PROOF_KILLS) $(BIN)/pytest -n $(PYTEST_WORKERS) -m slow
 	PROOF_TRIALS=$(PROOF_TRIALS) $(BIN)/python bench/proof.py
 
 clean:

@@ -61,7 +61,6 @@ from recovery import (
     until,
 )
 from temporalio.client import Client, WorkflowHandle
-from trapped_worker import DYING, Trap
 
 from activities.kubernetes import unauthenticated_client
 from runtime import search_attributes as sa
@@ -69,6 +68,7 @@ from runtime.client import data_converter
 from runtime.identity import load_signer, new_signing_key_line
 from runtime.keys import new_key_line
 from runtime.settings import ENV_PREFIX, Settings
+from sandbox.dying_worker import DYING, Trap
 from sandbox.servers.process import free_port
 from workflows.models import RunbookResult
 

@@ -5,7 +5,7 @@ Each trial starts a run in a namespace of its own on the sandbox cluster (rollou
 ``--rollout-seconds``), approves it as soon as it asks, and kills the worker at one step drawn at
 random from the steps a run takes (``--steps`` narrows the draw):
 
-- an activity step: the worker (bench/trapped_worker.py) kills its own process at a random moment
+- an activity step: the worker (sandbox/dying_worker.py) kills its own process at a random moment
   of the activity's first attempt, between its start and as long as the step took in a run
   without a kill; an activity that ends first dies right after, before the worker reports its
   result (its effect happened and Temporal does not know);
@@ -45,7 +45,6 @@ from harness import cache_bytecode, dev_server, sandbox_cluster
 from kubernetes.client import AppsV1Api
 from temporalio.client import Client, WorkflowHandle, WorkflowHistory
 from temporalio.service import RPCError
-from trapped_worker import DYING, KILL_AT, POLLING, Trap
 
 from activities.kube_annotations import REVISION
 from activities.kubernetes import unauthenticated_client
@@ -53,6 +52,7 @@ from runtime.access import load_policy
 from runtime.identity import Signer, load_signer, new_signing_key_line
 from runtime.keys import new_key_line
 from runtime.settings import ENV_PREFIX, REPO_ROOT
+from sandbox.dying_worker import DYING, KILL_AT, POLLING, Trap
 from starters.run_views import DecisionRefused
 from starters.runs import Runs
 from workflows.models import Decision, RunbookResult, RunStatus
@@ -63,7 +63,6 @@ DEPLOYMENTS = ("astra-scheduler", "astra-worker")
 TARGET_RESUME_SECONDS = 15.0
 RUN_DEADLINE = 600.0
 """Seconds a run may take before the bench gives up on it (a stall past every timeout)."""
-TRAPPED_WORKER = Path(__file__).with_name("trapped_worker.py")
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ class Trial:
 
 @dataclass
 class WorkerProcess:
-    """A worker process of bench/trapped_worker.py, and its log."""
+    """A worker process of sandbox/dying_worker.py, and its log."""
 
     process: asyncio.subprocess.Process
     log: Path
@@ -135,7 +134,7 @@ class Bench:
         log = self.logs / f"worker-{self.workers}.log"
         with log.open("a") as out:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, str(TRAPPED_WORKER), env=env, stdout=out, stderr=out
+                sys.executable, "-m", "sandbox.dying_worker", env=env, stdout=out, stderr=out
             )
         return WorkerProcess(process, log)
 

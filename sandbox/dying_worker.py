@@ -1,9 +1,12 @@
-"""The production worker with one fault of bench/recovery.py: it SIGKILLs its own process inside
-one activity of one run, as a node that dies or an OOM kill would end it.
+"""The production worker with one fault, for bench/recovery.py, bench/proof.py and
+tests/test_kill_anywhere.py: it SIGKILLs its own process inside one activity of one run, as a
+node that dies or an OOM kill would end it.
 
-``ASTRA_BENCH_KILL_AT`` names the run's workflow id, the activity's id in that run (ids follow
-the order a run schedules its activities, so a run of the same shape gives the same step the same
-id) and how many seconds into the activity's first attempt to die. If the activity returns (or
+``ASTRA_BENCH_KILL_AT`` names the run's workflow id (``*``: whichever run takes the activity,
+for a task queue with one run), the activity's id in that run (ids follow the order a run
+schedules its activities, local ones included, so a run of the same shape gives the same step
+the same id; ``#n``: the n-th activity this worker starts for the run) and how many seconds into
+the activity's first attempt to die. If the activity returns (or
 fails) before then, the process dies right after, before the worker reports the result: the
 activity's effect happened, and Temporal does not know. Without the variable it is a plain
 worker, the one that takes over.
@@ -11,7 +14,7 @@ worker, the one that takes over.
 The fault sits in an activity interceptor that joins the worker's own
 (``workers.worker.running_worker``): nothing in production code knows of it.
 
-    ASTRA_OPS_...=... python bench/trapped_worker.py
+    ASTRA_OPS_...=... python -m sandbox.dying_worker
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ POLLING = "worker polling since"
 """The line (with the epoch time) the bench reads to learn when this worker began to poll."""
 DYING = "SIGKILL:"
 """The line the worker writes just before it kills itself, saying where."""
+ANY_RUN = "*"
 
-log = logging.getLogger("trapped_worker")
+log = logging.getLogger("dying_worker")
 
 
 @dataclass(frozen=True)
@@ -65,18 +69,14 @@ def die(where: str) -> None:
 
 
 class KillInActivity(ActivityInboundInterceptor):
-    def __init__(self, next: ActivityInboundInterceptor, trap: Trap) -> None:
+    def __init__(self, next: ActivityInboundInterceptor, trapped: Trapped) -> None:
         super().__init__(next)
-        self.trap = trap
+        self.trapped = trapped
+        self.trap = trapped.trap
 
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
         info = activity.info()
-        if (
-            info.is_local
-            or info.attempt != 1
-            or (info.workflow_id, info.activity_id)
-            != (self.trap.workflow_id, self.trap.activity_id)
-        ):
+        if not self.trapped.is_the_one(info):
             return await self.next.execute_activity(input)
         # A timer thread: it fires whether the activity runs on this event loop or on a thread
         # of the executor, and whatever either is doing.
@@ -91,11 +91,25 @@ class KillInActivity(ActivityInboundInterceptor):
 
 
 class Trapped(Interceptor):
+    """The worker's trap, and how many activities (first attempts, local ones aside) of the
+    trapped run it has started: the interceptor above is made afresh for each activity."""
+
     def __init__(self, trap: Trap) -> None:
         self.trap = trap
+        self.started = 0
+
+    def is_the_one(self, info: activity.Info) -> bool:
+        if info.is_local or info.attempt != 1:
+            return False
+        if self.trap.workflow_id not in (ANY_RUN, info.workflow_id):
+            return False
+        self.started += 1
+        if self.trap.activity_id.startswith("#"):
+            return self.started == int(self.trap.activity_id[1:])
+        return info.activity_id == self.trap.activity_id
 
     def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
-        return KillInActivity(next, self.trap)
+        return KillInActivity(next, self)
 
 
 async def main() -> None:
