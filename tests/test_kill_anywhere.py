@@ -1,7 +1,8 @@
 """The worker SIGKILLed at a random point of a runbook's run, in the real sandbox Astra: a new
 worker finishes the run, and every side effect happened once, counted on the targets (requeue
 rows and task states in PostgreSQL, dead letters acknowledged in Redis, ReplicaSet revisions and
-ConfigMap keys on the sandbox cluster, messages the chat receiver took).
+ConfigMap keys on the sandbox cluster, messages the chat receiver took, secret versions and live
+tokens in OpenBao).
 
 Each trial picks, from its own seed, which activity of the run dies (by its id: the order the
 run schedules them) and how far into it; the worker (sandbox/dying_worker.py) kills itself there
@@ -31,9 +32,11 @@ from temporalio.client import Client, WorkflowHandle
 
 from activities.metrics import SqlMetrics
 from activities.postgres import LlmCostRequest
+from activities.vault import ISSUED_BY
 from runtime.astra_config import BUDGET_GUARD_KEY, INTAKE_PAUSED_KEY
 from runtime.settings import Settings
 from sandbox.dying_worker import ANY_RUN, DYING, KILL_AT, Trap
+from sandbox.servers.openbao import OpenBaoServer
 from tests.conftest import ChatReceiver
 from tests.conftest_kube import KubeSandbox
 from tests.conftest_sandbox import RunningAstra, config_value, worker_pods
@@ -48,6 +51,8 @@ from tests.test_runbook_high_error_rate import (
 )
 from tests.test_runbook_llm_cost_spike import BASELINE, WINDOW, spike
 from tests.test_runbook_llm_cost_spike import request as cost_request
+from tests.test_runbook_vault_setup import live_tokens, plant, platform_secret, root_client
+from tests.test_runbook_vault_setup import settings_for as vault_settings
 from tests.test_runbook_worker_lost import lose_a_worker
 from tests.test_runbook_worker_lost import request as lost_request
 from tests.test_worker_recovery import RUN_SECONDS, environment
@@ -55,6 +60,7 @@ from workflows.dead_letter_repair import DeadLetterRepair
 from workflows.high_error_rate import HighErrorRate
 from workflows.llm_cost_spike import LlmCostSpike
 from workflows.models import Outcome, RunbookResult
+from workflows.vault_setup import VaultSetup, VaultSetupRequest
 from workflows.worker_lost import WorkerLost
 
 KILLS = int(os.environ.get("ASTRA_OPS_PROOF_KILLS", "5"))
@@ -253,3 +259,45 @@ async def test_llm_cost_spike_killed_anywhere_guards_tells_and_lifts_once(
     assert cost.ratio is not None and cost.ratio <= 2
     told = [m["text"] for m in chat.messages if "Budget guard on coder-1" in m["text"]]
     assert len(told) == 1, told
+
+
+@pytest.mark.parametrize("trial", trials())
+async def test_vault_setup_killed_anywhere_writes_the_secrets_once_and_leaves_one_live_token(
+    trial: int,
+    client: Client,
+    task_queue: str,
+    settings: Settings,
+    kube: KubeSandbox,
+    namespace: str,
+    openbao: OpenBaoServer,
+    tmp_path: Path,
+) -> None:
+    canary = f"canary-{uuid.uuid4().hex}"
+    plant(tmp_path, canary)
+    path = f"astra-{uuid.uuid4().hex[:8]}"
+    request = VaultSetupRequest(
+        requester="alice", namespace=namespace, path=path, policy=path, source="directory:astra"
+    )
+    await run_through_a_kill(
+        vault_settings(settings, openbao, tmp_path),
+        tmp_path,
+        Kill.drawn("vault-setup", trial, activities=12),
+        lambda: start(client, VaultSetup, request, task_queue),
+        [("approve the Vault setup", "bob")],
+    )
+
+    root = root_client(openbao)
+    stored = root.secrets.kv.v2.read_secret_version(
+        path=path, mount_point="secret", raise_on_deleted_version=False
+    )["data"]
+    assert stored["data"] == {"OPENAI_API_KEY": canary, "DB_PASSWORD": f"pw-{canary}"}
+    assert stored["metadata"]["version"] == 1  # written once
+    held = root.auth.token.lookup(platform_secret(kube, namespace)["ASTRA_VAULT_TOKEN"])["data"]
+    ours = [
+        accessor
+        for accessor in live_tokens(root, issued_by=ISSUED_BY)
+        if root.auth.token.lookup_accessor(accessor)["data"]["meta"]
+        .get("step", "")
+        .startswith(f"vault-setup/{namespace}/")
+    ]
+    assert ours == [held["accessor"]]  # one live credential: the platform's
