@@ -27,8 +27,9 @@ from sandbox.faults import worker_lost
 from tests.conftest_kube import eventually
 from tests.conftest_sandbox import RunningAstra
 from tests.helpers import TEST_SIGNER
+from tests.incident_stub import IncidentStub
 from tests.receivers import Receiver
-from workers.worker import running_worker
+from workers.worker import running_worker, workflow_runner
 from workflows.incident_models import (
     INCIDENT_PREFIX,
     INCIDENT_WORKFLOW,
@@ -334,6 +335,19 @@ async def incident_worker(desk: Desk) -> AsyncIterator[Worker]:
     with ThreadPoolExecutor(max_workers=8) as executor:
         async with running_worker(desk.client, desk.settings, executor) as worker:
             yield worker
+
+
+@pytest.fixture
+async def incident_stub(client: Client, settings: Settings) -> AsyncIterator[Worker]:
+    """The stand-in incident workflow (tests/incident_stub.py) on this test's task queue, for
+    tests of what reaches an incident rather than what it does."""
+    async with Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[IncidentStub],
+        workflow_runner=workflow_runner(),
+    ) as w:
+        yield w
 
 
 @pytest.fixture

@@ -5,29 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
 
-import pytest
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from runtime.settings import Settings
-from tests.incident_stub import DevIncidentStub, IncidentStub, Received
+from tests.incident_stub import DevIncidentStub, Received
 from tests.test_cli import Cli, api_url, cli
 from workers.worker import workflow_runner
 
 __all__ = ["api_url", "cli"]  # the CLI fixtures, shared with test_cli
-
-
-@pytest.fixture
-async def stub(client: Client, settings: Settings) -> AsyncIterator[Worker]:
-    async with Worker(
-        client,
-        task_queue=settings.task_queue,
-        workflows=[IncidentStub],
-        workflow_runner=workflow_runner(),
-    ) as w:
-        yield w
 
 
 async def received(client: Client, incident_id: str) -> Received:
@@ -37,7 +24,9 @@ async def received(client: Client, incident_id: str) -> Received:
     return answer
 
 
-async def test_open_steer_and_show_an_incident(cli: Cli, client: Client, stub: Worker) -> None:
+async def test_open_steer_and_show_an_incident(
+    cli: Cli, client: Client, incident_stub: Worker
+) -> None:
     opened = await cli(
         "incident", "open", "--severity", "sev2", "--title", "task failures at 9%",
         "-c", "tasks", "--tag", "auth", "--reason", "dashboards red", "--json", user="alice",
@@ -104,7 +93,7 @@ async def test_open_steer_and_show_an_incident(cli: Cli, client: Client, stub: W
 
 
 async def test_every_incident_error_is_one_clear_line_and_non_zero(
-    cli: Cli, client: Client, stub: Worker
+    cli: Cli, client: Client, incident_stub: Worker
 ) -> None:
     opened = await cli(
         "incident", "open", "--severity", "SEV3", "--title", "one pool stuck", "--json",

@@ -28,9 +28,8 @@ from runtime.settings import REPO_ROOT, Settings
 from starters.api import create_app
 from starters.incidents import act_of, incident_from_alerts
 from tests.conftest_kube import eventually
-from tests.incident_stub import IncidentStub, Received
+from tests.incident_stub import Received
 from tests.test_api import ALERT_SENDERS, ALERTMANAGER, TOKENS, asgi, auth
-from workers.worker import workflow_runner
 from workflows.incident_models import (
     ActionKind,
     AlertNotification,
@@ -68,18 +67,6 @@ async def api(api_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-@pytest.fixture
-async def stub(client: Client, settings: Settings) -> AsyncIterator[Worker]:
-    """The stand-in incident workflow on this test's task queue, trusting the API's key."""
-    async with Worker(
-        client,
-        task_queue=settings.task_queue,
-        workflows=[IncidentStub],
-        workflow_runner=workflow_runner(),
-    ) as w:
-        yield w
-
-
 async def received(client: Client, incident_id: str) -> Received:
     answer: Received = await client.get_workflow_handle(incident_id).query(
         "received", result_type=Received
@@ -101,7 +88,7 @@ async def never_started(client: Client, incident_id: str) -> bool:
 
 
 async def test_a_notification_from_alertmanager_opens_one_signed_incident(
-    api: httpx.AsyncClient, client: Client, stub: Worker, worker_name: str
+    api: httpx.AsyncClient, client: Client, incident_stub: Worker, worker_name: str
 ) -> None:
     payload = recorded("firing", worker_name)
     answer = await api.post("/v1/alerts/alertmanager", json=payload, headers=ALERTMANAGER)
@@ -137,7 +124,7 @@ async def test_a_notification_from_alertmanager_opens_one_signed_incident(
 
 
 async def test_repeats_retries_and_concurrent_deliveries_open_one_incident(
-    api: httpx.AsyncClient, client: Client, stub: Worker, worker_name: str
+    api: httpx.AsyncClient, client: Client, incident_stub: Worker, worker_name: str
 ) -> None:
     payload = recorded("firing", worker_name)
     incident = incident_id_for_group(payload["groupKey"])
@@ -161,7 +148,7 @@ async def test_repeats_retries_and_concurrent_deliveries_open_one_incident(
 
 
 async def test_a_resolved_notification_reaches_the_open_incident_and_opens_none(
-    api: httpx.AsyncClient, client: Client, stub: Worker, worker_name: str
+    api: httpx.AsyncClient, client: Client, incident_stub: Worker, worker_name: str
 ) -> None:
     firing, resolved = recorded("firing", worker_name), recorded("resolved", worker_name)
     incident = incident_id_for_group(firing["groupKey"])
@@ -182,7 +169,7 @@ async def test_a_resolved_notification_reaches_the_open_incident_and_opens_none(
 
 
 async def test_a_malformed_notification_is_refused_naming_the_field_and_starts_nothing(
-    api: httpx.AsyncClient, client: Client, stub: Worker, worker_name: str
+    api: httpx.AsyncClient, client: Client, incident_stub: Worker, worker_name: str
 ) -> None:
     good = recorded("firing", worker_name)
     incident = incident_id_for_group(good["groupKey"])
@@ -213,7 +200,11 @@ async def test_a_malformed_notification_is_refused_naming_the_field_and_starts_n
 
 
 async def test_only_the_configured_sender_may_post_alerts(
-    api: httpx.AsyncClient, api_settings: Settings, client: Client, stub: Worker, worker_name: str
+    api: httpx.AsyncClient,
+    api_settings: Settings,
+    client: Client,
+    incident_stub: Worker,
+    worker_name: str,
 ) -> None:
     payload = recorded("firing", worker_name)
     incident = incident_id_for_group(payload["groupKey"])
@@ -279,7 +270,7 @@ def test_an_alert_group_becomes_an_incident_as_severe_as_its_worst_alert() -> No
 
 
 async def test_a_person_opens_an_incident_once_per_idempotency_key(
-    api: httpx.AsyncClient, client: Client, stub: Worker
+    api: httpx.AsyncClient, client: Client, incident_stub: Worker
 ) -> None:
     key = f"bridge-call-{uuid.uuid4().hex[:8]}"
     body = {"title": "task failures at 9%", "severity": "SEV2", "components": ["tasks"]}
@@ -315,7 +306,7 @@ async def test_a_person_opens_an_incident_once_per_idempotency_key(
 
 
 async def test_actions_are_signed_updates_and_each_refusal_has_its_status(
-    api: httpx.AsyncClient, client: Client, stub: Worker, worker_name: str
+    api: httpx.AsyncClient, client: Client, incident_stub: Worker, worker_name: str
 ) -> None:
     payload = recorded("firing", worker_name)
     opened = await api.post("/v1/alerts/alertmanager", json=payload, headers=ALERTMANAGER)
@@ -379,7 +370,7 @@ async def test_actions_are_signed_updates_and_each_refusal_has_its_status(
 
 
 async def test_a_closed_incident_takes_no_action_and_its_group_may_open_a_new_one(
-    api: httpx.AsyncClient, client: Client, stub: Worker, worker_name: str
+    api: httpx.AsyncClient, client: Client, incident_stub: Worker, worker_name: str
 ) -> None:
     firing = recorded("firing", worker_name)
     incident = incident_id_for_group(firing["groupKey"])
