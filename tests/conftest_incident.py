@@ -216,6 +216,22 @@ async def state(handle: WorkflowHandle[Any, Any]) -> IncidentState:
     return current
 
 
+async def settled(handle: WorkflowHandle[Any, Any]) -> WorkflowHandle[Any, Any]:
+    """An incident that stays open, once nothing is in flight (no message, runbook or workflow
+    task): its history then ends where the test or scenario left it, every time."""
+
+    async def quiet() -> bool:
+        described = (await handle.describe()).raw_description
+        return not (
+            described.pending_activities
+            or described.pending_children
+            or described.HasField("pending_workflow_task")
+        )
+
+    await eventually(quiet, timeout=30, interval=0.1, message=f"{handle.id} settled")
+    return handle
+
+
 def kinds(current: IncidentState) -> list[str]:
     return [e.kind for e in current.timeline]
 

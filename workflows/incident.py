@@ -100,6 +100,11 @@ written, so a status page never ends on an older status than the incident's (a l
 "investigating" after "identified") and a pager never hears "resolve" before "trigger". Runs
 begun before it delivered them side by side, and replay so."""
 """The actor of what the incident does on its own (escalation, stage moves, drafts)."""
+QUIET_REPEATS = "alert-repeats-leave-the-loop-asleep"
+"""A patch: a notification that changes no alert's status (Alertmanager repeats a group every
+``repeat_interval``, and retries) leaves the lifecycle loop waiting, so its workflow task carries
+no command; before, each one cancelled the loop's timer and started it again, two events and a
+timer on the server per repeat. Runs begun before it woke on every one, and replay so."""
 DELIVERY_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
@@ -593,16 +598,20 @@ class Incident:
             self.state.refused_alerts += 1
             workflow.logger.warning("ignored an alerts signal: %s", why)
             return
-        self._merge(notification)
-        self._changed()
+        news = self._merge(notification)
+        # A repeat wakes the loop only when the history has grown enough to continue as new.
+        if news or self._should_continue() or not workflow.patched(QUIET_REPEATS):
+            self._changed()
 
-    def _merge(self, notification: AlertNotification) -> None:
+    def _merge(self, notification: AlertNotification) -> bool:
         """Take in the group's alerts: new ones and changes of status go on the timeline,
-        repeats change nothing, and an alert naming a runbook is queued once."""
+        repeats change nothing, and an alert naming a runbook is queued once. Whether any
+        alert was new or changed its status."""
         assert self.admission is not None
         state, sender = self.state, self.admission.alert_sender
         was_firing = state.firing
         index = {a.fingerprint: i for i, a in enumerate(state.alerts)}
+        news = False
         for alert in notification.alerts:
             name, summary = _alert_name(alert), alert.annotations.get("summary", "")
             at = index.get(alert.fingerprint)
@@ -614,6 +623,7 @@ class Incident:
                 state.alerts[at] = alert
             if alert.status == before:
                 continue
+            news = True
             if alert.status == "firing":
                 again = " again" if before == "resolved" else ""
                 self._timeline("alert", f"{name} firing{again}: {summary}".rstrip(": "), sender)
@@ -626,6 +636,7 @@ class Incident:
             self._timeline("resolved_alert", "every alert of the group resolved", sender)
             if state.stage in MOVES[ActionKind.CONTAIN][0]:
                 self._move(Stage.CONTAIN, sender, "every alert of the group resolved")
+        return news
 
     def _keep_recent_alerts(self) -> None:
         alerts = self.state.alerts

@@ -43,7 +43,7 @@ from sandbox.servers import DataPlane, Replication
 from sandbox.servers import faults as server_faults
 from sandbox.servers.openbao import OpenBaoServer
 from starters.runs import Runs
-from tests.conftest_incident import Desk, kinds, notification
+from tests.conftest_incident import Desk, kinds, notification, settled
 from tests.conftest_kube import KubeSandbox, eventually, sandbox_ca
 from tests.conftest_sandbox import TICK_SECONDS, RunningAstra, worker_pods
 from tests.helpers import handle_of, status, wait_for_step
@@ -648,22 +648,6 @@ def error_rate_alert(status: str = "firing") -> dict[str, Any]:
         "labels": {"alertname": "AstraHighErrorRate", "severity": "SEV2", "shard": "1"},
         "annotations": {"summary": "7% of task outcomes failed on shard 1"},
     }
-
-
-async def settled(handle: Handle) -> Handle:
-    """An incident that stays open is stored once nothing is in flight (no message, runbook or
-    workflow task): its history then ends where the scenario left it, every time."""
-
-    async def quiet() -> bool:
-        described = (await handle.describe()).raw_description
-        return not (
-            described.pending_activities
-            or described.pending_children
-            or described.HasField("pending_workflow_task")
-        )
-
-    await eventually(quiet, timeout=30, interval=0.1, message=f"{handle.id} settled")
-    return handle
 
 
 @scenario("incident", "closed")
