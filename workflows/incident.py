@@ -94,12 +94,12 @@ with workflow.unsafe.imports_passed_through():
     )
 
 SYSTEM = "astra-ops"
+"""The actor of what the incident does on its own (escalation, stage moves, drafts)."""
 IN_ORDER = "deliveries-in-order-per-receiver"
 """A patch: each receiver gets the incident's messages one at a time, in the order they were
 written, so a status page never ends on an older status than the incident's (a late
 "investigating" after "identified") and a pager never hears "resolve" before "trigger". Runs
 begun before it delivered them side by side, and replay so."""
-"""The actor of what the incident does on its own (escalation, stage moves, drafts)."""
 QUIET_REPEATS = "alert-repeats-leave-the-loop-asleep"
 """A patch: a notification that changes no alert's status (Alertmanager repeats a group every
 ``repeat_interval``, and retries) leaves the lifecycle loop waiting, so its workflow task carries
