@@ -11,14 +11,20 @@ Kubernetes faults on a worker process of their own, and the run that fails past 
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
 import psycopg
 import pytest
+import redis.asyncio as aioredis
+from kubernetes.client import Configuration, CoreV1Api
+from redis.exceptions import ConnectionError as RedisConnectionError
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
+from urllib3.exceptions import ReadTimeoutError
 
 from activities.kube_annotations import REVISION
 from activities.kube_client import REQUEST_RETRIES, BoundedApiClient
@@ -30,8 +36,10 @@ from activities.postgres import (
     RequeueLostWorker,
     RequeueProgressRequest,
 )
-from sandbox.faults import SandboxTarget, worker_lost
+from activities.redis_store import AckDeadLetters, ReadDeadLetters, RedisActivities
+from sandbox.faults import SandboxTarget, dead_letters, worker_lost
 from sandbox.kube.faults import ApiFault
+from sandbox.loadgen import SandboxKeys
 from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox
 from tests.helpers import awaiting_approval, handle_of, shard_count
@@ -49,6 +57,13 @@ def restarts(kube: KubeSandbox, namespace: str) -> dict[str, int]:
         assert deployment is not None
         counts[name] = int(deployment["metadata"]["annotations"][REVISION]) - 1
     return counts
+
+
+def bounded_client(url: str, request_timeout: float) -> BoundedApiClient:
+    """A client of the sandbox with a shorter patience than the activities' own."""
+    configuration = Configuration(host=url)
+    configuration.proxy = None
+    return BoundedApiClient(configuration, request_timeout=request_timeout)
 
 
 async def scale(runs: Runs, client: Client, namespace: str) -> RunbookResult:
@@ -112,11 +127,7 @@ async def test_a_request_the_api_server_holds_fails_retryably_within_the_clients
             times=1 + REQUEST_RETRIES,
         )
     )  # fmt: skip
-    from kubernetes.client import Configuration
-
-    configuration = Configuration(host=kube.url)
-    configuration.proxy = None
-    api = BoundedApiClient(configuration, request_timeout=0.5)
+    api = bounded_client(kube.url, request_timeout=0.5)
     try:
         k8s = KubernetesActivities(api)
         ref = ConfigRef(namespace=namespace, name="astra-config", key="TASK_SHARD_COUNT")
@@ -129,6 +140,24 @@ async def test_a_request_the_api_server_holds_fails_retryably_within_the_clients
         assert ActivityEnvironment().run(k8s.read_config, ref).value == "8"
     finally:
         api.close()  # type: ignore[no-untyped-call]
+
+
+def test_a_write_held_past_the_clients_timeout_still_lands(
+    kube: KubeSandbox, namespace: str
+) -> None:
+    # What makes a held write a fault worth proving: the caller gave up, the change happened.
+    kube.server.faults.add(
+        ApiFault(namespace=namespace, resources=("configmaps",), stall_seconds=1)
+    )
+    core = CoreV1Api(bounded_client(kube.url, request_timeout=0.2))
+    patch = {"data": {"TASK_SHARD_COUNT": "99"}}
+    with pytest.raises(ReadTimeoutError):
+        core.patch_namespaced_config_map("astra-config", namespace, patch)
+    assert shard_count(kube, namespace) == "8"
+    deadline = time.monotonic() + 5
+    while shard_count(kube, namespace) != "99" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert shard_count(kube, namespace) == "99"
 
 
 @pytest.mark.slow
@@ -225,3 +254,47 @@ async def test_requeue_cut_off_mid_batches_retries_and_requeues_each_task_once(
     assert states == [("pending", None)]
     progress = await env.run(pg.requeue_progress, RequeueProgressRequest(token="t"))
     assert progress.requeued == len(fault.leased_task_ids)
+
+
+# ----- Redis: the connection killed between reading what is pending and acknowledging it -----
+
+
+async def test_ack_cut_off_before_xack_acknowledges_each_dead_letter_once(
+    data_plane: SandboxTarget, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fault = await dead_letters(data_plane, count=3)
+    # Named, so that CLIENT KILL reaches the activity's connections and no one else's: the
+    # Redis is shared with every other test.
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    rd = RedisActivities(f"{data_plane.redis_url}?client_name={name}", data_plane.key_prefix)
+    env = ActivityEnvironment()
+    read = await env.run(rd.read_dead_letters, ReadDeadLetters(consumer="repair"))
+    entry_ids = [e.entry_id for e in read.entries]
+    killed: list[int] = []
+    xack = rd._redis.xack
+
+    async def cut_then_xack(*args: Any) -> Any:
+        if not killed:
+            clients = await redis_client.client_list()
+            killed.extend(
+                [await redis_client.client_kill_filter(_id=c["id"]) for c in clients
+                 if c["name"] == name]
+            )  # fmt: skip
+        return await xack(*args)
+
+    monkeypatch.setattr(rd._redis, "xack", cut_then_xack)
+    request = AckDeadLetters(entry_ids=entry_ids)
+    try:
+        try:
+            acks = [await env.run(rd.ack_dead_letters, request)]
+        except RedisConnectionError:  # retryable: not an ApplicationError; Temporal retries it
+            acks = [await env.run(rd.ack_dead_letters, request)]
+    finally:
+        await rd.aclose()
+
+    assert killed == [1]
+    assert sum(a.acknowledged for a in acks) == len(fault.entries)
+    stream = SandboxKeys(data_plane.key_prefix).dead_letter
+    pending = await redis_client.xpending(stream, "astra-ops")
+    assert pending["pending"] == 0
+    assert await redis_client.xlen(stream) == len(fault.entries)  # acknowledged, not deleted

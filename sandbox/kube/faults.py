@@ -10,7 +10,6 @@ one it injected, so a test or a proof can tell a fault that happened from one th
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 from pydantic import BaseModel, Field, model_validator
@@ -104,7 +103,8 @@ class ApiFaults:
         with self._lock:
             self._left.append((fault, fault.times))
 
-    def _take(self, method: str, path: str) -> ApiFault | None:
+    def take(self, method: str, path: str) -> ApiFault | None:
+        """The fault this request gets, if one matches; spent and recorded."""
         target = _target(path)
         if target is None:
             return None
@@ -116,14 +116,10 @@ class ApiFaults:
                     return fault
         return None
 
-    async def inject(self, method: str, path: str) -> KubeError | None:
-        """Spend a fault on this request, if one matches: hold it, then return the error to
-        answer with (None: serve it)."""
-        fault = self._take(method, path)
-        if fault is None:
-            return None
-        if fault.stall_seconds:
-            await asyncio.sleep(fault.stall_seconds)  # the stall is the fault itself
+    @staticmethod
+    def error(fault: ApiFault, path: str) -> KubeError | None:
+        """What the server answers a request ``fault`` hit with, once it held it (None: serve
+        it)."""
         if fault.status is None:
             return None
         target = _target(path)

@@ -69,7 +69,14 @@ def build_app(
         async def inject(
             request: Request, call_next: Callable[[Request], Awaitable[Response]]
         ) -> Response:
-            error = await faults.inject(request.method, request.url.path)
+            fault = faults.take(request.method, request.url.path)
+            if fault is None:
+                return await call_next(request)
+            if fault.stall_seconds:
+                # Read the body first: a write held past the client's patience still lands.
+                await request.body()
+                await asyncio.sleep(fault.stall_seconds)  # the stall is the fault itself
+            error = faults.error(fault, request.url.path)
             return _error(error) if error is not None else await call_next(request)
 
     async def body_of(request: Request) -> Any:
