@@ -3,10 +3,11 @@ correct, or the run fails with its compensation done and says why.
 
 The Kubernetes API server answers 500 and 409 (the sandbox's ``ApiFault``s, spent as they hit),
 or holds a request past the client's timeout; PostgreSQL loses the activity's connection halfway
-through its batches (``pg_terminate_backend`` on its backend). Afterwards the targets are read,
-not the run's account of itself: ReplicaSet revisions (each Deployment restarted once), the
-ConfigMap, each task's requeues counted by a trigger. ``bench/proof.py --kinds target`` runs the
-Kubernetes faults on a worker process of their own, and the run that fails past its retries.
+through its batches (``pg_terminate_backend`` on its backend); Redis loses it between reading
+what is pending and acknowledging it (``CLIENT KILL``). Afterwards the targets are read, not the
+run's account of itself: ReplicaSet revisions (each Deployment restarted once), the ConfigMap,
+each task's requeues counted by a trigger, the dead letters still pending.
+``bench/proof.py --kinds target`` runs the Kubernetes faults on a worker process of their own.
 """
 
 from __future__ import annotations
