@@ -31,7 +31,8 @@ def _status_reason(err: ApiException) -> str:
 def kube_errors(action: str, target: str) -> Iterator[None]:
     """Turn API errors raised inside into ApplicationErrors about ``action`` on ``target``."""
     from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
+    from urllib3.exceptions import HTTPError, MaxRetryError
+    from urllib3.exceptions import TimeoutError as HTTPTimeout
 
     try:
         yield
@@ -63,6 +64,14 @@ def kube_errors(action: str, target: str) -> Iterator[None]:
             f"cannot {action} {target}: {err.status} {why}", type="KubernetesUnavailable"
         ) from None
     except HTTPError as err:
+        cause = err.reason if isinstance(err, MaxRetryError) else err
+        if isinstance(cause, HTTPTimeout):
+            raise ApplicationError(
+                f"cannot {action} {target}: the Kubernetes API server did not answer in time "
+                f"({cause}); it may be overloaded, and a write sent may still land: the retry "
+                "reads the object afresh",
+                type="KubernetesUnavailable",
+            ) from None
         raise ApplicationError(
             f"cannot {action} {target}: the Kubernetes API server is not reachable ({err}); is "
             "the cluster up (or `astra-ops dev`'s sandbox running)?",

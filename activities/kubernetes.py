@@ -94,12 +94,15 @@ _T = TypeVar("_T")
 
 def unauthenticated_client(url: str) -> ApiClient:
     """A client for an API server at ``url`` that takes no credentials (the sandbox's): plain
-    HTTP, ignoring any proxy the environment sets for real clusters."""
-    from kubernetes.client import ApiClient, Configuration
+    HTTP, ignoring any proxy the environment sets for real clusters; its requests time out
+    (``kube_client``)."""
+    from kubernetes.client import Configuration
+
+    from activities.kube_client import BoundedApiClient
 
     configuration = Configuration(host=url)
     configuration.proxy = None
-    return ApiClient(configuration)
+    return BoundedApiClient(configuration)
 
 
 def _annotations_of_template(deployment: Any) -> dict[str, str]:

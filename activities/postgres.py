@@ -437,9 +437,20 @@ class PostgresActivities:
                 requeued += cur.rowcount
                 batches += 1
                 beat(f"{requeued} tasks of {req.worker_id} requeued")
+            # An earlier attempt cut off halfway (a lost connection, a dead worker) committed
+            # its batches: the step's account counts them, as its verify step will.
+            row = await (
+                await conn.execute(
+                    "SELECT count(*) FROM astra_ops_requeues WHERE token = %s", (req.token,)
+                )
+            ).fetchone()
+            earlier = (int(row[0]) if row else 0) - requeued
+        detail = f"requeued {requeued} tasks of {req.worker_id} in {batches} batch(es)"
+        if earlier > 0:
+            detail += f", {earlier} more by an earlier attempt of this step"
         return LostWorkerRequeue(
             changed=requeued > 0,
-            detail=f"requeued {requeued} tasks of {req.worker_id} in {batches} batch(es)",
+            detail=detail,
             requeued=requeued,
             batches=batches,
             token=req.token,

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,16 +25,19 @@ from runtime.client import data_converter
 from runtime.migrations import upgrade
 from runtime.settings import Settings
 from sandbox.db import drop_database, migrate
+from sandbox.kube.faults import ApiFault
 from sandbox.servers import running_data_plane, scratch_dir
 from sandbox.servers.process import free_port
 
 SERVE_KUBE = """
-import asyncio, sys
+import asyncio, json, sys
 from sandbox.kube import FakeCluster, FakeKubeServer, seed_astra
+from sandbox.kube.faults import ApiFault, ApiFaults
 cluster = FakeCluster(rollout_seconds=float(sys.argv[2]))
-for namespace in sys.argv[3:]:
+faults = ApiFaults([ApiFault.model_validate(f) for f in json.loads(sys.argv[3])])
+for namespace in sys.argv[4:]:
     seed_astra(cluster, namespace=namespace)
-asyncio.run(FakeKubeServer(cluster, port=int(sys.argv[1])).serve_forever())
+asyncio.run(FakeKubeServer(cluster, port=int(sys.argv[1]), faults=faults).serve_forever())
 """
 PYCACHE = Path(tempfile.gettempdir()) / "astra-ops-bench-pycache"
 SERVE_BARE = """
@@ -123,17 +126,20 @@ async def wait_until_listening(port: int, seconds: float = 30) -> None:
 
 @asynccontextmanager
 async def sandbox_cluster(
-    *namespaces: str, rollout_seconds: float = 0.05
+    *namespaces: str, rollout_seconds: float = 0.05, faults: Sequence[ApiFault] = ()
 ) -> AsyncIterator[tuple[str, int]]:
-    """The sandbox cluster with Astra seeded in ``namespaces``: its URL and pid.
+    """The sandbox cluster with Astra seeded in ``namespaces``: its URL and pid. Its API server
+    answers requests with ``faults`` (each scoped to a namespace) as they match.
 
     It runs in its own process, as a real API server would: in the benchmark's process it would
     compete with the worker for the GIL and charge its own cost to the runs measured.
     """
     port = free_port()
+    faults_json = json.dumps([f.model_dump(mode="json") for f in faults])
     kube = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SERVE_KUBE, str(port), str(rollout_seconds), *namespaces
-    )
+        sys.executable, "-c", SERVE_KUBE, str(port), str(rollout_seconds), faults_json,
+        *namespaces,
+    )  # fmt: skip
     try:
         # Seeding a namespace takes up to a second or two on a loaded machine: a proof of 100
         # trials seeds over a hundred before it listens.

@@ -1,11 +1,13 @@
-"""Proof by fault injection (`make proof`): runs whose worker or server dies mid-run, and what
-the targets say afterwards.
+"""Proof by fault injection (`make proof`): runs whose worker, server or target fails mid-run,
+and what the targets say afterwards.
 
-Three kinds of trial, each a Shard Scaling run on a namespace of its own on the sandbox cluster.
-Not covered yet: the other runbooks (they need the whole sandbox Astra: PostgreSQL, Redis, the
-chat receiver, OpenBao; worker-lost, high-error-rate, dead-letter-repair, llm-cost-spike,
-tls-rotation and canary-upgrade are next), the server killed during a canary window or an
-escalation wait, and target faults (the Kubernetes API answering 500 or 409 for a while).
+Four kinds of trial, each a Shard Scaling run on a namespace of its own on the sandbox cluster.
+`make proof` runs the tests marked slow first, which prove the rest on the whole sandbox Astra:
+worker kills at a random activity of Worker Lost, Dead-letter Repair, High Error Rate, LLM Cost
+Spike and Vault Setup (tests/test_kill_anywhere.py), the dev server down through a canary window
+and an escalation's ack wait, and PostgreSQL and Redis dropped mid-activity
+(tests/test_target_faults.py). Not covered yet: worker kills in TLS Rotation, the release
+runbooks, PostgreSQL Outage and Redis Failure.
 
 - ``worker``: bench/recovery.py's trial, ``--trials`` times (``PROOF_TRIALS``, default 100): the
   worker SIGKILLs itself at a random moment of a random step (or dies while the run waits for
@@ -14,16 +16,23 @@ escalation wait, and target faults (the Kubernetes API answering 500 or 409 for 
   same step of one run: whichever takes it dies, the other must finish every run;
 - ``server``: the dev server, on a SQLite file, SIGKILLed and restarted (a) right after an
   approval was accepted and (b) while a run waits out its approval timeout: the approval must
-  count, and the timeout's timer must fire at its time (its lateness is printed).
+  count, and the timeout's timer must fire at its time (its lateness is printed);
+- ``target``: the sandbox Kubernetes API server (``sandbox.kube.faults``) answers the run's
+  writes 500 a few times, 409 Conflict, or holds them past the client's timeout and applies them
+  late: each step must retry within its policy and the run end correct; and it answers a step's
+  write 500 on every attempt its retry policy allows: the run must fail, say why, and have put
+  the old count back (its compensation). Each trial prints the attempts its history records and
+  the failure before each.
 
 After each run the targets are read, not the run's own account: each Deployment's ReplicaSet
-revisions (restarted exactly once), the ConfigMap's ``TASK_SHARD_COUNT`` (the new count), and the
+revisions (restarted exactly once; the rolled-back run: the scheduler twice, the workers once),
+the ConfigMap's ``TASK_SHARD_COUNT`` (the new count; the old one after a roll back), and the
 number of runs under the workflow id (one). A trial that raises is recorded as failed with its
 error: a finding, never hidden. The summary is printed and written as JSON (``--out``), which
 bench/report.py puts on bench/RESULTS.md.
 
-    .venv/bin/python bench/proof.py [--trials 100] [--load-runs 8] [--seed 1]
-        [--out bench/proof.json]
+    .venv/bin/python bench/proof.py [--kinds worker,load,server,target] [--trials 100]
+        [--load-runs 8] [--seed 1] [--out bench/proof.json]
 """
 
 from __future__ import annotations
@@ -60,8 +69,9 @@ from recovery import (
     trial,
     until,
 )
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
+from activities.kube_client import REQUEST_TIMEOUT_SECONDS
 from activities.kubernetes import unauthenticated_client
 from runtime import search_attributes as sa
 from runtime.client import data_converter
@@ -69,14 +79,28 @@ from runtime.identity import load_signer, new_signing_key_line
 from runtime.keys import new_key_line
 from runtime.settings import ENV_PREFIX, Settings
 from sandbox.dying_worker import DYING, Trap
+from sandbox.kube.faults import ApiFault
+from sandbox.kube.seed import ASTRA_CONFIG
 from sandbox.servers.process import free_port
 from workflows.models import RunbookResult
+from workflows.timeouts import DEFAULT_RETRY
 
 SHARDS = 12
 """The count every run sets; the ConfigMap must say it afterwards."""
 APPROVAL_TIMEOUT_SECONDS = 20.0
 """The server trial's approval timeout: the server is down for part of it."""
 SERVER_DOWN_SECONDS = 5.0
+SEED_SHARDS = ASTRA_CONFIG["TASK_SHARD_COUNT"]
+"""The count the sandbox seeds: a run that rolled back leaves it so."""
+ROLLED_BACK = "rolled back (restore the old shard count)"
+"""What a failed run's message says when its compensation was done."""
+ROLLED_BACK_RESTARTS = {"astra-scheduler": 2, "astra-worker": 1}
+"""A run whose workers' restart failed: the scheduler restarted for the new count and again for
+the old one, the workers once, for the old one."""
+STALL_SECONDS = 12.0
+"""How long the target trial's API server holds a write: past the client's timeout
+(``activities.kube_client``) and a short activity's start-to-close timeout both."""
+KINDS = ("worker", "load", "server", "target")
 DEFAULT_OUT = Path(__file__).with_name("proof.json")
 
 
@@ -96,21 +120,36 @@ class Result:
     error: str = ""
     changes: bool = True
     """Whether the run should change the targets (a run that timed out changes nothing)."""
+    rolls_back: bool = False
+    """Whether the run should fail and put the old count back (a fault outlasting its retries)."""
+
+    @property
+    def expected_restarts(self) -> dict[str, int]:
+        if self.rolls_back:
+            return dict(ROLLED_BACK_RESTARTS)
+        return dict.fromkeys(DEPLOYMENTS, 1 if self.changes else 0)
+
+    @property
+    def expected_shards(self) -> str:
+        return str(SHARDS) if self.changes and not self.rolls_back else SEED_SHARDS
 
     @property
     def duplicates(self) -> int:
-        """Side effects past the one each target should have seen."""
-        return sum(max(n - 1, 0) for n in self.restarts.values()) + max(self.runs_under_id - 1, 0)
+        """Side effects past the ones each target should have seen."""
+        expected = self.expected_restarts
+        return sum(max(n - expected.get(d, 0), 0) for d, n in self.restarts.items()) + max(
+            self.runs_under_id - 1, 0
+        )
 
     @property
     def correct(self) -> bool:
-        restarts = 1 if self.changes else 0
         return (
             self.completed
             and not self.error
-            and all(self.restarts.get(d) == restarts for d in DEPLOYMENTS)
-            and (self.shard_count == str(SHARDS)) == self.changes
+            and self.restarts == self.expected_restarts
+            and self.shard_count == self.expected_shards
             and self.runs_under_id == 1
+            and (not self.rolls_back or (self.outcome == "failed" and ROLLED_BACK in self.detail))
         )
 
 
@@ -200,6 +239,91 @@ async def load_trial(
         await targets.fill(result, namespace)
         print(f"load trial {namespace}: {summary_line(result)}", flush=True)
     return results
+
+
+@dataclass(frozen=True)
+class TargetTrial:
+    """A Shard Scaling run in ``namespace`` whose API server answers with ``faults``."""
+
+    namespace: str
+    fault: str
+    faults: tuple[ApiFault, ...]
+    rolls_back: bool = False
+
+
+def target_trials() -> list[TargetTrial]:
+    """The Kubernetes API's bad days, one namespace each, the writes of the run's own objects hit:
+    500s that stop, 409s (another writer first), writes held past every timeout, and 500s that
+    outlast the step's retries."""
+
+    def writes(ns: str, resource: str, name: str | None = None, **fault: Any) -> ApiFault:
+        return ApiFault(namespace=ns, resources=(resource,), name=name, methods=("PATCH",), **fault)
+
+    attempts = DEFAULT_RETRY.maximum_attempts
+    return [
+        TargetTrial(
+            "target-500",
+            "API server answers 500 to the ConfigMap write 3 times, then to the restarts twice",
+            (writes("target-500", "configmaps", status=500, times=3),
+             writes("target-500", "deployments", status=500, times=2)),
+        ),
+        TargetTrial(
+            "target-409",
+            "API server answers 409 Conflict to the ConfigMap write twice and to each restart once",
+            (writes("target-409", "configmaps", status=409, times=2),
+             writes("target-409", "deployments", "astra-scheduler", status=409),
+             writes("target-409", "deployments", "astra-worker", status=409)),
+        ),
+        TargetTrial(
+            "target-stall",
+            f"API server holds the ConfigMap write and the scheduler's restart {STALL_SECONDS:g} s"
+            f" (client timeout {REQUEST_TIMEOUT_SECONDS:g} s), then applies them",
+            (writes("target-stall", "configmaps", stall_seconds=STALL_SECONDS),
+             writes("target-stall", "deployments", "astra-scheduler",
+                    stall_seconds=STALL_SECONDS)),
+        ),
+        TargetTrial(
+            "target-rollback",
+            f"API server answers 500 to the workers' restart {attempts} times (every attempt "
+            "the retry policy allows)",
+            (writes("target-rollback", "deployments", "astra-worker", status=500,
+                    times=attempts),),
+            rolls_back=True,
+        ),
+    ]  # fmt: skip
+
+
+async def retried(client: Client, history: Any) -> str:
+    """Each activity the run retried, from its history: the attempt that succeeded (or failed
+    last) and the failure before it (decoded: the codec encrypts failure messages)."""
+    said = []
+    for event in history.events:
+        if event.HasField("activity_task_started_event_attributes"):
+            attributes = event.activity_task_started_event_attributes
+            if attributes.attempt > 1:
+                failure = await client.data_converter.decode_failure(attributes.last_failure)
+                said.append(f"attempt {attributes.attempt} after '{failure}'")
+    return "; ".join(said) or "no activity retried"
+
+
+async def target_run(bench: Bench, targets: Targets, spec: TargetTrial) -> Result:
+    result = Result("target", spec.namespace, spec.fault, rolls_back=spec.rolls_back)
+
+    async def body() -> None:
+        handle = await bench.start(spec.namespace)
+        await bench.approve(handle)
+        try:
+            done = await asyncio.wait_for(handle.result(), RUN_DEADLINE)
+            result.outcome, result.detail = done.outcome.value, done.summary
+        except WorkflowFailureError as failure:
+            result.outcome, result.detail = "failed", str(failure.cause)
+        result.completed = True
+        result.detail += f" | {await retried(bench.client, await handle.fetch_history())}"
+
+    await recorded(result, body)
+    await targets.fill(result, spec.namespace)
+    print(f"target trial {spec.namespace}: {summary_line(result)}", flush=True)
+    return result
 
 
 @dataclass
@@ -376,20 +500,29 @@ def summary(results: list[Result], seconds: float) -> dict[str, Any]:
     }
 
 
-async def main(trials: int, load_runs: int, seed: int, out: Path, rollout_seconds: float) -> None:
+async def main(
+    kinds: list[str], trials: int, load_runs: int, seed: int, out: Path, rollout_seconds: float
+) -> None:
     cache_bytecode()
     began = time.monotonic()
     rng = random.Random(seed)
     keys = new_key_line("proof")
     signer = load_signer(new_signing_key_line("proof-api"))
     logs = Path(tempfile.mkdtemp(prefix="astra-ops-proof-"))
-    namespaces = ["base-1", "server-approved", "server-timeout"]
-    namespaces += [f"kill-{n}" for n in range(1, trials + 1)]
-    namespaces += [f"load-{n}" for n in range(1, load_runs + 1)]
+    targeted = target_trials() if "target" in kinds else []
+    namespaces = ["base-1"] if "worker" in kinds or "load" in kinds else []
+    namespaces += ["server-approved", "server-timeout"] if "server" in kinds else []
+    namespaces += [f"kill-{n}" for n in range(1, trials + 1)] if "worker" in kinds else []
+    namespaces += [f"load-{n}" for n in range(1, load_runs + 1)] if "load" in kinds else []
+    namespaces += [t.namespace for t in targeted]
+    faults = [f for t in targeted for f in t.faults]
     env = await dev_server(keys)
     results: list[Result] = []
     try:
-        async with sandbox_cluster(*namespaces, rollout_seconds=rollout_seconds) as (kube_url, _):
+        async with sandbox_cluster(*namespaces, rollout_seconds=rollout_seconds, faults=faults) as (
+            kube_url,
+            _,
+        ):
 
             def make_bench(client: Client, address: str) -> Bench:
                 settings = {
@@ -405,11 +538,22 @@ async def main(trials: int, load_runs: int, seed: int, out: Path, rollout_second
 
             bench = make_bench(env.client, env.client.service_client.config.target_host)
             targets = Targets(bench, kube_url)
-            _, steps = await baseline(bench, 1)
-            results += await worker_trials(bench, targets, steps, trials, rng)
-            if load_runs:
-                results += await load_trial(bench, targets, steps, load_runs, rng)
-            results += await server_trials(make_bench, keys, kube_url)
+            if "worker" in kinds or "load" in kinds:
+                _, steps = await baseline(bench, 1)
+                if "worker" in kinds:
+                    results += await worker_trials(bench, targets, steps, trials, rng)
+                if "load" in kinds and load_runs:
+                    results += await load_trial(bench, targets, steps, load_runs, rng)
+            if "server" in kinds:
+                results += await server_trials(make_bench, keys, kube_url)
+            if targeted:
+                worker = await bench.worker()
+                try:
+                    await worker.polling_since()
+                    for spec in targeted:
+                        results.append(await target_run(bench, targets, spec))
+                finally:
+                    await worker.stop()
     finally:
         await env.shutdown()
     report = summary(results, time.monotonic() - began)
@@ -439,7 +583,17 @@ if __name__ == "__main__":
         "--rollout-seconds", type=float, default=2.0,
         help="how long the sandbox takes to roll a Deployment (default 2)",
     )  # fmt: skip
+    parser.add_argument(
+        "--kinds",
+        type=lambda text: [k.strip() for k in text.split(",") if k.strip()],
+        default=list(KINDS),
+        help=f"the kinds of trial to run, comma-separated (default {','.join(KINDS)})",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.trials, args.load_runs, args.seed, args.out, args.rollout_seconds))
+    if unknown := set(args.kinds) - set(KINDS):
+        parser.error(f"no kind {', '.join(sorted(unknown))}; the kinds: {', '.join(KINDS)}")
+    asyncio.run(
+        main(args.kinds, args.trials, args.load_runs, args.seed, args.out, args.rollout_seconds)
+    )
     sys.stdout.flush()
     os._exit(0)  # skip finalization: temporalio/sdk-python#300 (see starters/cli.py main)

@@ -183,15 +183,19 @@ def proof_section(path: Path) -> list[str]:
         "worker": "worker SIGKILLed at a random step, a new worker started",
         "load": "two workers on one queue, one SIGKILLed under load",
         "server": "dev server SIGKILLed and restarted on its SQLite file",
+        "target": "Kubernetes API answering 500 or 409, or holding writes, mid-step",
     }
     for kind, figures in proof["by_kind"].items():
         lines.append(
             f"| {kinds.get(kind, kind)} | {figures['trials']} | {figures['completed']} | "
             f"{figures['correct']} | {figures['duplicates']} |"
         )
-    lines += ["", "Server trials:"]
-    lines += [f"- {r['name']}: {r['fault']}; outcome {r['outcome']}; {r['detail']}"
-              for r in proof["results"] if r["kind"] == "server"]  # fmt: skip
+    for kind, title in (("server", "Server trials"), ("target", "Target trials")):
+        named = [r for r in proof["results"] if r["kind"] == kind]
+        if named:
+            lines += ["", f"{title}:"]
+            lines += [f"- {r['name']}: {r['fault']}; outcome {r['outcome']}; {r['detail']}"
+                      for r in named]  # fmt: skip
     if proof["failed"]:
         lines += ["", "Trials that failed (findings):"]
         lines += [f"- {f['name']}: {f['summary']}" for f in proof["failed"]]

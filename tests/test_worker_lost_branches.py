@@ -121,6 +121,23 @@ async def test_one_lost_worker_is_replaced_without_asking_within_the_automatic_l
     assert steps[REPLACEMENT].detail == f"3 found: {', '.join([*POOL[1:], NEWCOMER])}"
 
 
+async def test_the_summary_counts_the_tasks_an_attempt_cut_off_earlier_requeued(
+    client: Client, task_queue: str, stubs: Stubs
+) -> None:
+    # The requeue's first attempt lost its connection after two of the three tasks; the retry
+    # requeued the third (tests/test_target_faults.py cuts a real one).
+    lost_with_three_tasks(stubs)
+    detail = f"requeued 1 tasks of {LOST} in 1 batch(es), 2 more by an earlier attempt of this step"
+    stubs.answer(
+        PostgresActivities.requeue_lost_worker,
+        LostWorkerRequeue(changed=True, detail=detail, requeued=1, batches=1, token="t"),
+    )
+    result = await (await start(client, WorkerLost, request(), task_queue)).result()
+
+    assert result.summary.startswith(detail)
+    assert result.summary.endswith("; all 3 requeued tasks picked up")
+
+
 async def test_a_live_heartbeat_changes_nothing(
     client: Client, task_queue: str, stubs: Stubs
 ) -> None:

@@ -24,6 +24,7 @@ from activities.access import AccessActivities, Trust
 from activities.communication import CommunicationActivities
 from activities.endpoints import EndpointActivities
 from activities.incident import IncidentActivities
+from activities.kube_client import BoundedApiClient
 from activities.kubernetes import KubernetesActivities, unauthenticated_client
 from activities.metrics import MetricsActivities, metrics_source
 from activities.notify import NotifyActivities
@@ -55,14 +56,15 @@ log = logging.getLogger(__name__)
 
 
 def kube_api(settings: Settings) -> k8s.ApiClient:
-    """The sandbox's unauthenticated URL when set; else in-cluster credentials, then kubeconfig."""
+    """The sandbox's unauthenticated URL when set; else in-cluster credentials, then kubeconfig.
+    Either way each request times out (``activities.kube_client``)."""
     if settings.kube_url:
         return unauthenticated_client(settings.kube_url)
     try:
         k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
-    return k8s.ApiClient()
+    return BoundedApiClient()
 
 
 def vault_config(settings: Settings) -> VaultConfig:

@@ -213,5 +213,5 @@ class WorkerLost(Runbook):
                 if pod_deleted
                 else f"{worker} had no pod left to replace"
             )
-            + f"; all {requeue.requeued} requeued tasks picked up",
+            + f"; all {progress.requeued} requeued tasks picked up",
         )

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from sandbox.kube.cluster import FakeCluster
+from sandbox.kube.faults import ApiFaults
 from sandbox.kube.objects import RESOURCES, KubeError, Resource
 
 _CORE_PREFIX = "/api/v1"
@@ -45,8 +46,11 @@ def _resource(prefix: str, plural: str) -> Resource:
     return RESOURCES[plural]
 
 
-def build_app(cluster: FakeCluster, observer: RequestObserver | None = None) -> FastAPI:
-    """The ASGI app: one generic handler per path shape, dispatching to the cluster."""
+def build_app(
+    cluster: FakeCluster, observer: RequestObserver | None = None, faults: ApiFaults | None = None
+) -> FastAPI:
+    """The ASGI app: one generic handler per path shape, dispatching to the cluster; a request
+    a fault of ``faults`` matches gets the fault instead (or first)."""
     app = FastAPI(
         title="astra sandbox kube-apiserver", docs_url=None, redoc_url=None, openapi_url=None
     )
@@ -58,6 +62,22 @@ def build_app(cluster: FakeCluster, observer: RequestObserver | None = None) -> 
         ) -> Response:
             observer(request.method, request.url.path, request.query_params)
             return await call_next(request)
+
+    if faults is not None:
+
+        @app.middleware("http")
+        async def inject(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            fault = faults.take(request.method, request.url.path)
+            if fault is None:
+                return await call_next(request)
+            if fault.stall_seconds:
+                # Read the body first: a write held past the client's patience still lands.
+                await request.body()
+                await asyncio.sleep(fault.stall_seconds)  # the stall is the fault itself
+            error = faults.error(fault, request.url.path)
+            return _error(error) if error is not None else await call_next(request)
 
     async def body_of(request: Request) -> Any:
         raw = await request.body()
@@ -231,9 +251,11 @@ class FakeKubeServer:
         host: str = "127.0.0.1",
         port: int = 0,
         observer: RequestObserver | None = None,
+        faults: ApiFaults | None = None,
     ) -> None:
         self.cluster = cluster
         self.observer = observer
+        self.faults = faults if faults is not None else ApiFaults()
         self.host = host
         self._requested_port = port
         self._port: int | None = None
@@ -285,7 +307,7 @@ class FakeKubeServer:
             ) from err
         self._port = sock.getsockname()[1]
         config = uvicorn.Config(
-            build_app(self.cluster, self.observer),
+            build_app(self.cluster, self.observer, self.faults),
             log_level="warning",
             access_log=False,
             lifespan="off",
