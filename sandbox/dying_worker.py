@@ -6,10 +6,9 @@ node that dies or an OOM kill would end it.
 for a task queue with one run), the activity's id in that run (ids follow the order a run
 schedules its activities, local ones included, so a run of the same shape gives the same step
 the same id; ``#n``: the n-th activity this worker starts for the run) and how many seconds into
-the activity's first attempt to die. If the activity returns (or
-fails) before then, the process dies right after, before the worker reports the result: the
-activity's effect happened, and Temporal does not know. Without the variable it is a plain
-worker, the one that takes over.
+the activity's first attempt to die. If the activity returns (or fails) before then, the process
+dies right after, before the worker reports the result: the activity's effect happened, and
+Temporal does not know. Without the variable it is a plain worker, the one that takes over.
 
 The fault sits in an activity interceptor that joins the worker's own
 (``workers.worker.running_worker``): nothing in production code knows of it.
@@ -72,7 +71,6 @@ class KillInActivity(ActivityInboundInterceptor):
     def __init__(self, next: ActivityInboundInterceptor, trapped: Trapped) -> None:
         super().__init__(next)
         self.trapped = trapped
-        self.trap = trapped.trap
 
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
         info = activity.info()
@@ -80,8 +78,9 @@ class KillInActivity(ActivityInboundInterceptor):
             return await self.next.execute_activity(input)
         # A timer thread: it fires whether the activity runs on this event loop or on a thread
         # of the executor, and whatever either is doing.
-        where = f"{info.activity_type} {self.trap.delay:.3f} s into its first attempt"
-        timer = threading.Timer(self.trap.delay, die, [where])
+        delay = self.trapped.trap.delay
+        where = f"{info.activity_type} {delay:.3f} s into its first attempt"
+        timer = threading.Timer(delay, die, [where])
         timer.start()
         try:
             return await self.next.execute_activity(input)
