@@ -5,10 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Any, TypeVar
 
+from pydantic import SecretStr
 from temporalio.client import Client, WorkflowHandle
 
 from activities.kube_annotations import CONFIG_HASH, config_hash
 from runtime.identity import Signed, load_signer, new_signing_key_line, statement
+from runtime.settings import ENV_PREFIX, Settings
 from tests.conftest_kube import KubeSandbox, eventually
 from workflows.models import Decision, RunbookRequest, RunbookResult, RunStatus, StepState
 from workflows.runbook import Runbook
@@ -20,6 +22,21 @@ TEST_SIGNER = load_signer(TEST_SIGNING_KEY)
 
 
 R = TypeVar("R", bound=RunbookRequest)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``settings`` as the ASTRA_OPS_* environment a deployed process reads them from."""
+    env = {}
+    for name in settings.model_fields_set:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+    return env
 
 
 def signed_start(request: R, workflow_id: str) -> R:

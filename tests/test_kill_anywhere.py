@@ -19,8 +19,7 @@ import random
 import sys
 import uuid
 from asyncio import FIRST_COMPLETED
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,11 +50,17 @@ from tests.test_runbook_high_error_rate import (
 )
 from tests.test_runbook_llm_cost_spike import BASELINE, WINDOW, spike
 from tests.test_runbook_llm_cost_spike import request as cost_request
-from tests.test_runbook_vault_setup import live_tokens, plant, platform_secret, root_client
+from tests.test_runbook_vault_setup import (
+    live_token_meta,
+    plant,
+    platform_secret,
+    root_client,
+    stored,
+)
 from tests.test_runbook_vault_setup import settings_for as vault_settings
 from tests.test_runbook_worker_lost import lose_a_worker
 from tests.test_runbook_worker_lost import request as lost_request
-from tests.test_worker_recovery import RUN_SECONDS, environment
+from tests.test_worker_recovery import RUN_SECONDS, worker_process
 from workflows.dead_letter_repair import DeadLetterRepair
 from workflows.high_error_rate import HighErrorRate
 from workflows.llm_cost_spike import LlmCostSpike
@@ -88,34 +93,14 @@ class Kill:
         return cls(nth=rng.randint(1, activities), after=rng.uniform(0.0, 0.3))
 
 
-@asynccontextmanager
-async def worker(settings: Settings, log: Path, kill: Kill | None) -> AsyncIterator[Worker]:
-    """The production worker in a process of its own; with ``kill``, one that dies there."""
-    env = environment(settings)
-    if kill is not None:
-        env[KILL_AT] = Trap(ANY_RUN, f"#{kill.nth}", kill.after).encode()
-    with log.open("ab") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sandbox.dying_worker", env=env, stdout=out, stderr=out
-        )
-    try:
-        yield Worker(process, log)
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
+DYING_WORKER = (sys.executable, "-m", "sandbox.dying_worker")
 
 
-@dataclass
-class Worker:
-    process: asyncio.subprocess.Process
-    log: Path
-
-    def died_where(self) -> str:
-        """The line the worker wrote before killing itself."""
-        dying = [line for line in self.log.read_text().splitlines() if DYING in line]
-        assert dying, f"the worker did not kill itself; its log: {self.log}"
-        return dying[-1].split(DYING, 1)[1].strip()
+def died_where(log: Path) -> str:
+    """Where the dying worker said it killed itself."""
+    dying = [line for line in log.read_text().splitlines() if DYING in line]
+    assert dying, f"the worker did not kill itself; its log: {log}"
+    return dying[-1].split(DYING, 1)[1].strip()
 
 
 async def run_through_a_kill(
@@ -127,7 +112,9 @@ async def run_through_a_kill(
 ) -> RunbookResult:
     """Start the run on a worker that dies where ``kill`` says, start the next worker as soon
     as it is gone, give the run its approvals as it asks for them, and return how it ended."""
-    async with worker(settings, tmp_path / "dying.log", kill) as first:
+    trap = Trap(ANY_RUN, f"#{kill.nth}", kill.after)
+    dying_log = tmp_path / "dying.log"
+    async with worker_process(settings, dying_log, DYING_WORKER, {KILL_AT: trap.encode()}) as first:
         handle = await start_run()
 
         async def approve() -> None:
@@ -136,12 +123,12 @@ async def run_through_a_kill(
 
         approving = asyncio.create_task(approve())
         ending = asyncio.create_task(handle.result())
-        died = asyncio.create_task(first.process.wait())
+        died = asyncio.create_task(first.wait())
         await asyncio.wait({died, ending}, timeout=RUN_SECONDS, return_when=FIRST_COMPLETED)
         assert died.done(), f"the run ended before its worker reached activity {kill.nth}"
-        assert died.result() == -9, first.log
-        where = first.died_where()
-        async with worker(settings, tmp_path / "next.log", None):
+        assert died.result() == -9, dying_log
+        where = died_where(dying_log)
+        async with worker_process(settings, tmp_path / "next.log"):
             await asyncio.wait_for(approving, RUN_SECONDS)
             result = await asyncio.wait_for(ending, RUN_SECONDS)
     assert result.outcome == Outcome.DONE, f"killed in {where}: {result.summary}"
@@ -287,17 +274,14 @@ async def test_vault_setup_killed_anywhere_writes_the_secrets_once_and_leaves_on
     )
 
     root = root_client(openbao)
-    stored = root.secrets.kv.v2.read_secret_version(
-        path=path, mount_point="secret", raise_on_deleted_version=False
-    )["data"]
-    assert stored["data"] == {"OPENAI_API_KEY": canary, "DB_PASSWORD": f"pw-{canary}"}
-    assert stored["metadata"]["version"] == 1  # written once
+    written = stored(root, path)
+    assert written["data"] == {"OPENAI_API_KEY": canary, "DB_PASSWORD": f"pw-{canary}"}
+    assert written["metadata"]["version"] == 1  # written once
     held = root.auth.token.lookup(platform_secret(kube, namespace)["ASTRA_VAULT_TOKEN"])["data"]
     ours = [
         accessor
-        for accessor in live_tokens(root, issued_by=ISSUED_BY)
-        if root.auth.token.lookup_accessor(accessor)["data"]["meta"]
-        .get("step", "")
-        .startswith(f"vault-setup/{namespace}/")
+        for accessor, meta in live_token_meta(root).items()
+        if meta.get("issued_by") == ISSUED_BY
+        and meta.get("step", "").startswith(f"vault-setup/{namespace}/")
     ]
     assert ours == [held["accessor"]]  # one live credential: the platform's

@@ -29,7 +29,6 @@ from kubernetes.client import CoreV1Api, V1ConfigMap, V1ObjectMeta
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from pydantic import SecretStr
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.contrib.opentelemetry import TracingInterceptor
 
@@ -42,7 +41,7 @@ from starters.api import create_app
 from starters.runs import Runs
 from tests.conftest import OwnTemporal
 from tests.conftest_kube import KubeSandbox, eventually
-from tests.helpers import awaiting_approval, handle_of
+from tests.helpers import awaiting_approval, handle_of, settings_env
 from tests.monitoring import on_loopback
 from workers.worker import running_worker
 from workflows.models import ApprovalSignal, Decision, Outcome
@@ -50,19 +49,6 @@ from workflows.models import ApprovalSignal, Decision, Outcome
 STARTUP_SECONDS = 60
 SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``settings`` as the ASTRA_OPS_* environment a deployed process reads them from."""
-    env = {}
-    for name in settings.model_fields_set:
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
-    return env
 
 
 def samples(page: str, name: str, **labels: str) -> list[float]:

@@ -153,27 +153,18 @@ async def test_first_setup_loads_the_secrets_and_gives_the_platform_a_least_priv
         result = await setup(runs, client, params(namespace, path))
 
     assert result.outcome == Outcome.DONE, result.summary
-    stored = root_client(openbao).secrets.kv.v2.read_secret_version(
-        path=path, mount_point="secret", raise_on_deleted_version=False
-    )["data"]
-    assert stored["data"] == {"OPENAI_API_KEY": canary, "DB_PASSWORD": f"pw-{canary}"}
-    assert stored["metadata"]["version"] == 1
+    written = stored(root_client(openbao), path)
+    assert written["data"] == {"OPENAI_API_KEY": canary, "DB_PASSWORD": f"pw-{canary}"}
+    assert written["metadata"]["version"] == 1
     after = platform_secret(kube, namespace)
     assert after["ASTRA_VAULT_ADDR"] == openbao.address
     assert after["ASTRA_VAULT_PATH"] == f"secret/{path}"
     token = after["ASTRA_VAULT_TOKEN"]
     assert token != before["ASTRA_VAULT_TOKEN"]
     platform = hvac.Client(url=openbao.address, token=token)
-    assert (
-        platform.secrets.kv.v2.read_secret_version(
-            path=path, mount_point="secret", raise_on_deleted_version=False
-        )["data"]["data"]["OPENAI_API_KEY"]
-        == canary
-    )
+    assert stored(platform, path)["data"]["OPENAI_API_KEY"] == canary
     with pytest.raises(hvac.exceptions.Forbidden):
-        platform.secrets.kv.v2.read_secret_version(
-            path="other", mount_point="secret", raise_on_deleted_version=False
-        )
+        stored(platform, "other")
     steps = {s.name: s for s in result.steps}
     assert (
         "wrote DB_PASSWORD, OPENAI_API_KEY to secret/" in steps["write the changed secrets"].detail
@@ -244,9 +235,9 @@ async def test_a_concurrent_writer_is_not_overwritten(
         with pytest.raises(WorkflowFailureError) as failed:
             await handle.result()
     assert "someone else wrote it since" in str(failed.value.cause)
-    stored = kv.read_secret_version(path=path, mount_point="secret", raise_on_deleted_version=False)
-    assert stored["data"]["data"] == {"DB_PASSWORD": "x"}
-    assert stored["data"]["metadata"]["version"] == 1
+    written = stored(root_client(openbao), path)
+    assert written["data"] == {"DB_PASSWORD": "x"}
+    assert written["metadata"]["version"] == 1
 
 
 async def test_a_sealed_vault_stops_the_run_unless_unseal_keys_are_set_and_approved(
@@ -283,11 +274,25 @@ async def test_a_sealed_vault_stops_the_run_unless_unseal_keys_are_set_and_appro
     assert platform_secret(kube, namespace)["ASTRA_VAULT_PATH"] == "secret/astra"
 
 
-def live_tokens(root: hvac.Client, **meta: str) -> list[str]:
-    """The accessors of the live tokens whose metadata has all of ``meta``."""
+def live_token_meta(root: hvac.Client) -> dict[str, dict[str, str]]:
+    """Each live token's metadata, by its accessor."""
     tokens = root.auth.token
     found = (tokens.lookup_accessor(a)["data"] for a in tokens.list_accessors()["data"]["keys"])
-    return [t["accessor"] for t in found if meta.items() <= (t.get("meta") or {}).items()]
+    return {t["accessor"]: t.get("meta") or {} for t in found}
+
+
+def live_tokens(root: hvac.Client, **meta: str) -> list[str]:
+    """The accessors of the live tokens whose metadata has all of ``meta``."""
+    return [a for a, has in live_token_meta(root).items() if meta.items() <= has.items()]
+
+
+def stored(vault: hvac.Client, path: str) -> dict[str, Any]:
+    """The latest version of ``path`` in the ``secret`` KV-v2 mount, read as ``vault``: its
+    ``data`` and ``metadata``."""
+    version: dict[str, Any] = vault.secrets.kv.v2.read_secret_version(
+        path=path, mount_point="secret", raise_on_deleted_version=False
+    )["data"]
+    return version
 
 
 def unspent_secret_ids(root: hvac.Client, role: str) -> list[str]:

@@ -27,7 +27,6 @@ from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 from urllib3.exceptions import ReadTimeoutError
 
-from activities.kube_annotations import REVISION
 from activities.kube_client import REQUEST_RETRIES, BoundedApiClient
 from activities.kube_models import ConfigRef
 from activities.kubernetes import KubernetesActivities
@@ -44,20 +43,9 @@ from sandbox.loadgen import SandboxKeys
 from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox
 from tests.helpers import awaiting_approval, handle_of, shard_count
+from tests.test_worker_recovery import restarts
 from workflows.models import Decision, Outcome, RunbookResult
 from workflows.timeouts import DEFAULT_RETRY
-
-DEPLOYMENTS = ("astra-scheduler", "astra-worker")
-
-
-def restarts(kube: KubeSandbox, namespace: str) -> dict[str, int]:
-    """Each Deployment's restarts: its ReplicaSet revisions past the seed's."""
-    counts = {}
-    for name in DEPLOYMENTS:
-        deployment = kube.cluster.get("deployments", namespace, name)
-        assert deployment is not None
-        counts[name] = int(deployment["metadata"]["annotations"][REVISION]) - 1
-    return counts
 
 
 def bounded_client(url: str, request_timeout: float) -> BoundedApiClient:

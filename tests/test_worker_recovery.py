@@ -15,13 +15,12 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 from temporalio.client import Client, WorkflowHandle
 
 from activities.heartbeats import HANDED_BACK
@@ -29,7 +28,14 @@ from activities.kube_annotations import REVISION
 from runtime.settings import ENV_PREFIX, Settings
 from starters.runs import Runs
 from tests.conftest_kube import KubeSandbox, eventually, kube_sandbox
-from tests.helpers import awaiting_approval, handle_of, shard_count, status, wait_for_step
+from tests.helpers import (
+    awaiting_approval,
+    handle_of,
+    settings_env,
+    shard_count,
+    status,
+    wait_for_step,
+)
 from workflows.models import Decision, Outcome, RunbookResult, StepState
 
 ASTRA_OPS = Path(sys.executable).parent / "astra-ops"
@@ -75,30 +81,27 @@ def kube(trap: Trap) -> Iterator[KubeSandbox]:
             trap.released.set()  # the server stops only once its loop is free
 
 
-def environment(settings: Settings, **extra: str) -> dict[str, str]:
+def environment(settings: Settings) -> dict[str, str]:
     """The test's settings as a worker process reads them: ``ASTRA_OPS_*`` variables."""
-    env = dict(os.environ)
-    for name in settings.model_fields_set:
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        elif isinstance(value, bool):
-            value = str(value).lower()
-        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
-    return env | {f"{ENV_PREFIX}{k}": v for k, v in extra.items()}
+    return {**os.environ, **settings_env(settings)}
+
+
+WORKER = (str(ASTRA_OPS), "worker")
+"""The production worker, as deployed."""
 
 
 @asynccontextmanager
 async def worker_process(
-    settings: Settings, log: Path, **extra: str
+    settings: Settings,
+    log: Path,
+    command: Sequence[str] = WORKER,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`astra-ops worker` in a process of its own (its output in ``log``); killed if the test
-    left it running."""
+    """A worker (``command``) in a process of its own, its output in ``log``, with the test's
+    settings and ``env`` besides; killed if the test left it running."""
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
-            str(ASTRA_OPS), "worker", env=environment(settings, **extra), stdout=out, stderr=out
+            *command, env=environment(settings) | dict(env or {}), stdout=out, stderr=out
         )
     try:
         yield process
@@ -231,8 +234,8 @@ async def test_a_stopped_worker_hands_a_rollout_wait_back_without_waiting_out_it
 ) -> None:
     kube.cluster.stall("astra-worker")
     # A grace far beyond the test's deadline: only a wait handed back lets the worker exit.
-    grace = {"WORKER_GRACEFUL_SHUTDOWN_SECONDS": "3600"}
-    async with worker_process(settings, tmp_path / "stopped.log", **grace) as first:
+    grace = {f"{ENV_PREFIX}WORKER_GRACEFUL_SHUTDOWN_SECONDS": "3600"}
+    async with worker_process(settings, tmp_path / "stopped.log", env=grace) as first:
         handle = await approved_run(runs, client, namespace)
         await wait_for_step(handle, "wait for astra-worker", StepState.RUNNING, within=60)
         first.terminate()
