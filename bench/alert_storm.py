@@ -40,6 +40,8 @@ from harness import (
     HttpConnections,
     WorkerProcess,
     cache_bytecode,
+    child_named,
+    cpu_seconds,
     dev_server,
     sandbox_cluster,
     scratch_database,
@@ -122,11 +124,29 @@ async def storm(
 
 
 async def running_after(client: Client, workflow_id: str, since: float) -> float:
-    """Seconds from ``since`` (wall clock) to the workflow's first completed task."""
-    async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
-        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
-            return event.event_time.ToDatetime(UTC).timestamp() - since
-    raise LookupError(f"{workflow_id} never completed a workflow task")
+    """Seconds from ``since`` (wall clock) to the workflow's first completed task, waiting for
+    it (a backlog left by the storm may still be draining) up to a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+                return event.event_time.ToDatetime(UTC).timestamp() - since
+        if time.monotonic() > deadline:
+            history = client.get_workflow_handle(workflow_id).fetch_history_events()
+            events = [EventType.Name(e.event_type)[11:] async for e in history]
+            raise LookupError(f"{workflow_id} completed no workflow task within a minute: {events}")
+        await asyncio.sleep(0.2)
+
+
+async def signals_taken(client: Client, ids: list[str]) -> int:
+    """How many signals the workflows' histories hold: what reached Temporal."""
+
+    async def count(workflow_id: str) -> int:
+        history = client.get_workflow_handle(workflow_id).fetch_history_events()
+        signaled = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+        return sum([event.event_type == signaled async for event in history])
+
+    return sum(await asyncio.gather(*(count(i) for i in ids)))
 
 
 async def latencies(client: Client, ids: dict[str, str], first: dict[str, float]) -> list[float]:
@@ -194,10 +214,17 @@ async def main(count: int, groups: int, concurrency: int) -> None:
                 await wait_until_listening(port)
                 for worker in workers:
                     await worker.start()
+                pids = {
+                    "API": api.pid,
+                    "worker": workers[0].pid,
+                    "bare worker": workers[1].pid,
+                    "Temporal": child_named("temporal"),
+                    "sender": os.getpid(),
+                }
                 async with HttpConnections(
                     port, {"Authorization": f"Bearer {TOKEN}"}, concurrency
                 ) as http:
-                    await report(env.client, http, count, groups, concurrency, run)
+                    await report(env.client, http, count, groups, concurrency, run, pids)
             finally:
                 for worker in workers:
                     await worker.stop()
@@ -208,8 +235,30 @@ async def main(count: int, groups: int, concurrency: int) -> None:
         await env.shutdown()
 
 
+class Cpu:
+    """CPU seconds each process spends over a phase, per notification."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.start = self.now()
+
+    def now(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def per(self, count: int) -> dict[str, float]:
+        """Milliseconds of CPU per notification since the start, by process."""
+        end = self.now()
+        return {name: 1000 * (end[name] - self.start[name]) / count for name in self.pids}
+
+
 async def report(
-    client: Client, http: HttpConnections, count: int, groups: int, concurrency: int, run: str
+    client: Client,
+    http: HttpConnections,
+    count: int,
+    groups: int,
+    concurrency: int,
+    run: str,
+    pids: dict[str, int],
 ) -> None:
     payloads = notifications(count, groups, run)
 
@@ -218,7 +267,9 @@ async def report(
         if not 200 <= status < 300:
             raise RuntimeError(f"the webhook answered {status}: {answer.decode()}")
 
+    cpu = Cpu(pids)
     seconds, first = await storm(payloads, concurrency, post)
+    storm_cpu = cpu.per(count)
     incidents = {g: incident_id_for_group(g) for g in first}
     waits = await latencies(client, incidents, first)
     opened = await client.count_workflows(f"WorkflowType = '{INCIDENT_WORKFLOW}'")
@@ -235,14 +286,21 @@ async def report(
             start_signal_args=[payload],
         )
 
+    cpu = Cpu(pids)
     bare_seconds, bare_first = await storm(payloads, concurrency, signal_with_start)
+    bare_cpu = cpu.per(count)
     bare_waits = await latencies(client, mailboxes, bare_first)
 
     print(f"{count} notifications over {groups} groups, {concurrency} at a time")
     print(line("alert webhook (API)", count, seconds, waits))
     print(f"{'incidents opened':<26} {opened.count:8d}")
+    signals = await signals_taken(client, list(incidents.values()))
+    print(f"{'signals the incidents took':<26} {signals:8d}   (the rest were repeats)")
     print(line("bare signal-with-start", count, bare_seconds, bare_waits))
     print(f"{'ratio (webhook / bare)':<26} {bare_seconds / seconds:8.2f}")
+    print("CPU per notification while sending (ms)   webhook     bare")
+    for name in pids:
+        print(f"  {name:<38} {storm_cpu[name]:7.2f}  {bare_cpu[name]:7.2f}")
 
 
 if __name__ == "__main__":

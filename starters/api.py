@@ -34,6 +34,7 @@ from runtime.logs import configure_logging
 from runtime.redact import redact, redact_logs
 from runtime.settings import AlertSenders, Settings, SettingsError
 from runtime.telemetry import process_telemetry
+from starters.alert_repeats import RecentAlerts
 from starters.body_limit import BodyLimit, too_large_message
 from starters.incident_views import AlertsDelivered, IncidentSummary, IncidentView, OpenedIncident
 from starters.incidents import Incidents
@@ -54,6 +55,7 @@ from workflows.incident_models import (
     AlertNotification,
     IncidentRequest,
     Severity,
+    incident_id_for_group,
 )
 from workflows.models import (
     MAX_COMMENT,
@@ -265,6 +267,7 @@ def create_app(settings: Settings) -> FastAPI:
     telemetry = process_telemetry(settings.api_metrics_address, service="astra-ops-api")
     connection: dict[str, Runs] = {}
     lock = asyncio.Lock()
+    recent_alerts = RecentAlerts()
 
     async def runs() -> Runs:
         """Connect on first use, so the API starts (and says it is not ready) without Temporal."""
@@ -530,9 +533,20 @@ def create_app(settings: Settings) -> FastAPI:
     ) -> AlertsDelivered:
         """Alertmanager's webhook (payload version 4). One alert group is one incident: the
         first notification opens it, later ones (more alerts, `resolved`) reach it; repeats and
-        retries change nothing. Authenticated by the bearer token or basic auth of
-        Alertmanager's `http_config`."""
-        return await (await incidents()).open_from_alerts(notification, by)
+        retries change nothing (an exact repeat within a minute is answered without troubling
+        Temporal). Authenticated by the bearer token or basic auth of Alertmanager's
+        `http_config`."""
+        if recent_alerts.is_repeat(notification):
+            return AlertsDelivered(
+                incident_id=incident_id_for_group(notification.group_key),
+                status=notification.status,
+                delivered=True,
+                message="a repeat: the incident has these alerts already",
+            )
+        delivered = await (await incidents()).open_from_alerts(notification, by)
+        if delivered.delivered:
+            recent_alerts.delivered(notification)
+        return delivered
 
     @app.post(
         "/v1/incidents",

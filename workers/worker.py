@@ -54,6 +54,13 @@ from workflows.tls_scan import TlsScan
 
 log = logging.getLogger(__name__)
 
+WORKFLOW_TASK_SLOTS = 8
+"""Workflow tasks a worker takes at once. Workflow code is Python under one interpreter lock,
+so more at once only makes each slower: with the SDK's default of 100, an alert storm opening a
+hundred incidents had the worker take them all, finish none within the 10 s workflow task
+timeout, and start over (a storm of 400 groups never got one incident running). Tasks beyond
+these wait on the server, where no timeout runs, and go to whichever worker is free."""
+
 
 def kube_api(settings: Settings) -> k8s.ApiClient:
     """The sandbox's unauthenticated URL when set; else in-cluster credentials, then kubeconfig.
@@ -278,7 +285,12 @@ async def running_worker(
             standard = activities_of(*standard_activities(client, settings))
             workers.append(
                 Worker(
-                    client, task_queue=queue, activities=standard, **common, **workflow_options()
+                    client,
+                    task_queue=queue,
+                    activities=standard,
+                    max_concurrent_workflow_tasks=WORKFLOW_TASK_SLOTS,
+                    **common,
+                    **workflow_options(),
                 )
             )
         if kind in ("all", "privileged"):
