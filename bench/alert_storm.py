@@ -2,19 +2,23 @@
 beside bare signal-with-start of the same count on the same dev server, in the same bench run.
 
 The notifications (version 4, bearer-authenticated as Alertmanager) fall in ``--groups`` alert
-groups; each group's are repeats and changes of the same few alerts, as a flapping group sends.
-The API runs in its own process (`astra-ops api`, outside dev mode: it signs what it hands the
-incident), and so does the production worker (`astra-ops worker`), so that the sender here does
-not take their CPU. The limit is the same count of signal-with-start calls straight to Temporal
-from here, on a workflow that only counts signals, served by a worker process of its own with the
-same converter and sandbox: no HTTP, no authentication, no validation, no signature, no
-incident.
+groups. Two storms, each on groups of its own: ``repeats``, where each group sends its few
+alerts over and over as Alertmanager does (repeats, retries, HA peers), and ``changes``, where
+every notification carries something new (a templated value in the summary), so the intake
+must hand each one to its incident. The API runs in its own process (`astra-ops api`, outside
+dev mode: it signs what it hands the incident), and so does the production worker (`astra-ops
+worker`), so that the sender here does not take their CPU. The limit is the same count of
+signal-with-start calls straight to Temporal from here, on a workflow that only counts signals,
+served by a worker process of its own with the same converter and sandbox: no HTTP, no
+authentication, no validation, no signature, no incident.
 
-Printed: notifications per second, incidents opened (one per group, however many notifications
-and however concurrent), and the seconds from a group's first POST (or call) to its workflow's
-first completed task, the workflow running, read from the server's history; the ratio of the
-storm's rate to the limit's. Alerts name no runbook, so no runbook runs: this measures the
-intake, not the sandbox.
+Printed per storm: notifications per second, incidents opened (one per group, however many
+notifications and however concurrent), the signals the incidents took (a repeat the intake
+knows it delivered within the minute takes none: starters/alert_repeats.py), and the seconds
+from a group's first POST (or call) to its workflow's first completed task, the workflow
+running, read from the server's history; the ratio of each storm's rate to the limit's; and the
+CPU each process spent per notification. Alerts name no runbook, so no runbook runs: this
+measures the intake, not the sandbox.
 
     .venv/bin/python bench/alert_storm.py [--notifications 10000] [--groups 100] [--concurrency 64]
 """
@@ -64,8 +68,10 @@ TOKEN = "bench-alertmanager-token"
 ALERTS_PER_GROUP = 3
 
 
-def notifications(count: int, groups: int, run: str) -> list[dict[str, Any]]:
-    """``count`` webhook payloads, round-robin over ``groups`` groups."""
+def notifications(count: int, groups: int, run: str, changing: bool) -> list[dict[str, Any]]:
+    """``count`` webhook payloads, round-robin over ``groups`` groups: repeats of each group's
+    few alerts, or, ``changing``, each with a summary of its own (a templated value that moved),
+    so that none is a repeat of an earlier one."""
     now = datetime.now(UTC).isoformat()
     payloads = []
     for i in range(count):
@@ -90,7 +96,10 @@ def notifications(count: int, groups: int, run: str) -> list[dict[str, Any]]:
                         "status": "firing",
                         "fingerprint": f"{run}-{group}-{alert}",
                         "labels": labels,
-                        "annotations": {"summary": f"bench group {group} is storming"},
+                        "annotations": {
+                            "summary": f"bench group {group} is storming"
+                            + (f" ({i} so far)" if changing else "")
+                        },
                         "startsAt": now,
                     }
                 ],
@@ -125,7 +134,8 @@ async def storm(
 
 async def running_after(client: Client, workflow_id: str, since: float) -> float:
     """Seconds from ``since`` (wall clock) to the workflow's first completed task, waiting for
-    it (a backlog left by the storm may still be draining) up to a minute."""
+    it (a backlog left by the storm may still be draining) up to a minute. One request every
+    half second: reading histories as fast as possible would load the server under test."""
     deadline = time.monotonic() + 60
     while True:
         async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
@@ -135,7 +145,7 @@ async def running_after(client: Client, workflow_id: str, since: float) -> float
             history = client.get_workflow_handle(workflow_id).fetch_history_events()
             events = [EventType.Name(e.event_type)[11:] async for e in history]
             raise LookupError(f"{workflow_id} completed no workflow task within a minute: {events}")
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
 
 
 async def signals_taken(client: Client, ids: list[str]) -> int:
@@ -150,7 +160,10 @@ async def signals_taken(client: Client, ids: list[str]) -> int:
 
 
 async def latencies(client: Client, ids: dict[str, str], first: dict[str, float]) -> list[float]:
-    return sorted(await asyncio.gather(*(running_after(client, ids[g], first[g]) for g in first)))
+    """Each group's seconds to running, read one workflow at a time in the order the groups
+    were first posted (the order their workflows run in): waiting on the last ones, not
+    polling every workflow at once."""
+    return sorted([await running_after(client, ids[g], first[g]) for g in first])
 
 
 def line(label: str, count: int, seconds: float, waits: list[float]) -> str:
@@ -221,10 +234,7 @@ async def main(count: int, groups: int, concurrency: int) -> None:
                     "Temporal": child_named("temporal"),
                     "sender": os.getpid(),
                 }
-                async with HttpConnections(
-                    port, {"Authorization": f"Bearer {TOKEN}"}, concurrency
-                ) as http:
-                    await report(env.client, http, count, groups, concurrency, run, pids)
+                await report(env.client, port, count, groups, concurrency, run, pids)
             finally:
                 for worker in workers:
                     await worker.stop()
@@ -253,28 +263,44 @@ class Cpu:
 
 async def report(
     client: Client,
-    http: HttpConnections,
+    port: int,
     count: int,
     groups: int,
     concurrency: int,
     run: str,
     pids: dict[str, int],
 ) -> None:
-    payloads = notifications(count, groups, run)
+    async def posting(payloads: list[dict[str, Any]]) -> tuple[float, dict[str, float]]:
+        # Connections of the storm's own: the API closes ones idle for 5 s (uvicorn's keep-alive).
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with HttpConnections(port, headers, concurrency) as http:
 
-    async def post(payload: dict[str, Any]) -> None:
-        status, answer = await http.post(ALERTS_PATH, payload)
-        if not 200 <= status < 300:
-            raise RuntimeError(f"the webhook answered {status}: {answer.decode()}")
+            async def post(payload: dict[str, Any]) -> None:
+                status, answer = await http.post(ALERTS_PATH, payload)
+                if not 200 <= status < 300:
+                    raise RuntimeError(f"the webhook answered {status}: {answer.decode()}")
 
-    cpu = Cpu(pids)
-    seconds, first = await storm(payloads, concurrency, post)
-    storm_cpu = cpu.per(count)
-    incidents = {g: incident_id_for_group(g) for g in first}
-    waits = await latencies(client, incidents, first)
-    opened = await client.count_workflows(f"WorkflowType = '{INCIDENT_WORKFLOW}'")
+            return await storm(payloads, concurrency, post)
 
-    mailboxes = {g: f"mailbox/{incident_id_for_group(g)}" for g in first}
+    print(f"{count} notifications over {groups} groups, {concurrency} at a time")
+    phases = {"repeats": False, "changes": True}
+    seconds: dict[str, float] = {}
+    cpu: dict[str, dict[str, float]] = {}
+    for phase, changing in phases.items():
+        payloads = notifications(count, groups, f"{run}-{phase}", changing)
+        before = await client.count_workflows(f"WorkflowType = '{INCIDENT_WORKFLOW}'")
+        spent = Cpu(pids)
+        seconds[phase], first = await posting(payloads)
+        incidents = {g: incident_id_for_group(g) for g in first}
+        waits = await latencies(client, incidents, first)
+        cpu[phase] = spent.per(count)
+        after = await client.count_workflows(f"WorkflowType = '{INCIDENT_WORKFLOW}'")
+        signals = await signals_taken(client, list(incidents.values()))
+        print(line(f"alert webhook, {phase}", count, seconds[phase], waits))
+        print(f"  incidents opened {after.count - before.count}, signals they took {signals}")
+
+    payloads = notifications(count, groups, run, changing=False)
+    mailboxes = {p["groupKey"]: f"mailbox/{incident_id_for_group(p['groupKey'])}" for p in payloads}
 
     async def signal_with_start(payload: dict[str, Any]) -> None:
         await client.start_workflow(
@@ -286,21 +312,16 @@ async def report(
             start_signal_args=[payload],
         )
 
-    cpu = Cpu(pids)
+    spent = Cpu(pids)
     bare_seconds, bare_first = await storm(payloads, concurrency, signal_with_start)
-    bare_cpu = cpu.per(count)
     bare_waits = await latencies(client, mailboxes, bare_first)
-
-    print(f"{count} notifications over {groups} groups, {concurrency} at a time")
-    print(line("alert webhook (API)", count, seconds, waits))
-    print(f"{'incidents opened':<26} {opened.count:8d}")
-    signals = await signals_taken(client, list(incidents.values()))
-    print(f"{'signals the incidents took':<26} {signals:8d}   (the rest were repeats)")
+    cpu["bare"] = spent.per(count)
     print(line("bare signal-with-start", count, bare_seconds, bare_waits))
-    print(f"{'ratio (webhook / bare)':<26} {bare_seconds / seconds:8.2f}")
-    print("CPU per notification while sending (ms)   webhook     bare")
+    for phase in phases:
+        print(f"ratio (webhook, {phase} / bare) {bare_seconds / seconds[phase]:8.2f}")
+    print(f"CPU per notification, until all ran (ms){''.join(f'{c:>9}' for c in cpu)}")
     for name in pids:
-        print(f"  {name:<38} {storm_cpu[name]:7.2f}  {bare_cpu[name]:7.2f}")
+        print(f"  {name:<38}{''.join(f'{cpu[c][name]:9.2f}' for c in cpu)}")
 
 
 if __name__ == "__main__":

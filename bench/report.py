@@ -87,7 +87,7 @@ BENCHMARKS = (
     ),
     Benchmark(
         "alert_storm",
-        ("--notifications", "1000", "--groups", "20"),
+        ("--notifications", "3000", "--groups", "100"),
         "ratio >= 0.8, p99 <= 2 s, incidents opened = groups (issue 9)",
         ("webhook", "bare", "ratio", "incidents"),
     ),
