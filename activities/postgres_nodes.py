@@ -20,6 +20,7 @@ import asyncio
 import os
 import pwd
 import re
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -47,11 +48,14 @@ PROBE_TABLE = "astra_ops_write_probe"
 """One row per server in the database a DSN names, rewritten by each write probe: the smallest
 real write (a row, WAL, a commit) that a read-only or recovering server refuses. astra-ops creates
 it on first use."""
+AWAITING_REPLAY = "in archive recovery"
+"""The cluster state (``pg_controldata``) pg_rewind leaves a server in as its last step, and a
+replica has when it crashed: started as a replica, it replays from there."""
 CONFIG_SUFFIX = ".conf"
 """The configuration files in a data directory (postgresql.conf, postgresql.auto.conf,
 pg_hba.conf, and any file they include from there), which ``pg_rewind`` would overwrite with the
 new primary's copies: the old server keeps its own port and settings, as a DBA keeps them by hand
-around a rewind."""
+around a rewind (a copy on disk, so a worker that dies mid-rewind loses none: ``_own_config``)."""
 
 
 def lsn(text: str | None) -> int | None:
@@ -442,24 +446,9 @@ async def _rewind(
         await _pg_ctl(control, "stop", "-m", "fast", "-w", "-t", "60")
     # Not running: a lock file left by a killed server would stop pg_rewind's recovery run.
     (control.data_dir / "postmaster.pid").unlink(missing_ok=True)
-    kept = {
-        path.name: path.read_bytes()
-        for path in control.data_dir.iterdir()
-        if path.suffix == CONFIG_SUFFIX and path.is_file()
-    }
-    # A retry after a rewind rewinds again: single-user recovery refuses a standby.signal.
-    (control.data_dir / "standby.signal").unlink(missing_ok=True)
-    async with await connect(primary.admin_dsn, autocommit=True, seconds=5) as conn:
-        # A promoted server's control file names its new timeline only after a checkpoint;
-        # before one, pg_rewind sees one timeline and says "no rewind required".
-        await conn.execute("CHECKPOINT")
+    kept = _own_config(control)
     try:
-        rewound = await _run(
-            control,
-            "pg_rewind",
-            f"--target-pgdata={control.data_dir}",
-            f"--source-server={primary.admin_dsn}",
-        )
+        rewound = await _rewound(control, primary)
     except ApplicationError as e:
         # The failover is done; the old primary is what failed, and a rebuild replaces it.
         return Reattached(
@@ -470,6 +459,7 @@ async def _rewind(
     finally:
         for name, content in kept.items():
             _write_owned(control, control.data_dir / name, content)
+        shutil.rmtree(_kept_config(control))
     async with await connect(primary.admin_dsn, autocommit=True, seconds=5) as conn:
         await conn.execute(
             "SELECT pg_create_physical_replication_slot(%(slot)s) WHERE NOT EXISTS "
@@ -498,6 +488,55 @@ async def _rewind(
         + (" (it had not diverged)" if "no rewind required" in rewound else "")
         + "; it streams from it as a replica",
     )
+
+
+async def _rewound(control: PostgresControl, primary: PostgresNode) -> str:
+    """Rewind the stopped server from ``primary``: pg_rewind's output.
+
+    A server pg_rewind left waiting to replay (an attempt whose worker died before starting it,
+    or a replica that crashed) is not rewound again: pg_rewind would first run its recovery to
+    the end, as a primary's, and write WAL the new primary never had, which its stream could
+    then never follow. Started as a replica, it replays from where pg_rewind left it.
+    """
+    state = await _run(control, "pg_controldata", str(control.data_dir), check=False)
+    if re.search(rf"^Database cluster state:\s+{AWAITING_REPLAY}$", state, re.M):
+        return "pg_rewind had rewound it already"
+    # A retry after a rewind rewinds again: single-user recovery refuses a standby.signal.
+    (control.data_dir / "standby.signal").unlink(missing_ok=True)
+    async with await connect(primary.admin_dsn, autocommit=True, seconds=5) as conn:
+        # A promoted server's control file names its new timeline only after a checkpoint;
+        # before one, pg_rewind sees one timeline and says "no rewind required".
+        await conn.execute("CHECKPOINT")
+    return await _run(
+        control,
+        "pg_rewind",
+        f"--target-pgdata={control.data_dir}",
+        f"--source-server={primary.admin_dsn}",
+    )
+
+
+def _own_config(control: PostgresControl) -> dict[str, bytes]:
+    """The server's own configuration files, by name, as they were before its first rewind.
+
+    ``pg_rewind`` overwrites them with the new primary's, and the rewind puts them back after
+    it: a worker that died in between would leave the new primary's (its port, its name) for
+    the next attempt to take for the server's own. So they are copied beside the data directory
+    first (whole, or not at all), every attempt puts that copy back, and it goes once it is.
+    """
+    kept = _kept_config(control)
+    if not kept.is_dir():
+        partial = kept.with_name(kept.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(mode=0o700)
+        for path in control.data_dir.iterdir():
+            if path.suffix == CONFIG_SUFFIX and path.is_file():
+                (partial / path.name).write_bytes(path.read_bytes())
+        partial.rename(kept)
+    return {path.name: path.read_bytes() for path in kept.iterdir()}
+
+
+def _kept_config(control: PostgresControl) -> Path:
+    return control.data_dir.with_name(control.data_dir.name + ".own-config")
 
 
 def _psycopg_error() -> type[Exception]:

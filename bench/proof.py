@@ -3,15 +3,16 @@ and what the targets say afterwards.
 
 Four kinds of trial, each a Shard Scaling run on a namespace of its own on the sandbox cluster.
 `make proof` runs the tests marked slow first, which prove the rest on the whole sandbox Astra:
-worker kills at a random activity of Worker Lost, Dead-letter Repair, High Error Rate, LLM Cost
-Spike and Vault Setup (tests/test_kill_anywhere.py), the dev server down through a canary window
-and an escalation's ack wait, and PostgreSQL and Redis dropped mid-activity
-(tests/test_target_faults.py). Not covered yet: worker kills in TLS Rotation, the release
-runbooks, PostgreSQL Outage and Redis Failure.
+worker kills at a random activity of every other runbook (Worker Lost, Dead-letter Repair, High
+Error Rate, LLM Cost Spike, Vault Setup, TLS Rotation, Canary and Blue-Green Upgrade, Postgres
+Outage and Redis Failure: tests/test_kill_anywhere.py, whose outcomes bench/report.py reads from
+bench/proof-tests.xml), the dev server down through a canary window and an escalation's ack
+wait, and PostgreSQL and Redis dropped mid-activity (tests/test_target_faults.py).
 
-- ``worker``: bench/recovery.py's trial, ``--trials`` times (``PROOF_TRIALS``, default 100): the
-  worker SIGKILLs itself at a random moment of a random step (or dies while the run waits for
-  its approval), a new worker starts, the run must complete;
+- ``worker``: bench/recovery.py's trial, ``--trials`` times (``PROOF_TRIALS``, default 100;
+  `make proof` sets 10, as many as each other runbook's kill trials): the worker SIGKILLs itself
+  at a random moment of a random step (or dies while the run waits for its approval), a new
+  worker starts, the run must complete;
 - ``load``: ``--load-runs`` runs at once on two workers of one task queue, both trapped at the
   same step of one run: whichever takes it dies, the other must finish every run;
 - ``server``: the dev server, on a SQLite file, SIGKILLed and restarted (a) right after an

@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,10 @@ from typing import Any
 HERE = Path(__file__).parent
 TAIL_LINES = 40
 """Lines of a failed benchmark's output kept on the page."""
+KILL_TRIALS = HERE / "proof-tests.xml"
+"""The JUnit XML of `make proof`'s tests (the Makefile names it), beside bench/proof.json."""
+KILLED = "_killed_anywhere"
+"""What the name of each kill trial of tests/test_kill_anywhere.py says after its runbook's."""
 
 
 @dataclass(frozen=True)
@@ -199,7 +204,50 @@ def proof_section(path: Path) -> list[str]:
     if proof["failed"]:
         lines += ["", "Trials that failed (findings):"]
         lines += [f"- {f['name']}: {f['summary']}" for f in proof["failed"]]
+    return [*lines, "", *kill_trials(path.with_name(KILL_TRIALS.name))]
+
+
+def kill_trials(path: Path) -> list[str]:
+    """The trials of tests/test_kill_anywhere.py, per runbook, from the JUnit XML `make proof`
+    writes: a trial passes when its run completed and its assertions, which read the targets,
+    found every side effect there once."""
+    if not path.exists():
+        return [f"No `{path.name}`: `make proof` writes the worker-kill trials of each runbook."]
+    trials: dict[str, list[ET.Element]] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = case.get("name", "")
+        if case.get("classname", "").endswith("test_kill_anywhere") and KILLED in name:
+            runbook = name.split(KILLED)[0].removeprefix("test_").replace("_", "-")
+            trials.setdefault(runbook, []).append(case)
+    lines = [
+        "Worker SIGKILLed at a random activity, per runbook (tests/test_kill_anywhere.py): a "
+        "passed trial completed, correct on the targets, with no duplicate side effect.",
+        "",
+        "| runbook | trials | passed | failed | seconds per trial (mean) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    findings: list[tuple[str, str]] = []
+    for runbook, cases in sorted(trials.items()):
+        failed = {c.get("name", ""): said for c in cases if (said := failure(c)) is not None}
+        findings += failed.items()
+        seconds = sum(float(c.get("time", 0)) for c in cases) / len(cases)
+        lines.append(
+            f"| {runbook} | {len(cases)} | {len(cases) - len(failed)} | {len(failed)} | "
+            f"{seconds:.0f} |"
+        )
+    if findings:
+        lines += ["", "Kill trials that failed (findings):"]
+        lines += [f"- {name}: {said}" for name, said in findings]
     return lines
+
+
+def failure(case: ET.Element) -> str | None:
+    """The first line of what a failed (or errored) test case said; None when it passed."""
+    for outcome in case:
+        if outcome.tag in ("failure", "error"):
+            said = outcome.get("message", "").strip()
+            return said.splitlines()[0] if said else "no message"
+    return None
 
 
 def page(results: list[Ran], proof: Path, began: datetime, total: float, load: str) -> str:

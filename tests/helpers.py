@@ -125,13 +125,18 @@ async def start(
 
 
 async def decide(
-    handle: WorkflowHandle[Any, RunbookResult], step: str, approver: str, verdict: str = "approve"
+    handle: WorkflowHandle[Any, RunbookResult],
+    step: str,
+    approver: str,
+    verdict: str = "approve",
+    within: float = 20,
 ) -> None:
-    """Wait for ``step`` to await approval, then decide it as ``approver`` through the update."""
+    """Wait up to ``within`` seconds for ``step`` to await approval, then decide it as
+    ``approver`` through the update."""
 
     async def pending() -> bool:
         return any(p.step == step for p in (await status(handle)).pending_approvals)
 
-    await eventually(pending, timeout=20, interval=0.05, message=f"approval of '{step}'")
+    await eventually(pending, timeout=within, interval=0.05, message=f"approval of '{step}'")
     decision = Decision(approver=approver, step=step, decision=verdict)
     await handle.execute_update("decide", await signed_decision(handle, decision), result_type=str)

@@ -1,14 +1,19 @@
-"""The worker SIGKILLed at a random point of a runbook's run, in the real sandbox Astra: a new
-worker finishes the run, and every side effect happened once, counted on the targets (requeue
-rows and task states in PostgreSQL, dead letters acknowledged in Redis, ReplicaSet revisions and
-ConfigMap keys on the sandbox cluster, messages the chat receiver took, secret versions and live
-tokens in OpenBao).
+"""The worker SIGKILLed at a random point of a run of each runbook, in the real sandbox Astra: a
+new worker finishes the run, and every side effect happened once, counted on the targets
+(requeue rows and task states in PostgreSQL, dead letters acknowledged in Redis, ReplicaSet
+revisions, ConfigMap keys and the Service's selector on the sandbox cluster, messages the chat
+receiver took, secret versions and live tokens in OpenBao, the certificate each TLS endpoint
+serves and the one its Secret keeps as previous, the acknowledged commits on the promoted
+PostgreSQL and the old primary streaming from it, each pending task queued once on the promoted
+Redis).
 
 Each trial picks, from its own seed, which activity of the run dies (by its id: the order the
 run schedules them) and how far into it; the worker (sandbox/dying_worker.py) kills itself there
-or, if the activity ends first, right after it, before its result reaches Temporal. `make test`
-runs one trial; `make proof` runs ``ASTRA_OPS_PROOF_KILLS`` trials of each runbook (default 5).
-bench/proof.py does the same for Shard Scaling, with more kinds of fault.
+or, if the activity ends first, right after it, before its result reaches Temporal. A run's
+``activities`` are those its history schedules without a kill (the assertion when a run ends
+before its kill says how many it scheduled). `make test` runs one trial; `make proof` runs
+``ASTRA_OPS_PROOF_KILLS`` trials of each runbook (the Makefile's ``PROOF_KILLS``, 10; 5 when
+the variable is unset). bench/proof.py does the same for Shard Scaling, with more kinds of fault.
 """
 
 from __future__ import annotations
@@ -27,19 +32,36 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from _pytest.mark.structures import ParameterSet
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 
+from activities.endpoints import PLATFORM_CLIENTS
 from activities.metrics import SqlMetrics
 from activities.postgres import LlmCostRequest
 from activities.vault import ISSUED_BY
-from runtime.astra_config import BUDGET_GUARD_KEY, INTAKE_PAUSED_KEY
+from runtime.astra_config import (
+    BUDGET_GUARD_KEY,
+    DATABASE_URL_KEY,
+    INTAKE_PAUSED_KEY,
+    REDIS_URL_KEY,
+)
+from runtime.data_plane import DataPlaneTopology
 from runtime.settings import Settings
 from sandbox.dying_worker import ANY_RUN, DYING, KILL_AT, Trap
+from sandbox.faults import cert_expiring
+from sandbox.kube.objects import Obj, Resource
+from sandbox.kube.seed import ASTRA_NAMESPACE, TLS_SERVICES
+from sandbox.servers import faults as server_faults
 from sandbox.servers.openbao import OpenBaoServer
 from tests.conftest import ChatReceiver
-from tests.conftest_kube import KubeSandbox
+from tests.conftest_kube import KubeSandbox, eventually, sandbox_ca
 from tests.conftest_sandbox import RunningAstra, config_value, worker_pods
 from tests.helpers import decide, start
+from tests.test_runbook_blue_green_upgrade import BLUE, GREEN, images, replicas
+from tests.test_runbook_blue_green_upgrade import request as blue_green_request
+from tests.test_runbook_canary_upgrade import NEW, canary
+from tests.test_runbook_canary_upgrade import request as canary_request
+from tests.test_runbook_canary_upgrade import worker_images as canary_worker_images
 from tests.test_runbook_dead_letter_repair import publish, unacknowledged
 from tests.test_runbook_dead_letter_repair import request as repair_request
 from tests.test_runbook_high_error_rate import request as error_rate_request
@@ -50,6 +72,17 @@ from tests.test_runbook_high_error_rate import (
 )
 from tests.test_runbook_llm_cost_spike import BASELINE, WINDOW, spike
 from tests.test_runbook_llm_cost_spike import request as cost_request
+from tests.test_runbook_postgres_outage import (
+    assert_failed_over_to_the_replica as postgres_failed_over,
+)
+from tests.test_runbook_postgres_outage import platform_on, replicated, writing
+from tests.test_runbook_postgres_outage import request as postgres_request
+from tests.test_runbook_redis_failure import (
+    assert_failed_over_to_the_replica as redis_failed_over,
+)
+from tests.test_runbook_redis_failure import lose_the_primary, stage_of
+from tests.test_runbook_redis_failure import request as redis_request
+from tests.test_runbook_tls_rotation import RENEW, assert_renewed, rolled_onto
 from tests.test_runbook_vault_setup import (
     live_token_meta,
     plant,
@@ -60,11 +93,16 @@ from tests.test_runbook_vault_setup import (
 from tests.test_runbook_vault_setup import settings_for as vault_settings
 from tests.test_runbook_worker_lost import lose_a_worker
 from tests.test_runbook_worker_lost import request as lost_request
-from tests.test_worker_recovery import RUN_SECONDS, worker_process
+from tests.test_worker_recovery import RUN_SECONDS, restarts, worker_process
+from workflows.blue_green_upgrade import SWITCH, BlueGreenUpgrade
+from workflows.canary_upgrade import PROMOTION, CanaryUpgrade
 from workflows.dead_letter_repair import DeadLetterRepair
 from workflows.high_error_rate import HighErrorRate
 from workflows.llm_cost_spike import LlmCostSpike
 from workflows.models import Outcome, RunbookResult
+from workflows.postgres_outage import PostgresOutage
+from workflows.redis_failure import APPROVE_FAILOVER, RedisFailure
+from workflows.tls_rotation import TlsRotation, TlsRotationRequest
 from workflows.vault_setup import VaultSetup, VaultSetupRequest
 from workflows.worker_lost import WorkerLost
 
@@ -103,6 +141,33 @@ def died_where(log: Path) -> str:
     return dying[-1].split(DYING, 1)[1].strip()
 
 
+async def activities_scheduled(handle: WorkflowHandle[Any, RunbookResult]) -> int:
+    """How many activities (local ones aside) the run scheduled."""
+    history = await handle.fetch_history()
+    return sum(e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED for e in history.events)
+
+
+def values_of(
+    kube: KubeSandbox, plural: str, namespace: str, name: str, read: Callable[[Obj], object]
+) -> list[object]:
+    """What ``read`` finds on one object of the sandbox cluster now, then after each change that
+    alters it: the list grows as the cluster commits, so a step that set it back and forth, or
+    anyone else's write, shows."""
+    now = kube.cluster.get(plural, namespace, name)
+    assert now is not None, f"no {plural}/{name} in {namespace}"
+    seen = [read(now)]
+
+    def changed(event: str, resource: Resource, obj: Obj) -> None:
+        meta = obj["metadata"]
+        if (resource.plural, meta.get("namespace"), meta["name"]) == (plural, namespace, name):
+            value = read(obj)
+            if event == "MODIFIED" and value != seen[-1]:
+                seen.append(value)
+
+    kube.cluster.watch(changed)
+    return seen
+
+
 async def run_through_a_kill(
     settings: Settings,
     tmp_path: Path,
@@ -118,14 +183,19 @@ async def run_through_a_kill(
         handle = await start_run()
 
         async def approve() -> None:
+            # A step may ask only once the run has come back from the kill.
             for step, approver in approvals:
-                await decide(handle, step, approver)
+                await decide(handle, step, approver, within=RUN_SECONDS)
 
         approving = asyncio.create_task(approve())
         ending = asyncio.create_task(handle.result())
         died = asyncio.create_task(first.wait())
         await asyncio.wait({died, ending}, timeout=RUN_SECONDS, return_when=FIRST_COMPLETED)
-        assert died.done(), f"the run ended before its worker reached activity {kill.nth}"
+        if not died.done():
+            raise AssertionError(
+                f"the run ended before its worker reached activity {kill.nth}: it scheduled "
+                f"{await activities_scheduled(handle)} (what Kill.drawn's `activities` says)"
+            )
         assert died.result() == -9, dying_log
         where = died_where(dying_log)
         async with worker_process(settings, tmp_path / "next.log"):
@@ -285,3 +355,199 @@ async def test_vault_setup_killed_anywhere_writes_the_secrets_once_and_leaves_on
         and meta.get("step", "").startswith(f"vault-setup/{namespace}/")
     ]
     assert ours == [held["accessor"]]  # one live credential: the platform's
+
+
+@pytest.mark.parametrize("trial", trials())
+async def test_tls_rotation_killed_anywhere_writes_each_secret_and_restarts_each_service_once(
+    trial: int,
+    client: Client,
+    task_queue: str,
+    settings: Settings,
+    kube: KubeSandbox,
+    tmp_path: Path,
+) -> None:
+    services = list(TLS_SERVICES)
+    old = (await cert_expiring(kube.api, sandbox_ca(), ASTRA_NAMESPACE, services, 2)).fingerprints
+    for service, fingerprint in old.items():
+        await rolled_onto(kube.tls, ASTRA_NAMESPACE, service, fingerprint)
+    before = restarts(kube, ASTRA_NAMESPACE, services)
+    request = TlsRotationRequest(requester="alice", namespace=ASTRA_NAMESPACE)
+    await run_through_a_kill(
+        settings,
+        tmp_path,
+        Kill.drawn("tls-rotation", trial, activities=14),
+        lambda: start(client, TlsRotation, request, task_queue),
+        [(RENEW, "bob")],
+    )
+
+    assert_renewed(kube, kube.tls, ASTRA_NAMESPACE, old)  # each Secret written once
+    assert restarts(kube, ASTRA_NAMESPACE, services) == {s: n + 1 for s, n in before.items()}
+
+
+@pytest.mark.parametrize("trial", trials())
+async def test_canary_upgrade_killed_anywhere_promotes_the_new_image_once(
+    trial: int,
+    client: Client,
+    task_queue: str,
+    kube: KubeSandbox,
+    astra: RunningAstra,
+    astra_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    await run_through_a_kill(
+        astra_settings,
+        tmp_path,
+        # No analysis: its measurements, as many as fit in the window, would make the count
+        # vary, and one the kill delays can leave the window with none passed, which rightly
+        # asks a person. Blue-Green's trials kill inside a window's measurement.
+        Kill.drawn("canary-upgrade", trial, activities=10),
+        lambda: start(client, CanaryUpgrade, canary_request(pause=3, analysis=False), task_queue),
+        [(PROMOTION, "carol")],
+    )
+
+    assert sorted(canary_worker_images(kube).values()) == [NEW] * 3 and canary(kube) is None
+    assert restarts(kube, ASTRA_NAMESPACE, ["astra-worker"]) == {"astra-worker": 1}  # one rollout
+
+
+@pytest.mark.parametrize("trial", trials())
+async def test_blue_green_upgrade_killed_anywhere_switches_to_green_once(
+    trial: int,
+    client: Client,
+    task_queue: str,
+    kube: KubeSandbox,
+    astra: RunningAstra,
+    astra_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    selectors = values_of(kube, "services", ASTRA_NAMESPACE, BLUE, lambda s: s["spec"]["selector"])
+    await run_through_a_kill(
+        astra_settings,
+        tmp_path,
+        Kill.drawn("blue-green-upgrade", trial, activities=12),
+        lambda: start(client, BlueGreenUpgrade, blue_green_request(keep_blue=2), task_queue),
+        [(SWITCH, "carol")],
+    )
+
+    assert selectors == [{"app": BLUE}, {"app": GREEN}]  # switched once, never back
+    assert images(kube, GREEN) == [NEW] * 3 and replicas(kube, BLUE) == 0
+    assert restarts(kube, ASTRA_NAMESPACE, [GREEN]) == {GREEN: 0}  # made once, never rolled
+
+
+@pytest.mark.parametrize("trial", trials())
+async def test_postgres_outage_killed_anywhere_fails_over_once_losing_nothing(
+    trial: int,
+    client: Client,
+    task_queue: str,
+    settings: Settings,
+    pg_dsn: str,
+    kube: KubeSandbox,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    async with replicated("sync") as plane:
+        ours, platform = platform_on(settings, pg_dsn, plane, tmp_path, kube, namespace)
+        async with writing(platform["primary"]) as writer:
+            await server_faults.pg_primary_down(plane)
+        urls = values_of(
+            kube, "configmaps", namespace, "astra-config", lambda c: c["data"][DATABASE_URL_KEY]
+        )
+        await run_through_a_kill(
+            ours,
+            tmp_path,
+            # 17 besides the grace window's surveys, as many as fit in its second (4 to 6 here,
+            # fewer on a loaded machine): 19 counts 2 of them.
+            Kill.drawn("postgres-outage", trial, activities=19),
+            lambda: start(client, PostgresOutage, postgres_request(namespace), task_queue),
+            [],  # a synchronous standby: unattended
+        )
+
+        await postgres_failed_over(plane, platform, writer, kube, namespace)
+    assert urls == [platform["primary"], platform["replica"]]  # repointed once
+    assert restarts(kube, namespace, PLATFORM_CLIENTS) == dict.fromkeys(PLATFORM_CLIENTS, 1)
+
+
+REWOUND, RELEASED = "rewound", "released"
+
+
+def hold_after_pg_rewind(topology: Path) -> Path:
+    """Make the old primary's first pg_rewind, once done, wait until the test releases it: the
+    folder returned, where ``REWOUND`` appears when it waits and ``RELEASED`` lets it go."""
+    servers = DataPlaneTopology.load(topology)
+    control = servers.postgres[0].control
+    assert control is not None
+    held = control.data_dir.with_name("bin-held")  # where the server's user may go
+    hold = held / "hold"
+    hold.mkdir(parents=True)
+    held.chmod(0o755)
+    hold.chmod(0o777)  # pg_rewind runs as the server's user
+    for program in control.bin_dir.iterdir():
+        (held / program.name).symlink_to(program)
+    wrapper = held / "pg_rewind"
+    wrapper.unlink()
+    wrapper.write_text(
+        f'#!/bin/sh\n"{control.bin_dir / "pg_rewind"}" "$@"\nstatus=$?\n'
+        f'if mkdir "{hold / REWOUND}" 2>/dev/null; then\n'
+        f'  while [ ! -e "{hold / RELEASED}" ]; do sleep 0.05; done\nfi\nexit $status\n'
+    )
+    wrapper.chmod(0o755)
+    control.bin_dir = held
+    servers.write(topology)
+    return hold
+
+
+@pytest.mark.slow
+async def test_postgres_outage_killed_right_after_pg_rewind_restarts_the_old_primary_as_itself(
+    client: Client,
+    task_queue: str,
+    settings: Settings,
+    pg_dsn: str,
+    kube: KubeSandbox,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """The kill a trial found: after pg_rewind wrote the new primary's configuration into the
+    old one's data directory, before the rewind put the old one's own back. The next worker's
+    rewind must start the old primary on its own port, as a replica, not on the new one's."""
+    async with replicated("sync") as plane:
+        ours, platform = platform_on(settings, pg_dsn, plane, tmp_path, kube, namespace)
+        hold = hold_after_pg_rewind(tmp_path / "topology.json")
+        async with writing(platform["primary"]) as writer:
+            await server_faults.pg_primary_down(plane)
+        async with worker_process(ours, tmp_path / "killed.log") as first:
+            handle = await start(client, PostgresOutage, postgres_request(namespace), task_queue)
+            await eventually((hold / REWOUND).exists, timeout=RUN_SECONDS, message="pg_rewind")
+            first.kill()
+        (hold / RELEASED).touch()
+        async with worker_process(ours, tmp_path / "next.log"):
+            result = await asyncio.wait_for(handle.result(), RUN_SECONDS)
+
+        assert result.outcome == Outcome.DONE, result.summary
+        await postgres_failed_over(plane, platform, writer, kube, namespace)
+
+
+@pytest.mark.parametrize("trial", trials())
+async def test_redis_failure_killed_anywhere_queues_each_pending_task_once(
+    trial: int,
+    client: Client,
+    task_queue: str,
+    settings: Settings,
+    kube: KubeSandbox,
+    pg_dsn: str,
+    tmp_path: Path,
+) -> None:
+    async with stage_of(settings, kube, pg_dsn, tmp_path) as stage:
+        await lose_the_primary(stage)
+        urls = values_of(
+            kube, "configmaps", ASTRA_NAMESPACE, "astra-config", lambda c: c["data"][REDIS_URL_KEY]
+        )
+        await run_through_a_kill(
+            stage.settings,
+            tmp_path,
+            Kill.drawn("redis-failure", trial, activities=17),
+            lambda: start(client, RedisFailure, redis_request(), task_queue),
+            [(APPROVE_FAILOVER, "bob")],
+        )
+
+        await redis_failed_over(stage, kube)
+        assert urls == [stage.server("primary").url, stage.server("replica").url]
+    assert restarts(kube, ASTRA_NAMESPACE, PLATFORM_CLIENTS) == dict.fromkeys(PLATFORM_CLIENTS, 1)

@@ -51,6 +51,8 @@ from workflows.postgres_outage import APPROVE, APPROVE_LOSS, PostgresOutage, Pos
 SECONDS = 60
 CONFIGURED_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 CONFIGURED_REDIS = "redis://127.0.0.1:6379/0"
+READ_ONLY_START = "database system is ready to accept read-only connections"
+"""What a server's log says each time it starts as a replica."""
 
 
 @contextlib.asynccontextmanager
@@ -120,6 +122,27 @@ async def writing(dsn: str) -> AsyncIterator[Writer]:
         await asyncio.wait_for(task, SECONDS)
 
 
+def platform_on(
+    settings: Settings,
+    pg_dsn: str,
+    plane: DataPlane,
+    directory: Path,
+    kube: KubeSandbox,
+    namespace: str,
+) -> tuple[Settings, dict[str, str]]:
+    """``namespace``'s platform pointed at ``plane``'s primary, and the worker's settings with
+    ``plane``'s topology; the address the platform is given for each server, by name."""
+    topology = plane.topology()
+    path = directory / "topology.json"
+    topology.write(path)
+    primary = topology.postgres[0]
+    CoreV1Api(kube.api).patch_namespaced_config_map(
+        "astra-config", namespace, {"data": {DATABASE_URL_KEY: primary.platform_dsn}}
+    )
+    ours = settings.model_copy(update={"data_plane_topology": path, "database_url": pg_dsn})
+    return ours, {node.name: node.platform_dsn for node in topology.postgres}
+
+
 @contextlib.asynccontextmanager
 async def serving(
     client: Client,
@@ -130,19 +153,11 @@ async def serving(
     kube: KubeSandbox,
     namespace: str,
 ) -> AsyncIterator[dict[str, str]]:
-    """The production worker, with ``plane``'s topology, and ``namespace``'s platform pointed at
-    its primary; the address the platform is given for each server, by name."""
-    topology = plane.topology()
-    path = directory / "topology.json"
-    topology.write(path)
-    primary = topology.postgres[0]
-    CoreV1Api(kube.api).patch_namespaced_config_map(
-        "astra-config", namespace, {"data": {DATABASE_URL_KEY: primary.platform_dsn}}
-    )
-    ours = settings.model_copy(update={"data_plane_topology": path, "database_url": pg_dsn})
+    """The production worker on :func:`platform_on`'s settings; the platform's addresses."""
+    ours, platform = platform_on(settings, pg_dsn, plane, directory, kube, namespace)
     with ThreadPoolExecutor(max_workers=8) as executor:
         async with running_worker(client, ours, executor):
-            yield {node.name: node.platform_dsn for node in topology.postgres}
+            yield platform
 
 
 def request(namespace: str, **params: object) -> PostgresOutageRequest:
@@ -184,7 +199,6 @@ async def test_a_killed_synchronous_primary_fails_over_unattended_and_loses_noth
         replicated("sync") as plane,
         serving(client, settings, pg_dsn, plane, tmp_path, kube, namespace) as platform,
     ):
-        old, new = plane.postgres
         async with writing(platform["primary"]) as writer:
             await server_faults.pg_primary_down(plane)
         handle = await start(client, PostgresOutage, request(namespace), task_queue)
@@ -192,25 +206,35 @@ async def test_a_killed_synchronous_primary_fails_over_unattended_and_loses_noth
 
         assert result.outcome == Outcome.DONE, result.summary
         assert "no acknowledged commit lost: replica is a synchronous standby" in result.summary
-        assert database_url(kube, namespace) == platform["replica"]
-        present = {r[0] for r in await query(platform["replica"], "SELECT id FROM acked")}
-        assert set(writer.acked) <= present, "an acknowledged commit was lost"
         steps = {s.name: s for s in result.steps}
         assert steps[APPROVE].detail.startswith("not needed: promote replica")  # unattended
-        # One primary: the old one came back as the new one's replica, rewound, streaming.
-        assert await query(new.dsn, "SELECT pg_is_in_recovery()") == [(False,)]
-        assert await query(old.dsn, "SELECT pg_is_in_recovery()") == [(True,)]
-        await query(new.dsn, "INSERT INTO acked VALUES (-1)")
-
-        async def streamed() -> bool:
-            return await query(old.dsn, "SELECT id FROM acked WHERE id = -1") == [(-1,)]
-
-        await eventually(streamed, timeout=SECONDS, message="the old primary follows the new")
+        await assert_failed_over_to_the_replica(plane, platform, writer, kube, namespace)
         # astra-ops's own reads and repairs of Astra's database follow the failover, though its
         # setting still names the old primary; a DSN outside the topology is taken as it is.
         topology = tmp_path / "topology.json"
         assert await AstraDatabase(platform["primary"], topology).dsn() == platform["replica"]
         assert await AstraDatabase(pg_dsn, topology).dsn() == pg_dsn
+
+
+async def assert_failed_over_to_the_replica(
+    plane: DataPlane, platform: dict[str, str], writer: Writer, kube: KubeSandbox, namespace: str
+) -> None:
+    """What a DBA checks after a failover to the synchronous replica: the platform's endpoint
+    names it, every commit the old primary acknowledged is on it, and it is the one primary:
+    the old one came back once, as its replica, rewound and streaming."""
+    old, new = plane.postgres
+    assert database_url(kube, namespace) == platform["replica"]
+    present = {r[0] for r in await query(platform["replica"], "SELECT id FROM acked")}
+    assert set(writer.acked) <= present, "an acknowledged commit was lost"
+    assert await query(new.dsn, "SELECT pg_is_in_recovery()") == [(False,)]
+    assert await query(old.dsn, "SELECT pg_is_in_recovery()") == [(True,)]
+    assert old.log.read_text().count(READ_ONLY_START) == 1, old.log
+    await query(new.dsn, "INSERT INTO acked VALUES (-1)")
+
+    async def streamed() -> bool:
+        return await query(old.dsn, "SELECT id FROM acked WHERE id = -1") == [(-1,)]
+
+    await eventually(streamed, timeout=SECONDS, message="the old primary follows the new")
 
 
 @pytest.mark.slow

@@ -57,6 +57,8 @@ class Stage:
     plane: DataPlane
     astra: RunningAstra
     nodes: RedisNodeActivities
+    settings: Settings
+    """The worker's: the test's, with the stage's database, Redis and topology."""
 
     @property
     def keys(self) -> AstraKeys:
@@ -107,8 +109,24 @@ async def staged(
     *,
     sentinel: bool = False,
 ) -> AsyncIterator[Stage]:
+    """The :func:`stage_of`, and the production worker with its topology."""
+    async with stage_of(settings, kube, pg_dsn, tmp_path, sentinel=sentinel) as stage:
+        with ThreadPoolExecutor(max_workers=8) as executor:
+            async with running_worker(client, stage.settings, executor):
+                yield stage
+
+
+@asynccontextmanager
+async def stage_of(
+    settings: Settings,
+    kube: KubeSandbox,
+    pg_dsn: str,
+    tmp_path: Path,
+    *,
+    sentinel: bool = False,
+) -> AsyncIterator[Stage]:
     """Redis servers of the test's own, the simulated Astra on them and the session's database,
-    and the production worker with their topology."""
+    and the settings of a worker with their topology."""
     directory = scratch_dir("astra-test-redis-failure-")
     try:
         servers = await start_redis(directory, replica=True, sentinel=sentinel, down_after_ms=2_000)
@@ -127,9 +145,7 @@ async def staged(
         nodes = RedisNodeActivities(topology, pg_dsn, target.key_prefix)
         try:
             async with running_astra(target, kube.url) as astra:
-                with ThreadPoolExecutor(max_workers=8) as executor:
-                    async with running_worker(client, worker_settings, executor):
-                        yield Stage(plane=plane, astra=astra, nodes=nodes)
+                yield Stage(plane=plane, astra=astra, nodes=nodes, settings=worker_settings)
         finally:
             await plane.stop()
     finally:
@@ -154,6 +170,24 @@ async def assert_queued_exactly_once(stage: Stage, node: str) -> None:
     assert not [t for t, n in queued.items() if n > 1]
 
 
+async def lose_the_primary(stage: Stage) -> None:
+    """The primary killed between two of Astra's ticks, then tasks pile up in PostgreSQL that
+    never reach a stream."""
+    await stage.astra.advance(5)
+    async with stage.astra.between_ticks():
+        fault = await server_faults.redis_primary_down(stage.plane)
+    assert fault.server == "primary"
+    await stage.astra.advance(40)
+
+
+async def assert_failed_over_to_the_replica(stage: Stage, kube: KubeSandbox) -> None:
+    """The replica is the primary, the platform's endpoint names it, and it holds each pending
+    task once."""
+    assert await stage.role("replica") == "master"
+    assert config_value(kube, REDIS_URL_KEY) == stage.server("replica").url
+    await assert_queued_exactly_once(stage, "replica")
+
+
 async def test_a_killed_primary_fails_over_with_approval_and_every_pending_task_is_queued_once(
     client: Client,
     task_queue: str,
@@ -163,20 +197,14 @@ async def test_a_killed_primary_fails_over_with_approval_and_every_pending_task_
     tmp_path: Path,
 ) -> None:
     async with staged(client, settings, kube, pg_dsn, tmp_path) as stage:
-        await stage.astra.advance(5)
-        async with stage.astra.between_ticks():
-            fault = await server_faults.redis_primary_down(stage.plane)
-        await stage.astra.advance(40)  # tasks pile up in PostgreSQL, never reach a stream
-        assert fault.server == "primary"
+        await lose_the_primary(stage)
 
         handle = await start(client, RedisFailure, request(), task_queue)
         await decide(handle, APPROVE_FAILOVER, "bob")
         result = await handle.result()
 
         assert result.outcome == Outcome.DONE, result.summary
-        assert await stage.role("replica") == "master"
-        assert config_value(kube, REDIS_URL_KEY) == stage.server("replica").url
-        await assert_queued_exactly_once(stage, "replica")
+        await assert_failed_over_to_the_replica(stage, kube)
         assert "workers heartbeat" in result.summary
         assert "put back 0 pending tasks" not in result.summary  # what piled up in the outage
 
@@ -263,9 +291,7 @@ async def test_sentinel_fails_over_and_the_runbook_follows_it(
         result = await handle.result()
 
         assert result.outcome == Outcome.DONE, result.summary
-        assert await stage.role("replica") == "master"
-        assert config_value(kube, REDIS_URL_KEY) == stage.server("replica").url
-        await assert_queued_exactly_once(stage, "replica")
+        await assert_failed_over_to_the_replica(stage, kube)
 
 
 async def test_each_repair_run_twice_changes_the_world_once(

@@ -72,6 +72,22 @@ async def rolled_onto(
     )
 
 
+def assert_renewed(
+    kube: KubeSandbox, endpoints: TlsEndpoints, namespace: str, old: dict[str, str]
+) -> dict[str, str]:
+    """Each service's Secret holds a new certificate, which its endpoint serves, chained to the
+    CA, and keeps the one it had before (``old``, by service) as the previous: written once.
+    The new fingerprints, by service."""
+    new = {}
+    for service, before in old.items():
+        new[service] = describe(read_pem(stored(kube, namespace, service))).fingerprint
+        assert new[service] != before
+        assert served(endpoints, namespace, service) == (new[service], True)
+        previous = describe(read_pem(stored(kube, namespace, service, PREVIOUS_CRT)))
+        assert previous.fingerprint == before, f"{service}'s Secret was written more than once"
+    return new
+
+
 async def run(
     runs: Runs, client: Client, params: dict[str, Any], approve: str | None
 ) -> RunbookResult:
@@ -104,12 +120,9 @@ async def test_an_expired_certificate_is_renewed_served_and_rolled_back_with_no_
     async with tls_worker(client, settings):
         renewed = await run(runs, client, params, RENEW)
         assert renewed.outcome == Outcome.DONE, renewed.summary
+        new = assert_renewed(kube, endpoints, namespace, old)
         for service in old:
-            new = describe(read_pem(stored(kube, namespace, service))).fingerprint
-            assert new != old[service] and served(endpoints, namespace, service) == (new, True)
-            previous = describe(read_pem(stored(kube, namespace, service, PREVIOUS_CRT)))
-            assert previous.fingerprint == old[service]
-            assert f"{service} serves {new} (replaced {old[service]}" in renewed.summary
+            assert f"{service} serves {new[service]} (replaced {old[service]}" in renewed.summary
         steps = {s.name: s.detail for s in renewed.steps}
         assert "not needed" in steps["renew goal-service's certificate"]  # not due: untouched
 

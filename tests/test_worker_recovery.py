@@ -125,10 +125,12 @@ async def approved_run(runs: Runs, client: Client, namespace: str) -> WorkflowHa
     return handle
 
 
-def restarts(kube: KubeSandbox, namespace: str) -> dict[str, int]:
+def restarts(
+    kube: KubeSandbox, namespace: str, deployments: Sequence[str] = DEPLOYMENTS
+) -> dict[str, int]:
     """How often each Deployment was restarted: its ReplicaSet revisions past the seeded one."""
     counts = {}
-    for name in DEPLOYMENTS:
+    for name in deployments:
         deployment = kube.cluster.get("deployments", namespace, name)
         assert deployment is not None
         counts[name] = int(deployment["metadata"]["annotations"][REVISION]) - 1
