@@ -1,7 +1,7 @@
 """One results page: run every benchmark in bench/ at a size this machine can take, and write
 bench/RESULTS.md with each one's figures beside its baseline from the same run, the target, the
-machine and the date, plus the fault-injection figures of `make proof` (bench/proof.json) when
-present.
+machine and the date, plus the fault-injection figures of `make proof` when present: its
+summary (bench/proof.json) and its worker-kill trials per runbook (bench/proof-tests.xml).
 
 Each benchmark runs as its own process, one after another (they share the machine's cores with
 nothing of each other). Each prints its figure beside its baseline and their ratio; this page
@@ -204,7 +204,7 @@ def proof_section(path: Path) -> list[str]:
     if proof["failed"]:
         lines += ["", "Trials that failed (findings):"]
         lines += [f"- {f['name']}: {f['summary']}" for f in proof["failed"]]
-    return [*lines, "", *kill_trials(path.with_name(KILL_TRIALS.name))]
+    return lines
 
 
 def kill_trials(path: Path) -> list[str]:
@@ -267,6 +267,8 @@ def page(results: list[Ran], proof: Path, began: datetime, total: float, load: s
         "## Fault injection (`make proof`)",
         "",
         *proof_section(proof),
+        "",
+        *kill_trials(proof.with_name(KILL_TRIALS.name)),
         "",
         "## Benchmarks",
         "",
