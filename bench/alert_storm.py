@@ -331,3 +331,5 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
     asyncio.run(main(args.notifications, args.groups, args.concurrency))
+    sys.stdout.flush()
+    os._exit(0)  # skip finalization: temporalio/sdk-python#300 (see starters/cli.py main)

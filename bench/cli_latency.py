@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
-from harness import SERVE_KUBE, wait_until_listening
+from harness import cache_bytecode, sandbox_cluster
 from pydantic import SecretStr
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
@@ -44,7 +44,6 @@ from runtime.client import DevStack, data_converter
 from runtime.identity import load_signer, new_signing_key_line
 from runtime.keys import new_key_line
 from runtime.settings import Settings
-from sandbox.servers.process import free_port
 from starters.api import create_app
 from starters.runs import Runs
 from workers.worker import running_worker
@@ -176,21 +175,17 @@ async def running_stack() -> AsyncIterator[Stack]:
         stack.push_async_callback(env.shutdown)
         client = env.client
         address = client.service_client.config.target_host
-        port = free_port()
-        # The sandbox cluster in its own process, as a real API server would be; rollouts of
-        # 1 s keep its controller's ticks (and its share of the CPUs) small.
-        kube = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", SERVE_KUBE, str(port), "1", *NAMESPACES
+        # Rollouts of 1 s keep the sandbox cluster's controller ticks (and its share of the
+        # CPUs) small.
+        kube_url, _ = await stack.enter_async_context(
+            sandbox_cluster(*NAMESPACES, rollout_seconds=1)
         )
-        stack.push_async_callback(kube.wait)
-        stack.callback(kube.terminate)
-        await wait_until_listening(port)
         state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cli-latency-")))
         (state / "signing.key").write_text(signing_key + "\n")
         base = Settings(
             temporal_address=address,
             codec_keys=keys,
-            kube_url=f"http://127.0.0.1:{port}",
+            kube_url=kube_url,
             state_dir=state,
             signing_key_file=state / "signing.key",
             trusted_keys=signer.public_line(),
@@ -275,6 +270,7 @@ async def measure(stack: Stack, rounds: int) -> dict[tuple[str, str], list[Sampl
 
 
 async def main(rounds: int) -> None:
+    cache_bytecode()  # each command loads compiled modules, as an installed CLI does
     load_before = os.getloadavg()
     async with running_stack() as stack:
         samples = await measure(stack, rounds)
