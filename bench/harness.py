@@ -5,6 +5,7 @@ memory from Linux's /proc."""
 from __future__ import annotations
 
 import asyncio
+import compileall
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from temporalio.testing import WorkflowEnvironment
 from runtime import search_attributes as sa
 from runtime.client import data_converter
 from runtime.migrations import upgrade
-from runtime.settings import Settings
+from runtime.settings import REPO_ROOT, Settings
 from sandbox.db import drop_database, migrate
 from sandbox.kube.faults import ApiFault
 from sandbox.servers import running_data_plane, scratch_dir
@@ -40,13 +41,14 @@ for namespace in sys.argv[4:]:
 asyncio.run(FakeKubeServer(cluster, port=int(sys.argv[1]), faults=faults).serve_forever())
 """
 PYCACHE = Path(tempfile.gettempdir()) / "astra-ops-bench-pycache"
+PACKAGES = ("runtime", "workflows", "activities", "workers", "starters", "sandbox")
 SERVE_BARE = """
 import asyncio, signal, sys
 sys.path.insert(0, sys.argv[1])
 import bare_workflow
 from temporalio.worker import Worker
 from runtime.client import connect
-from runtime.settings import Settings
+from runtime.settings import REPO_ROOT, Settings
 from workers.worker import workflow_runner
 
 async def main():
@@ -80,6 +82,10 @@ def cache_bytecode() -> None:
     sys.pycache_prefix = str(PYCACHE)
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
+    # Compiled before the first run, as an installed wheel is: otherwise the first runs of a
+    # fresh machine each compile the modules they load (at once, when they start together).
+    for package in PACKAGES:
+        compileall.compile_dir(REPO_ROOT / package, quiet=1)
 
 
 async def dev_server(keys: str) -> WorkflowEnvironment:
