@@ -53,10 +53,13 @@ bench: install
 PROOF_TRIALS ?= 10
 PROOF_KILLS ?= 10
 
+# A failed trial is a finding, not a reason to skip the rest: both halves run, and the target
+# fails at the end if either did.
 proof: install
 	ASTRA_OPS_PROOF_KILLS=$(PROOF_KILLS) $(BIN)/pytest -n $(PYTEST_WORKERS) -m slow \
-		--junitxml=bench/proof-tests.xml
-	PROOF_TRIALS=$(PROOF_TRIALS) $(BIN)/python bench/proof.py
+		--junitxml=bench/proof-tests.xml; tests=$$?; \
+	PROOF_TRIALS=$(PROOF_TRIALS) $(BIN)/python bench/proof.py; trials=$$?; \
+	exit $$(( tests || trials ))
 
 clean:
 	rm -rf $(VENV) .astra .mypy_cache .ruff_cache .pytest_cache
