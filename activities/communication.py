@@ -57,8 +57,9 @@ ComponentStatus = Literal[
 class Delivery(BaseModel):
     """One message about one incident; the pair is delivered at most once per receiver."""
 
-    incident_id: str = Field(min_length=1, max_length=200)
-    """Our incident's id (its workflow id)."""
+    incident_id: str = Field(min_length=1, max_length=1_000)
+    """Our incident's id (its workflow id), or the id of the run a runbook's notice is about;
+    Temporal allows workflow ids of up to 1,000 bytes."""
     event_key: str = Field(min_length=1, max_length=200)
     """What the message is about, unique within the incident (``opened``, ``stage:contain``,
     ``page:primary``); derived from the incident's history, never from the clock."""

@@ -1,8 +1,9 @@
 """Telling people what a run needs from them or did: approvers of a pending step, and on-call
 rotations, in the incident chat (a Slack-compatible incoming webhook).
 
-Chat webhooks have no idempotency key, so a retried notification may post twice; a duplicate
-message is the lesser harm next to a rotation that never hears about a change to its system.
+Chat webhooks take no idempotency key, so each message goes through the delivery ledger the
+incidents use (``activities.communication``), keyed by the run and the activity that sends it:
+an activity retried after its worker died finds its message delivered and does not post again.
 
 An incoming-webhook URL is itself the credential (whoever has it can post as us), so it appears
 in no message, result or log line: a failure names the webhook's host and what went wrong.
@@ -13,17 +14,24 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.communication import (
+    ChatMessage,
+    CommunicationActivities,
+    DeliveryOutcome,
+    DeliveryResult,
+)
 from activities.heartbeats import heartbeating
 from activities.mutation import Mutation, MutationResult
 from runtime.access import AccessPolicyError, PolicyFile
-from runtime.metrics import notification_failed
-from runtime.redact import MASK
 
 log = logging.getLogger(__name__)
+
+_CHAT_CHARS = 4_000
+"""What one chat message holds (``ChatMessage.text``); a longer notice is cut, not refused."""
 
 
 class RotationNotice(Mutation):
@@ -31,14 +39,10 @@ class RotationNotice(Mutation):
     text: str = Field(min_length=1)
 
 
-class ChatUnavailable(Exception):
-    """The chat webhook did not take a message; the text names its host, never its URL."""
-
-
 class NotifyActivities:
-    def __init__(self, policy_path: Path, chat_webhook_url: SecretStr | None = None) -> None:
+    def __init__(self, policy_path: Path, channel: CommunicationActivities) -> None:
         self.policy_path = policy_path
-        self.chat_webhook_url = chat_webhook_url
+        self.channel = channel
         self._policy_file = PolicyFile(policy_path)
 
     def _members(self, groups: list[str]) -> list[str]:
@@ -56,36 +60,29 @@ class NotifyActivities:
             )
         return policy.members(groups)
 
-    async def _post(self, text: str) -> None:
-        import httpx  # here, not above: the workflows (and the CLI) import this module
-
-        assert self.chat_webhook_url is not None
-        url = httpx.URL(self.chat_webhook_url.get_secret_value())
-        where = f"the chat webhook at {url.scheme}://{url.netloc.decode()}/{MASK}"
-        try:
-            async with httpx.AsyncClient(timeout=10) as http:
-                response = await http.post(url, json={"text": text})
-        except httpx.HTTPError as err:
-            # httpx's messages may quote the URL; the exception's class says enough.
-            raise ChatUnavailable(f"{where} could not be reached ({type(err).__name__})") from None
-        if response.is_error:
-            # Not the body: a receiver may echo the path it was called on, the key itself.
-            raise ChatUnavailable(
-                f"{where} answered {response.status_code} {response.reason_phrase}"
-            )
+    async def _post(self, text: str) -> DeliveryResult:
+        """Post ``text`` once for the activity calling: its retries share the ledger's key."""
+        info = activity.info()
+        if len(text) > _CHAT_CHARS:
+            text = text[: _CHAT_CHARS - 1] + "…"
+        message = ChatMessage(
+            incident_id=info.workflow_id,
+            event_key=f"{info.workflow_run_id}/activity {info.activity_id}",
+            text=text,
+        )
+        return await self.channel.post_to_channel(message)
 
     async def tell(self, text: str) -> tuple[bool, str]:
         """Post ``text`` to chat if a webhook is configured; whether it was posted, and how."""
-        if self.chat_webhook_url is None:
+        try:
+            result = await self._post(text)
+        except ApplicationError as err:
+            log.warning("chat notification failed: %s", err.message)
+            return False, err.message
+        if result.outcome == DeliveryOutcome.NOT_CONFIGURED:
             log.info("%s", text)
             return False, "no chat webhook configured"
-        try:
-            await self._post(text)
-        except ChatUnavailable as err:
-            log.warning("chat notification failed: %s", err)
-            notification_failed(activity.metric_meter(), "chat")
-            return False, str(err)
-        return True, "posted to chat"
+        return True, f"posted to chat ({result.outcome})"
 
     @activity.defn
     async def notify_rotation(self, req: RotationNotice) -> MutationResult:
@@ -94,14 +91,19 @@ class NotifyActivities:
         text = f"[{req.rotation}: {', '.join(members) or 'nobody'}] {req.text}"
         if req.dry_run:
             return MutationResult(changed=False, detail=f"would tell {req.rotation}: {req.text}")
-        if self.chat_webhook_url is None:
-            activity.logger.info("%s", text)
-            return MutationResult(changed=False, detail="no chat webhook configured; logged it")
         try:
             async with heartbeating(f"telling {req.rotation}"):
-                await self._post(text)
-        except ChatUnavailable as err:
-            notification_failed(activity.metric_meter(), "chat")
-            # Retryable: chat outages pass, and the step runner's retry policy bounds the wait.
-            raise ApplicationError(f"could not tell {req.rotation}: {err}") from None
+                result = await self._post(text)
+        except ApplicationError as err:
+            # Retryable unless the receiver refused the message: chat outages pass, and the step
+            # runner's retry policy bounds the wait.
+            raise ApplicationError(
+                f"could not tell {req.rotation}: {err.message}",
+                type=err.type,
+                non_retryable=err.non_retryable,
+                next_retry_delay=err.next_retry_delay,
+            ) from None
+        if result.outcome == DeliveryOutcome.NOT_CONFIGURED:
+            activity.logger.info("%s", text)
+            return MutationResult(changed=False, detail="no chat webhook configured; logged it")
         return MutationResult(changed=True, detail=f"told {req.rotation} ({', '.join(members)})")

@@ -199,9 +199,11 @@ def settings(
     signing_key_file: Path,
     signer: Signer,
     sandbox_ca_files: tuple[Path, Path],
+    state_database: str,
 ) -> Settings:
     """Production settings (not dev mode): identities are proven by the API's signature."""
     return Settings(
+        state_database_url=state_database,
         temporal_address=temporal.client.service_client.config.target_host,
         codec_keys=codec_keys,
         kube_url=kube.url,

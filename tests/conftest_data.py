@@ -89,6 +89,22 @@ async def pg_dsn(new_database: NewDatabase) -> str:
     return await migrated(await new_database())
 
 
+@pytest.fixture(scope="session")
+async def state_database(data_servers: DataPlane) -> AsyncIterator[str]:
+    """astra-ops's own records (delivery ledger, unattended-action budgets) for workers whose
+    test names no data plane: one migrated database for the session. Its rows are keyed by
+    workflow ids, which no two tests share."""
+    admin = data_servers.postgres_url
+    name = f"astra_test_state_{uuid.uuid4().hex}"
+    await create_database(admin, name)
+    try:
+        dsn = make_conninfo(admin, dbname=name)
+        await upgrade(dsn, dsn)
+        yield dsn
+    finally:
+        await drop_database(admin, name)
+
+
 def new_prefix() -> str:
     return f"astra_test_{uuid.uuid4().hex}:"
 

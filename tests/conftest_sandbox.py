@@ -119,7 +119,8 @@ def astra_settings(
     vault_sources: Path,
     tmp_path: Path,
 ) -> Settings:
-    """The test's settings, pointed at its own database and Redis key prefix, at a data-plane
+    """The test's settings, pointed at its own database (astra-ops's records in it too, as when
+    the two share one) and Redis key prefix, at a data-plane
     topology naming its Redis (a test may rewrite it: the activities read it per call), and at
     the session's OpenBao with its source root."""
     topology = tmp_path / "data-plane-topology.json"
@@ -128,6 +129,7 @@ def astra_settings(
     return settings.model_copy(
         update={
             "database_url": data_plane.dsn,
+            "state_database_url": data_plane.dsn,
             "redis_url": data_plane.redis_url,
             "redis_key_prefix": data_plane.key_prefix,
             "data_plane_topology": topology,

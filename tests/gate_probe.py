@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from temporalio.worker import Worker
 
     from activities.access import AccessActivities, Trust
+    from activities.communication import CommunicationActivities
     from activities.notify import NotifyActivities
     from runtime.access import ApprovalPolicy
     from runtime.settings import REPO_ROOT, Settings
@@ -71,7 +72,7 @@ def write_policy(path: Path, rule: ApprovalPolicy) -> None:
 async def probe_worker(
     client: Client, settings: Settings, task_queue: str, trust: Trust, policy: Path
 ) -> AsyncIterator[Worker]:
-    notify = NotifyActivities(policy, settings.chat_webhook_url)
+    notify = NotifyActivities(policy, CommunicationActivities.from_settings(settings))
     access = AccessActivities(policy, trust, client, notify, settings.state_dsn)
     options = workflow_options()  # the probe's workflow, run as the worker runs runbooks
     options["workflows"] = [GateProbe]

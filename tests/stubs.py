@@ -32,6 +32,7 @@ from temporalio.worker import Worker
 
 import activities
 from activities.access import AccessActivities, Trust
+from activities.communication import CommunicationActivities
 from activities.notify import NotifyActivities
 from activities.privilege import is_privileged, privileged_queue
 from runtime.identity import parse_trusted_keys
@@ -149,7 +150,8 @@ async def stubbed_worker(
     """Every runbook on ``task_queue``, with the real access activities under ``policy`` (trusting
     the tests' signing key, as production trusts the API's) and stubs for everything else."""
     trust = Trust(dev_mode=False, keys=parse_trusted_keys(TEST_SIGNER.public_line()))
-    access = AccessActivities(policy, trust, client, NotifyActivities(policy), state_dsn="")
+    notify = NotifyActivities(policy, CommunicationActivities(state_dsn=""))  # no receivers
+    access = AccessActivities(policy, trust, client, notify, state_dsn="")
     real: list[Callable[..., Any]] = [access.admit, access.request_approval, access.freeze_state]
     kept = {name_of(r) for r in real}
     stubbed = [f for f in every_activity() if name_of(f) not in kept]

@@ -5,6 +5,7 @@ and that an outage is retried while a rejection is not, with no credential in an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections import Counter
@@ -27,6 +28,8 @@ from activities.communication import (
     PageEvent,
     StatusPageUpdate,
 )
+from activities.mutation import MutationResult
+from activities.notify import NotifyActivities, RotationNotice
 from activities.postgres import connect
 from runtime.redact import redact_logs
 from runtime.settings import REPO_ROOT, Settings, SettingsError, load_settings
@@ -34,6 +37,7 @@ from sandbox.servers.process import free_port
 from tests.conftest_data import NewDatabase
 from tests.delivery_probe import DeliveryProbe, ProbeMessages
 from tests.receivers import Receiver
+from tests.stubs import POLICY
 from workers.worker import workflow_options
 
 CANARY = f"CANARY{uuid.uuid4().hex}"
@@ -399,6 +403,72 @@ async def test_without_the_ledger_nothing_is_sent(
 
     assert not raised.value.non_retryable  # delivered once the migrations are applied
     assert chat_receiver.requests == []
+
+
+def in_activity(env: ActivityEnvironment, run_id: str, activity_id: str) -> ActivityEnvironment:
+    """``env`` as one attempt of activity ``activity_id`` of a run of llm-cost-spike."""
+    env.info = dataclasses.replace(
+        env.info,
+        workflow_id="llm-cost-spike/astra/coder-1",
+        workflow_run_id=run_id,
+        activity_id=activity_id,
+        workflow_type="LlmCostSpike",
+    )
+    return env
+
+
+async def test_a_runbook_notice_retried_after_its_worker_died_posts_once(
+    env: ActivityEnvironment, comms: CommunicationActivities, chat_receiver: Receiver
+) -> None:
+    notify = NotifyActivities(POLICY, comms)
+    notice = RotationNotice(rotation="agent-platform", text="Budget guard on coder-1")
+    run = str(uuid.uuid4())
+
+    # The first attempt posted and its worker died before reporting; Temporal retries it.
+    first = await in_activity(env, run, "7").run(notify.notify_rotation, notice)
+    retry = await in_activity(env, run, "7").run(notify.notify_rotation, notice)
+    # Another notice step of the run, and the same step in a later run, are new messages.
+    other_step = await in_activity(env, run, "9").run(notify.notify_rotation, notice)
+    next_run = await in_activity(env, str(uuid.uuid4()), "7").run(notify.notify_rotation, notice)
+
+    told = MutationResult(changed=True, detail="told agent-platform (carol, erin)")
+    assert [first, retry, other_step, next_run] == [told] * 4
+    assert len(chat_receiver.requests) == 3
+    assert chat_receiver.requests[0].body == {
+        "text": "[agent-platform: carol, erin] Budget guard on coder-1"
+    }
+
+
+async def test_an_approval_notice_that_fails_is_reported_not_raised(
+    env: ActivityEnvironment,
+    comms: CommunicationActivities,
+    chat_receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    notify = NotifyActivities(POLICY, comms)
+    chat_receiver.fail_next(1, 404)
+    caplog.set_level(logging.DEBUG)
+
+    posted, detail = await in_activity(env, "run-1", "3").run(notify.tell, "Approval needed")
+
+    assert not posted
+    assert detail.startswith(f"the chat webhook at {chat_receiver.url}/*** rejected the message")
+    assert CANARY not in detail and CANARY not in caplog.text
+
+
+async def test_a_runbook_notice_the_chat_refuses_fails_without_retrying(
+    env: ActivityEnvironment, comms: CommunicationActivities, chat_receiver: Receiver
+) -> None:
+    notify = NotifyActivities(POLICY, comms)
+    notice = RotationNotice(rotation="agent-platform", text="Budget guard on coder-1")
+    chat_receiver.fail_next(1, 403)
+
+    with pytest.raises(ApplicationError) as raised:
+        await in_activity(env, "run-2", "4").run(notify.notify_rotation, notice)
+
+    assert raised.value.non_retryable and raised.value.type == "ReceiverRejected"
+    assert raised.value.message.startswith("could not tell agent-platform: the chat webhook at")
+    assert CANARY not in raised.value.message
 
 
 def test_receiver_settings_fail_at_start_without_quoting_keys() -> None:

@@ -199,7 +199,8 @@ def trust(settings: Settings) -> Trust:
 def standard_activities(client: Client, settings: Settings) -> list[Any]:
     """What any worker may run: the policy, notifications, incidents, metrics reads and the
     release checks; none of it acts on Astra (``activities.privilege``)."""
-    notify = NotifyActivities(settings.access_policy, settings.chat_webhook_url)
+    communication = CommunicationActivities.from_settings(settings)
+    notify = NotifyActivities(settings.access_policy, communication)
     identity = trust(settings)
     return [
         AccessActivities(
@@ -212,7 +213,7 @@ def standard_activities(client: Client, settings: Settings) -> list[Any]:
         ),
         notify,
         IncidentActivities(settings.access_policy, identity, settings.postmortems),
-        CommunicationActivities.from_settings(settings),
+        communication,
         MetricsActivities(metrics_source(settings.database_url, settings.prometheus_url)),
         ReleaseActivities(settings.releases_root),
     ]
