@@ -63,6 +63,13 @@ class RecentAlerts:
                 return False
         return True
 
+    def knows_group(self, notification: AlertNotification) -> bool:
+        """Whether the intake delivered to this group's incident within the window: it was
+        open then, so it most likely still is."""
+        known = self._groups.get(notification.group_key)
+        since = self.clock() - self.window
+        return known is not None and any(seen[1] >= since for seen in known.values())
+
     def delivered(self, notification: AlertNotification) -> None:
         """Remember what the incident now has; call only once Temporal took it."""
         now = self.clock()

@@ -543,7 +543,9 @@ def create_app(settings: Settings) -> FastAPI:
                 delivered=True,
                 message="a repeat: the incident has these alerts already",
             )
-        delivered = await (await incidents()).open_from_alerts(notification, by)
+        delivered = await (await incidents()).open_from_alerts(
+            notification, by, known_open=recent_alerts.knows_group(notification)
+        )
         if delivered.delivered:
             recent_alerts.delivered(notification)
         return delivered

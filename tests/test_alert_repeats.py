@@ -72,3 +72,15 @@ def test_the_memory_is_bounded_forgetting_the_least_recently_delivered_group() -
     recent.delivered(c)
     assert recent.is_repeat(a) and recent.is_repeat(c)
     assert not recent.is_repeat(b)
+
+
+def test_a_group_is_known_open_only_within_the_window_of_its_last_delivery() -> None:
+    clock = Clock()
+    recent = RecentAlerts(window=60, clock=clock)
+    firing = notification(recorded("firing", "astra-worker-a"))
+    assert not recent.knows_group(firing)
+    recent.delivered(firing)
+    assert recent.knows_group(firing)
+    assert not recent.knows_group(notification(recorded("firing", "astra-worker-b")))
+    clock.now += 61
+    assert not recent.knows_group(firing)
