@@ -1,4 +1,5 @@
-"""The workflow sandbox survives a garbage collection whose finalizer imports mid-import.
+"""The workflow sandbox survives a garbage collection whose finalizer imports mid-import, and
+asks a run for its contexts no more than it must.
 
 CI once failed a worker's start with "Failed validating workflow worker-lost" (``KeyError:
 <thread id>`` inside ``importlib``; workers/sandbox.py says why). These tests make that collection
@@ -13,12 +14,23 @@ import importlib
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import temporalio.workflow
+from temporalio.api.enums.v1 import CommandType
+from temporalio.bridge.proto.workflow_activation import WorkflowActivation
+from temporalio.bridge.proto.workflow_completion import WorkflowActivationCompletion
+from temporalio.converter import (
+    SerializationContext,
+    StorageDriverStoreContext,
+    WorkflowSerializationContext,
+)
+from temporalio.worker import WorkflowInstance
+from temporalio.worker._command_aware_visitor import CommandInfo
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from workers.sandbox import collector
+from workers.sandbox import _HeldInstance, collector
 from workers.worker import workflow_options, workflow_runner
 
 
@@ -108,3 +120,46 @@ def test_a_collector_already_off_stays_off() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+class _CountingRun(WorkflowInstance):
+    """A run that says which serialization and store contexts it was asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[object] = []
+
+    def activate(self, act: WorkflowActivation) -> WorkflowActivationCompletion:
+        raise NotImplementedError
+
+    def get_serialization_context(self, command_info: Any) -> SerializationContext | None:
+        self.asked.append(("serialization", command_info))
+        if command_info is None:
+            return WorkflowSerializationContext(namespace="default", workflow_id="wf")
+        return None
+
+    def get_external_store_context(self, command_info: Any) -> StorageDriverStoreContext:
+        self.asked.append(("store", command_info))
+        return StorageDriverStoreContext(target=None)
+
+    def get_info(self) -> temporalio.workflow.Info:
+        raise NotImplementedError
+
+
+def test_a_run_is_asked_its_no_command_contexts_once_and_each_command_every_time() -> None:
+    inner = _CountingRun()
+    held = _HeldInstance(inner)
+    command = CommandInfo(CommandType.COMMAND_TYPE_SCHEDULE_ACTIVITY_TASK, command_seq=1)
+
+    contexts = [held.get_serialization_context(None) for _ in range(3)]
+    for _ in range(3):
+        held.get_external_store_context(None)
+    assert held.get_serialization_context(command) is None
+    assert held.get_serialization_context(command) is None
+
+    assert contexts == [WorkflowSerializationContext(namespace="default", workflow_id="wf")] * 3
+    assert inner.asked == [
+        ("serialization", None),
+        ("store", None),
+        ("serialization", command),
+        ("serialization", command),
+    ]
