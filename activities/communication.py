@@ -7,7 +7,9 @@ take no idempotency key, so the adapters keep a ledger in astra-ops's state data
 and marked delivered after the receiver's 2xx; a retried or concurrent attempt waits for the lock
 and then finds the mark. Only a crash between the receiver's 2xx and the mark's commit can make a
 retry post again. PagerDuty dedups triggers by ``dedup_key`` itself; the ledger still lets a
-retried page answer "already delivered".
+retried page answer "already delivered". The state database may be down in the very outage being
+handled (it defaults to Astra's own): chat and pager deliveries then go without the ledger (a
+retry may repeat a chat message), and status-page updates wait for it.
 
 A receiver that is down or overloaded (network error, 5xx, 408, 429) fails the attempt
 retryably, so the caller's retry policy delivers late, in the background; any other 4xx is
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
 
 TIMEOUT_SECONDS = 10.0
 """Per request; callers give these activities a start-to-close timeout above it."""
+LEDGER_CONNECT_SECONDS = 3
+"""How long a delivery waits to reach the ledger before it goes without it (where it may)."""
 
 # The receiver's answer quoted in a rejection: enough to say why, not a whole error page.
 _ANSWER_CHARS = 300
@@ -280,11 +284,11 @@ class CommunicationActivities:
         if req.blocks:
             body["blocks"] = req.blocks
 
-        async def post(_: psycopg.AsyncConnection[Any]) -> _Sent:
+        async def post(_: object = None) -> _Sent:
             response = await receiver.send("POST", url, body)
             return _Sent(response.status_code)
 
-        return await self._once("chat", req, receiver, post)
+        return await self._once("chat", req, receiver, post, unledgered=post)
 
     @activity.defn
     async def update_status_page(self, req: StatusPageUpdate) -> DeliveryResult:
@@ -391,11 +395,12 @@ class CommunicationActivities:
                 payload["component"] = req.component
             event |= {"payload": payload, "client": "astra-ops"}
 
-        async def enqueue(_: psycopg.AsyncConnection[Any]) -> _Sent:
+        async def enqueue(_: object = None) -> _Sent:
             response = await receiver.send("POST", f"{pager.events_url}/v2/enqueue", event)
             return _Sent(response.status_code, req.dedup_key)
 
-        return await self._once("pager", req, receiver, enqueue)
+        # PagerDuty dedups by the key itself: without the ledger a retry is still one page.
+        return await self._once("pager", req, receiver, enqueue, unledgered=enqueue)
 
     async def _once(
         self,
@@ -403,22 +408,50 @@ class CommunicationActivities:
         req: Delivery,
         receiver: _Receiver,
         send: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_Sent]],
+        *,
+        unledgered: Callable[[], Awaitable[_Sent]] | None = None,
     ) -> DeliveryResult:
         """Run ``send`` unless this event was delivered to ``channel`` before; record the outcome.
 
         The lock is per channel and incident, not per event: it also keeps a status page's
         create-or-update from creating twice when two events of one incident race.
+
+        The state database may be the one an incident is about (it defaults to Astra's own):
+        while it cannot be reached, a channel given ``unledgered`` is sent to without the
+        ledger, at the risk of a repeat, since a message that waits for the database may come
+        too late to matter; the status page, which a repeat would give a second public
+        incident, waits for it.
         """
+        from psycopg import OperationalError
+
+        async with heartbeating(f"delivering to the {channel}"):
+            try:
+                ledger = await connect(self.state_dsn, seconds=LEDGER_CONNECT_SECONDS)
+            except OperationalError as err:
+                why = _WHITESPACE.sub(" ", redact(str(err))).strip()[:_ANSWER_CHARS]
+                if unledgered is None:
+                    raise ApplicationError(
+                        f"astra-ops's state database, which keeps the {channel}'s delivery "
+                        f"ledger, cannot be reached ({why}); delivery is retried in the background",
+                        type="LedgerUnavailable",
+                    ) from None
+                return await self._without_ledger(channel, req, receiver, unledgered, why)
+            return await self._with_ledger(ledger, channel, req, receiver, send)
+
+    async def _with_ledger(
+        self,
+        ledger: psycopg.AsyncConnection[Any],
+        channel: Channel,
+        req: Delivery,
+        receiver: _Receiver,
+        send: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_Sent]],
+    ) -> DeliveryResult:
         from psycopg.errors import UndefinedTable
 
         key = (req.incident_id, channel, req.event_key)
         where = "WHERE incident_id = %s AND channel = %s AND event_key = %s"
         try:
-            async with (
-                heartbeating(f"delivering to the {channel}"),
-                await connect(self.state_dsn) as conn,
-                conn.transaction(),
-            ):
+            async with ledger as conn, conn.transaction():
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtext(%s))",
                     (f"astra-ops/{channel}/{req.incident_id}",),
@@ -481,3 +514,32 @@ class CommunicationActivities:
                 type="LedgerMissing",
             ) from None
         raise failure  # after the commit, so the failed attempt stays counted
+
+    async def _without_ledger(
+        self,
+        channel: Channel,
+        req: Delivery,
+        receiver: _Receiver,
+        send: Callable[[], Awaitable[_Sent]],
+        why: str,
+    ) -> DeliveryResult:
+        try:
+            sent = await send()
+        except ApplicationError:
+            notification_failed(activity.metric_meter(), channel)
+            raise
+        activity.logger.warning(
+            "delivered '%s' to %s without the ledger: the state database cannot be reached (%s)",
+            req.event_key,
+            channel,
+            why,
+        )
+        return DeliveryResult(
+            outcome=DeliveryOutcome.DELIVERED,
+            receiver=receiver.where,
+            status_code=sent.status_code,
+            reference=sent.reference,
+            attempts=1,
+            detail=f"'{req.event_key}' delivered to {channel} without the delivery ledger (the "
+            f"state database cannot be reached: {why}); a retry may deliver it again",
+        )

@@ -405,6 +405,38 @@ async def test_without_the_ledger_nothing_is_sent(
     assert chat_receiver.requests == []
 
 
+async def test_with_the_state_database_down_chat_and_pager_still_go_and_the_status_page_waits(
+    env: ActivityEnvironment,
+    comms_settings: Settings,
+    receivers: list[Receiver],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The state database may be Astra's own PostgreSQL, down in the outage being handled.
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/astra_state"
+    comms = CommunicationActivities.from_settings(
+        comms_settings.model_copy(update={"state_database_url": down})
+    )
+    chat, status_page, pager = receivers
+    caplog.set_level(logging.DEBUG)
+
+    told = await env.run(comms.post_to_channel, chat_message())
+    paged = await env.run(comms.page, page_event())
+    with pytest.raises(ApplicationError) as waiting:
+        await env.run(comms.update_status_page, status_update())
+
+    for result in (told, paged):
+        assert result.outcome == DELIVERED, result
+        assert "without the delivery ledger (the state database cannot be reached" in result.detail
+        assert "a retry may deliver it again" in result.detail
+    assert len(chat.requests) == len(pager.requests) == 1
+    assert pager.requests[0].body["dedup_key"] == f"{INCIDENT}/primary"
+    err = waiting.value
+    assert (err.type, err.non_retryable) == ("LedgerUnavailable", False)
+    assert "delivery is retried in the background" in err.message
+    assert status_page.requests == []
+    assert CANARY not in caplog.text
+
+
 def in_activity(env: ActivityEnvironment, run_id: str, activity_id: str) -> ActivityEnvironment:
     """``env`` as one attempt of activity ``activity_id`` of a run of llm-cost-spike."""
     env.info = dataclasses.replace(
