@@ -210,6 +210,15 @@ class Desk:
     def chat_texts(self) -> list[str]:
         return [r.body["text"] for r in self.chat.accepted]
 
+    async def chat_said(self, text: str) -> None:
+        """Wait for a chat message holding ``text``: messages go out in the background, after
+        the timeline entry they tell of."""
+        await eventually(
+            lambda: any(text in t for t in self.chat_texts()),
+            timeout=30,
+            message=f"a chat message saying {text!r}",
+        )
+
 
 async def state(handle: WorkflowHandle[Any, Any]) -> IncidentState:
     current: IncidentState = await handle.query(STATE_QUERY, result_type=IncidentState)
