@@ -19,10 +19,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/astra-ops dev
 
-# The checks run beside the suite: they keep one core busy for half a minute while the suite
-# mostly waits on its servers starting.
-test: install
-	$(MAKE) --no-print-directory -j2 check pytest
+test: install check pytest
 
 check: install
 	$(BIN)/ruff check .
@@ -41,7 +38,7 @@ PYTEST_WORKERS ?= 3
 
 # The tests marked slow run in `make proof` (pyproject.toml says which and why).
 pytest: install
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not slow"
+	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "not slow"
 
 bench: install
 	$(BIN)/python bench/step_overhead.py
