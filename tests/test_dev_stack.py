@@ -42,6 +42,7 @@ def listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.slow
 async def test_dev_stack_runs_stops_cleanly_and_keeps_runs(
     tmp_path: Path, new_database: NewDatabase, redis_prefix: str, data_servers: DataPlane
 ) -> None:

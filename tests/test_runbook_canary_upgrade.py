@@ -181,6 +181,7 @@ async def test_an_unanswered_approval_aborts_and_rolls_back(
     assert canary(kube) is None and set(worker_images(kube).values()) == {OLD}
 
 
+@pytest.mark.slow
 async def test_the_window_ends_on_time_across_a_worker_restart(
     client: Client,
     task_queue: str,

@@ -284,6 +284,7 @@ async def test_a_killed_asynchronous_primary_fails_over_with_two_approvers_losin
         assert await query(old.dsn, "SELECT pg_is_in_recovery()") == [(True,)]  # rewound
 
 
+@pytest.mark.slow
 async def test_a_primary_back_within_the_grace_window_is_a_blip(
     client: Client,
     task_queue: str,

@@ -212,6 +212,7 @@ async def test_a_killed_primary_fails_over_with_approval_and_every_pending_task_
         assert again.outcome == Outcome.NO_CHANGE, again.summary
 
 
+@pytest.mark.slow
 async def test_a_flushed_redis_is_rebuilt_without_a_failover(
     client: Client,
     task_queue: str,
