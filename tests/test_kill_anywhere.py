@@ -297,12 +297,16 @@ async def test_llm_cost_spike_killed_anywhere_guards_tells_and_lifts_once(
     chat: ChatReceiver,
     tmp_path: Path,
 ) -> None:
-    await spike(astra)
+    async def spike_and_start() -> WorkflowHandle[Any, RunbookResult]:
+        # Once the dying worker is up: the spike is in the last few seconds only.
+        await spike(astra)
+        return await start(client, LlmCostSpike, cost_request(), task_queue)
+
     await run_through_a_kill(
         astra_settings,
         tmp_path,
         Kill.drawn("llm-cost-spike", trial, activities=10),
-        lambda: start(client, LlmCostSpike, cost_request(), task_queue),
+        spike_and_start,
         [
             ("approve the budget guard", "carol"),
             ("approve lifting the budget guard", "carol"),
