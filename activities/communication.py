@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 TIMEOUT_SECONDS = 10.0
 """Per request; callers give these activities a start-to-close timeout above it."""
+CHAT_TEXT_CHARS = 4_000
+"""The longest chat message text taken."""
 LEDGER_CONNECT_SECONDS = 3
 """How long a delivery waits to reach the ledger before it goes without it (where it may)."""
 
@@ -70,7 +72,7 @@ class Delivery(BaseModel):
 
 
 class ChatMessage(Delivery):
-    text: str = Field(min_length=1, max_length=4_000)
+    text: str = Field(min_length=1, max_length=CHAT_TEXT_CHARS)
     """The message; also the notification text when ``blocks`` are given."""
     blocks: list[dict[str, JsonValue]] = Field(default_factory=list, max_length=50)
     """Slack Block Kit blocks (Slack shows at most 50)."""
@@ -428,7 +430,7 @@ class CommunicationActivities:
             try:
                 ledger = await connect(self.state_dsn, seconds=LEDGER_CONNECT_SECONDS)
             except OperationalError as err:
-                why = _WHITESPACE.sub(" ", redact(str(err))).strip()[:_ANSWER_CHARS]
+                why = receiver.scrub(str(err))
                 if unledgered is None:
                     raise ApplicationError(
                         f"astra-ops's state database, which keeps the {channel}'s delivery "

@@ -19,19 +19,16 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.communication import (
+    CHAT_TEXT_CHARS,
     ChatMessage,
     CommunicationActivities,
     DeliveryOutcome,
     DeliveryResult,
 )
-from activities.heartbeats import heartbeating
 from activities.mutation import Mutation, MutationResult
 from runtime.access import AccessPolicyError, PolicyFile
 
 log = logging.getLogger(__name__)
-
-_CHAT_CHARS = 4_000
-"""What one chat message holds (``ChatMessage.text``); a longer notice is cut, not refused."""
 
 
 class RotationNotice(Mutation):
@@ -63,8 +60,8 @@ class NotifyActivities:
     async def _post(self, text: str) -> DeliveryResult:
         """Post ``text`` once for the activity calling: its retries share the ledger's key."""
         info = activity.info()
-        if len(text) > _CHAT_CHARS:
-            text = text[: _CHAT_CHARS - 1] + "…"
+        if len(text) > CHAT_TEXT_CHARS:  # a longer notice is cut, not refused
+            text = text[: CHAT_TEXT_CHARS - 1] + "…"
         message = ChatMessage(
             incident_id=info.workflow_id,
             event_key=f"{info.workflow_run_id}/activity {info.activity_id}",
@@ -92,8 +89,7 @@ class NotifyActivities:
         if req.dry_run:
             return MutationResult(changed=False, detail=f"would tell {req.rotation}: {req.text}")
         try:
-            async with heartbeating(f"telling {req.rotation}"):
-                result = await self._post(text)
+            result = await self._post(text)  # it heartbeats while it waits
         except ApplicationError as err:
             # Retryable unless the receiver refused the message: chat outages pass, and the step
             # runner's retry policy bounds the wait.

@@ -48,7 +48,7 @@ sys.path.insert(0, sys.argv[1])
 import bare_workflow
 from temporalio.worker import Worker
 from runtime.client import connect
-from runtime.settings import REPO_ROOT, Settings
+from runtime.settings import Settings
 from workers.worker import workflow_runner
 
 async def main():
