@@ -241,8 +241,8 @@ class AccessActivities:
         )
         # A chat outage must not block an approval: people still find the run through
         # `astra-ops ps --awaiting-approval`, so a failed notification is reported, not raised.
-        # The delivery heartbeats while it waits on the ledger and the webhook.
-        notified, detail = await self.notify.tell(text)
+        async with heartbeating(f"asking {', '.join(groups)} for '{req.step}'"):
+            notified, detail = await self.notify.tell(text)
         return Approvers(
             policy=rule,
             groups=groups,

@@ -25,6 +25,7 @@ from activities.communication import (
     DeliveryOutcome,
     DeliveryResult,
 )
+from activities.heartbeats import heartbeating
 from activities.mutation import Mutation, MutationResult
 from runtime.access import AccessPolicyError, PolicyFile
 
@@ -89,7 +90,8 @@ class NotifyActivities:
         if req.dry_run:
             return MutationResult(changed=False, detail=f"would tell {req.rotation}: {req.text}")
         try:
-            result = await self._post(text)  # it heartbeats while it waits
+            async with heartbeating(f"telling {req.rotation}"):
+                result = await self._post(text)
         except ApplicationError as err:
             # Retryable unless the receiver refused the message: chat outages pass, and the step
             # runner's retry policy bounds the wait.
